@@ -1,0 +1,1 @@
+"""covspec.calibration: measures what the runtimes tune themselves with (not built yet)."""

@@ -1,0 +1,1 @@
+"""The embedded default: a procedurally generated visual QA task and the draft/target pair trained on it."""

@@ -1,0 +1,1 @@
+"""covspec.transport: the wire protocol and the link emulator."""
