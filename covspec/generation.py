@@ -16,6 +16,8 @@ from PIL import Image
 from covspec.models.base import VLMAdapter
 from covspec.sampling import SamplingParams, next_token
 
+GREEDY = SamplingParams()
+
 
 @dataclass
 class GenerationResult:
@@ -32,7 +34,7 @@ def generate(
     adapter: VLMAdapter,
     image: Image.Image,
     prompt: str,
-    params: SamplingParams = SamplingParams(),
+    params: SamplingParams = GREEDY,
     max_new_tokens: int = 64,
     kept: torch.Tensor | None = None,
     on_token: Callable[[int], None] | None = None,
