@@ -1,0 +1,125 @@
+"""One device's request on the edge: the target's decode state and the verification of windows.
+
+Invariant: the target's cache holds the prompt plus `committed[:fed]`. The last committed token
+(the window's root) is not in the cache yet; each VERIFY feeds [root, x_1..x_k] in one pass, so
+the target's logits [k+1, V] score every drafted token and the token after them.
+
+A repeated VERIFY of a round already answered returns the stored answer (retries are safe).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from covspec.models.base import DecodeState, VLMAdapter
+from covspec.sampling import SamplingParams, next_token
+from covspec.speculative import Verdict, verify_decoupled, verify_full, verify_greedy
+
+
+class SessionError(Exception):
+    """A request that does not fit the session's state (wrong round, wrong root, finished)."""
+
+
+@dataclass
+class RoundAnswer:
+    round: int
+    verdict: Verdict
+    done: bool
+    verify_s: float
+
+
+@dataclass
+class TargetSession:
+    adapter: VLMAdapter
+    state: DecodeState
+    params: SamplingParams
+    max_new_tokens: int
+    generator: torch.Generator | None
+    committed: list[int] = field(default_factory=list)  # the answer so far (root last, when known)
+    root_known: bool = True  # False after a decoupled rejection: the device supplies the root
+    fed: int = 0
+    prompt_length: int = 0
+    last: RoundAnswer | None = None
+    done: bool = False
+    last_active: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def open(cls, adapter: VLMAdapter, visual, prompt: str, kept: torch.Tensor | None,
+             params: SamplingParams, max_new_tokens: int) -> TargetSession:
+        """Prefills the prompt and picks the first token."""
+        logits, state = adapter.prefill(visual, prompt, kept=kept)
+        generator = None if params.greedy else params.generator()
+        first = next_token(logits, params, generator)
+        session = cls(adapter=adapter, state=state, params=params, max_new_tokens=max_new_tokens,
+                      generator=generator, prompt_length=state.length)
+        session.committed.append(first)
+        session.done = first in adapter.eos_token_ids or max_new_tokens <= 1
+        return session
+
+    def _finished(self) -> bool:
+        if self.root_known and self.committed[-1] in self.adapter.eos_token_ids:
+            return True
+        return len(self.committed) >= self.max_new_tokens
+
+    @torch.inference_mode()
+    def verify(self, round_no: int, root: int, draft_ids: torch.Tensor, scheme: str,
+               q_of_draft: torch.Tensor | None = None, q_full: torch.Tensor | None = None) -> RoundAnswer:
+        """Verifies a window drafted after `root`. scheme: greedy | full | decoupled."""
+        self.last_active = time.monotonic()
+        if self.last is not None and round_no == self.last.round:
+            return self.last  # a retry of the round just answered
+        expected = 0 if self.last is None else self.last.round + 1
+        if round_no != expected:
+            raise SessionError(f"round {round_no} out of order: expected {expected}")
+        if self.done:
+            raise SessionError("the answer is already complete")
+        if self.root_known and root != self.committed[-1]:
+            raise SessionError(f"root token {root} differs from the committed token {self.committed[-1]}")
+        if not self.root_known:  # the device drew the correction itself
+            self.committed.append(root)
+            self.root_known = True
+        # never verify past the token limit: the drafted tokens that could still be emitted
+        room = self.max_new_tokens - len(self.committed)
+        draft_ids = draft_ids[:max(room, 0)]
+        k = int(draft_ids.shape[0])
+
+        start = time.perf_counter()
+        fed_before = self.fed
+        ids = torch.cat([torch.tensor([root]), draft_ids.long()])
+        logits = self.adapter.forward(self.state, ids)  # [k+1, V]
+        if scheme == "greedy":
+            verdict = verify_greedy(draft_ids, logits)
+        elif scheme == "full":
+            verdict = verify_full(draft_ids, q_full[:k], logits, self.params, self.generator)
+        elif scheme == "decoupled":
+            verdict = verify_decoupled(draft_ids, q_of_draft[:k], logits, self.params, self.generator)
+        else:
+            raise SessionError(f"unknown verification scheme {scheme!r}")
+        # keep the root and the accepted drafts in the cache; drop the rejected tail
+        self.fed = fed_before + 1 + verdict.accepted
+        self.adapter.truncate(self.state, self.prompt_length + self.fed)
+        self.committed.extend(int(t) for t in draft_ids[:verdict.accepted])
+        if self.committed[-1] in self.adapter.eos_token_ids:  # an accepted draft ended the answer
+            verdict.next_token = None
+        elif verdict.next_token is None:
+            self.root_known = False
+        else:
+            self.committed.append(verdict.next_token)
+        self.done = self._finished()
+        self.last = RoundAnswer(round=round_no, verdict=verdict, done=self.done,
+                                verify_s=time.perf_counter() - start)
+        return self.last
+
+    @torch.inference_mode()
+    def stream(self):
+        """Target-only decoding: yields each committed token as it is produced (the first included)."""
+        yield self.committed[-1]
+        while not self._finished():
+            logits = self.adapter.forward(self.state, torch.tensor([self.committed[-1]]))[-1]
+            self.fed += 1
+            self.committed.append(next_token(logits, self.params, self.generator))
+            yield self.committed[-1]
+        self.done = True
