@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -148,3 +149,207 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(config, dict) or "model_type" not in config:
         raise ModelLoadError(f"model folder {folder}: config.json has no model_type")
     return config
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared by the families: loading, image preprocessing, prompt tokenization, cached decoding.
+# ------------------------------------------------------------------------------------------------
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def read_json_file(path: Path) -> dict[str, Any] | None:
+    """A JSON file next to config.json (preprocessor_config.json, ...): None when absent,
+    ModelLoadError when broken."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"model folder {path.parent}: {path.name} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"model folder {path.parent}: {path.name} is not a JSON object")
+    return data
+
+
+def check_model_type(path: Path, config: dict[str, Any], adapter: type[VLMAdapter]) -> None:
+    model_type = config.get("model_type")
+    if model_type not in adapter.model_types:
+        raise ModelLoadError(
+            f"model folder {path}: model_type {model_type!r} is not a {adapter.family} checkpoint "
+            f"(expected one of {', '.join(adapter.model_types)})")
+
+
+def load_hf_model(model_cls: Any, path: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """`model_cls.from_pretrained` from a local folder only; every failure (broken config, missing or
+    mismatched weights) becomes a ModelLoadError naming the folder and the cause."""
+    try:
+        model, info = model_cls.from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                output_loading_info=True)
+    except Exception as err:  # transformers raises many types here; all mean "this folder is broken"
+        cause = f"{type(err).__name__}: {first_line(err)}"
+        if "mismatched_sizes" in cause:
+            cause = "the weights' shapes do not match the sizes in config.json"
+        raise ModelLoadError(f"model folder {path}: cannot load {model_cls.__name__} ({cause})") from err
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise ModelLoadError(f"model folder {path}: the weights lack {len(missing)} tensors of "
+                             f"{model_cls.__name__} (e.g. {', '.join(sorted(missing)[:3])})")
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as err:
+        raise ModelLoadError(f"model folder {path}: cannot load the tokenizer "
+                             f"({type(err).__name__}: {first_line(err)})") from err
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else repr(err)
+
+
+def pil_resize(image: Image.Image, height: int, width: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), resample=resample)
+
+
+def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Center crop of an [H, W, C] array, zero-padding (centred) where the image is smaller, as
+    transformers' center_crop does."""
+    h, w = pixels.shape[:2]
+    if h < height or w < width:
+        new_h, new_w = max(h, height), max(w, width)
+        padded = np.zeros((new_h, new_w, pixels.shape[2]), dtype=pixels.dtype)
+        top, left = -(-(new_h - h) // 2), -(-(new_w - w) // 2)
+        padded[top:top + h, left:left + w] = pixels
+        pixels, h, w = padded, new_h, new_w
+    top, left = (h - height) // 2, (w - width) // 2
+    return pixels[top:top + height, left:left + width]
+
+
+def normalize(pixels: np.ndarray, rescale: float | None, mean: Any, std: Any) -> np.ndarray:
+    """[H, W, C] uint8 -> [C, H, W] float32, rescaled and normalized."""
+    out = pixels.astype(np.float32)
+    if rescale is not None:
+        out = out * np.float32(rescale)
+    if mean is not None and std is not None:
+        out = (out - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def bos_prefix(tokenizer: Any) -> list[int]:
+    """[bos] when the tokenizer has a BOS token and adds it by itself to an encoded text, else []."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    probe = tokenizer.encode("a", add_special_tokens=True)
+    return [int(bos)] if probe and probe[0] == bos else []
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    return [int(i) for i in tokenizer.encode(text, add_special_tokens=False)] if text else []
+
+
+def check_no_placeholder(ids: list[int], forbidden: set[int], tokenizer: Any) -> None:
+    """The prompt's text must not contain the image placeholder token(s): they would be taken for
+    visual tokens."""
+    found = forbidden.intersection(ids)
+    if found:
+        names = ", ".join(sorted(str(tokenizer.convert_ids_to_tokens(i)) for i in found))
+        raise PromptError(f"the prompt contains the image placeholder token {names}: remove it")
+
+
+def select_kept(visual: VisualTokens, kept: torch.Tensor | None) -> torch.Tensor:
+    """Validated kept indices (sorted, unique, in [0, N)); all N when `kept` is None."""
+    n = visual.count
+    if kept is None:
+        return torch.arange(n)
+    kept = torch.as_tensor(kept, dtype=torch.long).flatten().cpu()
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= n):
+        raise ValueError(f"kept indices must lie in [0, {n}), got [{int(kept.min())}, {int(kept.max())}]")
+    if kept.numel() > 1 and not bool((kept[1:] > kept[:-1]).all()):
+        raise ValueError("kept indices must be sorted and unique")
+    return kept
+
+
+class CachedDecoderAdapter(VLMAdapter):
+    """The decode machinery every family shares: the text model run on inputs_embeds with a
+    DynamicCache and explicit position ids, then the lm_head. A family supplies the prompt's
+    sequence (prefill) and, where positions are not simply 0, 1, 2, ..., `_positions`."""
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.get_text_config()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [T] -> input embeddings [T, d]."""
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    def prompt_embeddings(self, prompt: str) -> torch.Tensor:
+        prompt = self.check_prompt(prompt)
+        with torch.inference_mode():
+            return self.embed(torch.tensor(encode_text(self.tokenizer, prompt), dtype=torch.long))
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.text_config)
+
+    def check_length(self, n: int) -> None:
+        limit = getattr(self.text_config, "max_position_embeddings", None)
+        if limit is not None and n >= limit:
+            raise PromptError(f"the prompt takes {n} tokens with the image, over the model's {limit} positions")
+
+    def run(self, embeds: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
+        """embeds [T, d] at positions ([1, T], or [3, 1, T] for M-RoPE) appended to cache -> logits [T, V]."""
+        with torch.inference_mode():
+            out = self.language_model(inputs_embeds=embeds[None].to(self.model.dtype),
+                                      position_ids=positions.to(self.device),
+                                      past_key_values=cache, use_cache=True)
+            return self.model.lm_head(out.last_hidden_state[0]).float()
+
+    def start(self, embeds: torch.Tensor, positions: torch.Tensor,
+              extra: dict[str, Any] | None = None) -> tuple[torch.Tensor, DecodeState]:
+        """Prefills a fresh cache with the whole prompt: its last position's logits [V] and the state."""
+        self.check_length(int(embeds.shape[0]))
+        state = DecodeState(cache=self.new_cache(), length=0, extra=extra or {})
+        logits = self.run(embeds, positions, state.cache)
+        state.length = int(embeds.shape[0])
+        return logits[-1], state
+
+    def _positions(self, state: DecodeState, k: int) -> torch.Tensor:
+        """Positions of the next k tokens: [1, k]."""
+        return torch.arange(state.length, state.length + k)[None]
+
+    def forward(self, state: DecodeState, ids: torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+        k = int(ids.numel())
+        if k == 0:
+            return torch.empty(0, self.vocab_size)
+        with torch.inference_mode():
+            logits = self.run(self.embed(ids), self._positions(state, k), state.cache)
+        state.length += k
+        return logits
+
+    def truncate(self, state: DecodeState, length: int) -> None:
+        if not 0 <= length <= state.length:
+            raise ValueError(f"cannot truncate a state of {state.length} positions to {length}")
+        if length < state.length:
+            # transformers 5.x: crop(-n) removes the last n positions (a positive value is refused)
+            state.cache.crop(length - state.length)
+        state.length = length

@@ -1,0 +1,76 @@
+"""Tiny randomly initialised checkpoints of each real architecture, built from configs and saved
+as Hugging Face folders (config.json, model.safetensors, tokenizer.json, tokenizer_config.json),
+so that tests drive the same loading path as real checkpoints. Each model is well under 1M params.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+WORDS = ("what is the color of shape in this image ? a red green blue circle square triangle left right "
+         "top bottom how many are there describe one two three yes no , . user assistant system "
+         "you helpful").split()
+
+
+def make_tokenizer(folder: Path, specials: list[str], bos: str | None = None, eos: str | None = None,
+                   unk: str = "<unk>", pad: str | None = None, add_bos: bool = False,
+                   extra_words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A word-level `tokenizers` tokenizer (specials first, then words), saved with save_pretrained."""
+    vocab: dict[str, int] = {}
+    for token in [unk, *specials, *WORDS, *extra_words]:
+        vocab.setdefault(token, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    if add_bos and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                           special_tokens=[(bos, vocab[bos])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk,
+                                   pad_token=pad, additional_special_tokens=[t for t in specials
+                                                                             if t not in (bos, eos, pad)])
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def _save(model: torch.nn.Module, folder: Path) -> None:
+    model.save_pretrained(str(folder))
+
+
+def build_llava(folder: Path, seed: int = 0) -> Path:
+    """CLIP tower (28px, 7px patches: 16 patch tokens) + MLP projector + Llama with tied embeddings."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(folder, ["<s>", "</s>", "<pad>", "<image>"], bos="<s>", eos="</s>", pad="<pad>",
+                         add_bos=True, extra_words=("USER", "ASSISTANT", ":"))
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=28, patch_size=7, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tok) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         image_seq_length=16, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    _save(model, folder)
+    return folder
+
+
+def build_llama(folder: Path) -> Path:
+    """A plain text-only LlamaForCausalLM checkpoint (another family)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(folder, ["<s>", "</s>"], bos="<s>", eos="</s>")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    _save(LlamaForCausalLM(config), folder)
+    return folder
