@@ -27,6 +27,7 @@ from covspec.images import load_image
 from covspec.models import load_adapter
 from covspec.models.base import VLMAdapter
 from covspec.models.llava import PROMPT_TEMPLATE, LlavaAdapter, llava_prompt_ids
+from covspec.models.qwen2_5_vl import Qwen25VLAdapter
 
 TOL = 1e-4
 PROMPT = "what is the color of the circle ?"
@@ -63,6 +64,14 @@ def llava_hf_inputs(adapter: LlavaAdapter, image: Image.Image, prompt: str) -> d
     return {"input_ids": torch.tensor([ids]), "pixel_values": pixel_values}
 
 
+def qwen_hf_inputs(adapter: Qwen25VLAdapter, image: Image.Image, prompt: str) -> dict[str, torch.Tensor]:
+    pixels = adapter.preprocess(image)
+    n = int(pixels["image_grid_thw"].prod()) // adapter.merge ** 2
+    ids = torch.tensor([adapter.prompt_ids(prompt, n)[0]])
+    return {"input_ids": ids, "pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"],
+            "mm_token_type_ids": (ids == adapter.image_token_id).int()}
+
+
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
@@ -79,7 +88,14 @@ def llava_family(model_dir) -> Family:
     return Family("llava", load_adapter(path), random_image(40, 52), llava_hf_inputs, path)
 
 
-FAMILIES = ["llava"]
+@pytest.fixture(scope="session")
+def qwen2_5_vl_family(model_dir) -> Family:
+    path = tiny_models.build_qwen2_5_vl(model_dir / "qwen2_5_vl")
+    # 80 x 115 resizes to 84 x 112: a 6 x 8 patch grid, 3 x 4 visual tokens in 2 x 2 attention windows
+    return Family("qwen2_5_vl", load_adapter(path), random_image(80, 115), qwen_hf_inputs, path)
+
+
+FAMILIES = ["llava", "qwen2_5_vl"]
 
 
 @pytest.fixture(scope="session", params=FAMILIES)
@@ -266,6 +282,53 @@ def test_llava_attention_matches_eager_attentions(llava_family: Family):
     expected = out.attentions[layer][0].mean(dim=(0, 1))[1:]
     assert visual.attention is not None
     assert maxdiff(visual.attention, expected) < 1e-5
+
+
+# --- Qwen2.5-VL specifics -------------------------------------------------------------------
+@pytest.mark.parametrize("size", [(80, 115), (30, 500), (700, 640)])
+def test_qwen_preprocessing_matches_transformers(qwen2_5_vl_family: Family, size: tuple[int, int]):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    image = random_image(*size, seed=4)
+    ours = qwen2_5_vl_family.adapter.preprocess(image)
+    theirs = Qwen2VLImageProcessorPil()(image, return_tensors="pt")
+    assert ours["image_grid_thw"].tolist() == theirs["image_grid_thw"].tolist()
+    assert ours["pixel_values"].shape == theirs["pixel_values"].shape
+    assert maxdiff(ours["pixel_values"], theirs["pixel_values"]) < 1e-5
+
+
+def test_qwen_activity_follows_token_order(qwen2_5_vl_family: Family):
+    """Activity i belongs to visual token i: the merger applied to the patch features whose norm is
+    activity i gives embeds[i] (the tower reorders tokens into attention windows and back)."""
+    adapter = qwen2_5_vl_family.adapter
+    merger = adapter.model.model.visual.merger
+    captured: list[torch.Tensor] = []
+    hook = merger.register_forward_hook(lambda _m, args, _o: captured.append(args[0]))
+    try:
+        visual = adapter.encode_image(adapter.preprocess(qwen2_5_vl_family.image))
+    finally:
+        hook.remove()
+    units = captured[0].reshape(visual.count, -1)  # window order
+    with torch.inference_mode():
+        merged = merger(captured[0])  # [N, d], window order
+    for row in range(visual.count):
+        match = int((merged - visual.embeds[row]).abs().amax(dim=-1).argmin())
+        assert float(units[match].norm()) == pytest.approx(float(visual.activity[row]), rel=1e-5)
+    assert visual.grid == (3, 4)
+
+
+def test_qwen_pruned_prefill_keeps_original_positions(qwen2_5_vl_family: Family):
+    adapter = qwen2_5_vl_family.adapter
+    visual = adapter.encode_image(adapter.preprocess(qwen2_5_vl_family.image))
+    ids, start = adapter.prompt_ids(PROMPT, visual.count)
+    full_positions, full_delta = adapter.rope_positions(torch.tensor(ids), visual.grid)
+    _, state_all = adapter.prefill(visual, PROMPT)
+    assert state_all.extra["rope_delta"] == full_delta
+    kept = torch.tensor([0, 5, 11])
+    _, state = adapter.prefill(visual, PROMPT, kept=kept)
+    # the next token continues where the unpruned sequence would
+    assert state.length + state.extra["rope_delta"] == state_all.length + full_delta
+    assert int(full_positions.max()) + 1 == state_all.length + full_delta
 
 
 # --- bad input -------------------------------------------------------------------------------

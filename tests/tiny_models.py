@@ -51,7 +51,7 @@ def build_llava(folder: Path, seed: int = 0) -> Path:
     text = LlamaConfig(vocab_size=len(tok) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+                       pad_token_id=tok.pad_token_id, tie_word_embeddings=True, initializer_range=0.2)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
                          vision_feature_layer=-2, vision_feature_select_strategy="default",
                          image_seq_length=16, tie_word_embeddings=True)
@@ -73,4 +73,35 @@ def build_llama(folder: Path) -> Path:
                          num_attention_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
     _save(LlamaForCausalLM(config), folder)
+    return folder
+
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+
+
+def build_qwen2_5_vl(folder: Path, seed: int = 0) -> Path:
+    """Qwen2.5-VL: 2-block vision tower (window attention in block 0, full in block 1), 2x2 patch
+    merger, 2-layer text model with M-RoPE sections [1, 1, 2] (head_dim 8)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(folder, QWEN_SPECIALS, eos="<|im_end|>", pad="<|endoftext|>",
+                         extra_words=("You", "are", "helpful"))
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text = {"vocab_size": len(tok) + 6, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
+            "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "bos_token_id": None}
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32,
+              "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2, "window_size": 56,
+              "fullatt_block_indexes": [1]}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                              video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    _save(model, folder)
     return folder
