@@ -26,6 +26,7 @@ from covspec.generation import generate
 from covspec.images import load_image
 from covspec.models import load_adapter
 from covspec.models.base import VLMAdapter
+from covspec.models.idefics3 import Idefics3Adapter
 from covspec.models.llava import PROMPT_TEMPLATE, LlavaAdapter, llava_prompt_ids
 from covspec.models.qwen2_5_vl import Qwen25VLAdapter
 
@@ -72,6 +73,13 @@ def qwen_hf_inputs(adapter: Qwen25VLAdapter, image: Image.Image, prompt: str) ->
             "mm_token_type_ids": (ids == adapter.image_token_id).int()}
 
 
+def idefics3_hf_inputs(adapter: Idefics3Adapter, image: Image.Image, prompt: str) -> dict[str, torch.Tensor]:
+    pixel_values = adapter.preprocess(image)["pixel_values"]
+    n = adapter.encode_image({"pixel_values": pixel_values}).count
+    ids = torch.tensor([adapter.prompt_ids(prompt, n)[0]])
+    return {"input_ids": ids, "pixel_values": pixel_values[None]}  # [batch, images, 3, S, S]
+
+
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
@@ -95,7 +103,19 @@ def qwen2_5_vl_family(model_dir) -> Family:
     return Family("qwen2_5_vl", load_adapter(path), random_image(80, 115), qwen_hf_inputs, path)
 
 
-FAMILIES = ["llava", "qwen2_5_vl"]
+@pytest.fixture(scope="session")
+def llava_siglip_family(model_dir) -> Family:
+    path = tiny_models.build_llava(model_dir / "llava_siglip", siglip_qwen2=True)
+    return Family("llava_siglip_qwen2", load_adapter(path), random_image(40, 52), llava_hf_inputs, path)
+
+
+@pytest.fixture(scope="session")
+def idefics3_family(model_dir) -> Family:
+    path = tiny_models.build_idefics3(model_dir / "idefics3")
+    return Family("idefics3", load_adapter(path), random_image(50, 77), idefics3_hf_inputs, path)
+
+
+FAMILIES = ["llava", "llava_siglip", "qwen2_5_vl", "idefics3"]
 
 
 @pytest.fixture(scope="session", params=FAMILIES)
@@ -329,6 +349,33 @@ def test_qwen_pruned_prefill_keeps_original_positions(qwen2_5_vl_family: Family)
     # the next token continues where the unpruned sequence would
     assert state.length + state.extra["rope_delta"] == state_all.length + full_delta
     assert int(full_positions.max()) + 1 == state_all.length + full_delta
+
+
+# --- Idefics3 specifics ----------------------------------------------------------------------
+@pytest.mark.parametrize("size", [(50, 77), (120, 33), (48, 48)])
+def test_idefics3_preprocessing_matches_transformers(idefics3_family: Family, size: tuple[int, int]):
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    image = random_image(*size, seed=5)
+    ours = idefics3_family.adapter.preprocess(image)["pixel_values"]
+    settings = json.loads((idefics3_family.path / "preprocessor_config.json").read_text())
+    theirs = Idefics3ImageProcessorPil(**settings)(image, return_tensors="pt")["pixel_values"]
+    assert theirs.shape == (1, 1, 3, 48, 48)
+    assert maxdiff(ours, theirs[0]) < 1e-5
+
+
+def test_idefics3_attention_matches_eager_attentions(idefics3_family: Family):
+    from transformers import Idefics3ForConditionalGeneration
+
+    eager = Idefics3ForConditionalGeneration.from_pretrained(str(idefics3_family.path), attn_implementation="eager")
+    pixels = idefics3_family.adapter.preprocess(idefics3_family.image)
+    visual = idefics3_family.adapter.encode_image(pixels)
+    with torch.inference_mode():
+        out = eager.model.vision_model(pixel_values=pixels["pixel_values"], output_attentions=True)
+    per_patch = out.attentions[-1][0].mean(dim=(0, 1))  # [36] on a 6 x 6 patch grid
+    expected = per_patch.view(3, 2, 3, 2).mean(dim=(1, 3)).flatten()  # 2 x 2 patches per token
+    assert visual.attention is not None
+    assert maxdiff(visual.attention, expected) < 1e-5
 
 
 # --- bad input -------------------------------------------------------------------------------

@@ -39,22 +39,33 @@ def _save(model: torch.nn.Module, folder: Path) -> None:
     model.save_pretrained(str(folder))
 
 
-def build_llava(folder: Path, seed: int = 0) -> Path:
-    """CLIP tower (28px, 7px patches: 16 patch tokens) + MLP projector + Llama with tied embeddings."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def build_llava(folder: Path, seed: int = 0, siglip_qwen2: bool = False) -> Path:
+    """CLIP tower (28px, 7px patches: 16 patch tokens, CLS dropped) + MLP projector + Llama with tied
+    embeddings; or, with siglip_qwen2, a SigLIP tower (all 16 tokens kept) + Qwen2 text model."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(folder, ["<s>", "</s>", "<pad>", "<image>"], bos="<s>", eos="</s>", pad="<pad>",
-                         add_bos=True, extra_words=("USER", "ASSISTANT", ":"))
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=28, patch_size=7, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tok) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, tie_word_embeddings=True, initializer_range=0.2)
+                         add_bos=not siglip_qwen2, extra_words=("USER", "ASSISTANT", ":"))
+    vision_cls = SiglipVisionConfig if siglip_qwen2 else CLIPVisionConfig
+    vision = vision_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        image_size=28, patch_size=7)
+    text_cls = Qwen2Config if siglip_qwen2 else LlamaConfig
+    text = text_cls(vocab_size=len(tok) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id, tie_word_embeddings=not siglip_qwen2, initializer_range=0.2)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                         vision_feature_layer=-2, vision_feature_select_strategy="default",
-                         image_seq_length=16, tie_word_embeddings=True)
+                         vision_feature_layer=-1 if siglip_qwen2 else -2,
+                         vision_feature_select_strategy="full" if siglip_qwen2 else "default",
+                         image_seq_length=16, tie_word_embeddings=not siglip_qwen2)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     model.generation_config.eos_token_id = tok.eos_token_id
@@ -104,4 +115,37 @@ def build_qwen2_5_vl(folder: Path, seed: int = 0) -> Path:
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     _save(model, folder)
+    return folder
+
+
+IDEFICS3_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>",
+                     "<global-img>", "<image>"]
+
+
+def build_idefics3(folder: Path, seed: int = 0) -> Path:
+    """Idefics3 (SmolVLM): 48px images in 8px patches (36 patches), pixel shuffle x2 -> 9 visual
+    tokens, 2-layer Llama text model. The preprocessor first resizes the longest edge to 96."""
+    import json
+
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(folder, IDEFICS3_SPECIALS, bos="<|im_start|>", eos="<end_of_utterance>",
+                         pad="<|endoftext|>", extra_words=("User", "Assistant", ":"))
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "image_size": 48, "patch_size": 8}
+    text = {"model_type": "llama", "vocab_size": len(tok) + 4, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 256, "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id, "initializer_range": 0.2}
+    config = Idefics3Config(vision_config=vision, text_config=text, scale_factor=2,
+                            image_token_id=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    _save(model, folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "do_image_splitting": False, "size": {"longest_edge": 96}, "max_image_size": {"longest_edge": 48},
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 1}))
     return folder

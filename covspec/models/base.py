@@ -279,6 +279,23 @@ def select_kept(visual: VisualTokens, kept: torch.Tensor | None) -> torch.Tensor
     return kept
 
 
+def received_attention(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+    """Attention each position receives in a pre-norm ViT encoder layer (CLIP, SigLIP, Idefics3:
+    `layer_norm1` then `self_attn` with q_proj/k_proj/num_heads), mean over heads and query
+    positions. hidden [T, d] is the layer's input; returns [T]. Recomputed from the q/k projections
+    (one [heads, T, T] product), so the tower itself can run with SDPA. None for other layer types."""
+    attn = getattr(layer, "self_attn", None)
+    norm = getattr(layer, "layer_norm1", None)
+    heads = getattr(attn, "num_heads", None)
+    if attn is None or norm is None or heads is None or not hasattr(attn, "q_proj"):
+        return None
+    x = norm(hidden)
+    q = attn.q_proj(x).view(x.shape[0], heads, -1).transpose(0, 1).float()  # [h, T, dh]
+    k = attn.k_proj(x).view(x.shape[0], heads, -1).transpose(0, 1).float()
+    probs = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)  # [h, T, T]
+    return probs.mean(dim=(0, 1))
+
+
 class CachedDecoderAdapter(VLMAdapter):
     """The decode machinery every family shares: the text model run on inputs_embeds with a
     DynamicCache and explicit position ids, then the lm_head. A family supplies the prompt's

@@ -32,6 +32,7 @@ from covspec.models.base import (
     pil_resize,
     read_config,
     read_json_file,
+    received_attention,
     select_kept,
 )
 
@@ -154,16 +155,8 @@ class LlavaAdapter(CachedDecoderAdapter):
         and q/k projections (cheap: one [heads, T, T] product), so the tower can run with SDPA."""
         if index == 0:
             return None  # features straight from the embeddings: no attention layer used
-        layer = self._encoder_layers()[index - 1]
-        attn = getattr(layer, "self_attn", None)
-        if attn is None or not hasattr(layer, "layer_norm1"):
-            return None
-        x = layer.layer_norm1(hidden[index - 1])[0]  # [T, d]
-        heads = int(getattr(attn, "num_heads", self.model.config.vision_config.num_attention_heads))
-        q = attn.q_proj(x).view(x.shape[0], heads, -1).transpose(0, 1).float()  # [h, T, dh]
-        k = attn.k_proj(x).view(x.shape[0], heads, -1).transpose(0, 1).float()
-        probs = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)  # [h, T, T]
-        return probs.mean(dim=(0, 1))[start:]  # [N]
+        attention = received_attention(self._encoder_layers()[index - 1], hidden[index - 1][0])
+        return None if attention is None else attention[start:]
 
     @staticmethod
     def _grid(n: int) -> tuple[int, int] | None:
