@@ -1,1 +1,2 @@
-"""covspec.transport: the wire protocol and the link emulator."""
+"""covspec.transport: the wire protocol (`protocol`), the ZeroMQ client and byte counters (`channel`),
+and the user-space TCP link emulator (`link`)."""
