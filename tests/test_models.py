@@ -464,6 +464,33 @@ def test_missing_weights(llava_family: Family, tmp_path: Path):
     assert str(path) in str(err.value)
 
 
+def test_weights_lacking_tensors(llava_family: Family, tmp_path: Path):
+    from safetensors.torch import load_file, save_file
+
+    path = _broken_copy(llava_family.path, tmp_path / "m")
+    weights = load_file(str(path / "model.safetensors"))
+    weights.pop(next(k for k in weights if "multi_modal_projector" in k))
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="the weights lack 1 tensors .*multi_modal_projector"):
+        load_adapter(path)
+
+
+def test_prompt_too_long(family: Family):
+    visual = family.adapter.encode_image(family.adapter.preprocess(family.image))
+    with pytest.raises(PromptError, match="over the model's"):
+        family.adapter.prefill(visual, " ".join(["red"] * 600))
+
+
+PLACEHOLDERS = {"llava": "<image>", "llava_siglip_qwen2": "<image>", "qwen2_5_vl": "<|image_pad|>",
+                "idefics3": "<image>"}
+
+
+def test_prompt_with_image_placeholder(family: Family):
+    visual = family.adapter.encode_image(family.adapter.preprocess(family.image))
+    with pytest.raises(PromptError, match="placeholder"):
+        family.adapter.prefill(visual, f"what is {PLACEHOLDERS[family.name]} ?")
+
+
 def test_missing_tokenizer(llava_family: Family, tmp_path: Path):
     path = _broken_copy(llava_family.path, tmp_path / "m")
     (path / "tokenizer.json").unlink()

@@ -184,6 +184,10 @@ def check_model_type(path: Path, config: dict[str, Any], adapter: type[VLMAdapte
 def load_hf_model(model_cls: Any, path: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
     """`model_cls.from_pretrained` from a local folder only; every failure (broken config, missing or
     mismatched weights) becomes a ModelLoadError naming the folder and the cause."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its multi-line load report would precede our one-line error
     try:
         model, info = model_cls.from_pretrained(str(path), dtype=dtype, local_files_only=True,
                                                 output_loading_info=True)
@@ -192,6 +196,8 @@ def load_hf_model(model_cls: Any, path: Path, dtype: torch.dtype, device: str) -
         if "mismatched_sizes" in cause:
             cause = "the weights' shapes do not match the sizes in config.json"
         raise ModelLoadError(f"model folder {path}: cannot load {model_cls.__name__} ({cause})") from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
     missing = list(info.get("missing_keys") or [])
     if missing:
         raise ModelLoadError(f"model folder {path}: the weights lack {len(missing)} tensors of "
