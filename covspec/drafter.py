@@ -75,15 +75,17 @@ class Drafter:
         return Window(ids=torch.tensor(ids), q=torch.stack(q_rows) if q_rows else None,
                       margins=torch.tensor(margins), step_s=step_s)
 
-    def commit(self, window: Window, accepted: int, next_token_id: int) -> None:
-        """Keeps the first `accepted` drafted tokens and the edge's next token; rolls the cache back
-        so it holds the committed tokens that were fed (the last drafted token is never fed)."""
+    def commit(self, window: Window, accepted: int, next_token_id: int | None) -> None:
+        """Keeps the first `accepted` drafted tokens and the edge's next token (None when an accepted
+        token ended the answer); rolls the cache back so it holds the committed tokens that were fed
+        (the last drafted token is never fed)."""
         fed_drafts = len(window.ids) - 1  # the window's last token was sampled, not fed
         keep_fed = min(accepted, fed_drafts)
         self.committed.extend(int(t) for t in window.ids[:accepted])
         self.fed += keep_fed
         self.adapter.truncate(self.state, self.prompt_length + self.fed)
-        self.committed.append(next_token_id)
+        if next_token_id is not None:
+            self.committed.append(next_token_id)
 
     @property
     def answer(self) -> list[int]:

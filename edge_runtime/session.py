@@ -45,6 +45,8 @@ class TargetSession:
     last: RoundAnswer | None = None
     done: bool = False
     last_active: float = field(default_factory=time.monotonic)
+    open_seq: int = -1  # the OPEN request that made this session (a retried OPEN gets `opened` again)
+    opened: object = None
 
     @classmethod
     def open(cls, adapter: VLMAdapter, visual, prompt: str, kept: torch.Tensor | None,

@@ -162,6 +162,7 @@ class Verify(Message):
     round: int  # 0, 1, 2... per session
     tokens: np.ndarray  # int32 [k] drafted token ids
     pos: int | None = None  # generated-sequence index of tokens[0] (pipelined windows)
+    root: int | None = None  # the token the window follows, when the device chose it (a decoupled correction)
     q: np.ndarray | None = None  # float32 [k] draft probability of each drafted token (decoupled sampling)
     dists: np.ndarray | None = None  # float32 [k, V] full draft distributions (vanilla_sd sampling)
 
@@ -171,7 +172,8 @@ class Result(Message):
     TYPE: ClassVar[str] = "RESULT"
     round: int
     accepted: int  # drafted tokens accepted, 0..k
-    token: int  # next token: the correction at the rejected position, or the bonus token
+    token: int | None = None  # next token (correction or bonus); None when the device draws the
+    # correction from cand_ids/cand_probs, or when an accepted drafted token ended the answer
     done: bool = False
     cand_ids: np.ndarray | None = None  # int32 [m] support of the target's p at the rejected position
     cand_probs: np.ndarray | None = None  # float32 [m] p at those ids (device samples the correction)
@@ -318,8 +320,8 @@ _FIELDS: dict[type[Message], dict[str, Check]] = {
         "max_new_tokens": _int(1, U31),
     },
     Opened: {"token": _ID, "done": _bool, "timings": _timings},
-    Verify: {"round": _ID, "pos": _opt(_ID)},
-    Result: {"round": _ID, "accepted": _ID, "token": _ID, "done": _bool, "timings": _timings},
+    Verify: {"round": _ID, "pos": _opt(_ID), "root": _opt(_ID)},
+    Result: {"round": _ID, "accepted": _ID, "token": _opt(_ID), "done": _bool, "timings": _timings},
     Stream: {"chunk": _int(1, U31)},
     Streamed: {"index": _ID, "done": _bool, "timings": _timings},
     Close: {},
