@@ -1,0 +1,144 @@
+"""Training data for the demo pair: a pool of rendered training scenes, dense per-token labels for the
+vision stage, and token sequences in the exact format the LLaVA adapter builds at inference."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from covspec.demo.task import (
+    COLOURS,
+    DESCRIBE_PROMPT,
+    GRID,
+    PATCH,
+    POSITIONS,
+    SHAPES,
+    Scene,
+    draw_scene,
+    make_question,
+    scene_for,
+)
+from covspec.demo.tokenizer import IMAGE
+from covspec.models.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize
+from covspec.models.llava import llava_prompt_ids
+
+PATCHES_PER_SIDE = GRID * 2  # 72 / 12
+COLOUR_IDS = {c: i + 1 for i, c in enumerate(COLOURS)}  # 0 = no object
+SHAPE_IDS = {s: i + 1 for i, s in enumerate(SHAPES)}
+SHORT_TYPES = ("color", "shape", "count", "position", "existence", "relation")
+
+
+def token_cells() -> list[int]:
+    """The grid cell (row-major) each visual token (row-major 12-pixel patch) falls in."""
+    per_cell = PATCHES_PER_SIDE // GRID
+    return [(r // per_cell) * GRID + c // per_cell for r in range(PATCHES_PER_SIDE) for c in range(PATCHES_PER_SIDE)]
+
+
+def pixel_values(image_array: np.ndarray) -> torch.Tensor:
+    """[H, W, 3] uint8 -> [3, H, W] float32, exactly as the adapter's CLIP preprocessing does it
+    (the demo images are already at the model's size, so its resize and crop leave them as they are)."""
+    assert image_array.shape[0] == PATCH * PATCHES_PER_SIDE == image_array.shape[1]
+    return torch.from_numpy(normalize(image_array, 1 / 255, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
+
+
+@dataclass
+class ScenePool:
+    scenes: list[Scene]
+    images: np.ndarray  # [N, H, W, 3] uint8
+    colour_labels: torch.Tensor  # [N, tokens] 0 = background
+    shape_labels: torch.Tensor  # [N, tokens]
+
+    def pixels(self, idx: list[int] | torch.Tensor) -> torch.Tensor:
+        return torch.stack([pixel_values(self.images[int(i)]) for i in idx])
+
+
+def build_pool(split: str, n: int, seed: int) -> ScenePool:
+    cells = token_cells()
+    scenes, images, colours, shapes = [], [], [], []
+    for i in range(n):
+        scene = scene_for(split, i, seed)
+        scenes.append(scene)
+        images.append(np.asarray(draw_scene(scene), dtype=np.uint8))
+        by_cell = {o.cell: o for o in scene.objects}
+        colours.append([COLOUR_IDS[by_cell[c].colour] if c in by_cell else 0 for c in cells])
+        shapes.append([SHAPE_IDS[by_cell[c].shape] if c in by_cell else 0 for c in cells])
+    return ScenePool(scenes, np.stack(images), torch.tensor(colours), torch.tensor(shapes))
+
+
+def alignment_word_ids(tokenizer, scene: Scene) -> list[list[int]]:
+    """Per visual token, the word ids whose embeddings its projected feature is pulled towards:
+    its cell's colour and shape (or "nothing") and position words."""
+    out = []
+    for cell in token_cells():
+        obj = scene.at(cell)
+        words = [obj.colour, obj.shape] if obj else ["nothing"]
+        words += POSITIONS[cell].split()
+        out.append(tokenizer.convert_tokens_to_ids(words))
+    return out
+
+
+def alignment_targets(embed: torch.Tensor, word_ids: list[list[list[int]]]) -> torch.Tensor:
+    """[B, tokens, d]: sum of the word embeddings named for each visual token."""
+    flat = [ids for scene in word_ids for ids in scene]
+    width = max(len(ids) for ids in flat)
+    index = torch.tensor([ids + [-1] * (width - len(ids)) for ids in flat])
+    mask = (index >= 0).unsqueeze(-1).to(embed.dtype)
+    vectors = (embed[index.clamp(min=0)] * mask).sum(1)
+    return vectors.view(len(word_ids), -1, embed.shape[1])
+
+
+@lru_cache(maxsize=200_000)
+def _encode(tokenizer, question: str, answer: str, n_image_tokens: int) -> tuple[tuple[int, ...], int]:
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    prompt = llava_prompt_ids(tokenizer, question, n_image_tokens, image_id)
+    answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return tuple(prompt + answer_ids), len(prompt)
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # [B, T]
+    labels: torch.Tensor  # [B, T] next-token targets aligned with ids (-100 where no loss)
+    mask: torch.Tensor  # [B, T]
+    scene_idx: torch.Tensor  # [B]
+    qtypes: list[str]
+
+
+def collate(tokenizer, questions: list[tuple[int, str, str, str]], n_image_tokens: int) -> Batch:
+    """questions: (scene index, question, answer, type). Labels are shifted: labels[t] is the token
+    position t must predict (ids[t + 1])."""
+    encoded = [_encode(tokenizer, q, a, n_image_tokens) for _, q, a, _ in questions]
+    width = -(-max(len(ids) for ids, _ in encoded) // 8) * 8  # few distinct shapes: faster CPU kernels
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (seq, n_prompt) in enumerate(encoded):
+        ids[row, :len(seq)] = torch.tensor(seq)
+        mask[row, :len(seq)] = 1
+        labels[row, n_prompt - 1:len(seq) - 1] = torch.tensor(seq[n_prompt:])
+    return Batch(ids, labels, mask, torch.tensor([s for s, _, _, _ in questions]), [t for *_, t in questions])
+
+
+def sample_questions(pool: ScenePool, rng: random.Random, batch_size: int, describe_share: float,
+                     type_weights: dict[str, float] | None = None) -> list[tuple[int, str, str, str]]:
+    """One question per drawn scene: a batch of "describe" with probability describe_share, else a
+    batch of short questions."""
+    out = []
+    weights = type_weights or {t: 1.0 for t in SHORT_TYPES}
+    describe_batch = rng.random() < describe_share  # whole batches of one length class: less padding
+    for _ in range(batch_size):
+        idx = rng.randrange(len(pool.scenes))
+        scene = pool.scenes[idx]
+        if describe_batch:
+            qtype = "describe"
+        else:
+            qtype = rng.choices(list(weights), weights=list(weights.values()))[0]
+        question, answer = make_question(scene, qtype, rng, allow_unseen=False)
+        assert qtype != "describe" or question == DESCRIBE_PROMPT
+        out.append((idx, question, answer, qtype))
+    return out

@@ -1,0 +1,114 @@
+"""The demo pair's architecture: stock `LlavaForConditionalGeneration` checkpoints (CLIP vision tower,
+MLP projector, Llama text model with tied embeddings), and how they are written to disk."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+from covspec.demo.task import CANVAS, N_VISUAL_TOKENS, PATCH
+from covspec.demo.tokenizer import IMAGE, save_tokenizer
+from covspec.models.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+
+@dataclass(frozen=True)
+class TextSize:
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+
+
+@dataclass(frozen=True)
+class VisionSize:
+    layers: int = 2
+    hidden: int = 64
+    heads: int = 2
+    intermediate: int = 128
+
+
+# decode cost of these tiny models is per-layer overhead, so the draft/target step ratio follows layers
+TARGET_TEXT = TextSize(layers=16, hidden=128, heads=4, intermediate=256)
+DRAFT_TEXT = TextSize(layers=1, hidden=128, heads=4, intermediate=512)
+VISION = VisionSize()
+
+PREPROCESSOR = {
+    "image_processor_type": "CLIPImageProcessor",
+    "do_resize": True,
+    "size": {"shortest_edge": CANVAS},
+    "resample": 3,
+    "do_center_crop": True,
+    "crop_size": {"height": CANVAS, "width": CANVAS},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": list(OPENAI_CLIP_MEAN),
+    "image_std": list(OPENAI_CLIP_STD),
+    "do_convert_rgb": True,
+}
+
+
+def llava_config(text: TextSize, tokenizer: PreTrainedTokenizerFast, vision: VisionSize = VISION) -> LlavaConfig:
+    vision_config = {
+        "model_type": "clip_vision_model",
+        "hidden_size": vision.hidden,
+        "intermediate_size": vision.intermediate,
+        "num_hidden_layers": vision.layers,
+        "num_attention_heads": vision.heads,
+        "image_size": CANVAS,
+        "patch_size": PATCH,
+        "num_channels": 3,
+        "hidden_act": "quick_gelu",
+    }
+    text_config = {
+        "model_type": "llama",
+        "vocab_size": len(tokenizer),
+        "hidden_size": text.hidden,
+        "intermediate_size": text.intermediate,
+        "num_hidden_layers": text.layers,
+        "num_attention_heads": text.heads,
+        "num_key_value_heads": text.heads,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = LlavaConfig(
+        vision_config=vision_config, text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE), image_seq_length=N_VISUAL_TOKENS,
+        projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-1,
+        tie_word_embeddings=True)
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def new_model(text: TextSize, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(llava_config(text, tokenizer))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def save_checkpoint(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast,
+                    folder: str | Path, meta: dict) -> None:
+    """A complete Hugging Face checkpoint: safetensors weights, config, tokenizer, preprocessor."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    save_tokenizer(tokenizer, folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2) + "\n")
+    (folder / "covspec_demo.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def size_meta(text: TextSize) -> dict:
+    return {"text": asdict(text), "vision": asdict(VISION)}

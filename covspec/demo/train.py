@@ -1,0 +1,367 @@
+"""Trains the demo target and draft on the CPU, deterministically for a seed (step-based schedules).
+
+Stages (the recipe that reaches the bar on this task):
+1. vision: the CLIP tower alone, with dense labels the generator gives for free (each visual token
+   predicts its grid cell's colour and shape), then frozen; its features for the scene pool are cached;
+2. alignment: the projector maps each visual token onto the sum of the word embeddings of its cell's
+   colour, shape (or "nothing") and position words; kept on as an auxiliary loss afterwards, with the
+   projector at a tenth of the learning rate;
+3. language: "describe the image" alone first, then ramped to a mix with short questions, one
+   question per image. The draft shares the target's frozen vision tower (a copy: its checkpoint is
+   complete) and learns the same way, from the ground truth and the target's distributions.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+from covspec.demo.data import (
+    SHORT_TYPES,
+    Batch,
+    ScenePool,
+    alignment_targets,
+    alignment_word_ids,
+    build_pool,
+    collate,
+    sample_questions,
+)
+from covspec.demo.modeling import DRAFT_TEXT, TARGET_TEXT, TextSize, new_model, save_checkpoint, size_meta
+from covspec.demo.task import COLOURS, N_VISUAL_TOKENS, SHAPES
+from covspec.demo.tokenizer import IMAGE, build_tokenizer
+
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    steps: int
+    lr: float
+    batch: int = 32
+    warmup: int = 100
+    describe_only: int = 600  # steps of "describe" alone before short questions come in
+    ramp: int = 300  # steps over which the describe share falls to its final value
+    describe_share: float = 0.3
+    projector_lr_scale: float = 0.1
+    align_weight: float = 1.0
+    distill_weight: float = 0.0  # KL to the target's next-token distribution (draft only)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    seed: int = 0
+    threads: int = 2
+    pool_size: int = 12000
+    val_size: int = 480
+    vision_steps: int = 800
+    vision_batch: int = 64
+    vision_lr: float = 2e-3
+    align_steps: int = 1500
+    align_batch: int = 64
+    target: StageSettings = StageSettings(steps=2500, lr=2e-3)
+    draft: StageSettings = StageSettings(steps=2500, lr=3e-3)
+    eval_every: int = 250
+    target_size: TextSize = TARGET_TEXT
+    draft_size: TextSize = DRAFT_TEXT
+
+
+def progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[note]}"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+
+
+def cosine_lr(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def set_deterministic(seed: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+
+
+# --- stage 1: vision ---------------------------------------------------------------------------
+
+def vision_features(model: LlavaForConditionalGeneration, pixels: torch.Tensor) -> torch.Tensor:
+    """The features the LLaVA adapter takes: last encoder layer, CLS dropped: [B, N, d_vision]."""
+    out = model.model.vision_tower(pixels, output_hidden_states=True, return_dict=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+def train_vision(model: LlavaForConditionalGeneration, pool: ScenePool, val: ScenePool,
+                 s: TrainSettings) -> dict:
+    torch.manual_seed(s.seed + 1)
+    tower = model.model.vision_tower
+    width = model.config.vision_config.hidden_size
+    heads = torch.nn.ModuleDict({"colour": torch.nn.Linear(width, len(COLOURS) + 1),
+                                 "shape": torch.nn.Linear(width, len(SHAPES) + 1)})
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=s.vision_lr, weight_decay=0.0)
+    tower.train()
+    with progress() as bar:
+        task = bar.add_task("vision tower", total=s.vision_steps, loss=0.0, note="")
+        for step in range(s.vision_steps):
+            rng = random.Random(f"{s.seed}:vision:{step}")
+            idx = [rng.randrange(len(pool.scenes)) for _ in range(s.vision_batch)]
+            feats = vision_features(model, pool.pixels(idx))
+            loss = (F.cross_entropy(heads["colour"](feats).flatten(0, 1), pool.colour_labels[idx].flatten())
+                    + F.cross_entropy(heads["shape"](feats).flatten(0, 1), pool.shape_labels[idx].flatten()))
+            for group in opt.param_groups:
+                group["lr"] = s.vision_lr * cosine_lr(step, s.vision_steps, 50)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(task, advance=1, loss=loss.item())
+    tower.eval()
+    for p in tower.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        feats = cache_features(model, val)
+        colour_acc = (heads["colour"](feats).argmax(-1) == val.colour_labels).float().mean().item()
+        shape_acc = (heads["shape"](feats).argmax(-1) == val.shape_labels).float().mean().item()
+    console.print(f"vision tower: per-token colour accuracy {colour_acc:.4f}, shape {shape_acc:.4f} (val)")
+    return {"vision_val_colour_acc": colour_acc, "vision_val_shape_acc": shape_acc}
+
+
+@torch.no_grad()
+def cache_features(model: LlavaForConditionalGeneration, pool: ScenePool, chunk: int = 256) -> torch.Tensor:
+    out = []
+    for start in range(0, len(pool.scenes), chunk):
+        idx = list(range(start, min(start + chunk, len(pool.scenes))))
+        out.append(vision_features(model, pool.pixels(idx)))
+    return torch.cat(out)
+
+
+# --- stage 2: projector alignment --------------------------------------------------------------
+
+def align_index(tokenizer: PreTrainedTokenizerFast, pool: ScenePool) -> list[list[list[int]]]:
+    return [alignment_word_ids(tokenizer, scene) for scene in pool.scenes]
+
+
+def alignment_loss(model: LlavaForConditionalGeneration, visual: torch.Tensor,
+                   word_ids: list[list[list[int]]]) -> torch.Tensor:
+    """Mean squared distance of projected tokens to their word-embedding sums, relative to the
+    targets' mean squared norm (the embeddings are detached: they learn from the language loss)."""
+    embed = model.model.language_model.embed_tokens.weight.detach()
+    target = alignment_targets(embed, word_ids)
+    return ((visual - target) ** 2).sum(-1).mean() / (target ** 2).sum(-1).mean()
+
+
+def train_alignment(name: str, model: LlavaForConditionalGeneration, feats: torch.Tensor,
+                    words: list[list[list[int]]], s: TrainSettings) -> float:
+    torch.manual_seed(s.seed + 2)
+    projector = model.model.multi_modal_projector
+    opt = torch.optim.AdamW(projector.parameters(), lr=3e-3, weight_decay=0.0)
+    loss_value = float("nan")
+    with progress() as bar:
+        task = bar.add_task(f"{name} projector", total=s.align_steps, loss=0.0, note="")
+        for step in range(s.align_steps):
+            rng = random.Random(f"{s.seed}:align:{name}:{step}")
+            idx = [rng.randrange(feats.shape[0]) for _ in range(s.align_batch)]
+            loss = alignment_loss(model, projector(feats[idx]), [words[i] for i in idx])
+            for group in opt.param_groups:
+                group["lr"] = 3e-3 * cosine_lr(step, s.align_steps, 50)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_value = loss.item()
+            bar.update(task, advance=1, loss=loss_value)
+    return loss_value
+
+
+# --- stage 3: language -------------------------------------------------------------------------
+
+def lm_logits(model: LlavaForConditionalGeneration, batch: Batch, feats: torch.Tensor,
+              image_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LLaVA forward on cached vision features: [B, T, V] logits and the projected tokens.
+    Right padding needs no attention mask under a causal mask (no real token sees a pad)."""
+    lm = model.model.language_model
+    embeds = lm.embed_tokens(batch.ids)
+    visual = model.model.multi_modal_projector(feats)
+    slots = (batch.ids == image_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(slots, visual.to(embeds.dtype))
+    hidden = lm(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    return model.lm_head(hidden), visual
+
+
+def describe_share(step: int, st: StageSettings) -> float:
+    if step < st.describe_only:
+        return 1.0
+    frac = min(1.0, (step - st.describe_only) / max(1, st.ramp))
+    return 1.0 + frac * (st.describe_share - 1.0)
+
+
+@dataclass
+class ValSet:
+    batches: list[Batch]
+    feats: torch.Tensor
+
+
+def make_val(tokenizer: PreTrainedTokenizerFast, pool: ScenePool, feats: torch.Tensor, seed: int,
+             batch_size: int = 64) -> ValSet:
+    rng = random.Random(f"{seed}:val-questions")
+    questions = []
+    types = list(SHORT_TYPES) + ["describe"]
+    for i in range(len(pool.scenes)):
+        from covspec.demo.task import make_question
+
+        qtype = types[i % len(types)]
+        q, a = make_question(pool.scenes[i], qtype, rng, allow_unseen=False)
+        questions.append((i, q, a, qtype))
+    batches = [collate(tokenizer, questions[k:k + batch_size], N_VISUAL_TOKENS)
+               for k in range(0, len(questions), batch_size)]
+    return ValSet(batches, feats)
+
+
+@torch.no_grad()
+def teacher_forced_scores(model: LlavaForConditionalGeneration, val: ValSet, image_id: int) -> dict[str, float]:
+    """Per type: the share of answers whose every token (and the end) is the argmax under teacher
+    forcing, which is exactly greedy exact match on token sequences; plus token accuracy."""
+    model.eval()
+    hits: dict[str, list[float]] = defaultdict(list)
+    tokens_right = tokens_all = 0
+    for batch in val.batches:
+        logits, _ = lm_logits(model, batch, val.feats[batch.scene_idx], image_id)
+        pred = logits.argmax(-1)
+        live = batch.labels != -100
+        right = (pred == batch.labels) | ~live
+        tokens_right += int(((pred == batch.labels) & live).sum())
+        tokens_all += int(live.sum())
+        for row, qtype in enumerate(batch.qtypes):
+            hits[qtype].append(float(right[row].all()))
+    model.train()
+    out = {t: sum(v) / len(v) for t, v in sorted(hits.items())}
+    short = [x for t, v in hits.items() if t not in ("describe", "relation") for x in v]
+    out["short"] = sum(short) / max(1, len(short))
+    out["token_acc"] = tokens_right / max(1, tokens_all)
+    return out
+
+
+def format_scores(scores: dict[str, float]) -> str:
+    return " ".join(f"{k[:4]}={v:.2f}" for k, v in scores.items())
+
+
+def train_language(name: str, model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast,
+                   pool: ScenePool, feats: torch.Tensor, words: list[list[list[int]]], val: ValSet,
+                   st: StageSettings, s: TrainSettings,
+                   teacher: LlavaForConditionalGeneration | None = None) -> dict:
+    torch.manual_seed(s.seed + 3)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    projector = list(model.model.multi_modal_projector.parameters())
+    text = list(model.model.language_model.parameters())
+    opt = torch.optim.AdamW([{"params": text, "lr": st.lr, "scale": 1.0},
+                             {"params": projector, "lr": st.lr * st.projector_lr_scale,
+                              "scale": st.projector_lr_scale}],
+                            lr=st.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    model.train()
+    history = []
+    scores: dict[str, float] = {}
+    with progress() as bar:
+        task = bar.add_task(f"{name} language", total=st.steps, loss=0.0, note="")
+        for step in range(st.steps):
+            rng = random.Random(f"{s.seed}:{name}:lm:{step}")
+            share = describe_share(step, st)
+            batch = collate(tokenizer, sample_questions(pool, rng, st.batch, share), N_VISUAL_TOKENS)
+            batch_feats = feats[batch.scene_idx]
+            logits, visual = lm_logits(model, batch, batch_feats, image_id)
+            live = batch.labels != -100
+            loss = F.cross_entropy(logits[live], batch.labels[live])
+            if st.align_weight:
+                loss = loss + st.align_weight * alignment_loss(
+                    model, visual, [words[int(i)] for i in batch.scene_idx])
+            if teacher is not None and st.distill_weight:
+                with torch.no_grad():
+                    teacher_logits, _ = lm_logits(teacher, batch, batch_feats, image_id)
+                loss = loss + st.distill_weight * F.kl_div(
+                    F.log_softmax(logits[live], -1), F.log_softmax(teacher_logits[live], -1),
+                    log_target=True, reduction="batchmean")
+            factor = cosine_lr(step, st.steps, st.warmup)
+            for group in opt.param_groups:
+                group["lr"] = st.lr * group["scale"] * factor
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            note = ""
+            if (step + 1) % s.eval_every == 0 or step + 1 == st.steps:
+                scores = teacher_forced_scores(model, val, image_id)
+                history.append({"step": step + 1, **scores})
+                note = format_scores(scores)
+                console.print(f"{name} step {step + 1}: loss {loss.item():.4f} {note}")
+            bar.update(task, advance=1, loss=loss.item(), **({"note": note} if note else {}))
+    model.eval()
+    return {"val_teacher_forced": scores, "history": history}
+
+
+# --- the whole run -----------------------------------------------------------------------------
+
+def train_pair(out: Path, s: TrainSettings = TrainSettings()) -> dict:
+    """Trains target then draft and writes both checkpoints under out/target and out/draft."""
+    set_deterministic(s.seed, s.threads)
+    started = time.perf_counter()
+    tokenizer = build_tokenizer()
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    console.print(f"rendering {s.pool_size} training and {s.val_size} validation scenes")
+    pool = build_pool("train", s.pool_size, s.seed)
+    val_pool = build_pool("val", s.val_size, s.seed)
+    timings: dict[str, float] = {"render_s": time.perf_counter() - started}
+
+    target = new_model(s.target_size, tokenizer, s.seed)
+    t0 = time.perf_counter()
+    vision_meta = train_vision(target, pool, val_pool, s)
+    feats, val_feats = cache_features(target, pool), cache_features(target, val_pool)
+    timings["vision_s"] = time.perf_counter() - t0
+    words = align_index(tokenizer, pool)
+    val = make_val(tokenizer, val_pool, val_feats, s.seed)
+
+    t0 = time.perf_counter()
+    train_alignment("target", target, feats, words, s)
+    target_meta = train_language("target", target, tokenizer, pool, feats, words, val, s.target, s)
+    timings["target_s"] = time.perf_counter() - t0
+    for p in target.parameters():
+        p.requires_grad_(False)
+
+    draft = new_model(s.draft_size, tokenizer, s.seed + 100)
+    draft.model.vision_tower.load_state_dict(target.model.vision_tower.state_dict())
+    for p in draft.model.vision_tower.parameters():
+        p.requires_grad_(False)
+    t0 = time.perf_counter()
+    train_alignment("draft", draft, feats, words, s)
+    draft_meta = train_language("draft", draft, tokenizer, pool, feats, words, val, s.draft, s, teacher=target)
+    timings["draft_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - started
+
+    settings = asdict(s)
+    for name, model, size, meta in (("target", target, s.target_size, target_meta),
+                                    ("draft", draft, s.draft_size, draft_meta)):
+        save_checkpoint(model, tokenizer, out / name, {
+            "role": name, "settings": settings, **size_meta(size), **vision_meta, **meta,
+            "timings": timings, "image_token_id": image_id})
+    console.print(f"trained in {timings['total_s'] / 60:.1f} min: " + ", ".join(
+        f"{k} {v:.0f}s" for k, v in timings.items()))
+    return {"timings": timings, "target": target_meta, "draft": draft_meta}
+
+
+def quick_settings(**changes) -> TrainSettings:
+    """TrainSettings with some fields replaced (for experiments)."""
+    return replace(TrainSettings(), **changes)
