@@ -1,0 +1,252 @@
+"""`covspec bench`: end-to-end runs with the edge, the link emulator and the device as separate
+processes, as a user would deploy them, over held-out demo prompts, per mode and link profile.
+
+    edge  : `covspec edge serve` (1 thread)              <- tcp ->  link emulator (`covspec link`)
+    device: `python -m covspec.bench --worker` (1 thread) <- tcp ->  link emulator
+
+The device worker writes one JSON row per request (answer ids, time to first token, latency,
+decode tokens/s, bytes up/down counted on its socket, rounds, accepted lengths, score on the task);
+this process gathers the rows, the emulator's own byte counts, and writes results.jsonl,
+results.csv and summary.md (with the command that made them) into the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+MODES = ("target_only", "draft_only", "vanilla_sd")
+ROW_FIELDS = ("link", "mode", "index", "qtype", "tokens", "ttft_s", "latency_s", "decode_tps", "bytes_up",
+              "bytes_down", "up_per_token", "down_per_token", "rounds", "mean_accepted", "acceptance",
+              "score", "matches_target")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_thread_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def wait_for_edge(endpoint: str, timeout_s: float = 120.0) -> None:
+    from covspec.transport import protocol as wire
+    from covspec.transport.channel import Client, PeerUnavailable
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with Client(endpoint, timeout_s=1.0, retries=0) as client:
+                if isinstance(client.request(wire.Ping(t=0.0)), wire.Pong):
+                    return
+        except PeerUnavailable:
+            continue
+    raise RuntimeError(f"the edge at {endpoint} did not answer within {timeout_s:.0f} s")
+
+
+# --- the device worker (its own process) ---------------------------------------------------------
+def run_worker(args: argparse.Namespace) -> int:
+    import torch
+
+    from covspec.demo.evaluate import score_answer
+    from covspec.demo.task import sample_split
+    from covspec.device_runtime.client import DeviceRuntime
+    from covspec.models import load_adapter
+    from covspec.sampling import SamplingParams
+
+    torch.set_num_threads(1)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    device = DeviceRuntime(load_adapter(args.draft), args.edge, timeout_s=120.0)
+    modes = args.modes.split(",")
+    out = open(args.rows, "a")
+    for index, item in enumerate(sample_split("heldout", args.prompts, seed=0, start=args.start)):
+        buf = io.BytesIO()
+        item.image.save(buf, format="PNG")
+        image = buf.getvalue()
+        reference: list[int] | None = None
+        for mode in modes:
+            answer = device.answer(image, item.question, mode, params, args.max_new_tokens, window=args.window)
+            if mode == "target_only":
+                reference = answer.ids
+            n = max(len(answer.ids), 1)
+            row = {"link": args.link, "mode": mode, "index": index + args.start, "qtype": item.qtype,
+                   "tokens": len(answer.ids), "ttft_s": answer.ttft_s, "latency_s": answer.latency_s,
+                   "decode_tps": answer.decode_tokens_per_s, "bytes_up": answer.bytes_up,
+                   "bytes_down": answer.bytes_down, "up_per_token": answer.bytes_up / n,
+                   "down_per_token": answer.bytes_down / n, "rounds": len(answer.rounds),
+                   "mean_accepted": answer.mean_accepted, "acceptance": answer.acceptance_rate,
+                   "score": score_answer(item, answer.text),
+                   "matches_target": None if reference is None or mode == "draft_only" else answer.ids == reference,
+                   "accepted_per_round": [r.accepted for r in answer.rounds], "ids": answer.ids}
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            print(f"[{args.link}] #{index + args.start} {mode:12s} {len(answer.ids):3d} tokens "
+                  f"{answer.latency_s * 1000:7.0f} ms  up {row['up_per_token']:8.0f} B/token", flush=True)
+    out.close()
+    device.close()
+    return 0
+
+
+# --- the orchestrator ----------------------------------------------------------------------------
+def run_bench(args: argparse.Namespace) -> Path:
+    from rich.console import Console
+
+    console = Console()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_file = out / "results.jsonl"
+    rows_file.unlink(missing_ok=True)
+    env = one_thread_env()
+    edge_port = free_port()
+    edge_endpoint = f"tcp://127.0.0.1:{edge_port}"
+    edge = subprocess.Popen([sys.executable, "-m", "covspec.cli", "edge", "serve", "--model", str(args.target),
+                             "--bind", edge_endpoint, "--threads", "1"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(out / "edge.log", "w"))
+    link_stats: dict[str, dict] = {}
+    try:
+        wait_for_edge(edge_endpoint)
+        for link_name in args.links.split(","):
+            link_port = free_port()
+            stats_file = out / f"link-{link_name}.json"
+            link = subprocess.Popen([sys.executable, "-m", "covspec.cli", "link", "--listen", f"127.0.0.1:{link_port}",
+                                     "--upstream", f"127.0.0.1:{edge_port}", "--profile", link_name,
+                                     "--stats-json", str(stats_file), "--stats-interval", "0"], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_for_edge(f"tcp://127.0.0.1:{link_port}")
+                console.print(f"[bold]link {link_name}[/]: {args.prompts} prompts x modes {args.modes}")
+                worker = [sys.executable, "-m", "covspec.bench", "--worker", "--draft", str(args.draft),
+                          "--edge", f"tcp://127.0.0.1:{link_port}", "--link", link_name, "--modes", args.modes,
+                          "--prompts", str(args.prompts), "--start", str(args.start),
+                          "--max-new-tokens", str(args.max_new_tokens), "--window", str(args.window),
+                          "--temperature", str(args.temperature), "--top-k", str(args.top_k),
+                          "--top-p", str(args.top_p), "--rows", str(rows_file)]
+                if args.seed is not None:
+                    worker += ["--seed", str(args.seed)]
+                subprocess.run(worker, env=env, check=True)
+            finally:
+                link.send_signal(signal.SIGTERM)
+                link.wait(timeout=30)
+            if stats_file.exists():
+                link_stats[link_name] = json.loads(stats_file.read_text())
+    finally:
+        edge.send_signal(signal.SIGINT)
+        try:
+            edge.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            edge.kill()
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    write_results(out, rows, link_stats, command=args.command_line)
+    console.print((out / "summary.md").read_text())
+    return out
+
+
+def _mean(values: list) -> float:
+    clean = [v for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))]
+    return float(np.mean(clean)) if clean else float("nan")
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["link"], row["mode"])].append(row)
+    summary = []
+    for (link, mode), group in groups.items():
+        tokens = sum(r["tokens"] for r in group)
+        matches = [r["matches_target"] for r in group if r["matches_target"] is not None]
+        summary.append({
+            "link": link, "mode": mode, "requests": len(group),
+            "decode_tps": _mean([r["decode_tps"] for r in group]),
+            "ttft_ms": 1000 * _mean([r["ttft_s"] for r in group]),
+            "latency_ms": 1000 * _mean([r["latency_s"] for r in group]),
+            "up_per_token": sum(r["bytes_up"] for r in group) / max(tokens, 1),
+            "down_per_token": sum(r["bytes_down"] for r in group) / max(tokens, 1),
+            "mean_accepted": _mean([r["mean_accepted"] for r in group]),
+            "acceptance": _mean([r["acceptance"] for r in group]),
+            "score": _mean([r["score"] for r in group]),
+            "same_as_target": f"{sum(matches)}/{len(matches)}" if matches else "",
+        })
+    return summary
+
+
+def write_results(out: Path, rows: list[dict], link_stats: dict[str, dict], command: str) -> None:
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = summarise(rows)
+    (out / "summary.json").write_text(json.dumps({"summary": summary, "links": link_stats}, indent=1))
+    lines = ["# covspec bench", "", f"Command: `{command}`", "",
+             "Per link and mode, means over requests. Bytes are counted on the device's socket (payload of every "
+             "frame); tokens/s is decode rate after the first token; `same as target` counts answers identical "
+             "token for token to target_only's on the same prompt.", "",
+             "| link | mode | requests | decode tok/s | TTFT ms | latency ms | up B/tok | down B/tok | "
+             "mean accepted | acceptance | task score | same as target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        lines.append(f"| {s['link']} | {s['mode']} | {s['requests']} | {s['decode_tps']:.1f} | {s['ttft_ms']:.0f} | "
+                     f"{s['latency_ms']:.0f} | {s['up_per_token']:.0f} | {s['down_per_token']:.0f} | "
+                     f"{s['mean_accepted']:.2f} | {s['acceptance']:.2f} | {s['score']:.3f} | {s['same_as_target']} |")
+    if link_stats:
+        lines += ["", "Link emulator's own byte counts (both directions, all modes):", ""]
+        for name, stats in link_stats.items():
+            lines.append(f"- {name}: up {stats.get('bytes_up')} B, down {stats.get('bytes_down')} B")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from covspec.transport.link import PROFILES
+
+    p.add_argument("--target", default=None, help="target checkpoint (default: the demo target)")
+    p.add_argument("--draft", default=None, help="draft checkpoint (default: the demo draft)")
+    p.add_argument("--modes", default="target_only,vanilla_sd,draft_only")
+    p.add_argument("--links", default="loopback,4g", help=f"comma-separated: {', '.join(PROFILES)}")
+    p.add_argument("--prompts", type=int, default=10, help="held-out demo prompts per link")
+    p.add_argument("--start", type=int, default=0, help="index of the first held-out prompt")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--window", type=int, default=4)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--out", default="runs/bench")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="covspec bench")
+    add_arguments(parser)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--edge", help=argparse.SUPPRESS)
+    parser.add_argument("--link", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return run_worker(args)
+    from covspec import demo
+
+    args.target = args.target or str(demo.default_target_path())
+    args.draft = args.draft or str(demo.default_draft_path())
+    args.command_line = "covspec bench " + shlex.join(argv if argv is not None else sys.argv[1:])
+    run_bench(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
