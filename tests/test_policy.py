@@ -1,0 +1,164 @@
+"""Adaptive drafting: margin gate, cost model, online statistics, branch roots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from covspec.policy import (
+    LinkCosts,
+    MarginGate,
+    OnlineStats,
+    best_window,
+    branch_roots,
+    choose_window,
+    expected_tokens,
+    expected_tokens_from,
+    gated_length,
+    runner_up_tokens,
+    speculation_pays,
+    top2_margin,
+)
+
+
+def stats_with(acceptance: float, rtt: float, rounds: int = 60, k: int = 6) -> OnlineStats:
+    """Stats fed `rounds` rounds of a link with this RTT and a geometric acceptance (deterministic
+    mix of round outcomes with the right rate)."""
+    stats = OnlineStats()
+    accepted_tokens = judged = 0.0
+    for _ in range(rounds):
+        # accept as many as keeps the running rate at `acceptance`
+        n = 0
+        while n < k and (accepted_tokens + n + 1) <= acceptance * (judged + n + 2):
+            n += 1
+        accepted_tokens += n
+        judged += n + (1 if n < k else 0)
+        verify = 0.01 + 0.001 * k
+        stats.update(k, n, draft_step_s=[0.004] * k, wait_s=rtt + verify, verify_s=verify)
+    return stats
+
+
+def test_expected_tokens_formula():
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 5) == 6.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_tokens_from([0.5, 0.5]) == pytest.approx(1.75)
+    assert expected_tokens_from([]) == 1.0
+
+
+def test_slow_link_gets_longer_windows():
+    fast, slow = stats_with(0.8, 0.001), stats_with(0.8, 0.150)
+    assert fast.acceptance == pytest.approx(0.8, abs=0.05)
+    assert slow.rtt == pytest.approx(0.150, rel=0.05)
+    k_fast, k_slow = choose_window(fast), choose_window(slow)
+    assert 1 <= k_fast < k_slow <= 16
+
+
+def test_low_acceptance_gives_short_windows():
+    stats = stats_with(0.2, 0.001)
+    assert stats.acceptance == pytest.approx(0.2, abs=0.05)
+    assert choose_window(stats) <= 2
+    assert choose_window(stats_with(0.2, 0.150)) < choose_window(stats_with(0.9, 0.150))
+
+
+def test_window_bounds():
+    costs = LinkCosts(t_draft=0.0001, rtt=1.0, v0=0.0, v1=0.0)
+    assert best_window(1.0, costs, k_max=7)[0] == 7  # free drafting, perfect acceptance: the cap
+    assert best_window(0.0, costs, k_max=7)[0] == 1  # nothing accepted: the floor
+    stats = stats_with(0.95, 0.2)
+    assert choose_window(stats, k_max=16, remaining=3) <= 3
+    assert choose_window(stats, k_max=16, remaining=0) == 1
+    with pytest.raises(ValueError):
+        best_window(0.5, costs, k_max=0)
+
+
+def test_brute_force_optimum():
+    costs = LinkCosts(t_draft=0.005, rtt=0.03, v0=0.02, v1=0.001)
+    k, rate = best_window(0.75, costs, k_max=12)
+    rates = [expected_tokens(0.75, j) / (j * 0.005 + 0.03 + 0.02 + 0.001 * j) for j in range(1, 13)]
+    assert rate == pytest.approx(max(rates))
+    assert k == 1 + rates.index(max(rates))
+
+
+def test_branch_hits_hide_drafting():
+    base = LinkCosts(t_draft=0.01, rtt=0.1, v0=0.01, v1=0.0)
+    hit = LinkCosts(t_draft=0.01, rtt=0.1, v0=0.01, v1=0.0, branch_hit=1.0)
+    assert hit.round_time(5) == pytest.approx(0.11)
+    assert base.round_time(5) == pytest.approx(0.16)
+    assert best_window(0.9, hit)[0] >= best_window(0.9, base)[0]
+
+
+def test_verify_line_learns_from_measurements():
+    stats = OnlineStats()
+    for r in range(200):
+        k = 2 + r % 7
+        stats.update(k, k, verify_s=0.05 + 0.004 * k)
+    v0, v1 = stats.verify_line()
+    assert v0 == pytest.approx(0.05, abs=0.005)
+    assert v1 == pytest.approx(0.004, abs=0.0007)
+    # a single window size still gives a line (the prior supplies the slope)
+    one = OnlineStats()
+    for _ in range(50):
+        one.update(4, 4, verify_s=0.03)
+    v0, v1 = one.verify_line()
+    assert v0 + 4 * v1 == pytest.approx(0.03, abs=0.003)
+
+
+def test_rtt_is_wait_minus_verify_and_priors_hold_before_data():
+    stats = OnlineStats()
+    assert 0 < stats.acceptance < 1 and stats.rtt > 0 and 1 <= choose_window(stats) <= 16
+    for _ in range(100):
+        stats.update(4, 2, draft_step_s=0.002, wait_s=0.09, verify_s=0.03)
+    assert stats.rtt == pytest.approx(0.06, rel=0.01)
+    assert stats.t_draft == pytest.approx(0.002, rel=0.01)
+    with pytest.raises(ValueError):
+        stats.update(2, 3)
+
+
+def test_acceptance_by_margin_bin():
+    stats = OnlineStats()
+    for _ in range(100):  # confident tokens accepted, the uncertain last one rejected
+        stats.update(4, 3, margins=[0.95, 0.9, 0.92, 0.05])
+    assert stats.acceptance_at(0.95) > 0.9
+    assert stats.acceptance_at(0.05) < 0.1
+    assert stats.acceptance == pytest.approx(0.75, abs=0.02)
+
+
+def test_speculation_pays_only_when_it_beats_the_target():
+    good = stats_with(0.9, 0.001)
+    assert speculation_pays(good, target_step_s=0.02)
+    bad = stats_with(0.1, 0.150)
+    assert not speculation_pays(bad, target_step_s=0.02)
+
+
+def test_margin_gate():
+    probs = torch.tensor([0.5, 0.4, 0.1])
+    assert top2_margin(probs) == pytest.approx(0.1)
+    gate = MarginGate(threshold=0.3, min_tokens=1)
+    assert gate.stop(probs, drafted=1)
+    assert not gate.stop(torch.tensor([0.9, 0.05, 0.05]), drafted=1)
+    assert not MarginGate(threshold=0.3, min_tokens=2).stop(0.1, drafted=1)  # too early to stop
+    assert gated_length([0.9, 0.8, 0.1, 0.9], threshold=0.3) == 3  # the uncertain token is sent, then stop
+    assert gated_length([0.9, 0.8, 0.7], threshold=0.3) == 3
+    assert gated_length([0.1, 0.1, 0.9], threshold=0.3, min_tokens=2) == 2
+    assert gated_length([0.9, 0.8], threshold=0.0) == 2  # threshold 0 never stops
+
+
+def test_branch_roots_pick_lowest_margins():
+    ids = torch.tensor([5, 6, 7, 8])
+    margins = torch.tensor([0.9, 0.1, 0.5, 0.05])
+    runner = torch.tensor([1, 2, 3, 4])
+    assert branch_roots(ids, margins, runner, 2) == [(3, 4), (1, 2)]
+    assert branch_roots(ids, margins, runner, 0) == []
+    assert len(branch_roots(ids, margins, runner, 10)) == 4
+    # with an acceptance model, an early likely rejection outranks a later one it would preempt
+    roots = branch_roots(ids, margins, runner, 1, acceptance=lambda m: m)
+    assert roots == [(1, 2)]
+    # a position whose runner-up equals the drafted token gives no branch
+    assert branch_roots(ids, margins, torch.tensor([1, 2, 3, 8]), 1) == [(1, 2)]
+
+
+def test_runner_up_tokens():
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.1, 0.7]])
+    assert runner_up_tokens(probs, torch.tensor([0, 2])).tolist() == [1, 0]
+    assert runner_up_tokens(probs, torch.tensor([1, 0])).tolist() == [0, 2]  # sampled a non-top token

@@ -1,0 +1,149 @@
+"""Visual-token pruning: selection contract, DPP behaviour, baselines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from covspec.models.base import VisualTokens
+from covspec.pruning import METHODS, greedy_dpp_map, keep_count, rank01, score_and_select, unit_rows
+
+
+def random_visual(n: int = 36, d: int = 32, seed: int = 0, attention: bool = True) -> VisualTokens:
+    g = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(n, d, generator=g)
+    return VisualTokens(embeds=embeds, activity=embeds.norm(dim=-1),
+                        attention=torch.rand(n, generator=g) if attention else None, grid=None)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("keep", [1, 5, 0.25, 0.5, 35])
+def test_kept_indices_sorted_unique_counted(method, keep):
+    visual = random_visual(attention=method != "attention")
+    query = torch.randn(6, 32, generator=torch.Generator().manual_seed(1))
+    kept = score_and_select(visual, query, keep, method, generator=torch.Generator().manual_seed(0))
+    assert kept.dtype == torch.long
+    assert kept.numel() == keep_count(keep, 36)
+    assert bool((kept[1:] > kept[:-1]).all())
+    assert int(kept.min()) >= 0 and int(kept.max()) < 36
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_all_returns_everything(method):
+    visual, query = random_visual(), torch.randn(4, 32)
+    assert score_and_select(visual, query, 36, method).tolist() == list(range(36))
+    assert score_and_select(visual, query, 1.0, method).tolist() == list(range(36))
+
+
+def test_keep_count_validation():
+    assert keep_count(0.25, 36) == 9
+    assert keep_count(0.001, 36) == 1
+    assert keep_count(3, 36) == 3
+    for bad in (0, 37, 0.0, 1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError):
+            keep_count(bad, 36)
+    with pytest.raises(TypeError):
+        keep_count(True, 36)
+    with pytest.raises(ValueError):
+        score_and_select(random_visual(), torch.randn(2, 32), 4, method="nope")
+
+
+def test_random_is_deterministic_given_a_generator():
+    visual, query = random_visual(), torch.randn(3, 32)
+    a = score_and_select(visual, query, 9, "random", generator=torch.Generator().manual_seed(7))
+    b = score_and_select(visual, query, 9, "random", generator=torch.Generator().manual_seed(7))
+    c = score_and_select(visual, query, 9, "random", generator=torch.Generator().manual_seed(8))
+    assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
+
+
+def duplicated_visual(distinct: int = 8, copies: int = 4, d: int = 32) -> tuple[VisualTokens, torch.Tensor]:
+    """`distinct` orthogonal directions; the first one is repeated `copies` extra times (tiny noise),
+    with higher activity, so quality alone would fill the budget with its copies."""
+    g = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(d, d, generator=g))[0][:distinct]  # [distinct, d] orthonormal
+    dupes = basis[:1].repeat(copies, 1) + 1e-3 * torch.randn(copies, d, generator=g)
+    embeds = torch.cat([basis, dupes])  # [distinct + copies, d]; the copies of row 0 sit at the end
+    activity = torch.ones(embeds.shape[0])
+    activity[0] = 2.0
+    activity[distinct:] = 2.0
+    return VisualTokens(embeds=embeds, activity=activity, attention=None), basis
+
+
+def test_dpp_skips_near_duplicates():
+    visual, basis = duplicated_visual()
+    query = basis[:1]  # the question is about the duplicated direction too
+    kept = score_and_select(visual, query, 8, "covspec")
+    direction = [i if i < 8 else 0 for i in kept.tolist()]  # copies count as direction 0
+    assert len(set(direction)) == 8, f"kept near-duplicates: {kept.tolist()}"
+    # quality-only ranking would have spent the budget on the copies
+    assert set(score_and_select(visual, query, 5, "activity").tolist()) & set(range(8, 12))
+    # diversity-only max-min also covers the distinct directions
+    kept = score_and_select(visual, query, 8, "diversity")
+    assert len({i if i < 8 else 0 for i in kept.tolist()}) == 8
+
+
+def test_greedy_map_matches_brute_force_small():
+    import itertools
+
+    g = torch.Generator().manual_seed(5)
+    feats = unit_rows(torch.randn(7, 4, generator=g))
+    q = torch.rand(7, generator=g) + 0.5
+    kernel = q[:, None] * (feats @ feats.T + 1e-3 * torch.eye(7)) * q[None, :]
+    chosen = greedy_dpp_map(feats, q, 3)
+    # the greedy's first pick is the best singleton, and each step the best conditional gain
+    for step in range(1, 4):
+        prefix = chosen[:step - 1]
+        best = max((j for j in range(7) if j not in prefix),
+                   key=lambda j: torch.logdet(kernel[prefix + [j]][:, prefix + [j]].double()))
+        assert chosen[step - 1] == best
+    assert len(set(chosen)) == 3
+    assert list(itertools.islice(chosen, 3)) == chosen
+
+
+def test_relevance_picks_tokens_aligned_with_the_query():
+    visual = random_visual(n=36, d=32, seed=2)
+    query = visual.embeds[[4, 17, 30]] + 0.05 * torch.randn(3, 32)
+    kept = score_and_select(visual, query, 3, "relevance")
+    assert kept.tolist() == [4, 17, 30]
+    # covspec with its quality side weighted up keeps them too
+    kept = score_and_select(visual, query, 6, "covspec", theta=0.9, rel_weight=1.0)
+    assert {4, 17, 30} <= set(kept.tolist())
+
+
+def test_attention_and_activity_baselines():
+    visual = random_visual()
+    assert score_and_select(visual, torch.randn(2, 32), 4, "attention").tolist() == \
+        sorted(torch.topk(visual.attention, 4).indices.tolist())
+    assert score_and_select(visual, torch.randn(2, 32), 4, "activity").tolist() == \
+        sorted(torch.topk(visual.activity, 4).indices.tolist())
+
+
+def test_rank01():
+    assert rank01(torch.tensor([3.0, 1.0, 2.0])).tolist() == [1.0, 0.0, 0.5]
+    assert rank01(torch.tensor([1.0, 1.0])).tolist() == [0.5, 0.5]
+    assert rank01(torch.tensor([5.0])).tolist() == [0.5]
+
+
+def test_degenerate_inputs():
+    same = VisualTokens(embeds=torch.ones(10, 8), activity=torch.arange(10.0), attention=None)
+    kept = score_and_select(same, torch.ones(2, 8), 4, "covspec")  # all identical: quality decides
+    assert kept.numel() == 4 and len(set(kept.tolist())) == 4
+    assert score_and_select(same, torch.ones(2, 8), 4, "diversity").numel() == 4
+    big = random_visual(n=576, d=64)
+    assert score_and_select(big, torch.randn(12, 64), 0.1, "covspec").numel() == 58
+
+
+def test_prune_sweep_on_tiny_models(tmp_path):
+    import tiny_models
+
+    from covspec.prune_eval import format_rows, prune_sweep
+
+    draft = tiny_models.build_llava(tmp_path / "draft", seed=1)
+    rows = prune_sweep(draft, draft, limit=1, ratios=(0.25, 1.0), methods=("covspec", "random"))
+    assert [(r.method, r.ratio) for r in rows] == [("none", 1.0), ("covspec", 0.25), ("random", 0.25)]
+    assert [r.kept for r in rows] == [16, 4, 4]
+    assert rows[0].agreement == 1.0  # the unpruned draft agrees with itself on every token
+    assert all(0.0 <= r.agreement <= 1.0 for r in rows)
+    for r in rows:
+        assert r.n == 1 and r.prefill_ms > 0 and r.by_type
+    assert "| covspec | 0.25 | 4 |" in format_rows(rows)
