@@ -1,0 +1,44 @@
+"""The device bundle: the draft's vision graph and static-cache decoder as ExecuTorch and/or ONNX
+programs (quantized per `quant`), its tokenizer and preprocessor config, and manifest.json.
+
+    device/
+      manifest.json
+      vision.pte   decoder.pte      (ExecuTorch, XNNPACK delegate)
+      vision.onnx  decoder.onnx     (ONNX Runtime)
+      tokenizer.json tokenizer_config.json ... preprocessor_config.json
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from covspec.export import quant as q
+from covspec.export.manifest import write_manifest
+from covspec.export.programs import Step, check_exportable, copy_tokenizer, describe_model, write_programs
+from covspec.models import load_adapter
+
+DEFAULT_MAX_CHUNK = 64
+
+
+def build_device_bundle(draft: Path, out: Path, quant: str = "int8", formats: tuple[str, ...] = ("pte", "onnx"),
+                        max_len: int | None = None, max_chunk: int = DEFAULT_MAX_CHUNK,
+                        calibration: dict[str, Any] | None = None, step: Step = lambda _: None) -> Path:
+    """Exports the draft checkpoint folder `draft` into the folder `out` (replaced if present)."""
+    q.check_scheme(quant)
+    step(f"loading draft {draft}")
+    adapter = check_exportable(load_adapter(draft))
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    info = describe_model(adapter, max_len, max_chunk)
+    programs, unsupported = write_programs(adapter, out, info, quant, tuple(formats), step)
+    if not programs:
+        raise RuntimeError(f"device bundle {out}: no format could be exported ({unsupported})")
+    tokenizer_files = copy_tokenizer(Path(draft), out)
+    step("manifest")
+    write_manifest(out, {"kind": "device", "source": Path(draft).name, **info, "quant": q.describe(quant),
+                         "programs": programs, "unsupported": unsupported, "tokenizer_files": tokenizer_files,
+                         "calibration": calibration})
+    return out

@@ -1,0 +1,42 @@
+"""torch.export of a graph, then to an ExecuTorch program (XNNPACK delegate) or an ONNX file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def export_program(module: torch.nn.Module, example: tuple[torch.Tensor, ...],
+                   dynamic_shapes: Any = None) -> torch.export.ExportedProgram:
+    with torch.no_grad():
+        return torch.export.export(module.eval(), example, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def to_pte(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path,
+           dynamic_shapes: Any = None) -> dict[str, Any]:
+    """Writes `path` (.pte, XNNPACK-delegated where XNNPACK takes the operator); returns which
+    operators run outside the delegate (on ExecuTorch's portable kernels)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    program = export_program(module, example, dynamic_shapes)
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    graph = edge.exported_program().graph
+    delegated = sum(1 for n in graph.nodes if n.op == "call_function" and "call_delegate" in str(n.target))
+    portable = sorted({getattr(n.target, "__name__", str(n.target)).split(":")[0]
+                       for n in graph.nodes if n.op == "call_function" and "call_delegate" not in str(n.target)
+                       and "getitem" not in str(n.target) and "sym_size" not in str(n.target)})
+    path.write_bytes(edge.to_executorch().buffer)
+    return {"delegate": "XnnpackBackend", "delegated_subgraphs": delegated, "portable_ops": portable}
+
+
+def to_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
+            output_names: list[str], dynamic_shapes: Any = None) -> None:
+    """Writes `path` (.onnx, weights inline) with torch.onnx's dynamo exporter."""
+    with torch.no_grad():
+        program = torch.onnx.export(module.eval(), example, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                    input_names=input_names, output_names=output_names,
+                                    optimize=True, verbose=False, report=False)
+    program.save(str(path), external_data=False)

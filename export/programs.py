@@ -1,0 +1,169 @@
+"""One model's exported programs: the vision graph and the static-cache decoder, written as
+ExecuTorch `.pte` files and/or ONNX files in a bundle folder, with the model's description for the
+manifest. Shared by the device bundle (the draft) and the edge bundle's ONNX option (the target)."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from covspec.export import quant as q
+from covspec.export.graphs import (
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    VISION_INPUTS,
+    StaticDecoderGraph,
+    VisionGraph,
+    decoder_dynamic_shapes,
+    decoder_example,
+    decoder_shape,
+    vision_outputs,
+)
+from covspec.models.base import VLMAdapter
+from covspec.models.llava import PROMPT_TEMPLATE, LlavaAdapter
+
+FORMATS = ("pte", "onnx")
+EXPORTABLE_FAMILIES = ("llava",)
+# files copied from the checkpoint folder when present
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "preprocessor_config.json", "generation_config.json")
+Step = Callable[[str], None]
+
+
+class ExportUnsupported(Exception):
+    """A model family or format this export cannot produce: the message names the cause and the fallback."""
+
+
+# why each known family is not exported yet, and what to run instead
+FAMILY_LIMITS = {
+    "qwen2_5_vl": ("the vision tower's window attention builds cu_seqlens with data-dependent shapes "
+                   "(aten.repeat_interleave / aten.cumsum over grid_thw), and M-RoPE positions come from "
+                   "the image grid outside the graph; not exported yet"),
+    "idefics3": "image splitting and pixel shuffle (aten.pixel_unshuffle-style reshapes) not exported yet",
+}
+FALLBACK = "ship the Hugging Face checkpoint and run it with the PyTorch adapter (covspec.models.load_adapter)"
+
+
+def check_exportable(adapter: VLMAdapter) -> LlavaAdapter:
+    if adapter.family not in EXPORTABLE_FAMILIES or not isinstance(adapter, LlavaAdapter):
+        reason = FAMILY_LIMITS.get(adapter.family, "no exporter for this family")
+        raise ExportUnsupported(f"{adapter.family}: cannot export to pte/onnx ({reason}); fallback: {FALLBACK}")
+    return adapter
+
+
+def operator_named(err: BaseException) -> str | None:
+    """The operator an export error names, when it names one."""
+    found = re.search(r"\b(aten[.:]{1,2}[\w.]+|torchao::[\w.]+|quantized_decomposed::[\w.]+|onnx::\w+)", str(err))
+    return found.group(1) if found else None
+
+
+def describe_model(adapter: LlavaAdapter, max_len: int | None, max_chunk: int) -> dict[str, Any]:
+    shape = decoder_shape(adapter, max_len)
+    size = int(adapter.model.config.vision_config.image_size)
+    vision = VisionGraph(adapter)
+    n_tokens = int(adapter.encode_image({"pixel_values": torch.zeros(1, 3, size, size)}).count)
+    return {
+        "family": adapter.family,
+        "model_type": adapter.model.config.model_type,
+        "text_model_type": adapter.text_config.model_type,
+        "tokenizer_fingerprint": adapter.fingerprint(),
+        "vocab_size": adapter.vocab_size,
+        "eos_token_ids": sorted(adapter.eos_token_ids),
+        "prompt": {"template": PROMPT_TEMPLATE, "image_token_id": adapter.image_token_id},
+        "vision": {"pixels": [1, 3, size, size], "tokens": n_tokens, "hidden": shape.hidden,
+                   "outputs": vision_outputs(vision)},
+        "decoder": {**asdict(shape), "cache": list(shape.cache_shape), "max_chunk": min(max_chunk, shape.max_len),
+                    "inputs": DECODER_INPUTS, "outputs": DECODER_OUTPUTS},
+    }
+
+
+def _graphs(adapter: LlavaAdapter, info: dict[str, Any], scheme: str,
+            for_pte: bool) -> tuple[VisionGraph, StaticDecoderGraph]:
+    """Fresh graphs over a copy of the model (quantized in place for ExecuTorch when asked)."""
+    model = adapter if scheme == "none" or not for_pte else copy.deepcopy(adapter)
+    shape = decoder_shape(model, info["decoder"]["max_len"])
+    vision, decoder = VisionGraph(model).eval(), StaticDecoderGraph(model, shape).eval()
+    if for_pte:
+        q.quantize_module(vision, scheme)
+        q.quantize_module(decoder, scheme)
+    return vision, decoder
+
+
+def write_programs(adapter: LlavaAdapter, out: Path, info: dict[str, Any], scheme: str,
+                   formats: tuple[str, ...], step: Step) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Writes vision.<fmt> and decoder.<fmt> for each format. Returns (programs, unsupported):
+    programs[fmt] = {"vision": file, "decoder": file, ...}; unsupported[fmt] = what failed and the fallback."""
+    programs: dict[str, Any] = {}
+    unsupported: dict[str, Any] = {}
+    shape = decoder_shape(adapter, info["decoder"]["max_len"])
+    max_chunk = info["decoder"]["max_chunk"]
+    pixels = torch.zeros(*info["vision"]["pixels"])
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r} (formats: {', '.join(FORMATS)})")
+        try:
+            if fmt == "pte":
+                vision, decoder = _graphs(adapter, info, scheme, for_pte=True)
+                step(f"vision.pte ({scheme})")
+                v_info = lower_pte(vision, (pixels,), out / "vision.pte")
+                step(f"decoder.pte ({scheme}, static cache {shape.max_len}, k<={max_chunk})")
+                d_info = lower_pte(decoder, decoder_example(shape), out / "decoder.pte",
+                                   decoder_dynamic_shapes(max_chunk))
+                programs["pte"] = {"vision": "vision.pte", "decoder": "decoder.pte", "runtime": "executorch",
+                                   "vision_lowering": v_info, "decoder_lowering": d_info}
+            else:
+                vision, decoder = _graphs(adapter, info, scheme, for_pte=False)
+                step(f"vision.onnx ({scheme})")
+                write_onnx(vision, (pixels,), out / "vision.onnx", VISION_INPUTS, vision_outputs(vision), None, scheme)
+                step(f"decoder.onnx ({scheme}, static cache {shape.max_len}, k<={max_chunk})")
+                write_onnx(decoder, decoder_example(shape), out / "decoder.onnx", DECODER_INPUTS, DECODER_OUTPUTS,
+                           decoder_dynamic_shapes(max_chunk), scheme)
+                programs["onnx"] = {"vision": "vision.onnx", "decoder": "decoder.onnx", "runtime": "onnxruntime"}
+        except ExportUnsupported:
+            raise
+        except Exception as err:  # an exporter failure is reported per format, never hidden
+            for name in (f"vision.{fmt}", f"decoder.{fmt}"):
+                (out / name).unlink(missing_ok=True)
+            unsupported[fmt] = {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}",
+                                "operator": operator_named(err), "fallback": FALLBACK}
+            step(f"[red]{fmt}: export failed ({unsupported[fmt]['operator'] or type(err).__name__}); "
+                 f"fallback: {FALLBACK}[/red]")
+    return programs, unsupported
+
+
+def lower_pte(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path,
+              dynamic_shapes: Any = None) -> dict[str, Any]:
+    from covspec.export.lower import to_pte
+
+    return to_pte(module, example, path, dynamic_shapes)
+
+
+def write_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, inputs: list[str],
+               outputs: list[str], dynamic_shapes: Any, scheme: str) -> None:
+    from covspec.export.lower import to_onnx
+
+    if scheme == "none":
+        to_onnx(module, example, path, inputs, outputs, dynamic_shapes)
+        return
+    fp32 = path.with_name(path.stem + ".fp32.onnx")
+    try:
+        to_onnx(module, example, fp32, inputs, outputs, dynamic_shapes)
+        q.quantize_onnx_file(fp32, path, scheme)
+    finally:
+        fp32.unlink(missing_ok=True)
+
+
+def copy_tokenizer(source: Path, out: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+            copied.append(name)
+    return copied
