@@ -5,6 +5,7 @@ programs (quantized per `quant`), its tokenizer and preprocessor config, and man
       manifest.json
       vision.pte   decoder.pte      (ExecuTorch, XNNPACK delegate)
       vision.onnx  decoder.onnx     (ONNX Runtime)
+      embeddings.f16.npy            (input embedding table, for the pruner's query)
       tokenizer.json tokenizer_config.json ... preprocessor_config.json
 """
 
@@ -14,12 +15,24 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from covspec.export import quant as q
 from covspec.export.manifest import write_manifest
 from covspec.export.programs import Step, check_exportable, copy_tokenizer, describe_model, write_programs
 from covspec.models import load_adapter
+from covspec.models.llava import LlavaAdapter
 
 DEFAULT_MAX_CHUNK = 64
+EMBEDDINGS_FILE = "embeddings.f16.npy"
+
+
+def write_embeddings(adapter: LlavaAdapter, out: Path) -> dict[str, Any]:
+    """The input embedding table [V, d] as float16 .npy: the pruner's query embeddings
+    (adapter.prompt_embeddings) on the device without the decoder."""
+    table = adapter.model.get_input_embeddings().weight.detach().float().numpy().astype(np.float16)
+    np.save(out / EMBEDDINGS_FILE, table)
+    return {"file": EMBEDDINGS_FILE, "dtype": "float16", "shape": list(table.shape)}
 
 
 def build_device_bundle(draft: Path, out: Path, quant: str = "int8", formats: tuple[str, ...] = ("pte", "onnx"),
@@ -37,8 +50,9 @@ def build_device_bundle(draft: Path, out: Path, quant: str = "int8", formats: tu
     if not programs:
         raise RuntimeError(f"device bundle {out}: no format could be exported ({unsupported})")
     tokenizer_files = copy_tokenizer(Path(draft), out)
+    embeddings = write_embeddings(adapter, out)
     step("manifest")
     write_manifest(out, {"kind": "device", "source": Path(draft).name, **info, "quant": q.describe(quant),
-                         "programs": programs, "unsupported": unsupported, "tokenizer_files": tokenizer_files,
+                         "programs": programs, "embeddings": embeddings, "unsupported": unsupported, "tokenizer_files": tokenizer_files,
                          "calibration": calibration})
     return out

@@ -1,0 +1,161 @@
+"""`BundleAdapter`: the VLMAdapter interface on an exported device bundle, so the device runtime runs
+the draft without the Hugging Face model (only the tokenizer is loaded, as PreTrainedTokenizerFast).
+
+The decode state's cache is the static cache tensor [L, 2, kvH, S, hd]; `length` is how many of its
+slots are valid. forward(ids[k]) writes slots length..length+k-1 in chunks of at most `max_chunk`;
+truncate only moves `length` back (later writes overwrite the stale slots, which no query sees first).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from covspec.device_runtime.bundle import Bundle, BundleError, load_bundle
+from covspec.device_runtime.programs import BACKENDS, open_programs
+from covspec.errors import PromptError
+from covspec.models.base import (
+    DecodeState,
+    VisualTokens,
+    VLMAdapter,
+    encode_text,
+    read_json_file,
+    select_kept,
+    tokenizer_fingerprint,
+)
+from covspec.models.llava import ClipPreprocessor, llava_prompt_ids
+
+
+class BundleAdapter(VLMAdapter):
+    """A LLaVA-family draft from a device bundle, on backend "executorch" (default) or "onnx"."""
+
+    family = "llava"
+    model_types = ("llava",)
+
+    def __init__(self, bundle: Bundle | str | Path, backend: str = "executorch", threads: int | None = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r} (backends: {', '.join(BACKENDS)})")
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        m = self.bundle.manifest
+        if m.get("family") != "llava":
+            raise BundleError(f"bundle {self.bundle.folder}: family {m.get('family')!r} has no exported runtime")
+        self.model = None  # no torch model: the programs below stand in for it
+        self.path = self.bundle.folder
+        self.backend = backend
+        self.tokenizer = self._load_tokenizer()
+        if tokenizer_fingerprint(self.tokenizer) != m["tokenizer_fingerprint"]:
+            raise BundleError(f"bundle {self.path}: tokenizer.json does not match the manifest's tokenizer "
+                              "fingerprint (the tokenizer files belong to another model)")
+        fmt = BACKENDS[backend]
+        self.programs = open_programs(backend, self.bundle.program(fmt, "vision"),
+                                      self.bundle.program(fmt, "decoder"), threads)
+        self.decoder_info = m["decoder"]
+        self.max_len = int(self.decoder_info["max_len"])
+        self.max_chunk = int(self.decoder_info["max_chunk"])
+        self.hidden = int(self.decoder_info["hidden"])
+        self.image_token_id = int(m["prompt"]["image_token_id"])
+        size = int(m["vision"]["pixels"][-1])
+        self.preprocessor = ClipPreprocessor(read_json_file(self.path / "preprocessor_config.json"), size)
+        self._embeddings: np.ndarray | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                        device: str = "cpu") -> BundleAdapter:
+        return cls(path)
+
+    def _load_tokenizer(self) -> Any:
+        from transformers import PreTrainedTokenizerFast
+
+        if not (self.path / "tokenizer.json").is_file():
+            raise BundleError(f"bundle {self.path}: no tokenizer.json")
+        return PreTrainedTokenizerFast.from_pretrained(str(self.path), local_files_only=True)
+
+    # --- what the HF adapter reads from its model ----------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return int(self.bundle.manifest["vocab_size"])
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return {int(i) for i in self.bundle.manifest.get("eos_token_ids", [])}
+
+    # --- images ----------------------------------------------------------------------------------
+    def preprocess(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.preprocessor(image)}
+
+    def encode_image(self, pixels: dict[str, torch.Tensor]) -> VisualTokens:
+        out = self.programs.vision(pixels["pixel_values"])
+        embeds, activity = out[0], out[1]  # [N, d], [N]
+        attention = out[2] if len(out) > 2 else None
+        n = int(embeds.shape[0])
+        side = int(round(n ** 0.5))
+        return VisualTokens(embeds=embeds, activity=activity, attention=attention,
+                            grid=(side, side) if side * side == n else None)
+
+    # --- text ------------------------------------------------------------------------------------
+    def prompt_embeddings(self, prompt: str) -> torch.Tensor:
+        if self._embeddings is None:
+            entry = self.bundle.manifest.get("embeddings")
+            if not entry:
+                raise BundleError(f"bundle {self.path}: no embedding table (needed for the pruner's query)")
+            self._embeddings = np.load(self.path / entry["file"])
+        ids = encode_text(self.tokenizer, self.check_prompt(prompt))
+        return torch.from_numpy(self._embeddings[ids].astype(np.float32))  # [T, d]
+
+    def prompt_ids(self, prompt: str, n_image_tokens: int) -> list[int]:
+        return llava_prompt_ids(self.tokenizer, self.check_prompt(prompt), n_image_tokens, self.image_token_id)
+
+    def new_state(self) -> DecodeState:
+        shape = tuple(self.decoder_info["cache"])
+        return DecodeState(cache=torch.zeros(shape, dtype=torch.float32), length=0)
+
+    def prefill(self, visual: VisualTokens, prompt: str,
+                kept: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeState]:
+        kept = select_kept(visual, kept)
+        ids = torch.tensor(self.prompt_ids(prompt, int(kept.numel())), dtype=torch.long)  # [T]
+        if ids.numel() >= self.max_len:
+            raise PromptError(f"the prompt takes {ids.numel()} tokens with the image, over the bundle's "
+                              f"{self.max_len} cache positions")
+        is_image = ids == self.image_token_id  # [T]
+        image_embeds = torch.zeros(ids.numel(), self.hidden)
+        image_embeds[is_image] = visual.embeds[kept].float()
+        state = self.new_state()
+        logits = self._run(state, ids, image_embeds, is_image)
+        return logits[-1], state
+
+    def forward(self, state: DecodeState, ids: torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+        if ids.numel() == 0:
+            return torch.empty(0, self.vocab_size)
+        k = int(ids.numel())
+        return self._run(state, ids, torch.zeros(k, self.hidden), torch.zeros(k, dtype=torch.bool))
+
+    def _run(self, state: DecodeState, ids: torch.Tensor, image_embeds: torch.Tensor,
+             is_image: torch.Tensor) -> torch.Tensor:
+        """Appends ids [T] (image_embeds [T, d] where is_image [T]) to the state; logits [T, V]."""
+        total = int(ids.numel())
+        if state.length + total > self.max_len:
+            raise PromptError(f"the sequence would take {state.length + total} positions, over the bundle's "
+                              f"{self.max_len} cache positions")
+        chunks = []
+        for start in range(0, total, self.max_chunk):
+            end = min(start + self.max_chunk, total)
+            pos = torch.arange(state.length, state.length + end - start)  # [k]
+            logits, state.cache = self.programs.decoder(ids[None, start:end].contiguous(),
+                                                        image_embeds[None, start:end].contiguous(),
+                                                        is_image[None, start:end].contiguous(), pos, state.cache)
+            state.length += end - start
+            chunks.append(logits[0])  # [k, V]
+        return torch.cat(chunks).float()
+
+    def truncate(self, state: DecodeState, length: int) -> None:
+        if not 0 <= length <= state.length:
+            raise ValueError(f"cannot truncate a state of {state.length} positions to {length}")
+        state.length = length  # slots from `length` on are overwritten by the next forward
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)

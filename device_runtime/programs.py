@@ -1,0 +1,73 @@
+"""Runners for a bundle's two programs on one backend: ExecuTorch (`executorch.runtime`, XNNPACK) or
+ONNX Runtime. Both take and return torch tensors:
+
+    vision(pixels [1, 3, H, W]) -> [embeds [N, d], activity [N], (attention [N])]
+    decoder(ids [1, k], image_embeds [1, k, d], is_image [1, k], input_pos [k], cache [L, 2, kvH, S, hd])
+        -> (logits [1, k, V], cache [L, 2, kvH, S, hd])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+BACKENDS = {"executorch": "pte", "onnx": "onnx"}
+
+
+class Programs(Protocol):
+    def vision(self, pixels: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def decoder(self, ids: torch.Tensor, image_embeds: torch.Tensor, is_image: torch.Tensor,
+                input_pos: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class ExecuTorchPrograms:
+    def __init__(self, vision: Path, decoder: Path):
+        from executorch.runtime import Runtime
+
+        runtime = Runtime.get()
+        self._vision = runtime.load_program(vision).load_method("forward")
+        self._decoder = runtime.load_program(decoder).load_method("forward")
+
+    def vision(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        return [t.clone() for t in self._vision.execute([pixels.float().contiguous()])]
+
+    def decoder(self, ids, image_embeds, is_image, input_pos, cache):
+        out = self._decoder.execute([ids, image_embeds, is_image, input_pos, cache])
+        # outputs may live in the method's planned memory, reused by the next call: own them
+        return out[0].clone(), out[1].clone()
+
+
+class OnnxPrograms:
+    def __init__(self, vision: Path, decoder: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        self._vision = ort.InferenceSession(str(vision), options, providers=providers)
+        self._decoder = ort.InferenceSession(str(decoder), options, providers=providers)
+        self._vision_input = self._vision.get_inputs()[0].name
+
+    def vision(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        out = self._vision.run(None, {self._vision_input: pixels.float().numpy()})
+        return [torch.from_numpy(np.asarray(t)) for t in out]
+
+    def decoder(self, ids, image_embeds, is_image, input_pos, cache):
+        feeds = {"ids": ids.numpy(), "image_embeds": image_embeds.numpy(), "is_image": is_image.numpy(),
+                 "input_pos": input_pos.numpy(), "cache": cache.numpy()}
+        logits, new_cache = self._decoder.run(None, feeds)
+        return torch.from_numpy(logits), torch.from_numpy(new_cache)
+
+
+def open_programs(backend: str, vision: Path, decoder: Path, threads: int | None = None) -> Programs:
+    if backend == "executorch":
+        return ExecuTorchPrograms(vision, decoder)
+    if backend == "onnx":
+        return OnnxPrograms(vision, decoder, threads)
+    raise ValueError(f"unknown backend {backend!r} (backends: {', '.join(BACKENDS)})")
