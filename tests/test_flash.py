@@ -1,0 +1,102 @@
+"""`covspec device flash` to a folder, and through the shell path ssh/adb use (driven here by a stand-in
+`ssh` that runs the remote command locally: this machine has no sshd)."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from covspec.device_runtime.bundle import BundleError, load_bundle
+from covspec.device_runtime.flash import FlashError, FolderTarget, ShellTarget, flash, parse_target
+from covspec.export.manifest import MANIFEST, write_manifest
+
+
+@pytest.fixture
+def bundle(tmp_path: Path) -> Path:
+    folder = tmp_path / "bundle"
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "decoder.pte").write_bytes(bytes(range(256)) * 16)
+    (folder / "vision.pte").write_bytes(b"vision" * 100)
+    (folder / "checkpoint" / "config.json").write_text('{"model_type": "llava"}')
+    write_manifest(folder, {"kind": "device"})
+    return folder
+
+
+def fake_ssh(tmp_path: Path) -> list[str]:
+    """An `ssh` that ignores its options and host and runs the last argument with sh."""
+    script = tmp_path / "fake-ssh"
+    script.write_text('#!/bin/sh\nfor a; do last="$a"; done\nexec sh -c "$last"\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return [str(script)]
+
+
+def no_temp_files(folder: Path) -> bool:
+    return not any(".flash-" in p.name for p in folder.rglob("*"))
+
+
+def test_flash_to_folder_then_nothing_to_do(bundle: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "device"
+    first = flash(bundle, str(dest))
+    assert sorted(first.copied) == sorted(["decoder.pte", "vision.pte", "checkpoint/config.json", MANIFEST])
+    assert first.verified == 4 and no_temp_files(dest)
+    assert load_bundle(dest).manifest == load_bundle(bundle).manifest
+    second = flash(bundle, str(dest))
+    assert second.copied == [] and len(second.skipped) == 4
+
+
+def test_corrupted_file_on_target_is_repaired_alone(bundle: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "device"
+    flash(bundle, str(dest))
+    data = bytearray((dest / "decoder.pte").read_bytes())
+    data[100] ^= 0x55
+    (dest / "decoder.pte").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="decoder.pte: sha256"):
+        load_bundle(dest)
+    report = flash(bundle, str(dest))
+    assert report.copied == ["decoder.pte", MANIFEST]
+    load_bundle(dest)
+
+
+def test_truncated_bundle_is_refused_and_target_untouched(bundle: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "device"
+    data = (bundle / "vision.pte").read_bytes()
+    (bundle / "vision.pte").write_bytes(data[:10])
+    with pytest.raises(BundleError, match="vision.pte: size 10 bytes"):
+        flash(bundle, str(dest))
+    assert not dest.exists()
+
+
+def test_verification_failure_is_reported(bundle: Path, tmp_path: Path) -> None:
+    class LossyTarget(FolderTarget):
+        def put(self, source: Path, name: str) -> None:
+            super().put(source, name)
+            if name == "vision.pte":
+                (self.root / name).write_bytes(b"garbled")
+
+    with pytest.raises(FlashError, match="vision.pte does not match the manifest"):
+        flash(bundle, LossyTarget(tmp_path / "device"))
+
+
+def test_flash_over_the_shell_path(bundle: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "remote dir" / "bundle"  # a space: paths are quoted for the remote shell
+    target = parse_target(f"ssh://me@localhost:2222{dest}", ssh=fake_ssh(tmp_path))
+    assert isinstance(target, ShellTarget) and target.run[-3:] == ["-p", "2222", "me@localhost"]
+    assert len(flash(bundle, target).copied) == 4
+    load_bundle(dest)
+    assert no_temp_files(dest)
+    (dest / "checkpoint" / "config.json").write_text("{}")
+    assert flash(bundle, target).copied == ["checkpoint/config.json", MANIFEST]
+    assert flash(bundle, target).copied == []
+    load_bundle(dest)
+
+
+def test_target_parsing() -> None:
+    adb = parse_target("adb://emulator-5554/data/local/tmp/covspec")
+    assert isinstance(adb, ShellTarget) and adb.run == ["adb", "-s", "emulator-5554", "shell"]
+    assert adb.root == "/data/local/tmp/covspec"
+    assert isinstance(parse_target("/tmp/x"), FolderTarget)
+    for bad in ("ssh://host", "adb://serial", "ftp://host/x"):
+        with pytest.raises(ValueError):
+            parse_target(bad)
