@@ -1,0 +1,232 @@
+"""Export and the exported device runtime, on tiny LLaVA checkpoints.
+
+Fast: the bundle loader's refusals, the edge backend choice, unsupported families.
+Slow (export takes ~1 min per bundle on a loaded 2-core machine): .pte / ONNX parity with the eager
+adapter through covspec.generation.generate, int8 agreement, the manifests.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from tiny_models import build_llava, build_qwen2_5_vl
+
+from covspec.device_runtime.bundle import BundleError, load_bundle
+from covspec.export.manifest import FORMAT_VERSION, MANIFEST, sha256_file, write_manifest
+
+PROMPTS = ["what is the color ?", "how many circle are there ?", "describe the image .", "is there a red square ?"]
+COLORS = [(200, 30, 30), (10, 200, 30), (30, 30, 220)]
+
+
+def images() -> list[Image.Image]:
+    return [Image.new("RGB", (40, 36), c) for c in COLORS]
+
+
+# --- the loader -----------------------------------------------------------------------------------
+@pytest.fixture
+def fake_bundle(tmp_path: Path) -> Path:
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    (folder / "decoder.pte").write_bytes(bytes(range(256)) * 8)
+    (folder / "vision.pte").write_bytes(b"vision" * 100)
+    (folder / "tokenizer.json").write_text("{}")
+    write_manifest(folder, {"kind": "device", "family": "llava",
+                            "programs": {"pte": {"vision": "vision.pte", "decoder": "decoder.pte"}}})
+    return folder
+
+
+def test_intact_bundle_loads(fake_bundle: Path) -> None:
+    bundle = load_bundle(fake_bundle)
+    assert bundle.manifest["format_version"] == FORMAT_VERSION
+    assert bundle.manifest["files"]["decoder.pte"]["sha256"] == sha256_file(fake_bundle / "decoder.pte")
+    assert bundle.program("pte", "decoder") == fake_bundle / "decoder.pte"
+    with pytest.raises(BundleError, match="no onnx programs"):
+        bundle.program("onnx", "decoder")
+
+
+def test_truncated_file_is_refused(fake_bundle: Path) -> None:
+    data = (fake_bundle / "decoder.pte").read_bytes()
+    (fake_bundle / "decoder.pte").write_bytes(data[:-100])
+    with pytest.raises(BundleError, match=r"decoder\.pte: size 1948 bytes, the manifest says 2048 \(truncated"):
+        load_bundle(fake_bundle)
+
+
+def test_wrong_checksum_is_refused(fake_bundle: Path) -> None:
+    data = bytearray((fake_bundle / "vision.pte").read_bytes())
+    data[10] ^= 0xFF
+    (fake_bundle / "vision.pte").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"vision\.pte: sha256 does not match"):
+        load_bundle(fake_bundle)
+
+
+def test_missing_file_is_refused(fake_bundle: Path) -> None:
+    (fake_bundle / "tokenizer.json").unlink()
+    with pytest.raises(BundleError, match=r"tokenizer\.json: missing"):
+        load_bundle(fake_bundle)
+
+
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, None, "1"])
+def test_bad_format_version_is_refused(fake_bundle: Path, version: object) -> None:
+    manifest = json.loads((fake_bundle / MANIFEST).read_text())
+    manifest["format_version"] = version
+    (fake_bundle / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"manifest\.json has format version .* this runtime reads version"):
+        load_bundle(fake_bundle)
+
+
+def test_broken_or_absent_manifest_is_refused(fake_bundle: Path, tmp_path: Path) -> None:
+    (fake_bundle / MANIFEST).write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(fake_bundle)
+    with pytest.raises(BundleError, match="no manifest.json"):
+        load_bundle(tmp_path)
+
+
+def test_program_not_listed_is_refused(fake_bundle: Path) -> None:
+    manifest = json.loads((fake_bundle / MANIFEST).read_text())
+    del manifest["files"]["decoder.pte"]
+    (fake_bundle / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="decoder.pte: the pte decoder program is not among the listed files"):
+        load_bundle(fake_bundle)
+
+
+# --- edge backend choice, unsupported families ---------------------------------------------------
+def test_edge_backend_choice_names_the_reason() -> None:
+    from covspec.export.edge_bundle import choose_backend
+    from covspec.export.tensorrt_engine import tensorrt_unavailable
+
+    missing = tensorrt_unavailable()
+    backend, reason = choose_backend("auto")
+    if missing is None:
+        assert backend == "tensorrt"
+    else:
+        assert backend == "pytorch" and missing in reason
+    assert choose_backend("onnx")[0] == "onnx"
+    with pytest.raises(ValueError, match="unknown edge backend"):
+        choose_backend("tflite")
+
+
+def test_tensorrt_engine_build() -> None:
+    from covspec.export.tensorrt_engine import tensorrt_unavailable
+
+    missing = tensorrt_unavailable()
+    if missing is not None:
+        pytest.skip(f"TensorRT engine build not run here: {missing}")
+    pytest.skip("TensorRT present: run the slow edge-bundle test with backend='tensorrt'")
+
+
+def test_unsupported_family_names_the_cause_and_fallback(tmp_path: Path) -> None:
+    from covspec.export.programs import ExportUnsupported, check_exportable
+    from covspec.models import load_adapter
+
+    adapter = load_adapter(build_qwen2_5_vl(tmp_path / "qwen"))
+    with pytest.raises(ExportUnsupported, match=r"qwen2_5_vl: cannot export .*aten\.repeat_interleave.*fallback"):
+        check_exportable(adapter)
+
+
+# --- exported bundles (slow) -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_llava(tmp_path_factory.mktemp("tiny") / "llava")
+
+
+@pytest.fixture(scope="module")
+def fp32_bundles(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from covspec.export import build_bundles
+
+    return build_bundles(tiny, tiny, tmp_path_factory.mktemp("fp32"), quant="none", max_len=96, quiet=True)
+
+
+def agreement(eager, exported, max_new_tokens: int = 24) -> tuple[int, int, float]:
+    """(tokens equal at the same position, tokens, max |logit difference| over prefill + a window +
+    a rollback and re-forward)."""
+    from covspec.generation import generate
+
+    same = total = 0
+    worst = 0.0
+    for image in images():
+        for prompt in PROMPTS:
+            a = generate(eager, image, prompt, max_new_tokens=max_new_tokens)
+            b = generate(exported, image, prompt, max_new_tokens=max_new_tokens)
+            total += max(len(a.ids), len(b.ids))
+            same += sum(x == y for x, y in zip(a.ids, b.ids, strict=False))
+            va, vb = eager.encode_image(eager.preprocess(image)), exported.encode_image(exported.preprocess(image))
+            la, sa = eager.prefill(va, prompt)
+            lb, sb = exported.prefill(vb, prompt)
+            worst = max(worst, float((la - lb).abs().max()))
+            window = torch.tensor([5, 9, 12, 7])
+            worst = max(worst, float((eager.forward(sa, window) - exported.forward(sb, window)).abs().max()))
+            eager.truncate(sa, sa.length - 3)
+            exported.truncate(sb, sb.length - 3)
+            window = torch.tensor([11, 4])
+            worst = max(worst, float((eager.forward(sa, window) - exported.forward(sb, window)).abs().max()))
+    return same, total, worst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["executorch", "onnx"])
+def test_fp32_bundle_matches_eager(tiny: Path, fp32_bundles: tuple[Path, Path], backend: str) -> None:
+    from covspec.device_runtime.exported_adapter import BundleAdapter
+    from covspec.models import load_adapter
+
+    eager = load_adapter(tiny)
+    exported = BundleAdapter(fp32_bundles[0], backend=backend)
+    assert exported.fingerprint() == eager.fingerprint()
+    assert exported.vocab_size == eager.vocab_size and exported.eos_token_ids == eager.eos_token_ids
+    visual_a = eager.encode_image(eager.preprocess(images()[0]))
+    visual_b = exported.encode_image(exported.preprocess(images()[0]))
+    assert torch.allclose(visual_a.embeds, visual_b.embeds, atol=1e-5)
+    assert torch.allclose(visual_a.activity, visual_b.activity, atol=1e-4)
+    assert torch.allclose(visual_a.attention, visual_b.attention, atol=1e-5)
+    assert torch.allclose(eager.prompt_embeddings(PROMPTS[0]), exported.prompt_embeddings(PROMPTS[0]), atol=1e-2)
+    kept = torch.tensor([0, 3, 5, 6, 10, 15])
+    la, _ = eager.prefill(visual_a, PROMPTS[1], kept=kept)
+    lb, _ = exported.prefill(visual_b, PROMPTS[1], kept=kept)
+    assert (la - lb).abs().max() < 1e-4
+    same, total, worst = agreement(eager, exported)
+    assert same == total and worst < 1e-4
+
+
+@pytest.mark.slow
+def test_fp32_manifests(fp32_bundles: tuple[Path, Path], tiny: Path) -> None:
+    from covspec.models import load_adapter
+
+    device = load_bundle(fp32_bundles[0]).manifest
+    assert device["family"] == "llava" and device["quant"]["scheme"] == "none"
+    assert device["tokenizer_fingerprint"] == load_adapter(tiny).fingerprint()
+    assert set(device["programs"]) == {"pte", "onnx"} and device["unsupported"] == {}
+    assert device["decoder"]["cache"] == [2, 2, 2, 96, 8] and device["vision"]["tokens"] == 16
+    assert device["calibration"] is None and device["tools"]["executorch"]
+    assert {"tokenizer.json", "vision.pte", "decoder.onnx", "embeddings.f16.npy"} <= set(device["files"])
+    edge = load_bundle(fp32_bundles[1]).manifest
+    assert edge["kind"] == "edge" and edge["backend"] in ("pytorch", "tensorrt") and edge["reason"]
+    assert "checkpoint/model.safetensors" in edge["files"]
+
+
+@pytest.mark.slow
+def test_prompt_over_the_static_cache_is_refused(fp32_bundles: tuple[Path, Path]) -> None:
+    from covspec.device_runtime.exported_adapter import BundleAdapter
+    from covspec.errors import PromptError
+
+    exported = BundleAdapter(fp32_bundles[0], backend="onnx")
+    visual = exported.encode_image(exported.preprocess(images()[0]))
+    _, state = exported.prefill(visual, PROMPTS[0])
+    with pytest.raises(PromptError, match="over the bundle's 96 cache positions"):
+        exported.forward(state, torch.ones(96 - state.length + 1, dtype=torch.long))
+
+
+@pytest.mark.slow
+def test_int8_bundle_runs_and_mostly_agrees(tiny: Path, tmp_path: Path) -> None:
+    from covspec.device_runtime.exported_adapter import BundleAdapter
+    from covspec.export.device_bundle import build_device_bundle
+    from covspec.models import load_adapter
+
+    folder = build_device_bundle(tiny, tmp_path / "int8", quant="int8", max_len=96)
+    eager = load_adapter(tiny)
+    for backend in ("executorch", "onnx"):
+        same, total, _ = agreement(eager, BundleAdapter(folder, backend=backend), max_new_tokens=16)
+        assert same / total >= 0.7, f"{backend}: {same}/{total}"
