@@ -46,6 +46,7 @@ class BundleAdapter(VLMAdapter):
         self.model = None  # no torch model: the programs below stand in for it
         self.path = self.bundle.folder
         self.backend = backend
+        self.tokenizer_dir = self.path / m.get("tokenizer_dir", ".")  # tokenizer + preprocessor config
         self.tokenizer = self._load_tokenizer()
         if tokenizer_fingerprint(self.tokenizer) != m["tokenizer_fingerprint"]:
             raise BundleError(f"bundle {self.path}: tokenizer.json does not match the manifest's tokenizer "
@@ -59,7 +60,7 @@ class BundleAdapter(VLMAdapter):
         self.hidden = int(self.decoder_info["hidden"])
         self.image_token_id = int(m["prompt"]["image_token_id"])
         size = int(m["vision"]["pixels"][-1])
-        self.preprocessor = ClipPreprocessor(read_json_file(self.path / "preprocessor_config.json"), size)
+        self.preprocessor = ClipPreprocessor(read_json_file(self.tokenizer_dir / "preprocessor_config.json"), size)
         self._embeddings: np.ndarray | None = None
 
     @classmethod
@@ -70,9 +71,9 @@ class BundleAdapter(VLMAdapter):
     def _load_tokenizer(self) -> Any:
         from transformers import PreTrainedTokenizerFast
 
-        if not (self.path / "tokenizer.json").is_file():
+        if not (self.tokenizer_dir / "tokenizer.json").is_file():
             raise BundleError(f"bundle {self.path}: no tokenizer.json")
-        return PreTrainedTokenizerFast.from_pretrained(str(self.path), local_files_only=True)
+        return PreTrainedTokenizerFast.from_pretrained(str(self.tokenizer_dir), local_files_only=True)
 
     # --- what the HF adapter reads from its model ----------------------------------------------
     @property

@@ -48,7 +48,7 @@ def build_edge_bundle(target: Path, out: Path, backend: str = "auto", max_len: i
     adapter = load_adapter(target)
     body: dict[str, Any] = {"kind": "edge", "source": Path(target).name, "family": adapter.family,
                             "tokenizer_fingerprint": adapter.fingerprint(), "vocab_size": adapter.vocab_size,
-                            "checkpoint": CHECKPOINT_DIR, "backend": chosen, "reason": reason}
+                            "checkpoint": CHECKPOINT_DIR, "tokenizer_dir": CHECKPOINT_DIR, "backend": chosen, "reason": reason}
     if chosen in ("onnx", "tensorrt"):
         try:
             llava = check_exportable(adapter)

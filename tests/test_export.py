@@ -230,3 +230,28 @@ def test_int8_bundle_runs_and_mostly_agrees(tiny: Path, tmp_path: Path) -> None:
     for backend in ("executorch", "onnx"):
         same, total, _ = agreement(eager, BundleAdapter(folder, backend=backend), max_new_tokens=16)
         assert same / total >= 0.7, f"{backend}: {same}/{total}"
+
+
+@pytest.mark.slow
+def test_edge_onnx_bundle_runs_the_target_and_feeds_tensorrt(tiny: Path, tmp_path: Path) -> None:
+    """The edge's ONNX option: ONNX Runtime runs the target with the eager target's greedy tokens, and
+    the decoder ONNX has the inputs (dynamic k) the TensorRT optimization profile names."""
+    import onnx
+
+    from covspec.device_runtime.exported_adapter import BundleAdapter
+    from covspec.export.edge_bundle import build_edge_bundle
+    from covspec.generation import generate
+    from covspec.models import load_adapter
+
+    folder = build_edge_bundle(tiny, tmp_path / "edge", backend="onnx", max_len=96)
+    manifest = load_bundle(folder).manifest
+    assert manifest["backend"] == "onnx" and manifest["programs"]["onnx"]["decoder"] == "decoder.onnx"
+    target = BundleAdapter(folder, backend="onnx")
+    eager = load_adapter(tiny)
+    for image in images()[:2]:
+        assert generate(target, image, PROMPTS[2]).ids == generate(eager, image, PROMPTS[2]).ids
+    graph = onnx.load(str(folder / "decoder.onnx")).graph
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert list(inputs) == ["ids", "image_embeds", "is_image", "input_pos", "cache"]
+    assert isinstance(inputs["ids"][1], str) and inputs["input_pos"][0] == inputs["ids"][1]  # k is symbolic
+    assert inputs["cache"] == manifest["decoder"]["cache"]
