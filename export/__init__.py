@@ -14,9 +14,12 @@ __all__ = ["build_bundles"]
 
 def build_bundles(draft: str | Path, target: str | Path, out: str | Path, quant: str = "int8",
                   formats: tuple[str, ...] = ("pte", "onnx"), edge_backend: str = "auto",
-                  max_len: int | None = None, calibration: dict[str, Any] | None = None,
+                  max_len: int | None = None, calibration: str | Path | dict[str, Any] | None = None,
                   quiet: bool = False) -> tuple[Path, Path]:
-    """Writes out/device and out/edge, each with its manifest.json, showing progress with rich."""
+    """Writes out/device and out/edge, each with its manifest.json, showing progress with rich.
+    `calibration`: a profile (dict, or the path of its JSON file) recorded in the device manifest."""
+    import json
+
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -24,6 +27,8 @@ def build_bundles(draft: str | Path, target: str | Path, out: str | Path, quant:
     from covspec.export.edge_bundle import build_edge_bundle
 
     out = Path(out)
+    if isinstance(calibration, str | Path):
+        calibration = {"file": Path(calibration).name, **json.loads(Path(calibration).read_text())}
     console = Console(stderr=True, quiet=quiet)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
                   transient=False) as progress:
