@@ -2,22 +2,30 @@
 
 `Drafter` keeps the draft's KV cache in step with the tokens both sides have agreed on. It drafts
 a window of tokens autoregressively (recording the draft's distribution q at each position, which
-sampling verification needs) and, once the edge has answered, commits the accepted prefix plus the
-edge's next token and rolls its cache back past the rejected tail.
+sampling verification needs, and its top-1 minus top-2 margin, which the margin gate and branch
+planning read) and, once the edge has answered, commits the accepted prefix plus the edge's next
+token and rolls its cache back past the rejected tail.
 
 Invariant: the cache holds the prompt plus `committed[:fed]`; tokens in `committed[fed:]` are not
 in the cache yet and are fed in one pass at the start of the next window.
+
+Parallel branching forks a Drafter (`fork`): a copy whose committed answer assumes an outcome of
+the window in flight (all of it accepted, or a rejection at position i corrected to the draft's
+runner-up there) and drafts the next window from it while the edge verifies. When the edge's answer
+matches a branch's assumption, the device adopts the branch (`adopt`) and its window is sent at once.
 """
 
 from __future__ import annotations
 
+import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from covspec.models.base import DecodeState, VLMAdapter
-from covspec.sampling import SamplingParams, next_token, probabilities
+from covspec.sampling import SamplingParams, probabilities
 
 
 @dataclass
@@ -25,7 +33,20 @@ class Window:
     ids: torch.Tensor  # [k] drafted token ids
     q: torch.Tensor | None  # [k, V] the draft's sampling distribution at each drafted position (sampling only)
     margins: torch.Tensor  # [k] top-1 minus top-2 probability of the draft at each position
+    runner_up: torch.Tensor  # [k] the draft's most likely token other than the drafted one
     step_s: list[float]  # time of each draft forward
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def q_of_drafted(self) -> torch.Tensor:
+        """q(x_i) [k]: the probability the draft gave each drafted token (the decoupled upload)."""
+        return self.q[torch.arange(len(self)), self.ids]
+
+    def tail(self, start: int) -> Window:
+        """The window without its first `start` tokens."""
+        return Window(self.ids[start:], None if self.q is None else self.q[start:], self.margins[start:],
+                      self.runner_up[start:], self.step_s[start:])
 
 
 class Drafter:
@@ -39,54 +60,63 @@ class Drafter:
         self.params = params
         self.generator = generator
 
-    def _feed_pending(self) -> torch.Tensor:
-        """Feeds committed tokens not yet in the cache; returns the logits [V] after the last."""
-        pending = torch.tensor(self.committed[self.fed:])
-        logits = self.adapter.forward(self.state, pending)[-1]
-        self.fed = len(self.committed)
-        return logits
-
     @torch.inference_mode()
-    def draft(self, k: int) -> Window:
-        """Drafts k tokens after the committed ones."""
+    def draft(self, k: int, stop: Callable[[Window], bool] | None = None) -> Window:
+        """Drafts up to k tokens after the committed ones; `stop(window so far)` ends it early (the
+        margin gate, or a reply that arrived while drafting a branch)."""
         ids: list[int] = []
         q_rows: list[torch.Tensor] = []
         margins: list[float] = []
+        runner_up: list[int] = []
         step_s: list[float] = []
-        t0 = time.perf_counter()
-        logits = self._feed_pending()
+        eos = self.adapter.eos_token_ids
         for i in range(k):
-            if i > 0:
-                t0 = time.perf_counter()
-                logits = self.adapter.forward(self.state, torch.tensor([ids[-1]]))[-1]
-            probs = logits.float().softmax(-1)
-            top2 = torch.topk(probs, 2).values
-            margins.append(float(top2[0] - top2[1]))
-            if self.params.greedy:
-                token = next_token(logits, self.params, None)
+            t0 = time.perf_counter()
+            if i == 0:  # feed the committed tokens not yet in the cache, in one pass
+                logits = self.adapter.forward(self.state, torch.tensor(self.committed[self.fed:]))[-1]
+                self.fed = len(self.committed)
             else:
-                q = probabilities(logits, self.params)
+                logits = self.adapter.forward(self.state, torch.tensor([ids[-1]]))[-1]
+            top2 = torch.topk(logits.float().softmax(-1), 2)
+            if self.params.greedy:
+                token = int(top2.indices[0])
+            else:
+                q = probabilities(logits, self.params)  # [V]
                 q_rows.append(q)
                 token = int(torch.multinomial(q, 1, generator=self.generator).item())
             ids.append(token)
+            margins.append(float(top2.values[0] - top2.values[1]))
+            runner_up.append(int(top2.indices[1] if token == int(top2.indices[0]) else top2.indices[0]))
             step_s.append(time.perf_counter() - t0)
-            if token in self.adapter.eos_token_ids:  # nothing follows an end of answer
-                break
-        return Window(ids=torch.tensor(ids), q=torch.stack(q_rows) if q_rows else None,
-                      margins=torch.tensor(margins), step_s=step_s)
+            window = Window(torch.tensor(ids), torch.stack(q_rows) if q_rows else None, torch.tensor(margins),
+                            torch.tensor(runner_up), step_s)
+            if token in eos or (stop is not None and stop(window)):  # nothing follows an end of answer
+                return window
+        if not ids:
+            return Window(torch.zeros(0, dtype=torch.long), None, torch.zeros(0), torch.zeros(0, dtype=torch.long), [])
+        return window
 
     def commit(self, window: Window, accepted: int, next_token_id: int | None) -> None:
         """Keeps the first `accepted` drafted tokens and the edge's next token (None when an accepted
         token ended the answer); rolls the cache back so it holds the committed tokens that were fed
         (the last drafted token is never fed)."""
-        fed_drafts = len(window.ids) - 1  # the window's last token was sampled, not fed
-        keep_fed = min(accepted, fed_drafts)
+        fed_drafts = len(window) - 1  # the window's last token was sampled, not fed
         self.committed.extend(int(t) for t in window.ids[:accepted])
-        self.fed += keep_fed
+        self.fed += min(accepted, fed_drafts)
         self.adapter.truncate(self.state, self.prompt_length + self.fed)
         if next_token_id is not None:
             self.committed.append(next_token_id)
 
-    @property
-    def answer(self) -> list[int]:
-        return self.committed
+    # --- parallel branching ----------------------------------------------------------------------
+    def fork(self, window: Window, accepted: int, root: int | None) -> Drafter:
+        """A copy that assumes the edge accepts `accepted` tokens of `window` and then gives `root`
+        (None: the window accepted whole, the root left to the branch's own first drafted token)."""
+        branch = copy.copy(self)
+        branch.state = self.adapter.fork_state(self.state)
+        branch.committed = list(self.committed)
+        branch.commit(window, accepted, root)
+        return branch
+
+    def adopt(self, branch: Drafter) -> None:
+        """Takes over a branch whose assumption the edge's answer confirmed."""
+        self.state, self.committed, self.fed = branch.state, branch.committed, branch.fed

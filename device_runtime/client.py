@@ -5,6 +5,10 @@ the edge, in one of the modes:
     draft_only   the device alone
     vanilla_sd   fixed window k, stop-and-wait; sampling uploads the draft's full distribution
                  of every drafted token (the conventional scheme)
+    covspec      the four mechanisms: visual tokens pruned before the draft's prefill, margin gate
+                 and cost-model window length, branches drafted while a window is verified,
+                 decoupled verification (sampling uploads q(x_i) only; the device corrects)
+    covspec_no_prune / _no_adaptive / _no_branch / _no_decoupled: one mechanism off each
 
 Every request goes through `transport.channel.Client`, which counts the bytes of every frame sent
 and received on the socket: those are the bytes per token the bench reports.
@@ -13,21 +17,48 @@ and received on the socket: those are the bytes per token the bench reports.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from covspec.drafter import Drafter
+from covspec.drafter import Drafter, Window
 from covspec.generation import generate
 from covspec.images import load_image
 from covspec.models.base import VLMAdapter
+from covspec.policy import MARGIN_THRESHOLD, MarginGate, OnlineStats, branch_roots, choose_window
+from covspec.pruning import score_and_select
 from covspec.sampling import SamplingParams
 from covspec.speculative import correct_decoupled
 from covspec.transport import protocol as wire
 from covspec.transport.channel import Client
 
-MODES = ("target_only", "draft_only", "vanilla_sd")
+
+@dataclass(frozen=True)
+class SpecOptions:
+    """Which CoVSpec mechanisms a speculative mode uses."""
+
+    keep: float = 1.0  # share of the draft's visual tokens kept (1: no pruning)
+    prune_method: str = "covspec"
+    prune_target: bool = False  # send the kept indices to the edge too (changes the target's answers)
+    adaptive: bool = False  # margin gate + cost-model window length (else the fixed window)
+    margin_threshold: float = MARGIN_THRESHOLD
+    k_max: int = 12
+    branching: bool = False  # draft the next window on likely outcomes while one is verified
+    branches: int = 1  # rejection branches besides the all-accepted one
+    decoupled: bool = False  # sampling: upload q(x_i) only, correct on the device
+
+
+COVSPEC = SpecOptions(keep=0.25, adaptive=True, branching=True, decoupled=True)
+MODE_OPTIONS: dict[str, SpecOptions] = {
+    "vanilla_sd": SpecOptions(),
+    "covspec": COVSPEC,
+    "covspec_no_prune": replace(COVSPEC, keep=1.0),
+    "covspec_no_adaptive": replace(COVSPEC, adaptive=False),
+    "covspec_no_branch": replace(COVSPEC, branching=False),
+    "covspec_no_decoupled": replace(COVSPEC, decoupled=False),
+}
+MODES = ("target_only", "draft_only", *MODE_OPTIONS)
 
 
 class EdgeRefused(Exception):
@@ -41,6 +72,7 @@ class RoundRecord:
     draft_s: float
     wait_s: float  # from sending VERIFY to its RESULT (round trip + edge verify)
     verify_s: float  # the edge's own verify time
+    branch_hit: bool | None = None  # whether a branch drafted during the wait was used (None: no branches)
 
 
 @dataclass
@@ -53,6 +85,8 @@ class Answer:
     rounds: list[RoundRecord] = field(default_factory=list)
     bytes_up: int = 0
     bytes_down: int = 0
+    kept: int | None = None  # visual tokens the draft prefilled with, when pruned
+    decode_bytes_up: int = 0  # bytes sent after OPEN: the drafted windows (what the schemes differ in)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -103,7 +137,9 @@ class DeviceRuntime:
 
     # --- one request ---------------------------------------------------------------------------
     def answer(self, image_bytes: bytes, prompt: str, mode: str, params: SamplingParams,
-               max_new_tokens: int = 64, window: int = 4) -> Answer:
+               max_new_tokens: int = 64, window: int = 4, options: SpecOptions | None = None) -> Answer:
+        """One request. `window` is the fixed window of vanilla_sd (and of covspec without the
+        adaptive policy); `options` overrides the mode's mechanisms (for sweeps)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
         prompt = self.draft.check_prompt(prompt)
@@ -113,22 +149,19 @@ class DeviceRuntime:
             answer = self._draft_only(image_bytes, prompt, params, max_new_tokens, start)
         else:
             sid = int.from_bytes(np.random.default_rng().bytes(7), "little") or 1
-            opened = self._open(sid, image_bytes, prompt, mode, params, max_new_tokens)
+            open_msg = wire.Open(sid=sid, image=image_bytes, prompt=prompt, mode=mode,
+                                 temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                                 seed=params.seed, max_new_tokens=max_new_tokens)
             if mode == "target_only":
+                opened = self._expect(self.client.request(open_msg), wire.Opened)
                 answer = self._target_only(sid, opened, max_new_tokens, start)
             else:
-                answer = self._speculative(sid, opened, image_bytes, prompt, params, max_new_tokens, window, start)
+                answer = self._speculative(sid, open_msg, image_bytes, prompt, params, max_new_tokens, window,
+                                           start, options or MODE_OPTIONS[mode])
             self.client.request(wire.Close(sid=sid))
         answer.bytes_up = self.client.counters.bytes_sent - up0
         answer.bytes_down = self.client.counters.bytes_recv - down0
         return answer
-
-    def _open(self, sid: int, image_bytes: bytes, prompt: str, mode: str, params: SamplingParams,
-              max_new_tokens: int) -> wire.Opened:
-        reply = self.client.request(wire.Open(
-            sid=sid, image=image_bytes, prompt=prompt, mode=mode, temperature=params.temperature,
-            top_k=params.top_k, top_p=params.top_p, seed=params.seed, max_new_tokens=max_new_tokens))
-        return self._expect(reply, wire.Opened)
 
     def _draft_only(self, image_bytes: bytes, prompt: str, params: SamplingParams, max_new_tokens: int,
                     start: float) -> Answer:
@@ -157,39 +190,127 @@ class DeviceRuntime:
                       latency_s=time.perf_counter() - start)
 
     @torch.inference_mode()
-    def _speculative(self, sid: int, opened: wire.Opened, image_bytes: bytes, prompt: str,
-                     params: SamplingParams, max_new_tokens: int, window: int, start: float) -> Answer:
-        ttft = time.perf_counter() - start
+    def _speculative(self, sid: int, open_msg: wire.Open, image_bytes: bytes, prompt: str,
+                     params: SamplingParams, max_new_tokens: int, window: int, start: float,
+                     options: SpecOptions) -> Answer:
+        """Speculative decoding against the edge. vanilla_sd: fixed window, stop-and-wait, full q
+        upload when sampling. covspec: pruned draft prefill, margin gate + cost-model window,
+        branches drafted while a window is verified, decoupled q(x) upload when sampling."""
+        if not options.prune_target:
+            sent_open = self.client.send(open_msg)  # the edge prefills while the device does
         visual = self.draft.encode_image(self.draft.preprocess(load_image(image_bytes)))
-        _, state = self.draft.prefill(visual, prompt)
+        kept = None
+        if options.keep < 1.0:
+            kept = score_and_select(visual, self.draft.prompt_embeddings(prompt), options.keep, options.prune_method)
+        if options.prune_target:
+            open_msg.kept = None if kept is None else kept.numpy().astype(np.int32)
+            sent_open = self.client.send(open_msg)
+        _, state = self.draft.prefill(visual, prompt, kept=kept)
+        opened = self._expect(self._await(sent_open), wire.Opened)
+        ttft = time.perf_counter() - start
+        sent_before = self.client.counters.bytes_sent
         generator = None if params.greedy else params.generator()
         drafter = Drafter(self.draft, state, opened.token, params, generator)
         eos = self.draft.eos_token_ids
         vocab = self.welcome.vocab_size
+        stats = OnlineStats(t_draft=0.001, rtt=0.005, prior_v0=0.005, prior_v1=0.001)
+        gate = MarginGate(options.margin_threshold) if options.adaptive else None
         rounds: list[RoundRecord] = []
         done = opened.done
+        prepared: Window | None = None  # the next window, already drafted on a branch that hit
+        device_root = False  # whether the last committed token is a correction the edge has not seen
         while not done:
             room = max_new_tokens - len(drafter.committed)
-            drafted = drafter.draft(min(window, room))
-            dists = None
-            if not params.greedy:  # the conventional upload: every drafted token's full q
-                dists = pad_vocab(drafted.q, vocab).numpy().astype(np.float32)
+            k = min(choose_window(stats, options.k_max, room) if options.adaptive else window, room)
+            drafted = prepared if prepared is not None and len(prepared) else drafter.draft(
+                k, stop=None if gate is None else lambda w: gate.stop(float(w.margins[-1]), len(w)))
+            drafted = drafted if len(drafted) <= k else _cut(drafter, drafted, k)
+            prepared = None
+            verify = wire.Verify(sid=sid, round=len(rounds), tokens=drafted.ids.numpy().astype(np.int32),
+                                 root=drafter.committed[-1] if device_root else None)
+            if not params.greedy and options.decoupled:
+                verify.q = drafted.q_of_drafted().numpy().astype(np.float32)
+            elif not params.greedy:  # the conventional upload: every drafted token's full q
+                verify.dists = pad_vocab(drafted.q, vocab).numpy().astype(np.float32)
             t0 = time.perf_counter()
-            reply = self._expect(self.client.request(wire.Verify(
-                sid=sid, round=len(rounds), tokens=drafted.ids.numpy().astype(np.int32), dists=dists)), wire.Result)
+            sent = self.client.send(verify)
+            branches = self._draft_branches(drafter, drafted, options, k) if options.branching else []
+            reply = self._expect(self._await(sent), wire.Result)
             wait_s = time.perf_counter() - t0
             next_token = reply.token
             if next_token is None and reply.cand_ids is not None:  # decoupled correction, drawn here
                 q = pad_vocab(drafted.q[reply.accepted], vocab)
-                next_token = correct_decoupled(torch.from_numpy(reply.cand_ids), torch.from_numpy(reply.cand_probs),
-                                               q, generator)
-            drafter.commit(drafted, reply.accepted, next_token)
-            rounds.append(RoundRecord(len(drafted.ids), reply.accepted, sum(drafted.step_s), wait_s,
-                                      reply.timings.get("verify_s", float("nan"))))
+                next_token = correct_decoupled(torch.from_numpy(reply.cand_ids.copy()),
+                                               torch.from_numpy(reply.cand_probs.copy()), q, generator)
+            device_root = reply.token is None and next_token is not None
+            hit = _matching_branch(branches, reply.accepted, next_token)
+            if hit is not None:
+                branch, branch_window = hit
+                drafter.adopt(branch)
+                prepared = branch_window
+            else:
+                drafter.commit(drafted, reply.accepted, next_token)
+            verify_s = reply.timings.get("verify_s", float("nan"))
+            rounds.append(RoundRecord(len(drafted), reply.accepted, sum(drafted.step_s), wait_s, verify_s,
+                                      branch_hit=hit is not None if branches else None))
+            stats.update(len(drafted), reply.accepted, drafted.step_s, wait_s, verify_s, drafted.margins,
+                         branch_hit=hit is not None if branches else None)
             done = reply.done or drafter.committed[-1] in eos or len(drafter.committed) >= max_new_tokens
         ids = final_answer(drafter.committed, eos, max_new_tokens)
-        return Answer("vanilla_sd", ids, self.draft.decode(ids), ttft_s=ttft,
-                      latency_s=time.perf_counter() - start, rounds=rounds)
+        return Answer(open_msg.mode, ids, self.draft.decode(ids), ttft_s=ttft,
+                      latency_s=time.perf_counter() - start, rounds=rounds, kept=None if kept is None else len(kept),
+                      decode_bytes_up=self.client.counters.bytes_sent - sent_before)
+
+    def _draft_branches(self, drafter: Drafter, window: Window, options: SpecOptions,
+                        k: int) -> list[tuple[Drafter, int, int | None, Window]]:
+        """While the window is verified: fork the draft for the likely outcomes (all accepted;
+        rejection at the lowest-margin positions, corrected to the draft's runner-up) and draft the
+        next window on each until the edge's answer arrives. [(branch, accepted, root, window)]."""
+        ready = lambda _w=None: self.client.poll(0.0)  # noqa: E731
+        outcomes: list[tuple[int, int | None]] = [(len(window), None)]
+        for position, token in branch_roots(window.ids, window.margins, window.runner_up, options.branches):
+            outcomes.append((position, token))
+        branches = []
+        for accepted, root in outcomes:
+            if ready():
+                break
+            if root is None and int(window.ids[-1]) in self.draft.eos_token_ids:
+                continue  # an answer that ends in this window has no continuation to draft
+            branch = drafter.fork(window, accepted, root)
+            # the all-accepted branch's first drafted token stands for the edge's bonus token
+            drafted = branch.draft(k + (1 if root is None else 0), stop=ready)
+            branches.append((branch, accepted, root, drafted))
+        return branches
+
+    def _await(self, sent: wire.Message) -> wire.Message:
+        """The reply to a request already sent; on a timeout the request is retried as usual."""
+        reply = self.client.recv(sent.seq)
+        return reply if reply is not None else self.client.request(sent)
+
+
+def _matching_branch(branches: list[tuple[Drafter, int, int | None, Window]], accepted: int,
+                     next_token: int | None) -> tuple[Drafter, Window] | None:
+    """The branch whose assumed outcome is the edge's, ready to continue: (branch, its next window)."""
+    if next_token is None:
+        return None
+    for branch, assumed, root, drafted in branches:
+        if assumed != accepted or not len(drafted):
+            continue
+        if root is None and int(drafted.ids[0]) == next_token:  # all accepted, bonus as drafted
+            branch.committed.append(next_token)
+            if len(drafted) > 1:
+                branch.fed += 1  # the bonus token was fed to draft the rest
+            return branch, drafted.tail(1)
+        if root == next_token:
+            return branch, drafted
+    return None
+
+
+def _cut(drafter: Drafter, window: Window, k: int) -> Window:
+    """A prepared window longer than the limit: keep k tokens, roll the cache back past the rest."""
+    drafter.adapter.truncate(drafter.state, drafter.prompt_length + drafter.fed + k - 1)
+    return Window(window.ids[:k], None if window.q is None else window.q[:k], window.margins[:k],
+                  window.runner_up[:k], window.step_s[:k])
 
 
 def pad_vocab(q: torch.Tensor, width: int) -> torch.Tensor:

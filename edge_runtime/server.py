@@ -160,6 +160,9 @@ class EdgeServer:
         if q_full is not None and q_full.shape[1] != self.adapter.vocab_size:
             raise wire.ProtocolError(wire.ErrorCode.BAD_MESSAGE,
                                      f"VERIFY.dists: width {q_full.shape[1]}, the target's vocabulary is {self.adapter.vocab_size}")
+        if msg.root is None and not session.root_known:
+            raise wire.ProtocolError(wire.ErrorCode.BAD_STATE,
+                                     "VERIFY.root: the last round was corrected on the device; send the correction as root")
         root = msg.root if msg.root is not None else session.committed[-1]
         q_of_draft = None if msg.q is None else torch.from_numpy(msg.q)
         answer = session.verify(msg.round, root, torch.from_numpy(msg.tokens.astype(np.int64)), scheme,

@@ -141,6 +141,10 @@ class Client:
             return reply
         return None
 
+    def poll(self, timeout_s: float = 0.0) -> bool:
+        """Whether a reply is waiting (without reading it)."""
+        return bool(self._sock.sock.poll(int(timeout_s * 1000), zmq.POLLIN))
+
     def request(self, msg: Message, *, timeout_s: float | None = None, retries: int | None = None) -> Message:
         """Send `msg`, wait for its reply; retry up to `retries` times; raise PeerUnavailable then."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s

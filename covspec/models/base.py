@@ -10,6 +10,7 @@ decoding needs: score a draft window, keep the accepted prefix, drop the rest.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from abc import ABC, abstractmethod
@@ -93,6 +94,10 @@ class VLMAdapter(ABC):
     @abstractmethod
     def truncate(self, state: DecodeState, length: int) -> None:
         """Rolls the state back so that it holds its first `length` positions."""
+
+    def fork_state(self, state: DecodeState) -> DecodeState:
+        """An independent copy of a state (a draft branch decodes on it without touching the original)."""
+        return copy.deepcopy(state)
 
     # --- tokenizer ---------------------------------------------------------------------------
     @property
