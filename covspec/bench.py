@@ -28,10 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-MODES = ("target_only", "draft_only", "vanilla_sd")
 ROW_FIELDS = ("link", "mode", "index", "qtype", "tokens", "ttft_s", "latency_s", "decode_tps", "bytes_up",
-              "bytes_down", "up_per_token", "down_per_token", "rounds", "mean_accepted", "acceptance",
-              "score", "matches_target")
+              "bytes_down", "up_per_token", "down_per_token", "decode_up_per_token", "rounds", "mean_accepted",
+              "acceptance", "branch_hits", "kept", "score", "matches_target")
 
 
 def free_port() -> int:
@@ -90,7 +89,9 @@ def run_worker(args: argparse.Namespace) -> int:
                    "tokens": len(answer.ids), "ttft_s": answer.ttft_s, "latency_s": answer.latency_s,
                    "decode_tps": answer.decode_tokens_per_s, "bytes_up": answer.bytes_up,
                    "bytes_down": answer.bytes_down, "up_per_token": answer.bytes_up / n,
-                   "down_per_token": answer.bytes_down / n, "rounds": len(answer.rounds),
+                   "down_per_token": answer.bytes_down / n, "decode_up_per_token": answer.decode_bytes_up / n,
+                   "rounds": len(answer.rounds), "kept": answer.kept,
+                   "branch_hits": _rate([r.branch_hit for r in answer.rounds if r.branch_hit is not None]),
                    "mean_accepted": answer.mean_accepted, "acceptance": answer.acceptance_rate,
                    "score": score_answer(item, answer.text),
                    "matches_target": None if reference is None or mode == "draft_only" else answer.ids == reference,
@@ -158,6 +159,10 @@ def run_bench(args: argparse.Namespace) -> Path:
     return out
 
 
+def _rate(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
 def _mean(values: list) -> float:
     clean = [v for v in values if v is not None and not (isinstance(v, float) and np.isnan(v))]
     return float(np.mean(clean)) if clean else float("nan")
@@ -178,6 +183,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             "latency_ms": 1000 * _mean([r["latency_s"] for r in group]),
             "up_per_token": sum(r["bytes_up"] for r in group) / max(tokens, 1),
             "down_per_token": sum(r["bytes_down"] for r in group) / max(tokens, 1),
+            "decode_up_per_token": sum(r.get("decode_up_per_token", 0) * r["tokens"] for r in group) / max(tokens, 1),
+            "branch_hits": _mean([r.get("branch_hits") for r in group]),
             "mean_accepted": _mean([r["mean_accepted"] for r in group]),
             "acceptance": _mean([r["acceptance"] for r in group]),
             "score": _mean([r["score"] for r in group]),
@@ -197,18 +204,73 @@ def write_results(out: Path, rows: list[dict], link_stats: dict[str, dict], comm
              "Per link and mode, means over requests. Bytes are counted on the device's socket (payload of every "
              "frame); tokens/s is decode rate after the first token; `same as target` counts answers identical "
              "token for token to target_only's on the same prompt.", "",
-             "| link | mode | requests | decode tok/s | TTFT ms | latency ms | up B/tok | down B/tok | "
-             "mean accepted | acceptance | task score | same as target |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| link | mode | requests | decode tok/s | TTFT ms | latency ms | up B/tok | decode up B/tok | "
+             "down B/tok | mean accepted | acceptance | branch hits | task score | same as target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['link']} | {s['mode']} | {s['requests']} | {s['decode_tps']:.1f} | {s['ttft_ms']:.0f} | "
-                     f"{s['latency_ms']:.0f} | {s['up_per_token']:.0f} | {s['down_per_token']:.0f} | "
-                     f"{s['mean_accepted']:.2f} | {s['acceptance']:.2f} | {s['score']:.3f} | {s['same_as_target']} |")
+                     f"{s['latency_ms']:.0f} | {s['up_per_token']:.0f} | {s['decode_up_per_token']:.1f} | "
+                     f"{s['down_per_token']:.0f} | {s['mean_accepted']:.2f} | {s['acceptance']:.2f} | "
+                     f"{s['branch_hits']:.2f} | {s['score']:.3f} | {s['same_as_target']} |")
+    lines += ["", "`up B/tok` includes the OPEN message (the image); `decode up B/tok` counts only what is sent "
+              "after it (the drafted windows), where the verification schemes differ.", "",
+              "Plots: tokens_per_s.png, bytes_per_token.png, accepted_length.png."]
     if link_stats:
         lines += ["", "Link emulator's own byte counts (both directions, all modes):", ""]
         for name, stats in link_stats.items():
             lines.append(f"- {name}: up {stats.get('bytes_up')} B, down {stats.get('bytes_down')} B")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
+    plot_results(out, rows, summary)
+
+
+def plot_results(out: Path, rows: list[dict], summary: list[dict]) -> None:
+    """tokens/s by link and mode, bytes per token by mode, accepted length over one request."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    links = list(dict.fromkeys(s["link"] for s in summary))
+    modes = list(dict.fromkeys(s["mode"] for s in summary))
+    by = {(s["link"], s["mode"]): s for s in summary}
+    width = 0.8 / max(len(modes), 1)
+    fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(links) * max(1, len(modes) / 3), 4))
+    for i, mode in enumerate(modes):
+        ax.bar([x + i * width for x in range(len(links))],
+               [by[(link, mode)]["decode_tps"] if (link, mode) in by else 0 for link in links], width, label=mode)
+    ax.set_xticks([x + width * (len(modes) - 1) / 2 for x in range(len(links))], links)
+    ax.set_ylabel("decode tokens/s per request")
+    ax.set_title("Decode throughput by link profile and mode")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "tokens_per_s.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(modes), 4))
+    spec = [m for m in modes if m not in ("draft_only",)]
+    values = [_mean([by[(link, m)]["decode_up_per_token"] for link in links if (link, m) in by]) for m in spec]
+    ax.bar(spec, [max(v, 1e-3) for v in values])
+    ax.set_yscale("log")
+    ax.set_ylabel("bytes up per generated token (after OPEN)")
+    ax.set_title("Upload per token by mode")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(out / "bytes_per_token.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in modes:
+        longest = max((r for r in rows if r["mode"] == mode and r.get("accepted_per_round")),
+                      key=lambda r: len(r["accepted_per_round"]), default=None)
+        if longest is not None:
+            ax.plot(longest["accepted_per_round"], marker=".", label=f"{mode} ({longest['link']} #{longest['index']})")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accepted drafted tokens")
+    ax.set_title("Accepted length over a request")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accepted_length.png", dpi=120)
+    plt.close(fig)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -216,7 +278,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--target", default=None, help="target checkpoint (default: the demo target)")
     p.add_argument("--draft", default=None, help="draft checkpoint (default: the demo draft)")
-    p.add_argument("--modes", default="target_only,vanilla_sd,draft_only")
+    p.add_argument("--modes", default="target_only,vanilla_sd,covspec,draft_only",
+                   help="comma-separated, target_only first (the reference answer): target_only, draft_only, "
+                        "vanilla_sd, covspec, covspec_no_prune, covspec_no_adaptive, covspec_no_branch, "
+                        "covspec_no_decoupled")
     p.add_argument("--links", default="loopback,4g", help=f"comma-separated: {', '.join(PROFILES)}")
     p.add_argument("--prompts", type=int, default=10, help="held-out demo prompts per link")
     p.add_argument("--start", type=int, default=0, help="index of the first held-out prompt")

@@ -16,11 +16,11 @@ def test_bench_runs_every_mode_through_the_link(tmp_path: Path):
             "--max-new-tokens", "8", "--out", str(out)]
     assert bench.main(argv) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert {r["mode"] for r in rows} == {"target_only", "vanilla_sd", "draft_only"}
-    assert len(rows) == 6
+    assert {r["mode"] for r in rows} == {"target_only", "vanilla_sd", "covspec", "draft_only"}
+    assert len(rows) == 8
     for row in rows:
         assert row["tokens"] > 0 and row["latency_s"] > 0
-        if row["mode"] == "vanilla_sd":
+        if row["mode"] in ("vanilla_sd", "covspec"):
             assert row["matches_target"] is True
             assert row["bytes_up"] > 0 and row["rounds"] >= 1
             # every round trip through the 10 ms link: latency is at least rounds x RTT
@@ -28,4 +28,6 @@ def test_bench_runs_every_mode_through_the_link(tmp_path: Path):
     stats = json.loads((out / "link-wifi.json").read_text())
     sent_up = sum(r["bytes_up"] for r in rows)
     assert stats["bytes_up"] >= sent_up, "the link carried fewer bytes than the socket sent"
-    assert (out / "summary.md").read_text().count("| wifi |") == 3
+    assert (out / "summary.md").read_text().count("| wifi |") == 4
+    for plot in ("tokens_per_s.png", "bytes_per_token.png", "accepted_length.png"):
+        assert (out / plot).stat().st_size > 1000
