@@ -26,7 +26,14 @@ from covspec.drafter import Drafter, Window
 from covspec.generation import generate
 from covspec.images import load_image
 from covspec.models.base import VLMAdapter
-from covspec.policy import MARGIN_THRESHOLD, MarginGate, OnlineStats, branch_roots, choose_window
+from covspec.policy import (
+    MARGIN_THRESHOLD,
+    MarginGate,
+    OnlineStats,
+    branch_roots,
+    choose_window,
+    speculation_pays,
+)
 from covspec.pruning import score_and_select
 from covspec.sampling import SamplingParams
 from covspec.speculative import correct_decoupled
@@ -87,6 +94,7 @@ class Answer:
     bytes_down: int = 0
     kept: int | None = None  # visual tokens the draft prefilled with, when pruned
     decode_bytes_up: int = 0  # bytes sent after OPEN: the drafted windows (what the schemes differ in)
+    streamed_rest: bool = False  # the adaptive policy found speculation not paying and switched to STREAM
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -174,20 +182,23 @@ class DeviceRuntime:
 
     def _target_only(self, sid: int, opened: wire.Opened, max_new_tokens: int, start: float) -> Answer:
         ttft = time.perf_counter() - start
-        tokens = [opened.token]
-        if not opened.done:
-            sent = self.client.send(wire.Stream(sid=sid, chunk=1))
-            while True:
-                chunk = self.client.recv(sent.seq)
-                if chunk is None:
-                    raise EdgeRefused(f"the edge stopped streaming (no chunk within {self.client.timeout_s} s)")
-                chunk = self._expect(chunk, wire.Streamed)
-                tokens.extend(int(t) for t in chunk.tokens)
-                if chunk.done:
-                    break
+        tokens = [opened.token] + ([] if opened.done else self._stream_rest(sid))
         ids = final_answer(tokens, self.draft.eos_token_ids, max_new_tokens)
         return Answer("target_only", ids, self.draft.decode(ids), ttft_s=ttft,
                       latency_s=time.perf_counter() - start)
+
+    def _stream_rest(self, sid: int) -> list[int]:
+        """Asks the edge to generate the rest of the answer alone; returns the streamed tokens."""
+        sent = self.client.send(wire.Stream(sid=sid, chunk=1))
+        tokens: list[int] = []
+        while True:
+            chunk = self.client.recv(sent.seq)
+            if chunk is None:
+                raise EdgeRefused(f"the edge stopped streaming (no chunk within {self.client.timeout_s} s)")
+            chunk = self._expect(chunk, wire.Streamed)
+            tokens.extend(int(t) for t in chunk.tokens)
+            if chunk.done:
+                return tokens
 
     @torch.inference_mode()
     def _speculative(self, sid: int, open_msg: wire.Open, image_bytes: bytes, prompt: str,
@@ -219,6 +230,7 @@ class DeviceRuntime:
         done = opened.done
         prepared: Window | None = None  # the next window, already drafted on a branch that hit
         device_root = False  # whether the last committed token is a correction the edge has not seen
+        streamed_rest = False
         while not done:
             room = max_new_tokens - len(drafter.committed)
             k = min(choose_window(stats, options.k_max, room) if options.adaptive else window, room)
@@ -256,10 +268,16 @@ class DeviceRuntime:
             stats.update(len(drafted), reply.accepted, drafted.step_s, wait_s, verify_s, drafted.margins,
                          branch_hit=hit is not None if branches else None)
             done = reply.done or drafter.committed[-1] in eos or len(drafter.committed) >= max_new_tokens
+            if not done and options.adaptive and not device_root and len(rounds) >= 3 and not speculation_pays(
+                    stats, target_step_s=sum(stats.verify_line()), k_max=options.k_max):
+                # on this link speculation loses to the target alone: let the edge stream the rest
+                drafter.committed.extend(self._stream_rest(sid))
+                streamed_rest = True
+                break
         ids = final_answer(drafter.committed, eos, max_new_tokens)
         return Answer(open_msg.mode, ids, self.draft.decode(ids), ttft_s=ttft,
                       latency_s=time.perf_counter() - start, rounds=rounds, kept=None if kept is None else len(kept),
-                      decode_bytes_up=self.client.counters.bytes_sent - sent_before)
+                      decode_bytes_up=self.client.counters.bytes_sent - sent_before, streamed_rest=streamed_rest)
 
     def _draft_branches(self, drafter: Drafter, window: Window, options: SpecOptions,
                         k: int) -> list[tuple[Drafter, int, int | None, Window]]:

@@ -160,6 +160,9 @@ class EdgeServer:
         if q_full is not None and q_full.shape[1] != self.adapter.vocab_size:
             raise wire.ProtocolError(wire.ErrorCode.BAD_MESSAGE,
                                      f"VERIFY.dists: width {q_full.shape[1]}, the target's vocabulary is {self.adapter.vocab_size}")
+        vocab = self.adapter.vocab_size
+        if (len(msg.tokens) and int(msg.tokens.max()) >= vocab) or (msg.root is not None and msg.root >= vocab):
+            raise wire.ProtocolError(wire.ErrorCode.BAD_MESSAGE, f"VERIFY.tokens: token ids must be below the vocabulary size {vocab}")
         if msg.root is None and not session.root_known:
             raise wire.ProtocolError(wire.ErrorCode.BAD_STATE,
                                      "VERIFY.root: the last round was corrected on the device; send the correction as root")

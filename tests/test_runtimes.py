@@ -129,3 +129,20 @@ def test_edge_answers_bad_requests_and_keeps_serving(pair):
         with pytest.raises(RemoteError, match="not a readable image"):
             client.request(wire.Open(sid=5, image=b"not a png", prompt="hi", mode="vanilla_sd"))
         assert isinstance(client.request(wire.Ping(t=1.0)), wire.Pong)
+
+
+def test_covspec_falls_back_to_streaming_when_speculation_does_not_pay(pair):
+    """Over a 150 ms link a tiny target streams far faster than round trips can deliver drafts:
+    the adaptive policy must notice and let the edge stream the rest, with the same answer."""
+    from covspec.transport.link import Link, get_profile
+
+    family, target, other, edge = pair
+    upstream = edge.endpoint.removeprefix("tcp://")
+    with Link(upstream, get_profile("custom", rtt_ms=150.0), "127.0.0.1:0") as link:
+        device = DeviceRuntime(load_adapter(other), link.endpoint, timeout_s=20)
+        reference = device.answer(png(1), PROMPTS[1], "target_only", SamplingParams(), max_new_tokens=24)
+        answer = device.answer(png(1), PROMPTS[1], "covspec", SamplingParams(), max_new_tokens=24)
+        device.close()
+    assert answer.ids == reference.ids
+    assert answer.streamed_rest, "speculation at 150 ms RTT should have been abandoned for streaming"
+    assert len(answer.rounds) <= 4
