@@ -80,12 +80,14 @@ def run_worker(args: argparse.Namespace) -> int:
         item.image.save(buf, format="PNG")
         image = buf.getvalue()
         reference: list[int] | None = None
-        for mode in modes:
-            answer = device.answer(image, item.question, mode, params, args.max_new_tokens, window=args.window)
+        for label in modes:
+            mode, _, k = label.partition("@")  # "vanilla_sd@8": a fixed window of 8
+            window = int(k) if k else args.window
+            answer = device.answer(image, item.question, mode, params, args.max_new_tokens, window=window)
             if mode == "target_only":
                 reference = answer.ids
             n = max(len(answer.ids), 1)
-            row = {"link": args.link, "mode": mode, "index": index + args.start, "qtype": item.qtype,
+            row = {"link": args.link, "mode": label, "index": index + args.start, "qtype": item.qtype,
                    "tokens": len(answer.ids), "ttft_s": answer.ttft_s, "latency_s": answer.latency_s,
                    "decode_tps": answer.decode_tokens_per_s, "bytes_up": answer.bytes_up,
                    "bytes_down": answer.bytes_down, "up_per_token": answer.bytes_up / n,
@@ -98,7 +100,7 @@ def run_worker(args: argparse.Namespace) -> int:
                    "accepted_per_round": [r.accepted for r in answer.rounds], "ids": answer.ids}
             out.write(json.dumps(row) + "\n")
             out.flush()
-            print(f"[{args.link}] #{index + args.start} {mode:12s} {len(answer.ids):3d} tokens "
+            print(f"[{args.link}] #{index + args.start} {label:20s} {len(answer.ids):3d} tokens "
                   f"{answer.latency_s * 1000:7.0f} ms  up {row['up_per_token']:8.0f} B/token", flush=True)
     out.close()
     device.close()
@@ -281,7 +283,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default="target_only,vanilla_sd,covspec,draft_only",
                    help="comma-separated, target_only first (the reference answer): target_only, draft_only, "
                         "vanilla_sd, covspec, covspec_no_prune, covspec_no_adaptive, covspec_no_branch, "
-                        "covspec_no_decoupled")
+                        "covspec_no_decoupled; MODE@K sets a fixed window K (e.g. vanilla_sd@8)")
     p.add_argument("--links", default="loopback,4g", help=f"comma-separated: {', '.join(PROFILES)}")
     p.add_argument("--prompts", type=int, default=10, help="held-out demo prompts per link")
     p.add_argument("--start", type=int, default=0, help="index of the first held-out prompt")
