@@ -91,16 +91,17 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|
                  "<|image_pad|>", "<|video_pad|>"]
 
 
-def build_qwen2_5_vl(folder: Path, seed: int = 0) -> Path:
+def build_qwen2_5_vl(folder: Path, seed: int = 0, vocab_size: int | None = None) -> Path:
     """Qwen2.5-VL: 2-block vision tower (window attention in block 0, full in block 1), 2x2 patch
-    merger, 2-layer text model with M-RoPE sections [1, 1, 2] (head_dim 8)."""
+    merger, 2-layer text model with M-RoPE sections [1, 1, 2] (head_dim 8). `vocab_size` widens the
+    embedding table and logits to a real model's (151936 for Qwen2.5-VL-3B)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(folder, QWEN_SPECIALS, eos="<|im_end|>", pad="<|endoftext|>",
                          extra_words=("You", "are", "helpful"))
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    text = {"vocab_size": len(tok) + 6, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    text = {"vocab_size": vocab_size or len(tok) + 6, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
             "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
             "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "bos_token_id": None}
