@@ -515,3 +515,16 @@ def test_empty_prompt(family: Family, prompt: str):
         family.adapter.prefill(visual, prompt)
     with pytest.raises(PromptError, match="empty"):
         generate(family.adapter, family.image, prompt)
+
+
+def test_pruned_prefill_keeps_unpruned_positions(llava_family: Family):
+    """Dropping visual tokens leaves every other token at its unpruned position, and decoding
+    continues where the unpruned sequence would."""
+    adapter = llava_family.adapter
+    visual = adapter.encode_image(adapter.preprocess(llava_family.image))
+    kept = torch.tensor([0, 5, 9])
+    _, full = adapter.prefill(visual, PROMPT)
+    _, pruned = adapter.prefill(visual, PROMPT, kept=kept)
+    assert pruned.length == full.length - (visual.count - 3)
+    assert pruned.extra["position_offset"] == visual.count - 3
+    assert torch.equal(adapter._positions(pruned, 2), adapter._positions(full, 2))

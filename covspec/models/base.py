@@ -361,8 +361,24 @@ class CachedDecoderAdapter(VLMAdapter):
         return logits[-1], state
 
     def _positions(self, state: DecodeState, k: int) -> torch.Tensor:
-        """Positions of the next k tokens: [1, k]."""
-        return torch.arange(state.length, state.length + k)[None]
+        """Positions of the next k tokens: [1, k] (after a pruned prefill, past the dropped tokens'
+        positions too)."""
+        start = state.length + state.extra.get("position_offset", 0)
+        return torch.arange(start, start + k)[None]
+
+    def start_pruned(self, embeds: torch.Tensor, image_start: int, kept: torch.Tensor,
+                     n_visual: int) -> tuple[torch.Tensor, DecodeState]:
+        """Prefills a prompt whose visual tokens start at `image_start` and are the `kept` subset
+        of `n_visual`: every token keeps the position it has in the unpruned prompt (kept visual
+        tokens at image_start + index, the text after the image shifted past all n_visual), so a
+        pruned prefill differs from the full one only by the tokens it leaves out. Decoding
+        continues at the unpruned positions (`position_offset`)."""
+        t = int(embeds.shape[0])
+        n_kept = int(kept.numel())
+        offset = n_visual - n_kept
+        positions = torch.cat([torch.arange(image_start), image_start + kept.cpu(),
+                               torch.arange(image_start + n_kept, t) + offset])  # [T]
+        return self.start(embeds, positions[None], extra={"position_offset": offset})
 
     def forward(self, state: DecodeState, ids: torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.long).flatten()

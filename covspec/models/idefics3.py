@@ -158,5 +158,5 @@ class Idefics3Adapter(CachedDecoderAdapter):
         with torch.inference_mode():
             embeds = self.embed(ids).clone()  # [T, d]
             embeds[start:start + kept.numel()] = visual.embeds[kept.to(self.device)].to(embeds.dtype)
-        # kept visual tokens sit at compacted, sequential positions (as for LLaVA)
-        return self.start(embeds, torch.arange(ids.numel())[None])
+        # kept visual tokens keep their unpruned positions (as for LLaVA)
+        return self.start_pruned(embeds, start, kept, visual.count)

@@ -173,6 +173,8 @@ class LlavaAdapter(CachedDecoderAdapter):
         ids = torch.tensor(self.prompt_ids(prompt, int(kept.numel())), dtype=torch.long)
         with torch.inference_mode():
             embeds = self.embed(ids).clone()  # [T, d]
-            embeds[(ids == self.image_token_id).to(self.device)] = visual.embeds[kept.to(self.device)].to(embeds.dtype)
-        # kept visual tokens sit at compacted, sequential positions
-        return self.start(embeds, torch.arange(ids.numel())[None])
+            is_image = ids == self.image_token_id
+            embeds[is_image.to(self.device)] = visual.embeds[kept.to(self.device)].to(embeds.dtype)
+        # kept visual tokens keep their unpruned positions
+        image_start = int(is_image.nonzero()[0, 0]) if kept.numel() else int(ids.numel())
+        return self.start_pruned(embeds, image_start, kept, visual.count)
