@@ -70,16 +70,20 @@ def step_ms(adapters: list[VLMAdapter], image: Image.Image, prompt: str, steps: 
 
 
 def compare_backends(draft: Path, bundles: dict[str, tuple[Path, str]], items: list[Any],
-                     max_new_tokens: int = 48, score: Any = None) -> list[BackendRow]:
-    """items: objects with .image and .question (and .answer for `score(item, text) -> float`)."""
+                     max_new_tokens: int = 48, score: Any = None, threads: int | None = 1) -> list[BackendRow]:
+    """items: objects with .image and .question (and .answer for `score(item, text) -> float`).
+    `threads`: intra-op threads for every backend alike (torch, ExecuTorch's threadpool, ONNX Runtime);
+    None leaves each backend's default."""
     from covspec.device_runtime.exported_adapter import BundleAdapter
     from covspec.models import load_adapter
 
+    if threads:
+        torch.set_num_threads(threads)
     eager = load_adapter(draft)
     adapters: list[VLMAdapter] = [eager]
     rows = [BackendRow("eager fp32", "eager", "none", checkpoint_bytes(draft), 0.0, 0, 0)]
     for label, (folder, backend) in bundles.items():
-        adapter = BundleAdapter(folder, backend=backend)
+        adapter = BundleAdapter(folder, backend=backend, threads=threads)
         adapters.append(adapter)
         quant = adapter.bundle.manifest["quant"]["scheme"]
         fmt = "pte" if backend == "executorch" else "onnx"

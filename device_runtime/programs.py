@@ -24,10 +24,20 @@ class Programs(Protocol):
                 input_pos: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+def set_executorch_threads(threads: int) -> None:
+    """Sizes ExecuTorch's (process-wide) XNNPACK threadpool. On a small shared CPU, fewer threads than
+    cores avoids spinning workers that make every step many times slower."""
+    from executorch.extension.pybindings import portable_lib
+
+    portable_lib._unsafe_reset_threadpool(int(threads))
+
+
 class ExecuTorchPrograms:
-    def __init__(self, vision: Path, decoder: Path):
+    def __init__(self, vision: Path, decoder: Path, threads: int | None = None):
         from executorch.runtime import Runtime
 
+        if threads:
+            set_executorch_threads(threads)
         runtime = Runtime.get()
         self._vision = runtime.load_program(vision).load_method("forward")
         self._decoder = runtime.load_program(decoder).load_method("forward")
@@ -67,7 +77,7 @@ class OnnxPrograms:
 
 def open_programs(backend: str, vision: Path, decoder: Path, threads: int | None = None) -> Programs:
     if backend == "executorch":
-        return ExecuTorchPrograms(vision, decoder)
+        return ExecuTorchPrograms(vision, decoder, threads)
     if backend == "onnx":
         return OnnxPrograms(vision, decoder, threads)
     raise ValueError(f"unknown backend {backend!r} (backends: {', '.join(BACKENDS)})")

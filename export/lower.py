@@ -40,3 +40,25 @@ def to_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Pa
                                     input_names=input_names, output_names=output_names,
                                     optimize=True, verbose=False, report=False)
     program.save(str(path), external_data=False)
+
+
+def strip_onnx(path: Path) -> None:
+    """Drops what only debugging reads (per-node metadata and doc strings: the exporter's stack
+    traces, which can outweigh an int8 model's weights; value_info shape hints), in place."""
+    import onnx
+
+    def strip(graph: Any) -> None:
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    strip(attr.g)
+        for value in [*graph.input, *graph.output]:
+            del value.metadata_props[:]
+        del graph.value_info[:]
+
+    model = onnx.load(str(path))
+    strip(model.graph)
+    del model.metadata_props[:]
+    onnx.save(model, str(path))

@@ -86,13 +86,16 @@ def describe_model(adapter: LlavaAdapter, max_len: int | None, max_chunk: int) -
 
 def _graphs(adapter: LlavaAdapter, info: dict[str, Any], scheme: str,
             for_pte: bool) -> tuple[VisionGraph, StaticDecoderGraph]:
-    """Fresh graphs over a copy of the model (quantized in place for ExecuTorch when asked)."""
-    model = adapter if scheme == "none" or not for_pte else copy.deepcopy(adapter)
+    """Fresh graphs; quantized schemes work on a copy of the model, with the patch convolution as a
+    Linear and int8 embedding rows (both formats), and torchao-quantized Linear layers (ExecuTorch)."""
+    model = adapter if scheme == "none" else copy.deepcopy(adapter)
     shape = decoder_shape(model, info["decoder"]["max_len"])
     vision, decoder = VisionGraph(model).eval(), StaticDecoderGraph(model, shape).eval()
-    if for_pte:
-        q.quantize_module(vision, scheme)
-        q.quantize_module(decoder, scheme)
+    if scheme != "none":
+        q.prepare_for_quantization(vision.tower, decoder)
+        if for_pte:
+            q.quantize_module(vision, scheme)
+            q.quantize_module(decoder, scheme)
     return vision, decoder
 
 
@@ -147,17 +150,18 @@ def lower_pte(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: 
 
 def write_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, inputs: list[str],
                outputs: list[str], dynamic_shapes: Any, scheme: str) -> None:
-    from covspec.export.lower import to_onnx
+    from covspec.export.lower import strip_onnx, to_onnx
 
     if scheme == "none":
         to_onnx(module, example, path, inputs, outputs, dynamic_shapes)
-        return
-    fp32 = path.with_name(path.stem + ".fp32.onnx")
-    try:
-        to_onnx(module, example, fp32, inputs, outputs, dynamic_shapes)
-        q.quantize_onnx_file(fp32, path, scheme)
-    finally:
-        fp32.unlink(missing_ok=True)
+    else:
+        fp32 = path.with_name(path.stem + ".fp32.onnx")
+        try:
+            to_onnx(module, example, fp32, inputs, outputs, dynamic_shapes)
+            q.quantize_onnx_file(fp32, path, scheme)
+        finally:
+            fp32.unlink(missing_ok=True)
+    strip_onnx(path)
 
 
 def copy_tokenizer(source: Path, out: Path) -> list[str]:

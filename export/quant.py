@@ -8,7 +8,10 @@
 - "int4": 8-bit dynamic activations, 4-bit weights in groups of 32 (XNNPACK's "8da4w"); Linear layers
   whose input width is not a multiple of the group size stay fp32. ONNX: MatMulNBits (4-bit,
   block 32) via onnxruntime's MatMulNBitsQuantizer.
-Embedding tables stay fp32 in every scheme (see `EMBEDDINGS_NOTE`).
+Quantized schemes also store the input embedding table as int8 rows with per-row scales
+(`Int8Embedding`; torchao's embedding quantization does not lower, see `EMBEDDINGS_NOTE`) and turn
+the vision tower's patch convolution into an equivalent Linear (`PatchLinear`) so that it is
+quantized with the other Linear layers.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import torch
 
 SCHEMES = ("none", "int8", "int4")
 INT4_GROUP = 32
-EMBEDDINGS_NOTE = ("embedding tables stay fp32: torchao's IntxWeightOnlyConfig on nn.Embedding lowers to "
-                   "torchao::dequantize_affine, which has no ExecuTorch out-variant kernel in executorch 1.5.1")
+EMBEDDINGS_NOTE = ("input embeddings: int8 rows with per-row fp32 scales (Int8Embedding, gather + multiply); "
+                   "torchao's IntxWeightOnlyConfig on nn.Embedding lowers to torchao::dequantize_affine, "
+                   "which has no ExecuTorch out-variant kernel in executorch 1.5.1")
 
 
 def check_scheme(scheme: str) -> str:
@@ -80,3 +84,61 @@ def quantize_onnx_file(src: Path, dst: Path, scheme: str) -> None:
         quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
         return
     raise ValueError("quantize_onnx_file needs a quantized scheme")
+
+
+class PatchLinear(torch.nn.Module):
+    """A patchifying Conv2d (stride == kernel, no padding) as a Linear over flattened patches, so that
+    Linear quantization reaches the vision tower's patch embedding. [B, C, H, W] -> [B, out, H/p, W/p]."""
+
+    def __init__(self, conv: torch.nn.Conv2d):
+        super().__init__()
+        out, cin, p, q_ = conv.weight.shape
+        if (p, q_) != tuple(conv.stride) or p != q_ or any(conv.padding if isinstance(conv.padding, tuple) else ()):
+            raise ValueError("PatchLinear needs a square Conv2d with stride == kernel and no padding")
+        self.patch, self.cin = p, cin
+        self.linear = torch.nn.Linear(cin * p * p, out, bias=conv.bias is not None)
+        with torch.no_grad():
+            self.linear.weight.copy_(conv.weight.reshape(out, -1))
+            if conv.bias is not None:
+                self.linear.bias.copy_(conv.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:  # HF embeddings read patch_embedding.weight.dtype
+        return self.linear.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        p = self.patch
+        patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # [B, h', w', C, p, p]
+        out = self.linear(patches.reshape(b, (h // p) * (w // p), c * p * p))  # [B, P, out]
+        return out.transpose(1, 2).reshape(b, -1, h // p, w // p)
+
+
+class Int8Embedding(torch.nn.Module):
+    """An embedding table stored as int8 rows with one fp32 scale per row (symmetric):
+    ids [..] -> [.., d] = qweight[ids] * scale[ids]. Plain gather + multiply, so ExecuTorch's portable
+    kernels and ONNX Runtime both run it."""
+
+    def __init__(self, embedding: torch.nn.Embedding):
+        super().__init__()
+        weight = embedding.weight.detach().float()
+        scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # [V]
+        self.register_buffer("qweight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight[ids].float() * self.scale[ids][..., None]
+
+
+def prepare_for_quantization(tower: torch.nn.Module, decoder: torch.nn.Module) -> None:
+    """Module swaps a quantized bundle makes on its own copy of the model: the vision tower's patch
+    Conv2d becomes a PatchLinear, the decoder's input embedding an Int8Embedding."""
+    embeddings = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
+    conv = getattr(embeddings, "patch_embedding", None)
+    if isinstance(conv, torch.nn.Conv2d):
+        try:
+            embeddings.patch_embedding = PatchLinear(conv)
+        except ValueError:
+            pass  # an unusual patch embedding stays a (fp32) convolution
+    if isinstance(getattr(decoder, "embed_tokens", None), torch.nn.Embedding):
+        decoder.embed_tokens = Int8Embedding(decoder.embed_tokens)

@@ -255,3 +255,25 @@ def test_edge_onnx_bundle_runs_the_target_and_feeds_tensorrt(tiny: Path, tmp_pat
     assert list(inputs) == ["ids", "image_embeds", "is_image", "input_pos", "cache"]
     assert isinstance(inputs["ids"][1], str) and inputs["input_pos"][0] == inputs["ids"][1]  # k is symbolic
     assert inputs["cache"] == manifest["decoder"]["cache"]
+
+
+def test_patch_linear_equals_the_patch_convolution() -> None:
+    from covspec.export.quant import PatchLinear
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 16, kernel_size=7, stride=7, bias=True)
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(PatchLinear(conv)(pixels), conv(pixels), atol=1e-5)
+
+
+def test_int8_embedding_rows_are_within_half_a_step() -> None:
+    from covspec.export.quant import Int8Embedding
+
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(50, 32)
+    quantized = Int8Embedding(table)
+    ids = torch.arange(50)[None]
+    error = (quantized(ids) - table(ids)).abs()[0]  # [50, 32]
+    assert quantized.qweight.dtype == torch.int8
+    assert bool((error <= quantized.scale[:, None] / 2 + 1e-7).all())
