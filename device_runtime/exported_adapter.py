@@ -4,6 +4,10 @@ the draft without the Hugging Face model (only the tokenizer is loaded, as PreTr
 The decode state's cache is the static cache tensor [L, 2, kvH, S, hd]; `length` is how many of its
 slots are valid. forward(ids[k]) writes slots length..length+k-1 in chunks of at most `max_chunk`;
 truncate only moves `length` back (later writes overwrite the stale slots, which no query sees first).
+As in the Hugging Face adapter, a pruned prefill keeps every token's unpruned RoPE position, and
+decoding continues at slot + `position_offset` (the number of visual tokens left out).
+The cache tensor is never modified in place (each call returns a new one), so copies of a state
+(`DecodeState(state.cache, state.length, dict(state.extra))`) are independent branches.
 """
 
 from __future__ import annotations
@@ -124,8 +128,15 @@ class BundleAdapter(VLMAdapter):
         is_image = ids == self.image_token_id  # [T]
         image_embeds = torch.zeros(ids.numel(), self.hidden)
         image_embeds[is_image] = visual.embeds[kept].float()
+        # every token keeps its unpruned position: kept visual tokens at image_start + index, the text
+        # after the image shifted past all N
+        image_start = int(is_image.nonzero()[0]) if bool(is_image.any()) else int(ids.numel())
+        n_kept, offset = int(kept.numel()), visual.count - int(kept.numel())
+        positions = torch.cat([torch.arange(image_start), image_start + kept,
+                               torch.arange(image_start + n_kept, ids.numel()) + offset])  # [T]
         state = self.new_state()
-        logits = self._run(state, ids, image_embeds, is_image)
+        state.extra["position_offset"] = offset
+        logits = self._run(state, ids, image_embeds, is_image, positions)
         return logits[-1], state
 
     def forward(self, state: DecodeState, ids: torch.Tensor) -> torch.Tensor:
@@ -133,11 +144,14 @@ class BundleAdapter(VLMAdapter):
         if ids.numel() == 0:
             return torch.empty(0, self.vocab_size)
         k = int(ids.numel())
-        return self._run(state, ids, torch.zeros(k, self.hidden), torch.zeros(k, dtype=torch.bool))
+        start = state.length + state.extra.get("position_offset", 0)
+        return self._run(state, ids, torch.zeros(k, self.hidden), torch.zeros(k, dtype=torch.bool),
+                         torch.arange(start, start + k))
 
     def _run(self, state: DecodeState, ids: torch.Tensor, image_embeds: torch.Tensor,
-             is_image: torch.Tensor) -> torch.Tensor:
-        """Appends ids [T] (image_embeds [T, d] where is_image [T]) to the state; logits [T, V]."""
+             is_image: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Appends ids [T] (image_embeds [T, d] where is_image [T]) at RoPE positions [T] to the state,
+        in cache slots length..length+T-1; logits [T, V]."""
         total = int(ids.numel())
         if state.length + total > self.max_len:
             raise PromptError(f"the sequence would take {state.length + total} positions, over the bundle's "
@@ -145,10 +159,11 @@ class BundleAdapter(VLMAdapter):
         chunks = []
         for start in range(0, total, self.max_chunk):
             end = min(start + self.max_chunk, total)
-            pos = torch.arange(state.length, state.length + end - start)  # [k]
+            slots = torch.arange(state.length, state.length + end - start)  # [k]
             logits, state.cache = self.programs.decoder(ids[None, start:end].contiguous(),
                                                         image_embeds[None, start:end].contiguous(),
-                                                        is_image[None, start:end].contiguous(), pos, state.cache)
+                                                        is_image[None, start:end].contiguous(),
+                                                        positions[start:end].contiguous(), slots, state.cache)
             state.length += end - start
             chunks.append(logits[0])  # [k, V]
         return torch.cat(chunks).float()

@@ -2,8 +2,8 @@
 ONNX Runtime. Both take and return torch tensors:
 
     vision(pixels [1, 3, H, W]) -> [embeds [N, d], activity [N], (attention [N])]
-    decoder(ids [1, k], image_embeds [1, k, d], is_image [1, k], input_pos [k], cache [L, 2, kvH, S, hd])
-        -> (logits [1, k, V], cache [L, 2, kvH, S, hd])
+    decoder(ids [1, k], image_embeds [1, k, d], is_image [1, k], input_pos [k], slots [k],
+            cache [L, 2, kvH, S, hd]) -> (logits [1, k, V], cache [L, 2, kvH, S, hd])
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ class Programs(Protocol):
     def vision(self, pixels: torch.Tensor) -> list[torch.Tensor]: ...
 
     def decoder(self, ids: torch.Tensor, image_embeds: torch.Tensor, is_image: torch.Tensor,
-                input_pos: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+                input_pos: torch.Tensor, slots: torch.Tensor,
+                cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def set_executorch_threads(threads: int) -> None:
@@ -45,8 +46,8 @@ class ExecuTorchPrograms:
     def vision(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         return [t.clone() for t in self._vision.execute([pixels.float().contiguous()])]
 
-    def decoder(self, ids, image_embeds, is_image, input_pos, cache):
-        out = self._decoder.execute([ids, image_embeds, is_image, input_pos, cache])
+    def decoder(self, ids, image_embeds, is_image, input_pos, slots, cache):
+        out = self._decoder.execute([ids, image_embeds, is_image, input_pos, slots, cache])
         # outputs may live in the method's planned memory, reused by the next call: own them
         return out[0].clone(), out[1].clone()
 
@@ -68,9 +69,9 @@ class OnnxPrograms:
         out = self._vision.run(None, {self._vision_input: pixels.float().numpy()})
         return [torch.from_numpy(np.asarray(t)) for t in out]
 
-    def decoder(self, ids, image_embeds, is_image, input_pos, cache):
+    def decoder(self, ids, image_embeds, is_image, input_pos, slots, cache):
         feeds = {"ids": ids.numpy(), "image_embeds": image_embeds.numpy(), "is_image": is_image.numpy(),
-                 "input_pos": input_pos.numpy(), "cache": cache.numpy()}
+                 "input_pos": input_pos.numpy(), "slots": slots.numpy(), "cache": cache.numpy()}
         logits, new_cache = self._decoder.run(None, feeds)
         return torch.from_numpy(logits), torch.from_numpy(new_cache)
 

@@ -7,8 +7,10 @@ submodules (so quantizing their Linear layers quantizes the graphs):
 
 The decoder's cache is an explicit input and output, `cache [L, 2, kv_heads, S, head_dim]`, so one
 graph serves ExecuTorch and ONNX alike, and rollback is free: a caller keeps its own length and
-simply writes the next tokens at earlier positions. Query i attends cache slots 0..input_pos[i];
-slots past the length hold stale keys/values that no query sees before they are overwritten.
+simply writes the next tokens at earlier slots. Query i attends cache slots 0..slots[i]; slots past
+the length hold stale keys/values that no query sees before they are overwritten. A token's cache slot
+and its RoPE position are separate inputs: a pruned prefill keeps every token's unpruned position
+(positions skip the dropped visual tokens) while the cache stays dense.
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class StaticDecoderGraph(nn.Module):
     """forward(ids [1, k] int64, image_embeds [1, k, d] f32, is_image [1, k] bool, input_pos [k] int64,
-    cache [L, 2, kvH, S, hd] f32) -> (logits [1, k, V] f32, cache [L, 2, kvH, S, hd] f32).
+    slots [k] int64, cache [L, 2, kvH, S, hd] f32) -> (logits [1, k, V] f32, cache [L, 2, kvH, S, hd] f32).
 
     Token i's input embedding is image_embeds[0, i] where is_image[0, i], else the embedding of ids[0, i];
-    it sits at position input_pos[i] (RoPE and its cache slot)."""
+    its RoPE position is input_pos[i], its cache slot slots[i] (increasing)."""
 
     def __init__(self, adapter: LlavaAdapter, shape: DecoderShape):
         super().__init__()
@@ -70,19 +72,19 @@ class StaticDecoderGraph(nn.Module):
         rotary = lm.rotary_emb
         self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
-        self.register_buffer("slots", torch.arange(shape.max_len), persistent=False)
+        self.register_buffer("slot_ids", torch.arange(shape.max_len), persistent=False)
 
     def forward(self, ids: torch.Tensor, image_embeds: torch.Tensor, is_image: torch.Tensor,
-                input_pos: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                input_pos: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.shape
         k = ids.shape[1]
         x = torch.where(is_image[..., None], image_embeds, self.embed_tokens(ids))  # [1, k, d]
         freqs = input_pos.float()[:, None] * self.inv_freq[None, :]  # [k, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos() * self.rope_scale, emb.sin() * self.rope_scale  # [k, hd]
-        visible = self.slots[None, :] <= input_pos[:, None]  # [k, S]
+        visible = self.slot_ids[None, :] <= slots[:, None]  # [k, S]
         bias = torch.where(visible, 0.0, torch.finfo(torch.float32).min)  # [k, S]
-        onehot = (self.slots[None, :] == input_pos[:, None]).float()  # [k, S]
+        onehot = (self.slot_ids[None, :] == slots[:, None]).float()  # [k, S]
         written = (onehot.sum(dim=0) > 0)[None, :, None]  # [1, S, 1]
         groups = s.heads // s.kv_heads
         new_cache = []
@@ -138,7 +140,7 @@ class VisionGraph(nn.Module):
         return embeds, activity, attention
 
 
-DECODER_INPUTS = ["ids", "image_embeds", "is_image", "input_pos", "cache"]
+DECODER_INPUTS = ["ids", "image_embeds", "is_image", "input_pos", "slots", "cache"]
 DECODER_OUTPUTS = ["logits", "cache_out"]
 VISION_INPUTS = ["pixels"]
 
@@ -146,13 +148,13 @@ VISION_INPUTS = ["pixels"]
 def decoder_example(shape: DecoderShape, k: int = 4) -> tuple[torch.Tensor, ...]:
     """Example inputs for k tokens (k >= 2, so that export keeps k symbolic)."""
     return (torch.zeros(1, k, dtype=torch.long), torch.zeros(1, k, shape.hidden),
-            torch.zeros(1, k, dtype=torch.bool), torch.arange(k), torch.zeros(shape.cache_shape))
+            torch.zeros(1, k, dtype=torch.bool), torch.arange(k), torch.arange(k), torch.zeros(shape.cache_shape))
 
 
 def decoder_dynamic_shapes(max_chunk: int) -> tuple[dict[int, object] | None, ...]:
     """k symbolic in [1, max_chunk]: one graph serves single steps, draft windows and prefill chunks."""
     k = torch.export.Dim("k", min=1, max=max_chunk)
-    return ({1: k}, {1: k}, {1: k}, {0: k}, None)
+    return ({1: k}, {1: k}, {1: k}, {0: k}, {0: k}, None)
 
 
 def vision_outputs(graph: VisionGraph) -> list[str]:

@@ -43,10 +43,13 @@ class ExportUnsupported(Exception):
 
 # why each known family is not exported yet, and what to run instead
 FAMILY_LIMITS = {
-    "qwen2_5_vl": ("the vision tower's window attention builds cu_seqlens with data-dependent shapes "
-                   "(aten.repeat_interleave / aten.cumsum over grid_thw), and M-RoPE positions come from "
-                   "the image grid outside the graph; not exported yet"),
-    "idefics3": "image splitting and pixel shuffle (aten.pixel_unshuffle-style reshapes) not exported yet",
+    "qwen2_5_vl": ("vision tower: transformers.vision_utils.get_vision_window_index calls grid_thw.tolist() "
+                   "(aten._local_scalar_dense: data-dependent, torch.export raises GuardOnDataDependentSymNode); "
+                   "decoder: M-RoPE's 3-row position ids must be computed outside the graph; not exported yet"),
+    "idefics3": ("vision tower + pixel shuffle export (torch.export and ONNX, checked on the tiny model), but "
+                 "pruned prefill keeps the unpruned RoPE positions, so the static-cache decoder needs a cache-slot "
+                 "input apart from its position input, and the bundle runtime needs Idefics3's prompt; "
+                 "not exported yet"),
 }
 FALLBACK = "ship the Hugging Face checkpoint and run it with the PyTorch adapter (covspec.models.load_adapter)"
 

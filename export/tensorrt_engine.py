@@ -55,6 +55,7 @@ def build_engine(onnx_path: Path, engine_path: Path, decoder: dict[str, Any], fp
     profile.set_shape("image_embeds", (1, 1, hidden), (1, opt, hidden), (1, max_k, hidden))
     profile.set_shape("is_image", (1, 1), (1, opt), (1, max_k))
     profile.set_shape("input_pos", (1,), (opt,), (max_k,))
+    profile.set_shape("slots", (1,), (opt,), (max_k,))
     cache = tuple(decoder["cache"])
     profile.set_shape("cache", cache, cache, cache)
     config.add_optimization_profile(profile)
@@ -67,7 +68,7 @@ def build_engine(onnx_path: Path, engine_path: Path, decoder: dict[str, Any], fp
 
 class TensorRTDecoder:
     """Runs the engine: the same call as the ONNX decoder (ids, image_embeds, is_image, input_pos,
-    cache) -> (logits [1, k, V], cache), on CUDA tensors through torch."""
+    slots, cache) -> (logits [1, k, V], cache), on CUDA tensors through torch."""
 
     def __init__(self, engine_path: Path):
         import tensorrt as trt
@@ -80,7 +81,7 @@ class TensorRTDecoder:
     def __call__(self, *inputs: Any) -> tuple[Any, Any]:
         import torch
 
-        names = ["ids", "image_embeds", "is_image", "input_pos", "cache"]
+        names = ["ids", "image_embeds", "is_image", "input_pos", "slots", "cache"]
         tensors = {n: torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).cuda().contiguous()
                    for n, x in zip(names, inputs, strict=True)}
         for name, tensor in tensors.items():
