@@ -120,7 +120,7 @@ def run_bench(args: argparse.Namespace) -> Path:
     edge_port = free_port()
     edge_endpoint = f"tcp://127.0.0.1:{edge_port}"
     edge = subprocess.Popen([sys.executable, "-m", "covspec.cli", "edge", "serve", "--model", str(args.target),
-                             "--bind", edge_endpoint, "--threads", "1"], env=env,
+                             "--bind", edge_endpoint, "--threads", "1", "--auth", "none"], env=env,
                             stdout=subprocess.DEVNULL, stderr=open(out / "edge.log", "w"))
     link_stats: dict[str, dict] = {}
     try:

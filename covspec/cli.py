@@ -101,24 +101,86 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_gen(args: argparse.Namespace) -> int:
+    from covspec.transport.channel import generate_keys
+
+    public, secret = generate_keys(args.out, args.name, overwrite=args.force)
+    print(f"public key {public} (give it to the other side; an edge admits the devices whose public keys "
+          f"are in its --allow folder)\nsecret key {secret} (keep it here: --key)")
+    return 0
+
+
+def _server_keys(args: argparse.Namespace):
+    from covspec.transport.channel import load_server_keys
+
+    if args.auth == "none":
+        if args.key or args.allow:
+            raise CovspecError("--key/--allow are for --auth curve; with --auth none every device is served")
+        return None
+    if not args.key or not args.allow:
+        raise CovspecError("--auth curve (the default) needs --key EDGE_SECRET_FILE and --allow DEVICE_KEYS_DIR "
+                           "(make key pairs with `covspec keys gen`); to serve every device without "
+                           "authentication, say --auth none")
+    return load_server_keys(args.key, args.allow)
+
+
+def _client_keys(args: argparse.Namespace):
+    from covspec.transport.channel import load_client_keys
+
+    if bool(args.key) != bool(args.edge_key):
+        raise CovspecError("--key DEVICE_SECRET_FILE and --edge-key EDGE_PUBLIC_FILE go together")
+    return load_client_keys(args.key, args.edge_key) if args.key else None
+
+
 def cmd_edge_serve(args: argparse.Namespace) -> int:
     import logging
+    from dataclasses import replace
 
     import torch
 
     from covspec.edge_runtime.server import EdgeServer, EdgeSettings
     from covspec.models import load_adapter
+    from covspec.transport.protocol import DEFAULT_LIMITS
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    requests = logging.getLogger("covspec.edge.requests")  # one JSON object per line, nothing else
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    requests.addHandler(handler)
+    requests.propagate = False
+    keys = _server_keys(args)
     torch.set_num_threads(args.threads)
-    settings = EdgeSettings(bind=args.bind, max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout,
-                            max_new_tokens=args.max_new_tokens)
+    limits = replace(DEFAULT_LIMITS, max_total_bytes=args.max_message_bytes, max_image_bytes=args.max_image_bytes,
+                     max_window=args.max_window)
+    settings = EdgeSettings(bind=args.bind, max_sessions=args.max_sessions,
+                            max_sessions_per_device=args.max_sessions_per_device, idle_timeout_s=args.idle_timeout,
+                            max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
+                            limits=limits, keys=keys)
+    try:
+        settings.check()
+    except ValueError as err:
+        raise CovspecError(f"edge settings: {err}") from err
     server = EdgeServer(load_adapter(args.model), settings, name=Path(args.model).name)
-    print(f"edge serving {args.model} on {server.endpoint}", flush=True)
+    auth = "no authentication (--auth none)" if keys is None else f"CURVE, devices allowed from {keys.allow_dir}"
+    print(f"edge serving {args.model} on {server.endpoint}, {auth}", flush=True)
     try:
         server.serve_forever()
     finally:
-        server.sock.close()
+        server.close()
+    return 0
+
+
+def cmd_edge_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from covspec.transport import protocol as wire
+    from covspec.transport.channel import Client
+
+    with Client(args.edge, timeout_s=args.timeout, retries=0, keys=_client_keys(args)) as client:
+        reply = client.request(wire.Stats())
+    if not isinstance(reply, wire.StatsReply):
+        raise CovspecError(f"the edge answered STATS with {reply.TYPE}")
+    print(json.dumps(reply.counters, indent=1, sort_keys=True))
     return 0
 
 
@@ -133,7 +195,9 @@ def cmd_device_run(args: argparse.Namespace) -> int:
     image = Path(args.image)
     if not image.is_file():
         raise CovspecError(f"image {image}: no such file")
-    device = DeviceRuntime(load_adapter(args.model), args.edge, timeout_s=args.timeout, retries=args.retries)
+    keys = _client_keys(args)
+    device = DeviceRuntime(load_adapter(args.model), args.edge, timeout_s=args.timeout, retries=args.retries,
+                           keys=keys)
     try:
         answer = device.answer(image.read_bytes(), args.prompt, args.mode, params, args.max_new_tokens,
                                window=args.window)
@@ -179,16 +243,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(handler=cmd_eval)
 
+    p = sub.add_parser("keys", help="CURVE key pairs for edges and devices")
+    keys_sub = p.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    q = keys_sub.add_parser("gen", help="write NAME.key (public) and NAME.key_secret (secret) into a folder")
+    q.add_argument("--out", required=True, help="folder to write the key pair into")
+    q.add_argument("--name", default="device", help="file name stem (default: device)")
+    q.add_argument("--force", action="store_true", help="overwrite an existing pair of that name")
+    q.set_defaults(handler=cmd_keys_gen)
+
+    from covspec.edge_runtime.settings import EdgeSettings
+    from covspec.transport.protocol import DEFAULT_LIMITS
+
+    defaults = EdgeSettings()
     p = sub.add_parser("edge", help="the edge runtime (target VLM)")
     edge_sub = p.add_subparsers(dest="edge_command", required=True, metavar="ACTION")
     q = edge_sub.add_parser("serve", help="serve a target checkpoint over ZeroMQ (ROUTER)")
     q.add_argument("--model", required=True, help="target checkpoint folder")
     q.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
     q.add_argument("--threads", type=int, default=2)
-    q.add_argument("--max-sessions", type=int, default=64)
-    q.add_argument("--idle-timeout", type=float, default=120.0, help="seconds before an idle session is freed")
-    q.add_argument("--max-new-tokens", type=int, default=1024, help="the largest answer a session may ask for")
+    g = q.add_argument_group("authentication (ZeroMQ CURVE)")
+    g.add_argument("--auth", choices=["curve", "none"], default="curve",
+                   help="curve (the default) admits only devices whose public keys are in --allow, and refuses "
+                        "to start without --key and --allow; serving every device unauthenticated must be asked "
+                        "for by name: --auth none")
+    g.add_argument("--key", help="the edge's secret key file (NAME.key_secret from `covspec keys gen`)")
+    g.add_argument("--allow", help="folder of allowed device public keys (*.key)")
+    g = q.add_argument_group("limits")
+    g.add_argument("--max-sessions", type=int, default=defaults.max_sessions, help="open sessions in all (default: %(default)s)")
+    g.add_argument("--max-sessions-per-device", type=int, default=defaults.max_sessions_per_device,
+                   help="open sessions per device: per public key with CURVE, per connection without (default: %(default)s)")
+    g.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s,
+                   help="seconds before an idle session is freed (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+                   help="the largest answer a session may ask for (default: %(default)s)")
+    g.add_argument("--max-message-bytes", type=int, default=DEFAULT_LIMITS.max_total_bytes,
+                   help="bytes of one message, all frames (default: %(default)s)")
+    g.add_argument("--max-image-bytes", type=int, default=DEFAULT_LIMITS.max_image_bytes,
+                   help="bytes of an encoded image (default: %(default)s)")
+    g.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels,
+                   help="pixels of a decoded image (default: %(default)s)")
+    g.add_argument("--max-window", type=int, default=DEFAULT_LIMITS.max_window,
+                   help="drafted tokens in one VERIFY (default: %(default)s)")
     q.set_defaults(handler=cmd_edge_serve)
+    q = edge_sub.add_parser("stats", help="print a running edge's counters (a STATS request) as JSON")
+    q.add_argument("--edge", required=True, help="edge endpoint, e.g. tcp://127.0.0.1:5555")
+    q.add_argument("--key", help="this device's secret key file, for an edge with --auth curve")
+    q.add_argument("--edge-key", help="the edge's public key file (NAME.key)")
+    q.add_argument("--timeout", type=float, default=5.0)
+    q.set_defaults(handler=cmd_edge_stats)
 
     p = sub.add_parser("device", help="the device runtime (draft VLM)")
     device_sub = p.add_subparsers(dest="device_command", required=True, metavar="ACTION")
@@ -202,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each edge reply")
     q.add_argument("--retries", type=int, default=2)
     q.add_argument("--threads", type=int, default=2)
+    q.add_argument("--key", help="this device's secret key file (NAME.key_secret), for an edge with --auth curve")
+    q.add_argument("--edge-key", help="the edge's public key file (NAME.key)")
     _add_sampling_args(q)
     q.set_defaults(handler=cmd_device_run)
 

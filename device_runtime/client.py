@@ -12,6 +12,11 @@ the edge, in one of the modes:
 
 Every request goes through `transport.channel.Client`, which counts the bytes of every frame sent
 and received on the socket: those are the bytes per token the bench reports.
+
+An edge that restarts mid-answer is survived: the Client's retries reach the new edge on a fresh
+socket, which answers UNKNOWN_SESSION; the device re-OPENs the session with the tokens it already
+has (`Open.prefix`; the edge prefills prompt + prefix) and carries on from there, so a greedy answer
+is the one it would have been without the restart.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from covspec.pruning import score_and_select
 from covspec.sampling import SamplingParams
 from covspec.speculative import correct_decoupled
 from covspec.transport import protocol as wire
-from covspec.transport.channel import Client
+from covspec.transport.channel import Client, ClientKeys, RemoteError
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ MODE_OPTIONS: dict[str, SpecOptions] = {
     "covspec_no_decoupled": replace(COVSPEC, decoupled=False),
 }
 MODES = ("target_only", "draft_only", *MODE_OPTIONS)
+MAX_REOPENS = 3  # edge restarts survived within one answer
 
 
 class EdgeRefused(Exception):
@@ -95,6 +101,7 @@ class Answer:
     kept: int | None = None  # visual tokens the draft prefilled with, when pruned
     decode_bytes_up: int = 0  # bytes sent after OPEN: the drafted windows (what the schemes differ in)
     streamed_rest: bool = False  # the adaptive policy found speculation not paying and switched to STREAM
+    reopens: int = 0  # times the session was re-OPENed with the answer so far (the edge had lost it)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -124,9 +131,13 @@ def final_answer(tokens: list[int], eos: set[int], max_new_tokens: int) -> list[
 class DeviceRuntime:
     """A device: its draft model (or only its tokenizer, for target_only) and a link to one edge."""
 
-    def __init__(self, draft: VLMAdapter, edge: str, timeout_s: float = 30.0, retries: int = 2):
+    def __init__(self, draft: VLMAdapter, edge: str, timeout_s: float = 30.0, retries: int = 2,
+                 keys: ClientKeys | None = None):
+        """`keys`: CURVE keys (this device's pair and the edge's public key) for an edge that
+        authenticates; None for one that runs with --auth none."""
         self.draft = draft
-        self.client = Client(edge, timeout_s=timeout_s, retries=retries)
+        self.client = Client(edge, timeout_s=timeout_s, retries=retries, keys=keys)
+        self.reopens = 0
         self.welcome = self._hello()
 
     def _hello(self) -> wire.Welcome:
@@ -152,6 +163,7 @@ class DeviceRuntime:
             raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
         prompt = self.draft.check_prompt(prompt)
         up0, down0 = self.client.counters.bytes_sent, self.client.counters.bytes_recv
+        reopens0 = self.reopens
         start = time.perf_counter()
         if mode == "draft_only":
             answer = self._draft_only(image_bytes, prompt, params, max_new_tokens, start)
@@ -162,13 +174,14 @@ class DeviceRuntime:
                                  seed=params.seed, max_new_tokens=max_new_tokens)
             if mode == "target_only":
                 opened = self._expect(self.client.request(open_msg), wire.Opened)
-                answer = self._target_only(sid, opened, max_new_tokens, start)
+                answer = self._target_only(open_msg, opened, max_new_tokens, start)
             else:
                 answer = self._speculative(sid, open_msg, image_bytes, prompt, params, max_new_tokens, window,
                                            start, options or MODE_OPTIONS[mode])
             self.client.request(wire.Close(sid=sid))
         answer.bytes_up = self.client.counters.bytes_sent - up0
         answer.bytes_down = self.client.counters.bytes_recv - down0
+        answer.reopens = self.reopens - reopens0
         return answer
 
     def _draft_only(self, image_bytes: bytes, prompt: str, params: SamplingParams, max_new_tokens: int,
@@ -180,25 +193,58 @@ class DeviceRuntime:
         return Answer("draft_only", result.ids, result.text, ttft_s=(first[0] if first else end) - start,
                       latency_s=end - start)
 
-    def _target_only(self, sid: int, opened: wire.Opened, max_new_tokens: int, start: float) -> Answer:
+    def _target_only(self, open_msg: wire.Open, opened: wire.Opened, max_new_tokens: int, start: float) -> Answer:
         ttft = time.perf_counter() - start
-        tokens = [opened.token] + ([] if opened.done else self._stream_rest(sid))
+        tokens = [opened.token] + ([] if opened.done else self._stream_rest(open_msg, [opened.token]))
         ids = final_answer(tokens, self.draft.eos_token_ids, max_new_tokens)
         return Answer("target_only", ids, self.draft.decode(ids), ttft_s=ttft,
                       latency_s=time.perf_counter() - start)
 
-    def _stream_rest(self, sid: int) -> list[int]:
-        """Asks the edge to generate the rest of the answer alone; returns the streamed tokens."""
-        sent = self.client.send(wire.Stream(sid=sid, chunk=1))
+    def _stream_rest(self, open_msg: wire.Open, known: list[int]) -> list[int]:
+        """Asks the edge to generate the rest of the answer alone; returns the streamed tokens. An edge
+        that stops streaming (restarted: no chunk within the timeout, or UNKNOWN_SESSION) is given
+        the session again with `known` + the tokens streamed so far, and asked for the rest."""
         tokens: list[int] = []
-        while True:
-            chunk = self.client.recv(sent.seq)
-            if chunk is None:
-                raise EdgeRefused(f"the edge stopped streaming (no chunk within {self.client.timeout_s} s)")
-            chunk = self._expect(chunk, wire.Streamed)
-            tokens.extend(int(t) for t in chunk.tokens)
-            if chunk.done:
-                return tokens
+        for attempt in range(MAX_REOPENS + 1):
+            if attempt:
+                self._reopen(open_msg, known + tokens)
+            sent = self.client.send(wire.Stream(sid=open_msg.sid, chunk=1))
+            while True:
+                try:
+                    chunk = self.client.recv(sent.seq)
+                except RemoteError as err:
+                    if err.code != wire.ErrorCode.UNKNOWN_SESSION:
+                        raise
+                    chunk = None
+                if chunk is None:
+                    break
+                chunk = self._expect(chunk, wire.Streamed)
+                tokens.extend(int(t) for t in chunk.tokens)
+                if chunk.done:
+                    return tokens
+        raise EdgeRefused(f"the edge stopped streaming (no chunk within {self.client.timeout_s} s, "
+                          f"{MAX_REOPENS} reopen(s) tried)")
+
+    def _reopen(self, open_msg: wire.Open, committed: list[int]) -> wire.Opened:
+        """The edge lost the session (it restarted): open it again with the answer so far."""
+        self.reopens += 1
+        msg = replace(open_msg, prefix=np.asarray(committed, dtype=np.int32))
+        return self._expect(self.client.request(msg), wire.Opened)
+
+    def _await_resuming(self, sent: wire.Verify, open_msg: wire.Open,
+                        committed: list[int]) -> tuple[wire.Message, bool]:
+        """The RESULT of a VERIFY already sent, and whether the session had to be reopened for it: on
+        UNKNOWN_SESSION the session is reopened with `committed` and the window sent again as the
+        new session's round 0."""
+        for attempt in range(MAX_REOPENS + 1):
+            try:
+                return self._await(sent), attempt > 0
+            except RemoteError as err:
+                if err.code != wire.ErrorCode.UNKNOWN_SESSION or attempt == MAX_REOPENS:
+                    raise
+            self._reopen(open_msg, committed)
+            sent = self.client.send(replace(sent, round=0))
+        raise AssertionError("unreachable")
 
     @torch.inference_mode()
     def _speculative(self, sid: int, open_msg: wire.Open, image_bytes: bytes, prompt: str,
@@ -231,6 +277,7 @@ class DeviceRuntime:
         prepared: Window | None = None  # the next window, already drafted on a branch that hit
         device_root = False  # whether the last committed token is a correction the edge has not seen
         streamed_rest = False
+        round_base = 0  # rounds before the session was last reopened (the edge counts from 0 again)
         while not done:
             room = max_new_tokens - len(drafter.committed)
             k = min(choose_window(stats, options.k_max, room) if options.adaptive else window, room)
@@ -238,7 +285,7 @@ class DeviceRuntime:
                 k, stop=None if gate is None else lambda w: gate.stop(float(w.margins[-1]), len(w)))
             drafted = drafted if len(drafted) <= k else _cut(drafter, drafted, k)
             prepared = None
-            verify = wire.Verify(sid=sid, round=len(rounds), tokens=drafted.ids.numpy().astype(np.int32),
+            verify = wire.Verify(sid=sid, round=len(rounds) - round_base, tokens=drafted.ids.numpy().astype(np.int32),
                                  root=drafter.committed[-1] if device_root else None)
             if not params.greedy and options.decoupled:
                 verify.q = drafted.q_of_drafted().numpy().astype(np.float32)
@@ -247,7 +294,10 @@ class DeviceRuntime:
             t0 = time.perf_counter()
             sent = self.client.send(verify)
             branches = self._draft_branches(drafter, drafted, options, k) if options.branching else []
-            reply = self._expect(self._await(sent), wire.Result)
+            reply, reopened = self._await_resuming(sent, open_msg, drafter.committed)
+            reply = self._expect(reply, wire.Result)
+            if reopened:
+                round_base = len(rounds)
             wait_s = time.perf_counter() - t0
             next_token = reply.token
             if next_token is None and reply.cand_ids is not None:  # decoupled correction, drawn here
@@ -271,7 +321,7 @@ class DeviceRuntime:
             if not done and options.adaptive and not device_root and len(rounds) >= 3 and not speculation_pays(
                     stats, target_step_s=sum(stats.verify_line()), k_max=options.k_max):
                 # on this link speculation loses to the target alone: let the edge stream the rest
-                drafter.committed.extend(self._stream_rest(sid))
+                drafter.committed.extend(self._stream_rest(open_msg, drafter.committed))
                 streamed_rest = True
                 break
         ids = final_answer(drafter.committed, eos, max_new_tokens)

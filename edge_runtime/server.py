@@ -5,52 +5,77 @@ dispatch it to its handler, send the reply. Sessions are keyed by the device-cho
 hold their own KV cache, and are freed on CLOSE, when the answer is done and closed, or after the
 idle timeout. Nothing a device sends can stop the loop: every failure inside a handler becomes an
 ERROR reply.
+
+Security and limits (EdgeSettings, all with safe defaults): with `keys`, the ROUTER is a CURVE server
+that admits only the device public keys in the allow folder, and a session answers only the device
+that opened it; message, image (bytes and pixels), window, answer length, sessions in all and per
+device (keyed by the device's public key, or by its connection without authentication) and idle time
+are bounded. Counters are served by STATS; one JSON line per finished request goes to the
+"covspec.edge.requests" logger (edge_runtime.stats).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections import OrderedDict
 
 import numpy as np
 import torch
 import zmq
 
 from covspec.edge_runtime.session import SessionError, TargetSession
+from covspec.edge_runtime.settings import EdgeSettings
+from covspec.edge_runtime.stats import EdgeCounters, SessionUsage, log_completion
 from covspec.errors import CovspecError, ImageError, PromptError
 from covspec.images import load_image
 from covspec.models.base import VLMAdapter
 from covspec.sampling import SamplingParams
 from covspec.transport import protocol as wire
-from covspec.transport.channel import MeteredSocket, make_socket
+from covspec.transport.channel import MeteredSocket, make_socket, start_authenticator
 
 log = logging.getLogger("covspec.edge")
 
 
-@dataclass
-class EdgeSettings:
-    bind: str = "tcp://127.0.0.1:5555"
-    max_sessions: int = 64
-    idle_timeout_s: float = 120.0
-    max_new_tokens: int = 1024
-    max_image_pixels: int = 2048 * 2048
-    limits: wire.Limits = wire.DEFAULT_LIMITS
+CLOSED_REMEMBERED = 4096  # sessions whose OPEN is remembered after CLOSE (a late duplicate is refused)
 
 
 class EdgeServer:
     def __init__(self, adapter: VLMAdapter, settings: EdgeSettings, name: str = "target"):
+        settings.check()
         self.adapter = adapter
         self.settings = settings
         self.name = name
         self.fingerprint = adapter.fingerprint()
         self.sessions: dict[int, TargetSession] = {}
-        self.ctx = zmq.Context.instance()
-        self.sock = MeteredSocket(make_socket(self.ctx, zmq.ROUTER, max_msg_bytes=settings.limits.max_total_bytes))
+        self.closed: OrderedDict[int, int] = OrderedDict()  # sid -> seq of its OPEN, for closed sessions
+        self.counters = EdgeCounters()
+        self.device = ""  # who sent the request being handled (SessionUsage.device)
+        keys = settings.keys
+        # the ZAP handler is per context: an authenticating edge gets a context of its own
+        self.ctx = zmq.Context.instance() if keys is None else zmq.Context()
+        self.auth = None if keys is None else start_authenticator(self.ctx, keys)
+        self.sock = MeteredSocket(make_socket(self.ctx, zmq.ROUTER, max_msg_bytes=settings.limits.max_total_bytes,
+                                              server_keys=keys))
         self.sock.sock.bind(settings.bind)
         self.endpoint = self.sock.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.requests = 0
-        self.errors = 0
+
+    @property
+    def requests(self) -> int:
+        return sum(self.counters.requests.values())
+
+    @property
+    def errors(self) -> int:
+        return sum(self.counters.errors.values())
+
+    def stats(self) -> dict[str, int | float]:
+        return self.counters.snapshot(len(self.sessions), self.sock.counters)
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.auth is not None:
+            self.auth.stop()
+            self.ctx.term()
 
     # --- the loop ----------------------------------------------------------------------------
     def serve_forever(self, stop_after_s: float | None = None) -> None:
@@ -59,26 +84,29 @@ class EdgeServer:
             self.serve_once(timeout_s=0.5)
 
     def serve_once(self, timeout_s: float) -> None:
-        got = self.sock.recv_frames(timeout_s)
+        got = self.sock.recv_request(timeout_s)
         self.free_idle_sessions()
         if got is None:
             return
-        peer, frames = got
-        self.requests += 1
-        for reply in self.handle(frames):
-            self.sock.send(reply, peer=peer, limits=self.settings.limits)
+        for reply in self.handle(got.frames, got.device):
+            self.sock.send(reply, peer=got.peer, limits=self.settings.limits)
 
-    def handle(self, frames: list[bytes]):
+    def handle(self, frames: list, device: str = "local"):
         """Yields the replies to one request (several for STREAM). Never raises."""
         msg: wire.Message | None = None
+        self.device = device
         try:
-            msg = wire.decode(frames, self.settings.limits)
+            try:
+                msg = wire.decode(frames, self.settings.limits)
+            finally:
+                self.counters.requests[msg.TYPE if msg is not None else "undecodable"] += 1
             handler = self.HANDLERS.get(type(msg))
             if handler is None:
                 raise wire.ProtocolError(wire.ErrorCode.BAD_MESSAGE, f"{msg.TYPE} is not a request")
             yield from handler(self, msg)
         except wire.ProtocolError as err:
-            yield self._error(msg, err.code, str(err))
+            # an undecodable message is answered at the sid/seq decode could still read
+            yield self._error(msg or wire.Message(sid=err.sid, seq=err.seq), err.code, str(err))
         except (SessionError, PromptError, ImageError, ValueError) as err:
             yield self._error(msg, wire.ErrorCode.BAD_MESSAGE, str(err))
         except CovspecError as err:
@@ -88,20 +116,29 @@ class EdgeServer:
             yield self._error(msg, wire.ErrorCode.INTERNAL, f"{type(err).__name__}: {err}")
 
     def _error(self, msg: wire.Message | None, code: wire.ErrorCode, text: str) -> wire.Error:
-        self.errors += 1
+        self.counters.errors[code.name] += 1
         sid, seq = (msg.sid, msg.seq) if msg is not None else (0, 0)
         return wire.Error(sid=sid, seq=seq, code=code, message=text[:4000])
 
     def free_idle_sessions(self) -> None:
         now = time.monotonic()
         for sid in [s for s, sess in self.sessions.items() if now - sess.last_active > self.settings.idle_timeout_s]:
-            log.info("session %d idle for over %.0f s: freed", sid, self.settings.idle_timeout_s)
-            del self.sessions[sid]
+            log.info("session %d idle for over %g s: freed", sid, self.settings.idle_timeout_s)
+            session = self.sessions.pop(sid)
+            self.counters.sessions_idle_freed += 1
+            log_completion(sid, session.usage, len(session.committed), "idle")
+
+    def _owns(self, session: TargetSession) -> bool:
+        """Whether the device being answered opened `session`. Only authenticated devices can be
+        told apart: without CURVE a device's connection changes with every reconnection."""
+        return self.settings.keys is None or session.usage.device == self.device
 
     def _session(self, msg: wire.Message) -> TargetSession:
         session = self.sessions.get(msg.sid)
-        if session is None:
+        if session is None or not self._owns(session):
+            # another device's session is answered as if it did not exist
             raise wire.ProtocolError(wire.ErrorCode.UNKNOWN_SESSION, f"no open session {msg.sid} (closed, expired or never opened)")
+        session.last_active = time.monotonic()
         return session
 
     # --- handlers ----------------------------------------------------------------------------
@@ -120,29 +157,49 @@ class EdgeServer:
 
     def on_open(self, msg: wire.Open):
         existing = self.sessions.get(msg.sid)
-        if existing is not None and existing.open_seq == msg.seq:  # a retried OPEN
-            yield existing.opened
+        if existing is not None and existing.open_seq == msg.seq and self._owns(existing):
+            yield existing.opened  # a retried OPEN
             return
         if msg.sid == 0:
             raise wire.ProtocolError(wire.ErrorCode.BAD_MESSAGE, "OPEN.sid: must be a nonzero session id")
-        if msg.sid not in self.sessions and len(self.sessions) >= self.settings.max_sessions:
-            raise wire.ProtocolError(wire.ErrorCode.BUSY, f"the edge holds its limit of {self.settings.max_sessions} sessions")
-        if msg.max_new_tokens > self.settings.max_new_tokens:
-            raise wire.ProtocolError(wire.ErrorCode.LIMIT, f"OPEN.max_new_tokens: {msg.max_new_tokens}, limit {self.settings.max_new_tokens}")
+        if existing is not None and not self._owns(existing):
+            raise wire.ProtocolError(wire.ErrorCode.BAD_STATE, f"OPEN.sid: session {msg.sid} is another device's")
+        # (the owner's new OPEN of an open session replaces it: a device resuming with a prefix)
+        if existing is None and self.closed.get(msg.sid) == msg.seq:
+            raise wire.ProtocolError(wire.ErrorCode.BAD_STATE, f"OPEN: a late copy of session {msg.sid}'s OPEN, closed since")
+        s = self.settings
+        if existing is None and len(self.sessions) >= s.max_sessions:
+            raise wire.ProtocolError(wire.ErrorCode.BUSY, f"the edge holds its limit of {s.max_sessions} sessions")
+        mine = sum(1 for sid, other in self.sessions.items() if sid != msg.sid and other.usage.device == self.device)
+        if mine >= s.max_sessions_per_device:
+            raise wire.ProtocolError(wire.ErrorCode.LIMIT,
+                                     f"this device holds its limit of {s.max_sessions_per_device} open sessions: close one")
+        if msg.max_new_tokens > s.max_new_tokens:
+            raise wire.ProtocolError(wire.ErrorCode.LIMIT, f"OPEN.max_new_tokens: {msg.max_new_tokens}, limit {s.max_new_tokens}")
+        prefix = [] if msg.prefix is None else [int(t) for t in msg.prefix]
+        if prefix and max(prefix) >= self.adapter.vocab_size:
+            raise wire.ProtocolError(wire.ErrorCode.BAD_MESSAGE,
+                                     f"OPEN.prefix: token ids must be below the vocabulary size {self.adapter.vocab_size}")
+        if len(prefix) > msg.max_new_tokens:
+            raise wire.ProtocolError(wire.ErrorCode.LIMIT, f"OPEN.prefix: {len(prefix)} tokens, more than max_new_tokens {msg.max_new_tokens}")
         params = SamplingParams(temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p, seed=msg.seed)
         start = time.perf_counter()
-        image = load_image(msg.image, max_pixels=self.settings.max_image_pixels)
+        image = load_image(msg.image, max_pixels=s.max_image_pixels)
         visual = self.adapter.encode_image(self.adapter.preprocess(image))
         kept = None if msg.kept is None else torch.from_numpy(msg.kept.astype(np.int64))
         with torch.inference_mode():
-            session = TargetSession.open(self.adapter, visual, msg.prompt, kept, params, msg.max_new_tokens)
+            session = TargetSession.open(self.adapter, visual, msg.prompt, kept, params, msg.max_new_tokens, prefix)
         session.open_seq = msg.seq
         prefill_s = time.perf_counter() - start
-        session.opened = wire.Opened(sid=msg.sid, seq=msg.seq, token=session.committed[0], done=session.done,
+        session.usage = SessionUsage(device=self.device, mode=msg.mode, prefix=len(prefix), prefill_s=prefill_s)
+        session.opened = wire.Opened(sid=msg.sid, seq=msg.seq, token=session.committed[-1], done=session.done,
                                      timings={"prefill_s": prefill_s})
         self.sessions[msg.sid] = session
-        log.info("session %d opened: mode %s, %d visual tokens%s, prefill %.1f ms", msg.sid, msg.mode,
-                 visual.count, "" if kept is None else f" ({len(kept)} kept)", prefill_s * 1000)
+        self.counters.sessions_opened += 1
+        self.counters.sessions_reopened += bool(prefix)
+        log.info("session %d opened: mode %s, %d visual tokens%s%s, prefill %.1f ms", msg.sid, msg.mode,
+                 visual.count, "" if kept is None else f" ({len(kept)} kept)",
+                 f", resumed after {len(prefix)} tokens" if prefix else "", prefill_s * 1000)
         yield session.opened
 
     def on_verify(self, msg: wire.Verify):
@@ -168,9 +225,16 @@ class EdgeServer:
                                      "VERIFY.root: the last round was corrected on the device; send the correction as root")
         root = msg.root if msg.root is not None else session.committed[-1]
         q_of_draft = None if msg.q is None else torch.from_numpy(msg.q)
+        before = session.last
         answer = session.verify(msg.round, root, torch.from_numpy(msg.tokens.astype(np.int64)), scheme,
                                 q_of_draft=q_of_draft, q_full=q_full)
         v = answer.verdict
+        if answer is not before:  # a new round, not a repeat
+            usage = session.usage
+            usage.rounds, usage.drafted, usage.accepted = usage.rounds + 1, usage.drafted + len(msg.tokens), usage.accepted + v.accepted
+            usage.verify_s += answer.verify_s
+            self.counters.tokens_verified += len(msg.tokens)
+            self.counters.tokens_accepted += v.accepted
         cand_ids = None if v.support_ids is None else v.support_ids.numpy().astype(np.int32)
         cand_probs = None if v.support_probs is None else v.support_probs.numpy().astype(np.float32)
         yield wire.Result(sid=msg.sid, seq=msg.seq, round=answer.round, accepted=v.accepted,
@@ -186,9 +250,13 @@ class EdgeServer:
         next(tokens)  # the first token went out in OPENED
         for token in tokens:
             chunk.append(token)
+            session.usage.streamed += 1
+            self.counters.tokens_streamed += 1
             if len(chunk) >= msg.chunk:
                 yield self._streamed(msg, index, chunk, False, start)
                 index, chunk = index + 1, []
+        session.usage.stream_s += time.perf_counter() - start
+        session.last_active = time.monotonic()
         yield self._streamed(msg, index, chunk, True, start)
 
     @staticmethod
@@ -197,11 +265,21 @@ class EdgeServer:
                              done=done, timings={"elapsed_s": time.perf_counter() - start})
 
     def on_close(self, msg: wire.Close):
-        self.sessions.pop(msg.sid, None)
-        yield wire.Closed(sid=msg.sid, seq=msg.seq)
+        session = self.sessions.get(msg.sid)
+        if session is not None and self._owns(session):
+            del self.sessions[msg.sid]
+            self.counters.sessions_closed += 1
+            self.closed[msg.sid] = session.open_seq
+            while len(self.closed) > CLOSED_REMEMBERED:
+                self.closed.popitem(last=False)
+            log_completion(msg.sid, session.usage, len(session.committed), "closed")
+        yield wire.Closed(sid=msg.sid, seq=msg.seq)  # closing twice (a retried CLOSE) is fine
 
     def on_ping(self, msg: wire.Ping):
         yield wire.Pong(sid=msg.sid, seq=msg.seq, t=msg.t)
 
+    def on_stats(self, msg: wire.Stats):
+        yield wire.StatsReply(sid=msg.sid, seq=msg.seq, counters=self.stats())
+
     HANDLERS = {wire.Hello: on_hello, wire.Open: on_open, wire.Verify: on_verify, wire.Stream: on_stream,
-                wire.Close: on_close, wire.Ping: on_ping}
+                wire.Close: on_close, wire.Ping: on_ping, wire.Stats: on_stats}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from covspec.edge_runtime.stats import SessionUsage
 from covspec.models.base import DecodeState, VLMAdapter
 from covspec.sampling import SamplingParams, next_token
 from covspec.speculative import Verdict, verify_decoupled, verify_full, verify_greedy
@@ -47,16 +48,26 @@ class TargetSession:
     last_active: float = field(default_factory=time.monotonic)
     open_seq: int = -1  # the OPEN request that made this session (a retried OPEN gets `opened` again)
     opened: object = None
+    usage: SessionUsage | None = None  # what the session cost, for the edge's request log
 
     @classmethod
     def open(cls, adapter: VLMAdapter, visual, prompt: str, kept: torch.Tensor | None,
-             params: SamplingParams, max_new_tokens: int) -> TargetSession:
-        """Prefills the prompt and picks the first token."""
+             params: SamplingParams, max_new_tokens: int, prefix: list[int] | None = None) -> TargetSession:
+        """Prefills the prompt and picks the first token. With a `prefix` (the answer so far, as the
+        device holds it after an edge restart) the prompt and the prefix are prefilled instead and
+        the session continues from there: its root is the prefix's last token."""
         logits, state = adapter.prefill(visual, prompt, kept=kept)
         generator = None if params.greedy else params.generator()
-        first = next_token(logits, params, generator)
         session = cls(adapter=adapter, state=state, params=params, max_new_tokens=max_new_tokens,
                       generator=generator, prompt_length=state.length)
+        if prefix:
+            if len(prefix) > 1:  # the root (last token) stays out of the cache, as after any round
+                adapter.forward(state, torch.tensor(prefix[:-1], dtype=torch.long))
+            session.fed = len(prefix) - 1
+            session.committed.extend(prefix)
+            session.done = session._finished()
+            return session
+        first = next_token(logits, params, generator)
         session.committed.append(first)
         session.done = first in adapter.eos_token_ids or max_new_tokens <= 1
         return session

@@ -11,6 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import zmq
+
 from covspec.transport import protocol as P
 from covspec.transport.channel import Client, MeteredSocket, PeerUnavailable, RemoteError, make_socket
 from covspec.transport.link import Link

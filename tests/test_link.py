@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+
 from covspec.transport.link import PROFILES, Link, get_profile, measure_link
 
 

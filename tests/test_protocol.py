@@ -5,10 +5,11 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 import pytest
-from covspec.transport import protocol as P
-from covspec.transport.protocol import ErrorCode, Limits, ProtocolError, decode, encode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from covspec.transport import protocol as P
+from covspec.transport.protocol import ErrorCode, Limits, ProtocolError, decode, encode
 
 i32 = np.int32
 f32 = np.float32
@@ -36,6 +37,8 @@ SAMPLES: list[P.Message] = [
     P.Closed(sid=7, seq=8),
     P.Ping(seq=9, t=123.456),
     P.Pong(seq=9, t=123.456),
+    P.Stats(seq=10),
+    P.StatsReply(seq=10, counters={"requests": 12, "errors.BAD_MESSAGE": 1, "uptime_s": 3.5}),
     P.Error(sid=7, seq=3, code=ErrorCode.UNKNOWN_SESSION, message="session 7 expired"),
 ]
 

@@ -42,8 +42,8 @@ def png(seed: int, size: int = 28) -> bytes:
 
 
 class RunningEdge:
-    def __init__(self, target_path: Path, **settings):
-        self.server = EdgeServer(load_adapter(target_path), EdgeSettings(bind="tcp://127.0.0.1:*", **settings))
+    def __init__(self, target_path: Path, bind: str = "tcp://127.0.0.1:*", **settings):
+        self.server = EdgeServer(load_adapter(target_path), EdgeSettings(bind=bind, **settings))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
@@ -59,7 +59,7 @@ class RunningEdge:
     def close(self) -> None:
         self.stop.set()
         self.thread.join()
-        self.server.sock.close()
+        self.server.close()
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))

@@ -4,14 +4,24 @@ Bytes on the wire, as the bench reports them, are counted here: the payload byte
 socket sends or receives (a ROUTER's peer-identity frame is routing, not payload, and is not
 counted), plus an estimate of ZMTP framing (2 bytes per frame under 256 bytes, 9 above). The link
 emulator's counts, which also include ZMTP greetings and handshakes, are the cross-check.
+
+Authentication is ZeroMQ CURVE: key pairs are the files `zmq.auth.create_certificates` writes
+(NAME.key public, NAME.key_secret both halves). The edge's ROUTER is a CURVE server whose ZAP handler
+(`start_authenticator`) admits only the public keys found in an allow folder; a device's DEALER is a
+CURVE client that knows the edge's public key. A refused or key-less device never gets a connection,
+so its requests simply time out. On the edge, each received message carries the device's public key
+(z85) as its "User-Id" property: `MeteredSocket.recv_request` returns it.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 
 from covspec.errors import CovspecError
 
@@ -54,14 +64,114 @@ class ByteCounters:
             self.bytes_recv, self.wire_recv, self.msgs_recv = self.bytes_recv + n, self.wire_recv + wire, self.msgs_recv + 1
 
 
-def make_socket(ctx: zmq.Context, kind: int, *, max_msg_bytes: int | None = None) -> zmq.Socket:
-    """Every runtime socket is made here (CURVE keys will be set here too: a later issue).
-    `max_msg_bytes`: ZeroMQ drops a peer that sends a bigger frame (ZMQ_MAXMSGSIZE)."""
+class KeyFileError(CovspecError):
+    """A key file that is missing or not a CURVE key file of the expected kind."""
+
+
+@dataclass(frozen=True)
+class ServerKeys:
+    """The edge's CURVE key pair and the folder of device public keys it admits."""
+
+    public: bytes
+    secret: bytes
+    allow_dir: Path
+
+
+@dataclass(frozen=True)
+class ClientKeys:
+    """A device's CURVE key pair and the edge's public key."""
+
+    public: bytes
+    secret: bytes
+    server_public: bytes
+
+
+def generate_keys(out_dir: str | Path, name: str, overwrite: bool = False) -> tuple[Path, Path]:
+    """Writes NAME.key (public) and NAME.key_secret (mode 0600) into out_dir; returns both paths."""
+    out = Path(out_dir)
+    public, secret = out / f"{name}.key", out / f"{name}.key_secret"
+    if not overwrite and (public.exists() or secret.exists()):
+        raise KeyFileError(f"{public} or {secret} exists already: choose another --name or remove them")
+    out.mkdir(parents=True, exist_ok=True)
+    public_file, secret_file = zmq.auth.create_certificates(str(out), name)
+    Path(secret_file).chmod(0o600)
+    return Path(public_file), Path(secret_file)
+
+
+def _load(path: str | Path, secret: bool) -> tuple[bytes, bytes | None]:
+    path = Path(path)
+    what = "secret key file (NAME.key_secret)" if secret else "public key file (NAME.key)"
+    if not path.is_file():
+        raise KeyFileError(f"{path}: no such {what}; make one with `covspec keys gen`")
+    try:
+        public, secret_key = zmq.auth.load_certificate(str(path))
+    except (ValueError, OSError) as err:
+        raise KeyFileError(f"{path}: not a CURVE {what}: {err}") from None
+    if secret and secret_key is None:
+        raise KeyFileError(f"{path}: holds no secret key; pass the NAME.key_secret file")
+    return public, secret_key
+
+
+def load_server_keys(secret_file: str | Path, allow_dir: str | Path) -> ServerKeys:
+    allow = Path(allow_dir)
+    if not allow.is_dir():
+        raise KeyFileError(f"{allow}: no such folder of allowed device public keys")
+    if not any(allow.glob("*.key")):
+        raise KeyFileError(f"{allow}: holds no device public key (*.key), so no device could connect")
+    public, secret = _load(secret_file, secret=True)
+    return ServerKeys(public, secret, allow)
+
+
+def load_client_keys(secret_file: str | Path, server_public_file: str | Path) -> ClientKeys:
+    public, secret = _load(secret_file, secret=True)
+    server_public, _ = _load(server_public_file, secret=False)
+    return ClientKeys(public, secret, server_public)
+
+
+def start_authenticator(ctx: zmq.Context, keys: ServerKeys) -> ThreadAuthenticator:
+    """The ZAP handler of `ctx` (one per context): CURVE clients whose public key is a *.key file in
+    keys.allow_dir are admitted, every other connection is refused at the handshake. The folder is
+    read now; restart the edge to admit new devices."""
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(keys.allow_dir))
+    return auth
+
+
+def make_socket(ctx: zmq.Context, kind: int, *, max_msg_bytes: int | None = None,
+                server_keys: ServerKeys | None = None, client_keys: ClientKeys | None = None) -> zmq.Socket:
+    """Every runtime socket is made here. `max_msg_bytes`: ZeroMQ drops a peer that sends a bigger
+    frame (ZMQ_MAXMSGSIZE). `server_keys`: a CURVE server (the context needs `start_authenticator`
+    for the allow list to apply); `client_keys`: a CURVE client of the server with that public key."""
+    if server_keys is not None and client_keys is not None:
+        raise ValueError("a socket is a CURVE server or a CURVE client, not both")
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     if max_msg_bytes is not None:
         sock.setsockopt(zmq.MAXMSGSIZE, max_msg_bytes)
+    if server_keys is not None:
+        sock.curve_secretkey = server_keys.secret
+        sock.curve_publickey = server_keys.public
+        sock.curve_server = True
+    if client_keys is not None:
+        sock.curve_secretkey = client_keys.secret
+        sock.curve_publickey = client_keys.public
+        sock.curve_serverkey = client_keys.server_public
     return sock
+
+
+@dataclass
+class Request:
+    """One message received on a ROUTER: who sent it and its frames."""
+
+    peer: bytes  # routing identity (changes when the device reconnects)
+    frames: list[zmq.Frame]
+    user_id: str | None  # the device's CURVE public key (z85) when the socket authenticates, else None
+
+    @property
+    def device(self) -> str:
+        """What identifies the device: its public key when authenticated, else its connection."""
+        return self.user_id if self.user_id else "peer:" + self.peer.hex()
 
 
 class MeteredSocket:
@@ -72,13 +182,22 @@ class MeteredSocket:
         self.sock = sock
         self.router = sock.type == zmq.ROUTER
         self.counters = counters or ByteCounters()
+        self.dropped = 0  # messages that could not be queued (no usable connection)
 
-    def send_frames(self, frames: list[bytes], peer: bytes | None = None) -> None:
+    def send_frames(self, frames: list[bytes], peer: bytes | None = None) -> bool:
+        """Queues the message without ever blocking. A DEALER with no usable connection (an edge
+        that refused the CURVE handshake, or is down) drops it and returns False: the request then
+        times out like a lost one, and the Client retries on a fresh socket."""
+        try:
+            self.sock.send_multipart([peer, *frames] if self.router else frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+            return False
         self.counters.add(frames, sent=True)
-        self.sock.send_multipart([peer, *frames] if self.router else frames, copy=False)
+        return True
 
-    def send(self, msg: Message, peer: bytes | None = None, limits: Limits = DEFAULT_LIMITS) -> None:
-        self.send_frames(encode(msg, limits), peer)
+    def send(self, msg: Message, peer: bytes | None = None, limits: Limits = DEFAULT_LIMITS) -> bool:
+        return self.send_frames(encode(msg, limits), peer)
 
     def recv_frames(self, timeout_s: float | None = None) -> tuple[bytes | None, list[bytes]] | None:
         """(peer or None, frames), or None on timeout."""
@@ -88,6 +207,21 @@ class MeteredSocket:
         peer = frames.pop(0) if self.router and frames else None
         self.counters.add(frames, sent=False)
         return peer, frames
+
+    def recv_request(self, timeout_s: float | None = None) -> Request | None:
+        """ROUTER: the next message with its sender, or None on timeout. Frames are zero-copy."""
+        if timeout_s is not None and not self.sock.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN):
+            return None
+        frames = self.sock.recv_multipart(copy=False)
+        peer = frames.pop(0).bytes if frames else b""
+        user_id = None
+        if frames:
+            try:
+                user_id = frames[0].get("User-Id") or None
+            except zmq.ZMQError:  # no such property: the connection is not authenticated
+                user_id = None
+        self.counters.add(frames, sent=False)
+        return Request(peer, frames, user_id)
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -102,8 +236,9 @@ class Client:
     with seq 0 (the edge could not read which request it answers), raises RemoteError. Seqs start at 1."""
 
     def __init__(self, endpoint: str, *, timeout_s: float = 5.0, retries: int = 2, ctx: zmq.Context | None = None,
-                 limits: Limits = DEFAULT_LIMITS) -> None:
+                 limits: Limits = DEFAULT_LIMITS, keys: ClientKeys | None = None) -> None:
         self.endpoint = endpoint
+        self.keys = keys
         self.timeout_s = timeout_s
         self.retries = retries
         self.limits = limits
@@ -114,7 +249,7 @@ class Client:
         self._sock = self._connect()
 
     def _connect(self) -> MeteredSocket:
-        sock = make_socket(self._ctx, zmq.DEALER, max_msg_bytes=self.limits.max_total_bytes)
+        sock = make_socket(self._ctx, zmq.DEALER, max_msg_bytes=self.limits.max_total_bytes, client_keys=self.keys)
         sock.connect(self.endpoint)
         return MeteredSocket(sock, self.counters)
 

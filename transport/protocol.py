@@ -22,7 +22,7 @@ Conventions:
 - ROUTER sockets: the identity frame(s) that ZeroMQ prepends on receive (and expects on send) are not
   part of the message. The caller strips them before `decode` and prepends them to `encode`'s output.
 - Requests -> replies: HELLO -> WELCOME, OPEN -> OPENED, VERIFY -> RESULT, STREAM -> STREAMED...
-  (until one with done=True), CLOSE -> CLOSED, PING -> PONG; any request -> ERROR.
+  (until one with done=True), CLOSE -> CLOSED, PING -> PONG, STATS -> STATSREPLY; any request -> ERROR.
 """
 
 from __future__ import annotations
@@ -218,6 +218,17 @@ class Pong(Message):
 
 
 @dataclass(kw_only=True, eq=False)
+class Stats(Message):
+    TYPE: ClassVar[str] = "STATS"
+
+
+@dataclass(kw_only=True, eq=False)
+class StatsReply(Message):
+    TYPE: ClassVar[str] = "STATSREPLY"
+    counters: dict[str, int | float] = field(default_factory=dict)  # the edge's counters, by name
+
+
+@dataclass(kw_only=True, eq=False)
 class Error(Message):
     TYPE: ClassVar[str] = "ERROR"
     code: ErrorCode
@@ -296,6 +307,18 @@ def _timings(where: str, v: Any) -> dict[str, float]:
     return {key(f"{where} key", k): ms(f"{where}[{k!r}]", x) for k, x in v.items()}
 
 
+def _counters(where: str, v: Any) -> dict[str, int | float]:
+    if type(v) is not dict or len(v) > 256:
+        raise _bad(where, "a map of at most 256 counters", v)
+    key = _str(64)
+    out: dict[str, int | float] = {}
+    for k, x in v.items():
+        if type(x) not in (int, float) or not (math.isfinite(x) and abs(x) <= 1e18):
+            raise _bad(f"{where}[{k!r}]", "a finite number of magnitude at most 1e18", x)
+        out[key(f"{where} key", k)] = x
+    return out
+
+
 def _opt(check: Check) -> Check:
     def opt(where: str, v: Any) -> Any:
         return None if v is None else check(where, v)
@@ -328,6 +351,8 @@ _FIELDS: dict[type[Message], dict[str, Check]] = {
     Closed: {},
     Ping: {"t": _float(-1e12, 1e12)},
     Pong: {"t": _float(-1e12, 1e12)},
+    Stats: {},
+    StatsReply: {"counters": _counters},
     Error: {"code": _code, "message": _str(4096)},
 }
 

@@ -1,0 +1,33 @@
+"""What the edge bounds, with safe defaults (`covspec edge serve` flags set them). Light: no torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from covspec.transport import protocol as wire
+from covspec.transport.channel import ServerKeys
+
+
+@dataclass
+class EdgeSettings:
+    """Everything the edge bounds. `limits` holds the wire bounds: message and header bytes
+    (max_total_bytes, max_header_bytes), image bytes, drafted tokens per VERIFY (max_window)."""
+
+    bind: str = "tcp://127.0.0.1:5555"
+    max_sessions: int = 64
+    max_sessions_per_device: int = 4
+    idle_timeout_s: float = 120.0
+    max_new_tokens: int = 1024
+    max_image_pixels: int = 2048 * 2048
+    limits: wire.Limits = wire.DEFAULT_LIMITS
+    keys: ServerKeys | None = None  # CURVE: the edge's key pair and the allowed device keys (None: no auth)
+
+    def check(self) -> None:
+        """Raises ValueError naming a setting that makes no sense."""
+        positive = {"max_sessions": self.max_sessions, "max_sessions_per_device": self.max_sessions_per_device,
+                    "idle_timeout_s": self.idle_timeout_s, "max_new_tokens": self.max_new_tokens,
+                    "max_image_pixels": self.max_image_pixels, "max_total_bytes": self.limits.max_total_bytes,
+                    "max_image_bytes": self.limits.max_image_bytes, "max_window": self.limits.max_window}
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
