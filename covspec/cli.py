@@ -188,7 +188,6 @@ def cmd_device_run(args: argparse.Namespace) -> int:
     import torch
 
     from covspec.device_runtime.client import DeviceRuntime
-    from covspec.models import load_adapter
 
     params = _sampling_params(args)
     torch.set_num_threads(args.threads)
@@ -196,7 +195,7 @@ def cmd_device_run(args: argparse.Namespace) -> int:
     if not image.is_file():
         raise CovspecError(f"image {image}: no such file")
     keys = _client_keys(args)
-    device = DeviceRuntime(load_adapter(args.model), args.edge, timeout_s=args.timeout, retries=args.retries,
+    device = DeviceRuntime(_draft_adapter(args), args.edge, timeout_s=args.timeout, retries=args.retries,
                            keys=keys)
     try:
         answer = device.answer(image.read_bytes(), args.prompt, args.mode, params, args.max_new_tokens,
@@ -211,6 +210,51 @@ def cmd_device_run(args: argparse.Namespace) -> int:
     if answer.rounds:
         figures.append(f"mean accepted {answer.mean_accepted:.2f} of {args.window}")
     print("[" + ", ".join(figures) + "]", file=sys.stderr)
+    return 0
+
+
+def _draft_adapter(args: argparse.Namespace):
+    """The device's draft: an exported bundle (ExecuTorch or ONNX Runtime) or a checkpoint folder."""
+    if bool(args.model) == bool(args.bundle):
+        raise CovspecError("give the draft as --bundle DIR (an exported device bundle) or --model PATH (a checkpoint)")
+    if args.bundle:
+        from covspec.device_runtime.bundle import BundleError
+        from covspec.device_runtime.exported_adapter import BundleAdapter
+
+        try:
+            return BundleAdapter(args.bundle, backend=args.backend, threads=args.threads)
+        except BundleError as err:
+            raise CovspecError(f"bundle {args.bundle}: {err}") from err
+    from covspec.models import load_adapter
+
+    return load_adapter(args.model)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from covspec.export import build_bundles
+    from covspec.export.programs import ExportUnsupported
+
+    try:
+        device_dir, edge_dir = build_bundles(args.draft, args.target, args.out, quant=args.quant,
+                                             formats=tuple(f for f in args.formats.split(",") if f),
+                                             edge_backend=args.edge_backend, max_len=args.max_len,
+                                             calibration=args.calibration)
+    except ExportUnsupported as err:
+        raise CovspecError(f"export: {err}") from err
+    print(f"device bundle: {device_dir}\nedge bundle:   {edge_dir}")
+    return 0
+
+
+def cmd_device_flash(args: argparse.Namespace) -> int:
+    from covspec.device_runtime.bundle import BundleError
+    from covspec.device_runtime.flash import FlashError, flash
+
+    try:
+        report = flash(args.bundle, args.to)
+    except (BundleError, FlashError, ValueError) as err:
+        raise CovspecError(f"flash: {err}") from err
+    print(f"{report.target}: {len(report.copied)} files copied, {len(report.skipped)} already there, "
+          f"{report.verified} checksums verified on the target")
     return 0
 
 
@@ -295,11 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("device", help="the device runtime (draft VLM)")
     device_sub = p.add_subparsers(dest="device_command", required=True, metavar="ACTION")
     q = device_sub.add_parser("run", help="answer an image + question through an edge")
-    q.add_argument("--model", required=True, help="draft checkpoint folder")
+    q.add_argument("--model", help="draft checkpoint folder (or --bundle)")
+    q.add_argument("--bundle", help="exported device bundle folder (covspec export), run without transformers' model")
+    q.add_argument("--backend", default="executorch", choices=["executorch", "onnx"], help="runtime for --bundle")
     q.add_argument("--edge", required=True, help="edge endpoint, e.g. tcp://127.0.0.1:5555")
     q.add_argument("--image", required=True)
     q.add_argument("--prompt", required=True)
-    q.add_argument("--mode", default="vanilla_sd", choices=["target_only", "draft_only", "vanilla_sd"])
+    q.add_argument("--mode", default="covspec", choices=["target_only", "draft_only", "vanilla_sd", "covspec",
+                                                         "covspec_no_prune", "covspec_no_adaptive",
+                                                         "covspec_no_branch", "covspec_no_decoupled"])
     q.add_argument("--window", type=int, default=4, help="drafted tokens per verification")
     q.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each edge reply")
     q.add_argument("--retries", type=int, default=2)
@@ -308,6 +356,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--edge-key", help="the edge's public key file (NAME.key)")
     _add_sampling_args(q)
     q.set_defaults(handler=cmd_device_run)
+
+    q = device_sub.add_parser("flash", help="copy a device bundle to a folder, ssh:// or adb:// target and verify it")
+    q.add_argument("--bundle", required=True, help="device bundle folder (covspec export)")
+    q.add_argument("--to", required=True, help="DIR, ssh://user@host[:port]/path or adb://SERIAL/path")
+    q.set_defaults(handler=cmd_device_flash)
+
+    p = sub.add_parser("export", help="device bundle (ExecuTorch .pte + ONNX, quantized) and edge bundle")
+    p.add_argument("--draft", required=True, help="draft checkpoint folder")
+    p.add_argument("--target", required=True, help="target checkpoint folder")
+    p.add_argument("--out", required=True, help="output folder (device/ and edge/ are written in it)")
+    p.add_argument("--quant", default="int8", choices=["none", "int8", "int4"])
+    p.add_argument("--formats", default="pte,onnx", help="device formats, comma-separated: pte, onnx")
+    p.add_argument("--edge-backend", default="auto", choices=["auto", "tensorrt", "onnx", "pytorch"])
+    p.add_argument("--max-len", type=int, default=None, help="static KV-cache length (default: from the config)")
+    p.add_argument("--calibration", default=None, help="calibration profile JSON to record in the manifest")
+    p.set_defaults(handler=cmd_export)
 
     sub.add_parser("link", help="user-space TCP link emulator (RTT, bandwidth) between device and edge")
     sub.add_parser("bench", help="end-to-end latency, throughput and bytes per token: edge, link, device processes")
