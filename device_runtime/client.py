@@ -209,6 +209,8 @@ class DeviceRuntime:
             if attempt:
                 self._reopen(open_msg, known + tokens)
             sent = self.client.send(wire.Stream(sid=open_msg.sid, chunk=1))
+            early: dict[int, wire.Streamed] = {}  # chunks that overtook an earlier one, by index
+            index = 0
             while True:
                 try:
                     chunk = self.client.recv(sent.seq)
@@ -219,9 +221,16 @@ class DeviceRuntime:
                 if chunk is None:
                     break
                 chunk = self._expect(chunk, wire.Streamed)
-                tokens.extend(int(t) for t in chunk.tokens)
-                if chunk.done:
-                    return tokens
+                if chunk.index < index:  # a duplicate
+                    self.client.stale += 1
+                    continue
+                early[chunk.index] = chunk
+                while index in early:  # in order, whatever order they came in
+                    chunk = early.pop(index)
+                    index += 1
+                    tokens.extend(int(t) for t in chunk.tokens)
+                    if chunk.done:
+                        return tokens
         raise EdgeRefused(f"the edge stopped streaming (no chunk within {self.client.timeout_s} s, "
                           f"{MAX_REOPENS} reopen(s) tried)")
 

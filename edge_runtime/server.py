@@ -243,6 +243,9 @@ class EdgeServer:
 
     def on_stream(self, msg: wire.Stream):
         session = self._session(msg)
+        if msg.seq in session.stream_seqs:  # a duplicate: its chunks went out already
+            return
+        session.stream_seqs.add(msg.seq)
         start = time.perf_counter()
         chunk: list[int] = []
         index = 0

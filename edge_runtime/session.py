@@ -49,6 +49,7 @@ class TargetSession:
     open_seq: int = -1  # the OPEN request that made this session (a retried OPEN gets `opened` again)
     opened: object = None
     usage: SessionUsage | None = None  # what the session cost, for the edge's request log
+    stream_seqs: set[int] = field(default_factory=set)  # STREAM requests served (a repeat is a duplicate)
 
     @classmethod
     def open(cls, adapter: VLMAdapter, visual, prompt: str, kept: torch.Tensor | None,
