@@ -155,7 +155,7 @@ def cmd_edge_serve(args: argparse.Namespace) -> int:
     settings = EdgeSettings(bind=args.bind, max_sessions=args.max_sessions,
                             max_sessions_per_device=args.max_sessions_per_device, idle_timeout_s=args.idle_timeout,
                             max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
-                            limits=limits, keys=keys)
+                            limits=limits, keys=keys, batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch)
     try:
         settings.check()
     except ValueError as err:
@@ -328,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixels of a decoded image (default: %(default)s)")
     g.add_argument("--max-window", type=int, default=DEFAULT_LIMITS.max_window,
                    help="drafted tokens in one VERIFY (default: %(default)s)")
+    g = q.add_argument_group("batched verification")
+    g.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms,
+                   help="how long a VERIFY may wait for other sessions' VERIFYs to share its target pass; "
+                        "0: no batching (default: %(default)s)")
+    g.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                   help="requests gathered into one batched round at most (default: %(default)s)")
     q.set_defaults(handler=cmd_edge_serve)
     q = edge_sub.add_parser("stats", help="print a running edge's counters (a STATS request) as JSON")
     q.add_argument("--edge", required=True, help="edge endpoint, e.g. tcp://127.0.0.1:5555")

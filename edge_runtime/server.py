@@ -12,6 +12,13 @@ that opened it; message, image (bytes and pixels), window, answer length, sessio
 device (keyed by the device's public key, or by its connection without authentication) and idle time
 are bounded. Counters are served by STATS; one JSON line per finished request goes to the
 "covspec.edge.requests" logger (edge_runtime.stats).
+
+Batched verification: a VERIFY that arrives while other sessions are mid-answer waits up to
+`batch_wait_ms` for their VERIFYs (at most `max_batch` requests in all). The first VERIFY of each
+session among the gathered requests that would feed the target is scored in one padded pass
+(edge_runtime.batching); the requests are then handled one by one in arrival order, exactly as
+without batching, each VERIFY using its precomputed window (the verification rules stay in
+TargetSession.verify).
 """
 
 from __future__ import annotations
@@ -19,11 +26,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import zmq
 
+from covspec.edge_runtime.batching import Window, can_batch, run_batch
 from covspec.edge_runtime.session import SessionError, TargetSession
 from covspec.edge_runtime.settings import EdgeSettings
 from covspec.edge_runtime.stats import EdgeCounters, SessionUsage, log_completion
@@ -32,12 +41,20 @@ from covspec.images import load_image
 from covspec.models.base import VLMAdapter
 from covspec.sampling import SamplingParams
 from covspec.transport import protocol as wire
-from covspec.transport.channel import MeteredSocket, make_socket, start_authenticator
+from covspec.transport.channel import MeteredSocket, Request, make_socket, start_authenticator
 
 log = logging.getLogger("covspec.edge")
 
 
 CLOSED_REMEMBERED = 4096  # sessions whose OPEN is remembered after CLOSE (a late duplicate is refused)
+
+
+@dataclass
+class Incoming:
+    """A received request and its decoded message (None when it does not decode: `handle` answers it)."""
+
+    request: Request
+    msg: wire.Message | None
 
 
 class EdgeServer:
@@ -51,6 +68,8 @@ class EdgeServer:
         self.closed: OrderedDict[int, int] = OrderedDict()  # sid -> seq of its OPEN, for closed sessions
         self.counters = EdgeCounters()
         self.device = ""  # who sent the request being handled (SessionUsage.device)
+        self.windows: dict[int, Window] = {}  # sid -> its VERIFY's window from this round's batched pass
+        self.batching_refused = False  # batching was found impossible (logged once)
         keys = settings.keys
         # the ZAP handler is per context: an authenticating edge gets a context of its own
         self.ctx = zmq.Context.instance() if keys is None else zmq.Context()
@@ -88,16 +107,24 @@ class EdgeServer:
         self.free_idle_sessions()
         if got is None:
             return
-        for reply in self.handle(got.frames, got.device):
-            self.sock.send(reply, peer=got.peer, limits=self.settings.limits)
+        gathered = self._gather(Incoming(got, self._decode(got)))
+        self.windows = self._batch(gathered)
+        try:
+            for incoming in gathered:
+                request = incoming.request
+                for reply in self.handle(request.frames, request.device, decoded=incoming.msg):
+                    self.sock.send(reply, peer=request.peer, limits=self.settings.limits)
+        finally:
+            self.windows = {}
 
-    def handle(self, frames: list, device: str = "local"):
-        """Yields the replies to one request (several for STREAM). Never raises."""
+    def handle(self, frames: list, device: str = "local", decoded: wire.Message | None = None):
+        """Yields the replies to one request (several for STREAM). Never raises. `decoded`: the
+        frames' message when already decoded."""
         msg: wire.Message | None = None
         self.device = device
         try:
             try:
-                msg = wire.decode(frames, self.settings.limits)
+                msg = decoded if decoded is not None else wire.decode(frames, self.settings.limits)
             finally:
                 self.counters.requests[msg.TYPE if msg is not None else "undecodable"] += 1
             handler = self.HANDLERS.get(type(msg))
@@ -119,6 +146,93 @@ class EdgeServer:
         self.counters.errors[code.name] += 1
         sid, seq = (msg.sid, msg.seq) if msg is not None else (0, 0)
         return wire.Error(sid=sid, seq=seq, code=code, message=text[:4000])
+
+    # --- batched verification ----------------------------------------------------------------
+    def _decode(self, request: Request) -> wire.Message | None:
+        try:
+            return wire.decode(request.frames, self.settings.limits)
+        except Exception:  # answered by `handle`, which decodes it again and reports why
+            return None
+
+    def _may_verify(self) -> int:
+        """Sessions that may send a VERIFY now: open, not finished, not streaming-only."""
+        return sum(1 for s in self.sessions.values() if not s.done and s.usage is not None and s.usage.mode != "target_only")
+
+    def _gather(self, first: Incoming) -> list[Incoming]:
+        """`first` and the requests that arrive within batch_wait_ms of it, when it is a VERIFY and
+        other sessions may send theirs: stops as soon as every such session has sent one, or at
+        max_batch requests."""
+        s = self.settings
+        if not isinstance(first.msg, wire.Verify) or s.batch_wait_ms <= 0 or s.max_batch <= 1:
+            return [first]
+        wanted = min(s.max_batch, self._may_verify())
+        gathered, verifying = [first], {first.msg.sid}
+        deadline = time.monotonic() + s.batch_wait_ms / 1000
+        while len(verifying) < wanted and len(gathered) < s.max_batch:
+            request = self.sock.recv_request(max(0.0, deadline - time.monotonic()))
+            if request is None:
+                break
+            incoming = Incoming(request, self._decode(request))
+            gathered.append(incoming)
+            if isinstance(incoming.msg, wire.Verify):
+                verifying.add(incoming.msg.sid)
+        return gathered
+
+    def _window_ids(self, msg: wire.Verify, device: str) -> torch.Tensor | None:
+        """The ids [k+1] this VERIFY will feed the target, or None when it will not feed any (it
+        will be refused, or repeats a round): what `on_verify` and `TargetSession.verify` check."""
+        session = self.sessions.get(msg.sid)
+        if session is None or (self.settings.keys is not None and session.usage.device != device):
+            return None
+        vocab = self.adapter.vocab_size
+        tokens = msg.tokens
+        if len(tokens) and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
+            return None
+        if msg.root is None and not session.root_known:
+            return None
+        root = msg.root if msg.root is not None else session.committed[-1]
+        if not 0 <= root < vocab:
+            return None
+        return session.window_ids(msg.round, root, torch.from_numpy(tokens.astype(np.int64)))
+
+    def _planned(self, gathered: list[Incoming]) -> dict[int, torch.Tensor]:
+        """sid -> the ids [k+1] of its VERIFY, for the gathered VERIFYs that will feed the target and
+        are their session's first request here (each session's requests are still handled in order)."""
+        planned: dict[int, torch.Tensor] = {}
+        seen: set[int] = set()
+        for incoming in gathered:
+            msg = incoming.msg
+            if msg is None or msg.sid in seen:
+                continue
+            seen.add(msg.sid)
+            if isinstance(msg, wire.Verify) and (ids := self._window_ids(msg, incoming.request.device)) is not None:
+                planned[msg.sid] = ids
+        return planned
+
+    def _batch(self, gathered: list[Incoming]) -> dict[int, Window]:
+        """One target pass over the planned windows of the gathered VERIFYs: sid -> window. Empty when
+        fewer than two windows can share a pass, or when the pass fails (the sessions are untouched
+        then, and each verifies on its own)."""
+        try:
+            planned = self._planned(gathered)
+            if len(planned) < 2:
+                return {}
+            states = [self.sessions[sid].state for sid in planned]
+            if not can_batch(self.adapter, states):
+                if not self.batching_refused:
+                    log.info("batched verification: not possible for this target's caches; each session verifies on its own")
+                self.batching_refused = True
+                return {}
+            windows = run_batch(self.adapter, states, list(planned.values()))
+        except Exception:
+            log.exception("batched verification failed; the windows are verified one by one")
+            return {}
+        log.debug("batched %d windows (%d tokens) in %.1f ms", len(windows), sum(w.size for w in windows),
+                  windows[0].pass_s * 1000)
+        self.counters.batches += 1
+        self.counters.batched_windows += len(windows)
+        self.counters.batch_max = max(self.counters.batch_max, len(windows))
+        return dict(zip(planned, windows, strict=True))
 
     def free_idle_sessions(self) -> None:
         now = time.monotonic()
@@ -203,6 +317,7 @@ class EdgeServer:
         yield session.opened
 
     def on_verify(self, msg: wire.Verify):
+        window = self.windows.pop(msg.sid, None)  # this round's batched pass over its window, if any
         session = self._session(msg)
         if msg.dists is not None:
             scheme, q_full = "full", torch.from_numpy(msg.dists.copy())
@@ -227,7 +342,7 @@ class EdgeServer:
         q_of_draft = None if msg.q is None else torch.from_numpy(msg.q)
         before = session.last
         answer = session.verify(msg.round, root, torch.from_numpy(msg.tokens.astype(np.int64)), scheme,
-                                q_of_draft=q_of_draft, q_full=q_full)
+                                q_of_draft=q_of_draft, q_full=q_full, window=window)
         v = answer.verdict
         if answer is not before:  # a new round, not a repeat
             usage = session.usage

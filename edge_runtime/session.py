@@ -5,6 +5,8 @@ Invariant: the target's cache holds the prompt plus `committed[:fed]`. The last 
 the target's logits [k+1, V] score every drafted token and the token after them.
 
 A repeated VERIFY of a round already answered returns the stored answer (retries are safe).
+When the edge batched the window with other sessions' (edge_runtime.batching), verify gets the
+target's logits precomputed and extends the cache by the kept positions only; the rules are the same.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from covspec.edge_runtime.batching import Window, commit
 from covspec.edge_runtime.stats import SessionUsage
 from covspec.models.base import DecodeState, VLMAdapter
 from covspec.sampling import SamplingParams, next_token
@@ -78,13 +81,8 @@ class TargetSession:
             return True
         return len(self.committed) >= self.max_new_tokens
 
-    @torch.inference_mode()
-    def verify(self, round_no: int, root: int, draft_ids: torch.Tensor, scheme: str,
-               q_of_draft: torch.Tensor | None = None, q_full: torch.Tensor | None = None) -> RoundAnswer:
-        """Verifies a window drafted after `root`. scheme: greedy | full | decoupled."""
-        self.last_active = time.monotonic()
-        if self.last is not None and round_no == self.last.round:
-            return self.last  # a retry of the round just answered
+    def _check_round(self, round_no: int, root: int) -> None:
+        """Raises SessionError when a new round `round_no` after `root` does not fit the state."""
         expected = 0 if self.last is None else self.last.round + 1
         if round_no != expected:
             raise SessionError(f"round {round_no} out of order: expected {expected}")
@@ -92,18 +90,49 @@ class TargetSession:
             raise SessionError("the answer is already complete")
         if self.root_known and root != self.committed[-1]:
             raise SessionError(f"root token {root} differs from the committed token {self.committed[-1]}")
+
+    def _room(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """The drafted tokens that could still be emitted: never verify past the token limit."""
+        room = self.max_new_tokens - len(self.committed) - (0 if self.root_known else 1)
+        return draft_ids[:max(room, 0)]
+
+    def window_ids(self, round_no: int, root: int, draft_ids: torch.Tensor) -> torch.Tensor | None:
+        """The ids [k+1] a VERIFY of round `round_no` would feed the target, or None when it would
+        feed nothing (a repeated round, or one verify will refuse). Changes nothing."""
+        if self.last is not None and round_no == self.last.round:
+            return None
+        try:
+            self._check_round(round_no, root)
+        except SessionError:
+            return None
+        return torch.cat([torch.tensor([root]), self._room(draft_ids).long()])
+
+    def _matches(self, window: Window | None, ids: torch.Tensor) -> bool:
+        """Whether a batched `window` was computed for exactly these ids [k+1] on exactly this state."""
+        return window is not None and window.length == self.state.length and torch.equal(window.ids, ids)
+
+    @torch.inference_mode()
+    def verify(self, round_no: int, root: int, draft_ids: torch.Tensor, scheme: str,
+               q_of_draft: torch.Tensor | None = None, q_full: torch.Tensor | None = None,
+               window: Window | None = None) -> RoundAnswer:
+        """Verifies a window drafted after `root`. scheme: greedy | full | decoupled. `window`: the
+        target's pass over this very window, computed beforehand in a batch with other sessions
+        (edge_runtime.batching); without it (or when it does not match) the session runs its own."""
+        self.last_active = time.monotonic()
+        if self.last is not None and round_no == self.last.round:
+            return self.last  # a retry of the round just answered
+        self._check_round(round_no, root)
         if not self.root_known:  # the device drew the correction itself
             self.committed.append(root)
             self.root_known = True
-        # never verify past the token limit: the drafted tokens that could still be emitted
-        room = self.max_new_tokens - len(self.committed)
-        draft_ids = draft_ids[:max(room, 0)]
+        draft_ids = self._room(draft_ids)
         k = int(draft_ids.shape[0])
 
         start = time.perf_counter()
         fed_before = self.fed
-        ids = torch.cat([torch.tensor([root]), draft_ids.long()])
-        logits = self.adapter.forward(self.state, ids)  # [k+1, V]
+        ids = torch.cat([torch.tensor([root]), draft_ids.long()])  # [k+1]
+        batched = self._matches(window, ids)
+        logits = window.logits if batched else self.adapter.forward(self.state, ids)  # [k+1, V]
         if scheme == "greedy":
             verdict = verify_greedy(draft_ids, logits)
         elif scheme == "full":
@@ -114,7 +143,10 @@ class TargetSession:
             raise SessionError(f"unknown verification scheme {scheme!r}")
         # keep the root and the accepted drafts in the cache; drop the rejected tail
         self.fed = fed_before + 1 + verdict.accepted
-        self.adapter.truncate(self.state, self.prompt_length + self.fed)
+        if batched:  # the batched pass left the cache as it was: add what is kept
+            commit(self.state, window, 1 + verdict.accepted)
+        else:
+            self.adapter.truncate(self.state, self.prompt_length + self.fed)
         self.committed.extend(int(t) for t in draft_ids[:verdict.accepted])
         if self.committed[-1] in self.adapter.eos_token_ids:  # an accepted draft ended the answer
             verdict.next_token = None
@@ -123,8 +155,9 @@ class TargetSession:
         else:
             self.committed.append(verdict.next_token)
         self.done = self._finished()
+        shared_s = window.pass_s if batched else 0.0  # the batched pass ran before `start`
         self.last = RoundAnswer(round=round_no, verdict=verdict, done=self.done,
-                                verify_s=time.perf_counter() - start)
+                                verify_s=time.perf_counter() - start + shared_s)
         return self.last
 
     @torch.inference_mode()

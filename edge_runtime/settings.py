@@ -21,13 +21,20 @@ class EdgeSettings:
     max_image_pixels: int = 2048 * 2048
     limits: wire.Limits = wire.DEFAULT_LIMITS
     keys: ServerKeys | None = None  # CURVE: the edge's key pair and the allowed device keys (None: no auth)
+    # batched verification: a VERIFY waits at most batch_wait_ms for other sessions' VERIFYs to share
+    # its target pass (0: off); at most max_batch requests are gathered into one round
+    batch_wait_ms: float = 2.0
+    max_batch: int = 8
 
     def check(self) -> None:
         """Raises ValueError naming a setting that makes no sense."""
         positive = {"max_sessions": self.max_sessions, "max_sessions_per_device": self.max_sessions_per_device,
                     "idle_timeout_s": self.idle_timeout_s, "max_new_tokens": self.max_new_tokens,
                     "max_image_pixels": self.max_image_pixels, "max_total_bytes": self.limits.max_total_bytes,
-                    "max_image_bytes": self.limits.max_image_bytes, "max_window": self.limits.max_window}
+                    "max_image_bytes": self.limits.max_image_bytes, "max_window": self.limits.max_window,
+                    "max_batch": self.max_batch}
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if not 0 <= self.batch_wait_ms <= 1000:
+            raise ValueError(f"batch_wait_ms must lie in [0, 1000], got {self.batch_wait_ms}")

@@ -63,6 +63,9 @@ class EdgeCounters:
     tokens_verified: int = 0
     tokens_accepted: int = 0
     tokens_streamed: int = 0
+    batches: int = 0  # target passes shared by several sessions' VERIFY windows
+    batched_windows: int = 0  # windows verified in those passes
+    batch_max: int = 0  # the most windows in one pass
 
     def snapshot(self, sessions_open: int, wire: ByteCounters) -> dict[str, int | float]:
         out: dict[str, int | float] = {
@@ -72,6 +75,7 @@ class EdgeCounters:
             "sessions_reopened": self.sessions_reopened, "sessions_closed": self.sessions_closed,
             "sessions_idle_freed": self.sessions_idle_freed, "tokens_verified": self.tokens_verified,
             "tokens_accepted": self.tokens_accepted, "tokens_streamed": self.tokens_streamed,
+            "batches": self.batches, "batched_windows": self.batched_windows, "batch_max": self.batch_max,
             "bytes_in": wire.bytes_recv, "bytes_out": wire.bytes_sent,
             "messages_in": wire.msgs_recv, "messages_out": wire.msgs_sent,
         }

@@ -1,0 +1,176 @@
+"""Batched verification: the VERIFY windows of several sessions in one target pass.
+
+`forward_batch` on sessions of different past lengths (one pruned) and window sizes gives the logits
+of per-session forwards and leaves each cache as a per-session forward would (decoding continues
+identically); a batched window commits only the kept positions; an edge that batches gives the same
+RESULTs as one that does not, and devices in threads get target-only greedy's answers.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import threading
+
+import numpy as np
+import pytest
+import tiny_models
+import torch
+from PIL import Image
+from test_runtimes import PROMPTS, RunningEdge, png
+
+from covspec.device_runtime.client import DeviceRuntime
+from covspec.edge_runtime.batching import can_batch, commit, forward_batch, run_batch
+from covspec.generation import generate
+from covspec.models import load_adapter
+from covspec.sampling import SamplingParams
+from covspec.transport import protocol as wire
+from covspec.transport.channel import Client, RemoteError
+
+TOLERANCE = 1e-4
+BUILDERS = {"llava": tiny_models.build_llava, "qwen2_5_vl": tiny_models.build_qwen2_5_vl}
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    root = tmp_path_factory.mktemp("batching")
+    return tiny_models.build_llava(root / "target", seed=0), tiny_models.build_llava(root / "draft", seed=1)
+
+
+def open_states(adapter, extra_tokens: list[int], seed: int = 0):
+    """One prefilled state per entry (the second one pruned to every other visual token), each then
+    fed `extra_tokens[i]` random tokens: past lengths differ."""
+    g = torch.Generator().manual_seed(seed)
+    states = []
+    for i, extra in enumerate(extra_tokens):
+        image = Image.open(io.BytesIO(png(i))).convert("RGB")
+        visual = adapter.encode_image(adapter.preprocess(image))
+        kept = torch.arange(0, visual.count, 2) if i == 1 else None
+        _, state = adapter.prefill(visual, PROMPTS[i % len(PROMPTS)], kept=kept)
+        adapter.forward(state, torch.randint(5, 30, (extra,), generator=g))
+        states.append(state)
+    return states, g
+
+
+def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+@pytest.mark.parametrize("extra,sizes", [([0, 5], [1, 4]), ([2, 0, 7, 3], [3, 1, 5, 2])])
+def test_forward_batch_equals_per_session_forwards(tmp_path, family, extra, sizes):
+    adapter = load_adapter(BUILDERS[family](tmp_path / family, seed=0))
+    states, g = open_states(adapter, extra)
+    assert len({s.length for s in states}) > 1 and can_batch(adapter, states)
+    alone = [copy.deepcopy(s) for s in states]
+    windows = [torch.randint(5, 30, (n,), generator=g) for n in sizes]
+    expected = [adapter.forward(s, ids) for s, ids in zip(alone, windows, strict=True)]
+    got = forward_batch(adapter, states, windows)
+    assert [tuple(x.shape) for x in got] == [tuple(x.shape) for x in expected]
+    diff = max_diff(got, expected)
+    assert diff < TOLERANCE, diff
+    assert [s.length for s in states] == [s.length for s in alone]
+    for state, single in zip(states, alone, strict=True):  # the caches themselves
+        for a, b in zip(state.cache.layers, single.cache.layers, strict=True):
+            assert a.keys.shape == b.keys.shape and float((a.keys - b.keys).abs().max()) < TOLERANCE
+    following = [torch.randint(5, 30, (2,), generator=g) for _ in states]  # decoding continues alike
+    after = max_diff([adapter.forward(s, ids) for s, ids in zip(states, following, strict=True)],
+                     [adapter.forward(s, ids) for s, ids in zip(alone, following, strict=True)])
+    assert after < TOLERANCE, after
+    print(f"{family} B={len(states)}: max |batched - alone| logits {diff:.2e}, after {after:.2e}")
+
+
+def test_commit_keeps_only_the_accepted_positions(llava):
+    adapter = load_adapter(llava[0])
+    states, g = open_states(adapter, [1, 4, 0])
+    windows = [torch.randint(5, 30, (n,), generator=g) for n in (4, 2, 3)]
+    lengths = [s.length for s in states]
+    batched = run_batch(adapter, states, windows)
+    assert [s.length for s in states] == lengths, "run_batch must leave the states alone"
+    kept = [2, 1, 3]
+    alone = [copy.deepcopy(s) for s in states]
+    for state, single, window, ids, n in zip(states, alone, batched, windows, kept, strict=True):
+        commit(state, window, n)
+        adapter.forward(single, ids)
+        adapter.truncate(single, single.length - ids.numel() + n)
+        assert state.length == single.length
+    probe = [torch.tensor([7, 8]) for _ in states]
+    assert max_diff([adapter.forward(s, p) for s, p in zip(states, probe, strict=True)],
+                    [adapter.forward(s, p) for s, p in zip(alone, probe, strict=True)]) < TOLERANCE
+    with pytest.raises(ValueError, match="computed after"):
+        commit(states[0], batched[0], 1)  # stale: the state moved on
+
+
+def verify_all(endpoint: str, opened_tokens: dict[int, int] | None = None) -> tuple[dict, list]:
+    """Opens three sessions, then sends their first VERIFYs (and one for a session that does not
+    exist) back to back, without waiting: the edge finds them queued together."""
+    with Client(endpoint, timeout_s=20, retries=0) as client:
+        opened = {sid: client.request(wire.Open(sid=sid, image=png(sid), prompt=PROMPTS[sid % 3], mode="vanilla_sd",
+                                                max_new_tokens=16)).token for sid in (1, 2, 3)}
+        sent = [client.send(wire.Verify(sid=sid, round=0, tokens=np.array([opened[sid], 5 + sid, 9][:sid], np.int32)))
+                for sid in (1, 2, 3)]
+        sent.append(client.send(wire.Verify(sid=77, round=0, tokens=np.array([1], np.int32))))
+        replies = []
+        for msg in sent:
+            try:
+                reply = client.recv(msg.seq)
+                replies.append((reply.accepted, reply.token, reply.done))
+            except RemoteError as err:
+                replies.append(err.code)
+        for sid in (1, 2, 3):
+            client.request(wire.Close(sid=sid))
+    return opened, replies
+
+
+def test_batched_edge_answers_as_an_unbatched_one(llava):
+    target, _ = llava
+    results = {}
+    for wait_ms in (0.0, 300.0):
+        edge = RunningEdge(target, batch_wait_ms=wait_ms)
+        try:
+            results[wait_ms] = verify_all(edge.endpoint)
+            stats = edge.server.stats()
+        finally:
+            edge.close()
+        if wait_ms:
+            assert stats["batches"] == 1 and stats["batched_windows"] == 3 and stats["batch_max"] == 3, stats
+        else:
+            assert stats["batches"] == 0
+    assert results[0.0] == results[300.0]
+    assert results[300.0][1][-1] == wire.ErrorCode.UNKNOWN_SESSION
+
+
+def test_devices_in_threads_get_target_only_greedy(llava):
+    target, draft = llava
+    n, jobs = 12, [(i, PROMPTS[i % 3]) for i in range(4)]
+    target_adapter = load_adapter(target)
+    expected = {i: generate(target_adapter, Image.open(io.BytesIO(png(i))).convert("RGB"), prompt,
+                            max_new_tokens=n).ids for i, prompt in jobs}
+    edge = RunningEdge(target, batch_wait_ms=50.0)
+    answers: dict[int, list[int]] = {}
+    failures: list[BaseException] = []
+    start = threading.Barrier(len(jobs))
+    drafts = [load_adapter(draft) for _ in jobs]  # loaded here: model loading is not thread-safe
+
+    def device(i: int, prompt: str) -> None:
+        try:
+            runtime = DeviceRuntime(drafts[i], edge.endpoint, timeout_s=30)
+            start.wait(30)
+            answers[i] = runtime.answer(png(i), prompt, "vanilla_sd", SamplingParams(), max_new_tokens=n, window=3).ids
+            runtime.close()
+        except BaseException as err:  # reported by the main thread
+            failures.append(err)
+
+    try:
+        threads = [threading.Thread(target=device, args=job) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        stats = edge.server.stats()
+    finally:
+        edge.close()
+    assert not failures, failures
+    assert answers == expected
+    print(f"batches {stats['batches']}, windows in them {stats['batched_windows']}, largest {stats['batch_max']}")
+    assert stats["batches"] >= 1 and stats["batch_max"] > 1, stats
