@@ -74,6 +74,10 @@ def run_worker(args: argparse.Namespace) -> int:
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     device = DeviceRuntime(load_adapter(args.draft), args.edge, timeout_s=120.0)
     modes = args.modes.split(",")
+    if args.go:  # a load run: start with the other devices
+        from covspec.bench_load import wait_for_go
+
+        wait_for_go(Path(args.go), args.device)
     out = open(args.rows, "a")
     for index, item in enumerate(sample_split("heldout", args.prompts, seed=0, start=args.start)):
         buf = io.BytesIO()
@@ -83,6 +87,7 @@ def run_worker(args: argparse.Namespace) -> int:
         for label in modes:
             mode, _, k = label.partition("@")  # "vanilla_sd@8": a fixed window of 8
             window = int(k) if k else args.window
+            t_start = time.time()
             answer = device.answer(image, item.question, mode, params, args.max_new_tokens, window=window)
             if mode == "target_only":
                 reference = answer.ids
@@ -97,7 +102,8 @@ def run_worker(args: argparse.Namespace) -> int:
                    "mean_accepted": answer.mean_accepted, "acceptance": answer.acceptance_rate,
                    "score": score_answer(item, answer.text),
                    "matches_target": None if reference is None or mode == "draft_only" else answer.ids == reference,
-                   "accepted_per_round": [r.accepted for r in answer.rounds], "ids": answer.ids}
+                   "accepted_per_round": [r.accepted for r in answer.rounds], "ids": answer.ids,
+                   "device": args.device, "t_start": t_start, "t_end": time.time()}
             out.write(json.dumps(row) + "\n")
             out.flush()
             print(f"[{args.link}] #{index + args.start} {label:20s} {len(answer.ids):3d} tokens "
@@ -294,6 +300,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", default="runs/bench")
+    p.add_argument("--devices", default=None,
+                   help="a load run instead: comma-separated device counts (e.g. 1,2,4,8), each that many device "
+                        "processes against one edge (no link emulator), every device asking --prompts prompts in "
+                        "each mode; per-device and aggregate tokens/s, p50/p99 request latency, the edge's batches "
+                        "and peak RSS (see covspec/bench_load.py)")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0, help="the edge's batch_wait_ms (0: no batching)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edge", help=argparse.SUPPRESS)
     parser.add_argument("--link", help=argparse.SUPPRESS)
     parser.add_argument("--rows", help=argparse.SUPPRESS)
+    parser.add_argument("--device", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--go", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return run_worker(args)
@@ -311,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     args.target = args.target or str(demo.default_target_path())
     args.draft = args.draft or str(demo.default_draft_path())
     args.command_line = "covspec bench " + shlex.join(argv if argv is not None else sys.argv[1:])
+    if args.devices:
+        from covspec.bench_load import run_load
+
+        run_load(args)
+        return 0
     run_bench(args)
     return 0
 

@@ -1,0 +1,40 @@
+"""`covspec bench --devices`: the load summary, and (slow) a run of 1 and 2 device processes."""
+
+import json
+from pathlib import Path
+
+import pytest
+import tiny_models
+
+from covspec import bench
+from covspec.bench_load import summarise_load
+
+
+def row(device: int, tokens: int, t_start: float, t_end: float) -> dict:
+    return {"device": device, "tokens": tokens, "t_start": t_start, "t_end": t_end, "latency_s": t_end - t_start}
+
+
+def test_load_summary_figures():
+    rows = [row(0, 10, 0.0, 1.0), row(0, 10, 1.0, 2.0), row(1, 30, 0.5, 1.5)]
+    s = summarise_load(rows, "vanilla_sd", 2, {"batches": 4, "batched_windows": 10}, 123.0)
+    assert s["tokens"] == 50 and s["requests"] == 3
+    assert s["aggregate_tps"] == pytest.approx(50 / 2.0)  # all tokens over the span 0..2 s
+    assert s["device_tps_mean"] == pytest.approx((20 / 2.0 + 30 / 1.0) / 2)
+    assert s["device_tps_min"] == pytest.approx(10.0)
+    assert s["latency_p50_ms"] == pytest.approx(1000.0)
+    assert s["windows_per_batch"] == pytest.approx(2.5) and s["edge_peak_rss_mb"] == 123.0
+
+
+@pytest.mark.slow
+def test_load_run_with_one_and_two_devices(tmp_path: Path):
+    target = tiny_models.build_llava(tmp_path / "target", seed=0)
+    draft = tiny_models.build_llava(tmp_path / "draft", seed=1)
+    out = tmp_path / "load"
+    argv = ["--target", str(target), "--draft", str(draft), "--devices", "1,2", "--modes", "vanilla_sd",
+            "--prompts", "1", "--max-new-tokens", "8", "--out", str(out)]
+    assert bench.main(argv) == 0
+    summary = json.loads((out / "load.json").read_text())["summary"]
+    assert [(s["devices"], s["requests"]) for s in summary] == [(1, 1), (2, 2)]
+    assert all(s["aggregate_tps"] > 0 and s["latency_p99_ms"] >= s["latency_p50_ms"] for s in summary)
+    assert summary[0]["edge_batches"] == 0  # one device: nothing to batch with
+    assert "| vanilla_sd | 2 | 2 |" in (out / "load.md").read_text()
