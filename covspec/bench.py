@@ -78,6 +78,11 @@ def run_worker(args: argparse.Namespace) -> int:
         from covspec.bench_load import wait_for_go
 
         wait_for_go(Path(args.go), args.device)
+    recorder = None
+    if args.record:  # a load run's recording pass: every request's messages, for replaying devices
+        from covspec.bench_load import Recorder
+
+        recorder = Recorder(device.client)
     out = open(args.rows, "a")
     for index, item in enumerate(sample_split("heldout", args.prompts, seed=0, start=args.start)):
         buf = io.BytesIO()
@@ -89,6 +94,8 @@ def run_worker(args: argparse.Namespace) -> int:
             window = int(k) if k else args.window
             t_start = time.time()
             answer = device.answer(image, item.question, mode, params, args.max_new_tokens, window=window)
+            if recorder is not None:
+                recorder.save(Path(args.record), index + args.start, label, len(answer.ids))
             if mode == "target_only":
                 reference = answer.ids
             n = max(len(answer.ids), 1)
@@ -306,6 +313,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "each mode; per-device and aggregate tokens/s, p50/p99 request latency, the edge's batches "
                         "and peak RSS (see covspec/bench_load.py)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="the edge's batch_wait_ms (0: no batching)")
+    p.add_argument("--replay", action="store_true",
+                   help="with --devices: one real device first answers every device's prompts (recording its "
+                        "messages), then the N devices replay those messages (load generators: no draft runs "
+                        "on them, so they leave the cores to the edge)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,7 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", help=argparse.SUPPRESS)
     parser.add_argument("--device", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--go", help=argparse.SUPPRESS)
+    parser.add_argument("--record", help=argparse.SUPPRESS)
+    parser.add_argument("--replay-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker and args.replay_file:
+        from covspec.bench_load import run_replay_worker
+
+        return run_replay_worker(args)
     if args.worker:
         return run_worker(args)
     from covspec import demo

@@ -4,9 +4,14 @@
     devices: N x `python -m covspec.bench --worker` (1 thread each), straight to the edge (no link)
 
 The devices load their draft, then start together (a go file) and each asks `--prompts` held-out
-prompts of its own in the mode. The devices run the real draft on the same machine as the edge: on
-a small machine they compete with it for the cores (load generators replaying recorded windows are
-not implemented). Reported per (mode, N): aggregate decode tokens/s (all tokens over the span from
+prompts of its own in the mode. Real devices run the draft on the same machine as the edge: on a
+small machine they compete with it for the cores. With `--replay` the devices are load generators,
+as servers are load-tested: one real device first answers every device's prompts in every mode
+(a recording pass, recorded.pkl: each request's messages and the edge's replies), then each device
+replays its requests' messages (OPEN, the drafted VERIFY windows, STREAM, CLOSE) under a fresh
+session id, waiting for every reply as the device did, with no draft running; the edge does all of
+its real work, and each replayed request checks that the edge's replies equal the recorded ones
+(`replay_matches`). Replayed latency leaves out the device's drafting time. Reported per (mode, N): aggregate decode tokens/s (all tokens over the span from
 the first request's start to the last one's end), per-device tokens/s (a device's tokens over its
 own span; mean and min), request latency p50/p99 (one request = one answer), the edge's batched
 passes in that run (STATS) and its peak RSS. Files: load.jsonl (one row per request), load.json
@@ -17,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +51,117 @@ def release(go: Path, n: int, procs: list[subprocess.Popen], timeout_s: float = 
             raise RuntimeError("a device worker failed before starting (see its log)")
         time.sleep(0.05)
     go.touch()
+
+
+class Recorder:
+    """Records what a device's Client sends (every request but HELLO) and a summary of each reply."""
+
+    def __init__(self, client) -> None:
+        self.sent: list = []
+        self.replies: list = []
+        send, recv = client.send, client.recv
+
+        def recording_send(msg):
+            sent = send(msg)
+            self.sent.append(sent)
+            return sent
+
+        def recording_recv(seq: int, timeout_s: float | None = None):
+            from covspec.transport.channel import RemoteError
+
+            try:
+                reply = recv(seq, timeout_s)
+            except RemoteError as err:
+                self.replies.append(("ERROR", int(err.code)))
+                raise
+            if reply is not None:
+                self.replies.append(reply_summary(reply))
+            return reply
+
+        client.send, client.recv = recording_send, recording_recv
+
+    def save(self, path: Path, index: int, mode: str, tokens: int) -> None:
+        from covspec.transport import protocol as wire
+
+        requests = [m for m in self.sent if not isinstance(m, wire.Hello)]
+        with open(path, "ab") as f:
+            pickle.dump({"index": index, "mode": mode, "tokens": tokens, "requests": requests,
+                         "replies": self.replies}, f)
+        self.sent, self.replies = [], []
+
+
+def reply_summary(reply) -> tuple:
+    """What a replayed reply must equal: the verdict, the tokens, whether done."""
+    from covspec.transport import protocol as wire
+
+    if isinstance(reply, wire.Result):
+        return ("RESULT", reply.accepted, reply.token, reply.done)
+    if isinstance(reply, wire.Opened):
+        return ("OPENED", reply.token, reply.done)
+    if isinstance(reply, wire.Streamed):
+        return ("STREAMED", [int(t) for t in reply.tokens], reply.done)
+    return (reply.TYPE,)
+
+
+def load_records(path: Path) -> list[dict]:
+    records = []
+    with open(path, "rb") as f:
+        while True:
+            try:
+                records.append(pickle.load(f))
+            except EOFError:
+                return records
+
+
+def replay(client, record: dict) -> dict:
+    """Sends one recorded request's messages under a fresh session id, each after the previous one's
+    reply (all of a STREAM's chunks); its timings, and whether the replies equal the recorded ones."""
+    from covspec.transport import protocol as wire
+    from covspec.transport.channel import RemoteError
+
+    sid = int.from_bytes(np.random.default_rng().bytes(7), "little") or 1
+    replies: list[tuple] = []
+    ttft = None
+    t_start = time.time()
+    for msg in record["requests"]:
+        sent = client.send(replace(msg, sid=sid) if msg.sid else msg)
+        while True:
+            try:
+                reply = client.recv(sent.seq)
+            except RemoteError as err:
+                replies.append(("ERROR", int(err.code)))
+                break
+            if reply is None:
+                raise RuntimeError(f"no reply to {sent.TYPE} within the timeout")
+            replies.append(reply_summary(reply))
+            if ttft is None and isinstance(reply, wire.Opened):
+                ttft = time.time() - t_start
+            if not isinstance(reply, wire.Streamed) or reply.done:
+                break
+    t_end = time.time()
+    latency, tokens = t_end - t_start, record["tokens"]
+    ttft = latency if ttft is None else ttft
+    return {"tokens": tokens, "ttft_s": ttft, "latency_s": latency, "t_start": t_start, "t_end": t_end,
+            "decode_tps": (tokens - 1) / (latency - ttft) if latency > ttft and tokens > 1 else float("nan"),
+            "replay_matches": replies == record["replies"]}
+
+
+def run_replay_worker(args: argparse.Namespace) -> int:
+    """A load-generating device: replays its share of the recorded requests in one mode."""
+    from covspec.transport.channel import Client
+
+    mine = [r for r in load_records(Path(args.replay_file))
+            if r["mode"] == args.modes and args.start <= r["index"] < args.start + args.prompts]
+    client = Client(args.edge, timeout_s=120.0, retries=0)
+    wait_for_go(Path(args.go), args.device)
+    with open(args.rows, "a") as out:
+        for record in mine:
+            row = {"link": args.link, "mode": args.modes, "index": record["index"], "device": args.device,
+                   **replay(client, record)}
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+    client.close()
+    return 0
 
 
 def edge_peak_rss_mb(pid: int) -> float | None:
@@ -72,6 +190,8 @@ def worker_command(args: argparse.Namespace, endpoint: str, mode: str, n: int, d
                "--start", str(args.start + device * args.prompts), "--max-new-tokens", str(args.max_new_tokens),
                "--window", str(args.window), "--temperature", str(args.temperature), "--top-k", str(args.top_k),
                "--top-p", str(args.top_p), "--rows", str(rows), "--device", str(device), "--go", str(go)]
+    if args.replay:
+        command += ["--replay-file", str(Path(args.out) / "recorded.pkl")]
     return command + (["--seed", str(args.seed)] if args.seed is not None else [])
 
 
@@ -115,24 +235,48 @@ def summarise_load(rows: list[dict], mode: str, n: int, batches: dict[str, float
             "device_tps_min": float(np.min(per_device)), "latency_p50_ms": float(np.percentile(latency, 50)),
             "latency_p99_ms": float(np.percentile(latency, 99)), "edge_batches": int(batches.get("batches", 0)),
             "windows_per_batch": windows / batches["batches"] if batches.get("batches") else 0.0,
-            "edge_peak_rss_mb": rss_mb}
+            "edge_peak_rss_mb": rss_mb,
+            "replay_matches": None if "replay_matches" not in rows[0] else sum(r["replay_matches"] for r in rows)}
 
 
 def write_load(out: Path, summary: list[dict], args: argparse.Namespace) -> None:
     (out / "load.json").write_text(json.dumps({"summary": summary, "command": args.command_line}, indent=1))
     lines = ["# covspec bench --devices", "", f"Command: `{args.command_line}`", "",
-             f"Edge: 1 thread, batch_wait_ms {args.batch_wait_ms}. Devices: separate processes running the real "
-             "draft (1 thread each) on the same machine, straight to the edge. A request is one answer; tokens/s "
-             "counts every answer token (aggregate: over the span of all requests; per device: over its own).", "",
+             f"Edge: 1 thread, batch_wait_ms {args.batch_wait_ms}. Devices: "
+             + ("load generators replaying the messages of a recorded real run (no draft running; latency leaves "
+                "out drafting); `replayed equal` counts requests whose edge replies equal the recorded ones. "
+                if args.replay else "separate processes running the real draft (1 thread each) on the same "
+                "machine, straight to the edge. ")
+             + "A request is one answer; tokens/s counts every answer token (aggregate: over the span of all "
+             "requests; per device: over its own).", "",
              "| mode | devices | requests | aggregate tok/s | per-device tok/s (mean / min) | latency p50 ms | "
-             "latency p99 ms | edge batches | windows per batch | edge peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "latency p99 ms | edge batches | windows per batch | edge peak RSS MiB | replayed equal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         rss = "" if s["edge_peak_rss_mb"] is None else f"{s['edge_peak_rss_mb']:.0f}"
+        equal = "" if s["replay_matches"] is None else f"{s['replay_matches']}/{s['requests']}"
         lines.append(f"| {s['mode']} | {s['devices']} | {s['requests']} | {s['aggregate_tps']:.1f} | "
                      f"{s['device_tps_mean']:.1f} / {s['device_tps_min']:.1f} | {s['latency_p50_ms']:.0f} | "
-                     f"{s['latency_p99_ms']:.0f} | {s['edge_batches']} | {s['windows_per_batch']:.2f} | {rss} |")
+                     f"{s['latency_p99_ms']:.0f} | {s['edge_batches']} | {s['windows_per_batch']:.2f} | {rss} | "
+                     f"{equal} |")
     (out / "load.md").write_text("\n".join(lines) + "\n")
+
+
+def record(args: argparse.Namespace, out: Path, endpoint: str, devices: int) -> None:
+    """The recording pass: one real device answers the prompts of `devices` devices in every mode."""
+    from covspec.bench import one_thread_env
+
+    recorded = out / "recorded.pkl"
+    recorded.unlink(missing_ok=True)
+    (out / "recorded.jsonl").unlink(missing_ok=True)
+    command = [sys.executable, "-m", "covspec.bench", "--worker", "--draft", str(args.draft), "--edge", endpoint,
+               "--link", "recording", "--modes", args.modes, "--prompts", str(devices * args.prompts),
+               "--start", str(args.start), "--max-new-tokens", str(args.max_new_tokens), "--window", str(args.window),
+               "--temperature", str(args.temperature), "--top-k", str(args.top_k), "--top-p", str(args.top_p),
+               "--rows", str(out / "recorded.jsonl"), "--record", str(recorded)]
+    command += ["--seed", str(args.seed)] if args.seed is not None else []
+    with open(out / "recording.log", "w") as log:
+        subprocess.run(command, env=one_thread_env(), stdout=log, stderr=subprocess.STDOUT, check=True)
 
 
 def run_load(args: argparse.Namespace) -> Path:
@@ -149,6 +293,8 @@ def run_load(args: argparse.Namespace) -> Path:
     summary, all_rows = [], []
     try:
         wait_for_edge(endpoint)
+        if args.replay:
+            record(args, out, endpoint, max(counts))
         for mode in args.modes.split(","):
             for n in counts:
                 before = edge_stats(endpoint)

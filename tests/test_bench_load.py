@@ -38,3 +38,19 @@ def test_load_run_with_one_and_two_devices(tmp_path: Path):
     assert all(s["aggregate_tps"] > 0 and s["latency_p99_ms"] >= s["latency_p50_ms"] for s in summary)
     assert summary[0]["edge_batches"] == 0  # one device: nothing to batch with
     assert "| vanilla_sd | 2 | 2 |" in (out / "load.md").read_text()
+
+
+@pytest.mark.slow
+def test_replaying_load_generators_get_the_recorded_replies(tmp_path: Path):
+    target = tiny_models.build_llava(tmp_path / "target", seed=0)
+    draft = tiny_models.build_llava(tmp_path / "draft", seed=1)
+    out = tmp_path / "load"
+    argv = ["--target", str(target), "--draft", str(draft), "--devices", "1,2", "--replay",
+            "--modes", "target_only,vanilla_sd,covspec", "--prompts", "2", "--max-new-tokens", "12", "--out", str(out)]
+    assert bench.main(argv) == 0
+    summary = json.loads((out / "load.json").read_text())["summary"]
+    assert [(s["mode"], s["devices"]) for s in summary] == [(m, n) for m in ("target_only", "vanilla_sd", "covspec")
+                                                           for n in (1, 2)]
+    for s in summary:
+        assert s["requests"] == 2 * s["devices"] and s["replay_matches"] == s["requests"], s
+    assert any(s["edge_batches"] > 0 for s in summary if s["devices"] == 2 and s["mode"] != "target_only")
