@@ -140,29 +140,27 @@ def test_batched_edge_answers_as_an_unbatched_one(llava):
     assert results[300.0][1][-1] == wire.ErrorCode.UNKNOWN_SESSION
 
 
-def test_devices_in_threads_get_target_only_greedy(llava):
-    target, draft = llava
-    n, jobs = 12, [(i, PROMPTS[i % 3]) for i in range(4)]
-    target_adapter = load_adapter(target)
-    expected = {i: generate(target_adapter, Image.open(io.BytesIO(png(i))).convert("RGB"), prompt,
-                            max_new_tokens=n).ids for i, prompt in jobs}
-    edge = RunningEdge(target, batch_wait_ms=50.0)
+def answer_in_threads(target, draft, mode: str, params: SamplingParams, batch_wait_ms: float,
+                      devices: int = 4, n: int = 12) -> tuple[dict[int, list[int]], dict]:
+    """`devices` devices in threads, started together, each answering its own prompt: (device ->
+    answer ids, the edge's STATS)."""
+    edge = RunningEdge(target, batch_wait_ms=batch_wait_ms)
     answers: dict[int, list[int]] = {}
     failures: list[BaseException] = []
-    start = threading.Barrier(len(jobs))
-    drafts = [load_adapter(draft) for _ in jobs]  # loaded here: model loading is not thread-safe
+    start = threading.Barrier(devices)
+    drafts = [load_adapter(draft) for _ in range(devices)]  # loaded here: model loading is not thread-safe
 
-    def device(i: int, prompt: str) -> None:
+    def device(i: int) -> None:
         try:
             runtime = DeviceRuntime(drafts[i], edge.endpoint, timeout_s=30)
             start.wait(30)
-            answers[i] = runtime.answer(png(i), prompt, "vanilla_sd", SamplingParams(), max_new_tokens=n, window=3).ids
+            answers[i] = runtime.answer(png(i), PROMPTS[i % 3], mode, params, max_new_tokens=n, window=3).ids
             runtime.close()
         except BaseException as err:  # reported by the main thread
             failures.append(err)
 
     try:
-        threads = [threading.Thread(target=device, args=job) for job in jobs]
+        threads = [threading.Thread(target=device, args=(i,)) for i in range(devices)]
         for t in threads:
             t.start()
         for t in threads:
@@ -171,6 +169,25 @@ def test_devices_in_threads_get_target_only_greedy(llava):
     finally:
         edge.close()
     assert not failures, failures
+    return answers, stats
+
+
+def test_devices_in_threads_get_target_only_greedy(llava):
+    target, draft = llava
+    target_adapter = load_adapter(target)
+    expected = {i: generate(target_adapter, Image.open(io.BytesIO(png(i))).convert("RGB"), PROMPTS[i % 3],
+                            max_new_tokens=12).ids for i in range(4)}
+    answers, stats = answer_in_threads(target, draft, "vanilla_sd", SamplingParams(), batch_wait_ms=50.0)
     assert answers == expected
     print(f"batches {stats['batches']}, windows in them {stats['batched_windows']}, largest {stats['batch_max']}")
     assert stats["batches"] >= 1 and stats["batch_max"] > 1, stats
+
+
+@pytest.mark.parametrize("mode", ["vanilla_sd", "covspec_no_branch"])  # full and decoupled verification
+def test_seeded_sampling_answers_do_not_depend_on_batching(llava, mode):
+    target, draft = llava
+    params = SamplingParams(temperature=1.0, top_k=20, seed=7)
+    alone, _ = answer_in_threads(target, draft, mode, params, batch_wait_ms=0.0)
+    batched, stats = answer_in_threads(target, draft, mode, params, batch_wait_ms=50.0)
+    assert batched == alone
+    assert stats["batches"] >= 1, stats
