@@ -65,7 +65,7 @@ def run_worker(args: argparse.Namespace) -> int:
     import torch
 
     from covspec.demo.evaluate import score_answer
-    from covspec.demo.task import sample_split
+    from covspec.demo.task import make_item, sample_split
     from covspec.device_runtime.client import DeviceRuntime
     from covspec.models import load_adapter
     from covspec.sampling import SamplingParams
@@ -84,7 +84,10 @@ def run_worker(args: argparse.Namespace) -> int:
 
         recorder = Recorder(device.client)
     out = open(args.rows, "a")
-    for index, item in enumerate(sample_split("heldout", args.prompts, seed=0, start=args.start)):
+    items = sample_split("heldout", args.prompts, seed=0, start=args.start)
+    if args.question_type:  # the same scenes, all asked this kind of question
+        items = (make_item("heldout", i, 0, qtype=args.question_type) for i in range(args.start, args.start + args.prompts))
+    for index, item in enumerate(items):
         buf = io.BytesIO()
         item.image.save(buf, format="PNG")
         image = buf.getvalue()
@@ -151,6 +154,7 @@ def run_bench(args: argparse.Namespace) -> Path:
                 worker = [sys.executable, "-m", "covspec.bench", "--worker", "--draft", str(args.draft),
                           "--edge", f"tcp://127.0.0.1:{link_port}", "--link", link_name, "--modes", args.modes,
                           "--prompts", str(args.prompts), "--start", str(args.start),
+                          *(["--question-type", args.question_type] if args.question_type else []),
                           "--max-new-tokens", str(args.max_new_tokens), "--window", str(args.window),
                           "--temperature", str(args.temperature), "--top-k", str(args.top_k),
                           "--top-p", str(args.top_p), "--rows", str(rows_file)]
@@ -300,6 +304,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--links", default="loopback,4g", help=f"comma-separated: {', '.join(PROFILES)}")
     p.add_argument("--prompts", type=int, default=10, help="held-out demo prompts per link")
     p.add_argument("--start", type=int, default=0, help="index of the first held-out prompt")
+    p.add_argument("--question-type", default=None,
+                   help="ask every scene this kind of question (e.g. describe, for long answers); default: mixed")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--window", type=int, default=4)
     p.add_argument("--temperature", type=float, default=0.0)
