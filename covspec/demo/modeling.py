@@ -32,7 +32,7 @@ class VisionSize:
 
 
 # decode cost of these tiny models is per-layer overhead, so the draft/target step ratio follows layers
-TARGET_TEXT = TextSize(layers=16, hidden=128, heads=4, intermediate=256)
+TARGET_TEXT = TextSize(layers=16, hidden=64, heads=4, intermediate=128)
 DRAFT_TEXT = TextSize(layers=1, hidden=128, heads=4, intermediate=512)
 VISION = VisionSize()
 

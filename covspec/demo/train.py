@@ -42,9 +42,10 @@ from covspec.demo.data import (
     build_pool,
     collate,
     sample_questions,
+    token_cells,
 )
 from covspec.demo.modeling import DRAFT_TEXT, TARGET_TEXT, TextSize, new_model, save_checkpoint, size_meta
-from covspec.demo.task import COLOURS, N_VISUAL_TOKENS, SHAPES
+from covspec.demo.task import COLOURS, GRID, N_VISUAL_TOKENS, SHAPES
 from covspec.demo.tokenizer import IMAGE, build_tokenizer
 
 console = Console(stderr=True)
@@ -62,6 +63,7 @@ class StageSettings:
     projector_lr_scale: float = 0.1
     align_weight: float = 1.0
     distill_weight: float = 0.0  # KL to the target's next-token distribution (draft only)
+    short_batch: int = 0  # batch size of short-question batches (0: same as batch)
 
 
 @dataclass(frozen=True)
@@ -70,14 +72,18 @@ class TrainSettings:
     threads: int = 2
     pool_size: int = 12000
     val_size: int = 480
-    vision_steps: int = 800
+    vision_steps: int = 400
     vision_batch: int = 64
     vision_lr: float = 2e-3
-    align_steps: int = 1500
+    vision_cell_head: bool = False  # the vision stage also predicts each token's grid cell
+    align_steps: int = 600
     align_batch: int = 64
-    target: StageSettings = StageSettings(steps=2500, lr=2e-3)
-    draft: StageSettings = StageSettings(steps=2500, lr=3e-3)
-    eval_every: int = 250
+    target: StageSettings = StageSettings(steps=1600, lr=2e-3, describe_only=400)
+    # then short questions get most of the batches, twice as many per batch (one answer token each)
+    target_focus: StageSettings = StageSettings(steps=0, lr=1e-3, warmup=50, describe_only=0, ramp=1,
+                                                describe_share=0.3, short_batch=64)
+    draft: StageSettings = StageSettings(steps=1500, lr=3e-3, describe_only=400)
+    eval_every: int = 200
     target_size: TextSize = TARGET_TEXT
     draft_size: TextSize = DRAFT_TEXT
 
@@ -115,6 +121,9 @@ def train_vision(model: LlavaForConditionalGeneration, pool: ScenePool, val: Sce
     width = model.config.vision_config.hidden_size
     heads = torch.nn.ModuleDict({"colour": torch.nn.Linear(width, len(COLOURS) + 1),
                                  "shape": torch.nn.Linear(width, len(SHAPES) + 1)})
+    if s.vision_cell_head:
+        heads["cell"] = torch.nn.Linear(width, GRID * GRID)
+    cells = torch.tensor(token_cells())
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=s.vision_lr, weight_decay=0.0)
     tower.train()
@@ -126,6 +135,8 @@ def train_vision(model: LlavaForConditionalGeneration, pool: ScenePool, val: Sce
             feats = vision_features(model, pool.pixels(idx))
             loss = (F.cross_entropy(heads["colour"](feats).flatten(0, 1), pool.colour_labels[idx].flatten())
                     + F.cross_entropy(heads["shape"](feats).flatten(0, 1), pool.shape_labels[idx].flatten()))
+            if s.vision_cell_head:
+                loss = loss + F.cross_entropy(heads["cell"](feats).flatten(0, 1), cells.repeat(len(idx)))
             for group in opt.param_groups:
                 group["lr"] = s.vision_lr * cosine_lr(step, s.vision_steps, 50)
             opt.zero_grad(set_to_none=True)
@@ -139,8 +150,10 @@ def train_vision(model: LlavaForConditionalGeneration, pool: ScenePool, val: Sce
         feats = cache_features(model, val)
         colour_acc = (heads["colour"](feats).argmax(-1) == val.colour_labels).float().mean().item()
         shape_acc = (heads["shape"](feats).argmax(-1) == val.shape_labels).float().mean().item()
-    console.print(f"vision tower: per-token colour accuracy {colour_acc:.4f}, shape {shape_acc:.4f} (val)")
-    return {"vision_val_colour_acc": colour_acc, "vision_val_shape_acc": shape_acc}
+        cell_acc = (heads["cell"](feats).argmax(-1) == cells).float().mean().item() if s.vision_cell_head else 0.0
+    console.print(f"vision tower: per-token colour accuracy {colour_acc:.4f}, shape {shape_acc:.4f}, "
+                  f"cell {cell_acc:.4f} (val)")
+    return {"vision_val_colour_acc": colour_acc, "vision_val_shape_acc": shape_acc, "vision_val_cell_acc": cell_acc}
 
 
 @torch.no_grad()
@@ -281,7 +294,8 @@ def train_language(name: str, model: LlavaForConditionalGeneration, tokenizer: P
         for step in range(st.steps):
             rng = random.Random(f"{s.seed}:{name}:lm:{step}")
             share = describe_share(step, st)
-            batch = collate(tokenizer, sample_questions(pool, rng, st.batch, share), N_VISUAL_TOKENS)
+            batch = collate(tokenizer, sample_questions(pool, rng, st.batch, share, short_batch=st.short_batch),
+                            N_VISUAL_TOKENS)
             batch_feats = feats[batch.scene_idx]
             logits, visual = lm_logits(model, batch, batch_feats, image_id)
             live = batch.labels != -100
@@ -303,6 +317,9 @@ def train_language(name: str, model: LlavaForConditionalGeneration, tokenizer: P
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             note = ""
+            if not console.is_terminal and (step + 1) % 50 == 0:
+                console.print(f"{name} step {step + 1}/{st.steps}: loss {loss.item():.4f}, "
+                              f"{bar.tasks[task].elapsed or 0:.0f} s")
             if (step + 1) % s.eval_every == 0 or step + 1 == st.steps:
                 scores = teacher_forced_scores(model, val, image_id)
                 history.append({"step": step + 1, **scores})
@@ -337,6 +354,9 @@ def train_pair(out: Path, s: TrainSettings = TrainSettings()) -> dict:
     t0 = time.perf_counter()
     train_alignment("target", target, feats, words, s)
     target_meta = train_language("target", target, tokenizer, pool, feats, words, val, s.target, s)
+    if s.target_focus.steps:
+        target_meta["focus"] = train_language("target-focus", target, tokenizer, pool, feats, words, val,
+                                              s.target_focus, s)
     timings["target_s"] = time.perf_counter() - t0
     for p in target.parameters():
         p.requires_grad_(False)

@@ -1,0 +1,154 @@
+"""The embedded default: the task generator, the tokenizer, and the shipped draft/target pair."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from covspec.demo import WEIGHTS, default_draft_path, default_target_path
+from covspec.demo.manifest import check_manifest
+from covspec.demo.task import (
+    ALL_COMBOS,
+    N_VISUAL_TOKENS,
+    UNSEEN_COMBOS,
+    Scene,
+    Shape,
+    describe,
+    draw_scene,
+    make_question,
+    normalise,
+    object_f1,
+    parse_objects,
+    sample_split,
+    scene_for,
+    scene_split,
+)
+from covspec.demo.tokenizer import IMAGE, build_tokenizer
+
+HAND_SCENE = Scene(objects=(Shape("red", "circle", 0), Shape("blue", "square", 1), Shape("green", "triangle", 4),
+                            Shape("red", "diamond", 8)),
+                   background=(230, 230, 230), texture="plain", texture_seed=1)
+
+
+def test_generator_is_deterministic():
+    a = list(sample_split("train", 12, seed=3))
+    b = list(sample_split("train", 12, seed=3))
+    assert [(x.question, x.answer, x.file_name) for x in a] == [(x.question, x.answer, x.file_name) for x in b]
+    assert all(x.image.tobytes() == y.image.tobytes() for x, y in zip(a, b, strict=True))
+    c = list(sample_split("train", 12, seed=4))
+    assert [x.scene for x in a] != [x.scene for x in c]
+
+
+def test_splits_are_disjoint_and_unseen_combos_stay_out_of_training():
+    train = {scene_for("train", i, 0).key() for i in range(1500)}
+    val = {scene_for("val", i, 0).key() for i in range(300)}
+    heldout_scenes = [scene_for("heldout", i, 0) for i in range(300)]
+    heldout = {s.key() for s in heldout_scenes}
+    assert not train & heldout and not train & val and not val & heldout
+    assert all(scene_split(scene_for("heldout", i, 0)) == "heldout" for i in range(20))
+    for i in range(1500):
+        scene = scene_for("train", i, 0)
+        assert not scene.has_unseen
+        assert all((o.colour, o.shape) not in UNSEEN_COMBOS for o in scene.objects)
+    assert any(s.has_unseen for s in heldout_scenes)
+    assert len(UNSEEN_COMBOS) < len(ALL_COMBOS)
+
+
+def test_answers_for_a_hand_checked_scene():
+    import random
+
+    rng = random.Random(0)
+    assert describe(HAND_SCENE) == ("there are four objects : a red circle at the top left , a blue square at the "
+                                    "top , a green triangle at the center , a red diamond at the bottom right .")
+    seen = {}
+    for _ in range(400):
+        for qtype in ("color", "shape", "count", "position", "existence", "relation"):
+            q, a = make_question(HAND_SCENE, qtype, rng, allow_unseen=False)
+            seen[q] = a
+    expected = {
+        "what color is the object at the top left ?": "red",
+        "what color is the square ?": "blue",
+        "what shape is the green object ?": "triangle",
+        "what shape is at the bottom right ?": "diamond",
+        "how many objects are there ?": "four",
+        "how many red objects are there ?": "two",
+        "how many circles are there ?": "one",
+        "where is the green triangle ?": "center",
+        "is there a red circle ?": "yes",
+        "what is left of the blue square ?": "red circle",
+        "what is below the blue square ?": "green triangle",
+        "what is right of the blue square ?": "nothing",
+        "what is above the green triangle ?": "blue square",
+    }
+    for question, answer in expected.items():
+        assert seen.get(question) == answer, question
+    assert all(a == "no" for q, a in seen.items() if q == "is there a blue circle ?")
+
+
+def test_image_has_dozens_of_mostly_background_tokens():
+    image = draw_scene(HAND_SCENE)
+    assert image.size == (72, 72) and N_VISUAL_TOKENS == 36
+    # 4 of 9 cells hold an object: at least 20 of the 36 patch tokens see only background
+    assert 36 - 4 * len(HAND_SCENE.objects) >= 20
+
+
+def test_scoring():
+    truth = describe(HAND_SCENE)
+    assert object_f1(truth, truth) == 1.0
+    assert len(parse_objects(truth)) == 4
+    half = "there are two objects : a red circle at the top left , a blue square at the top ."
+    assert object_f1(half, truth) == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+    assert normalise(" Top  Left? ") == "top left"
+
+
+def test_tokenizer_round_trip(tmp_path):
+    tok = build_tokenizer()
+    tok.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = describe(HAND_SCENE)
+    ids = loaded.encode(text, add_special_tokens=False)
+    assert loaded.unk_token_id not in ids
+    assert loaded.decode(ids) == text
+    prompt = loaded.encode("USER: <image>\nwhat is left of the red circle ? ASSISTANT:")
+    assert prompt[0] == loaded.bos_token_id
+    assert loaded.convert_tokens_to_ids(IMAGE) in prompt
+    for item in sample_split("heldout", 30, seed=0):
+        assert loaded.unk_token_id not in loaded.encode(item.question + " " + item.answer, add_special_tokens=False)
+
+
+def test_shipped_pair_matches_its_manifest_and_loads():
+    assert not check_manifest(WEIGHTS), check_manifest(WEIGHTS)
+    from covspec.models import load_adapter
+    from covspec.models.base import tokenizer_fingerprint
+
+    target, draft = load_adapter(default_target_path()), load_adapter(default_draft_path())
+    assert target.family == draft.family == "llava"
+    assert tokenizer_fingerprint(target.tokenizer) == tokenizer_fingerprint(draft.tokenizer)
+    t_layers = target.model.config.text_config.num_hidden_layers
+    d_layers = draft.model.config.text_config.num_hidden_layers
+    assert t_layers >= 8 * d_layers
+    size = sum(p.stat().st_size for p in WEIGHTS.rglob("*.safetensors"))
+    assert size <= 40 * 1024 * 1024
+    meta = json.loads((default_target_path() / "covspec_demo.json").read_text())
+    assert meta["role"] == "target"
+    visual = target.encode_image(target.preprocess(draw_scene(HAND_SCENE)))
+    assert visual.count == N_VISUAL_TOKENS
+    assert torch.isfinite(visual.embeds).all()
+
+
+def test_shipped_target_reads_the_image():
+    """A regression guard at the shipped pair's measured level: its descriptions are near perfect
+    (held-out object-F1 1.0 on 19 items); short questions are at 50% (the issue's 90% bar is not met
+    yet), so they are only held above the language prior's low end."""
+    from covspec.demo.evaluate import evaluate
+
+    torch.set_num_threads(2)
+    report = evaluate(default_target_path(), "heldout", limit=40, progress=False)
+    describe_f1 = report.by_type["describe"]
+    assert describe_f1.n >= 3 and describe_f1.mean >= 0.85, report.as_dict()
+    short = report.overall(("color", "shape", "count", "position", "existence", "relation"))
+    assert short.mean >= 0.3, report.as_dict()
