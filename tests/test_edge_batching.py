@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from test_runtimes import PROMPTS, RunningEdge, png
 
-from covspec.device_runtime.client import DeviceRuntime
+from covspec.device_runtime.client import DeviceRuntime, SpecOptions
 from covspec.edge_runtime.batching import can_batch, commit, forward_batch, run_batch
 from covspec.generation import generate
 from covspec.models import load_adapter
@@ -141,7 +141,7 @@ def test_batched_edge_answers_as_an_unbatched_one(llava):
 
 
 def answer_in_threads(target, draft, mode: str, params: SamplingParams, batch_wait_ms: float,
-                      devices: int = 4, n: int = 12) -> tuple[dict[int, list[int]], dict]:
+                      devices: int = 4, n: int = 12, options: SpecOptions | None = None) -> tuple[dict[int, list[int]], dict]:
     """`devices` devices in threads, started together, each answering its own prompt: (device ->
     answer ids, the edge's STATS)."""
     edge = RunningEdge(target, batch_wait_ms=batch_wait_ms)
@@ -154,7 +154,8 @@ def answer_in_threads(target, draft, mode: str, params: SamplingParams, batch_wa
         try:
             runtime = DeviceRuntime(drafts[i], edge.endpoint, timeout_s=30)
             start.wait(30)
-            answers[i] = runtime.answer(png(i), PROMPTS[i % 3], mode, params, max_new_tokens=n, window=3).ids
+            answers[i] = runtime.answer(png(i), PROMPTS[i % 3], mode, params, max_new_tokens=n, window=3,
+                                        options=options).ids
             runtime.close()
         except BaseException as err:  # reported by the main thread
             failures.append(err)
@@ -183,11 +184,13 @@ def test_devices_in_threads_get_target_only_greedy(llava):
     assert stats["batches"] >= 1 and stats["batch_max"] > 1, stats
 
 
-@pytest.mark.parametrize("mode", ["vanilla_sd", "covspec_no_branch"])  # full and decoupled verification
-def test_seeded_sampling_answers_do_not_depend_on_batching(llava, mode):
+@pytest.mark.parametrize("decoupled", [False, True], ids=["full", "decoupled"])
+def test_seeded_sampling_answers_do_not_depend_on_batching(llava, decoupled):
+    """Fixed windows (no adaptive policy: its windows follow the timings), no branching."""
     target, draft = llava
     params = SamplingParams(temperature=1.0, top_k=20, seed=7)
-    alone, _ = answer_in_threads(target, draft, mode, params, batch_wait_ms=0.0)
-    batched, stats = answer_in_threads(target, draft, mode, params, batch_wait_ms=50.0)
+    options = SpecOptions(decoupled=decoupled)
+    alone, _ = answer_in_threads(target, draft, "vanilla_sd", params, batch_wait_ms=0.0, options=options)
+    batched, stats = answer_in_threads(target, draft, "vanilla_sd", params, batch_wait_ms=50.0, options=options)
     assert batched == alone
     assert stats["batches"] >= 1, stats
