@@ -103,7 +103,9 @@ def test_sampling_runs_and_is_reproducible(pair):
     for mode in ["vanilla_sd", "covspec", "covspec_no_branch", "covspec_no_decoupled"]:
         a = device.answer(png(3), PROMPTS[0], mode, params, max_new_tokens=10, window=3)
         assert len(a.ids) > 0
-        if not MODE_OPTIONS[mode].branching:  # a seed reproduces the answer (branch depth depends on timing)
+        options = MODE_OPTIONS[mode]
+        if not options.branching and not options.adaptive:  # a seed reproduces the answer; branch depth and
+            # adaptive window lengths depend on measured timings, so those modes are exact only in distribution
             b = device.answer(png(3), PROMPTS[0], mode, params, max_new_tokens=10, window=3)
             assert a.ids == b.ids, mode
         full_upload = sum(r.drafted for r in a.rounds) * vocab * 4  # k rows of V float32 per window
