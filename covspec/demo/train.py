@@ -75,14 +75,14 @@ class TrainSettings:
     vision_steps: int = 400
     vision_batch: int = 64
     vision_lr: float = 2e-3
-    vision_cell_head: bool = False  # the vision stage also predicts each token's grid cell
+    vision_cell_head: bool = True  # the vision stage also predicts each token's grid cell
     align_steps: int = 600
     align_batch: int = 64
-    target: StageSettings = StageSettings(steps=1600, lr=2e-3, describe_only=400)
+    target: StageSettings = StageSettings(steps=1300, lr=2e-3, describe_only=300, ramp=200)
     # then short questions get most of the batches, twice as many per batch (one answer token each)
-    target_focus: StageSettings = StageSettings(steps=0, lr=1e-3, warmup=50, describe_only=0, ramp=1,
+    target_focus: StageSettings = StageSettings(steps=300, lr=1e-3, warmup=50, describe_only=0, ramp=1,
                                                 describe_share=0.3, short_batch=64)
-    draft: StageSettings = StageSettings(steps=1500, lr=3e-3, describe_only=400)
+    draft: StageSettings = StageSettings(steps=1000, lr=3e-3, describe_only=300, ramp=200)
     eval_every: int = 200
     target_size: TextSize = TARGET_TEXT
     draft_size: TextSize = DRAFT_TEXT
