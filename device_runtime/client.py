@@ -326,9 +326,11 @@ class DeviceRuntime:
                                       branch_hit=hit is not None if branches else None))
             stats.update(len(drafted), reply.accepted, drafted.step_s, wait_s, verify_s, drafted.margins,
                          branch_hit=hit is not None if branches else None)
+            if len(rounds) == 1:  # the first measurements replace the priors outright
+                stats.rtt = max(0.0, wait_s - verify_s) if verify_s == verify_s else wait_s
+                stats.t_draft = sum(drafted.step_s) / max(len(drafted.step_s), 1)
             done = reply.done or drafter.committed[-1] in eos or len(drafter.committed) >= max_new_tokens
-            if not done and options.adaptive and not device_root and len(rounds) >= 3 and not speculation_pays(
-                    stats, target_step_s=sum(stats.verify_line()), k_max=options.k_max):
+            if not done and options.adaptive and not device_root and speculation_loses(stats, rounds, options.k_max):
                 # on this link speculation loses to the target alone: let the edge stream the rest
                 drafter.committed.extend(self._stream_rest(open_msg, drafter.committed))
                 streamed_rest = True
@@ -363,6 +365,20 @@ class DeviceRuntime:
         """The reply to a request already sent; on a timeout the request is retried as usual."""
         reply = self.client.recv(sent.seq)
         return reply if reply is not None else self.client.request(sent)
+
+
+def speculation_loses(stats: OnlineStats, rounds: list[RoundRecord], k_max: int) -> bool:
+    """Whether the edge streaming alone would be faster than speculating on this link. The target's
+    per-token time is taken as the cheapest verification seen (one pass over a window costs about
+    one decode step here). Clear evidence (half the streaming rate) decides after one round; a
+    closer call waits for three rounds of acceptance figures."""
+    times = [r.verify_s for r in rounds if r.verify_s == r.verify_s]
+    if not times:
+        return False
+    target_step_s = min(times)
+    if not speculation_pays(stats, target_step_s, k_max=k_max, margin=0.5):
+        return True
+    return len(rounds) >= 3 and not speculation_pays(stats, target_step_s, k_max=k_max)
 
 
 def _matching_branch(branches: list[tuple[Drafter, int, int | None, Window]], accepted: int,
