@@ -30,7 +30,7 @@ import numpy as np
 
 ROW_FIELDS = ("link", "mode", "index", "qtype", "tokens", "ttft_s", "latency_s", "decode_tps", "bytes_up",
               "bytes_down", "up_per_token", "down_per_token", "decode_up_per_token", "rounds", "mean_accepted",
-              "acceptance", "branch_hits", "kept", "score", "matches_target")
+              "acceptance", "branch_hits", "kept", "streamed_rest", "score", "matches_target")
 
 
 def free_port() -> int:
@@ -107,7 +107,7 @@ def run_worker(args: argparse.Namespace) -> int:
                    "decode_tps": answer.decode_tokens_per_s, "bytes_up": answer.bytes_up,
                    "bytes_down": answer.bytes_down, "up_per_token": answer.bytes_up / n,
                    "down_per_token": answer.bytes_down / n, "decode_up_per_token": answer.decode_bytes_up / n,
-                   "rounds": len(answer.rounds), "kept": answer.kept,
+                   "rounds": len(answer.rounds), "kept": answer.kept, "streamed_rest": answer.streamed_rest,
                    "branch_hits": _rate([r.branch_hit for r in answer.rounds if r.branch_hit is not None]),
                    "mean_accepted": answer.mean_accepted, "acceptance": answer.acceptance_rate,
                    "score": score_answer(item, answer.text),

@@ -143,7 +143,11 @@ class DeviceRuntime:
     def _hello(self) -> wire.Welcome:
         reply = self.client.request(wire.Hello(fingerprint=self.draft.fingerprint(), family=self.draft.family,
                                                model=str(self.draft.path or "draft")))
-        return self._expect(reply, wire.Welcome)
+        welcome = self._expect(reply, wire.Welcome)
+        start = time.perf_counter()  # the link's round trip, for the drafting policy's first decision
+        self._expect(self.client.request(wire.Ping(t=0.0)), wire.Pong)
+        self.rtt_s = time.perf_counter() - start
+        return welcome
 
     @staticmethod
     def _expect(reply: wire.Message, kind: type) -> wire.Message:
@@ -279,14 +283,19 @@ class DeviceRuntime:
         drafter = Drafter(self.draft, state, opened.token, params, generator)
         eos = self.draft.eos_token_ids
         vocab = self.welcome.vocab_size
-        stats = OnlineStats(t_draft=0.001, rtt=0.005, prior_v0=0.005, prior_v1=0.001)
+        stats = OnlineStats(t_draft=0.001, rtt=self.rtt_s, prior_v0=0.005, prior_v1=0.001)
+        edge_step_s = opened.timings.get("step_s")
         gate = MarginGate(options.margin_threshold) if options.adaptive else None
         rounds: list[RoundRecord] = []
         done = opened.done
         prepared: Window | None = None  # the next window, already drafted on a branch that hit
-        device_root = False  # whether the last committed token is a correction the edge has not seen
         streamed_rest = False
+        device_root = False  # whether the last committed token is a correction the edge has not seen
         round_base = 0  # rounds before the session was last reopened (the edge counts from 0 again)
+        if not done and options.adaptive and edge_step_s and speculation_loses(stats, [], options.k_max, edge_step_s):
+            # the link is too slow for drafts to beat the edge's own streaming: do not start speculating
+            drafter.committed.extend(self._stream_rest(open_msg, drafter.committed))
+            streamed_rest = done = True
         while not done:
             room = max_new_tokens - len(drafter.committed)
             k = min(choose_window(stats, options.k_max, room) if options.adaptive else window, room)
@@ -330,7 +339,8 @@ class DeviceRuntime:
                 stats.rtt = max(0.0, wait_s - verify_s) if verify_s == verify_s else wait_s
                 stats.t_draft = sum(drafted.step_s) / max(len(drafted.step_s), 1)
             done = reply.done or drafter.committed[-1] in eos or len(drafter.committed) >= max_new_tokens
-            if not done and options.adaptive and not device_root and speculation_loses(stats, rounds, options.k_max):
+            if not done and options.adaptive and not device_root and speculation_loses(stats, rounds, options.k_max,
+                                                                                        edge_step_s):
                 # on this link speculation loses to the target alone: let the edge stream the rest
                 drafter.committed.extend(self._stream_rest(open_msg, drafter.committed))
                 streamed_rest = True
@@ -367,15 +377,16 @@ class DeviceRuntime:
         return reply if reply is not None else self.client.request(sent)
 
 
-def speculation_loses(stats: OnlineStats, rounds: list[RoundRecord], k_max: int) -> bool:
+def speculation_loses(stats: OnlineStats, rounds: list[RoundRecord], k_max: int,
+                      edge_step_s: float | None = None) -> bool:
     """Whether the edge streaming alone would be faster than speculating on this link. The target's
-    per-token time is taken as the cheapest verification seen (one pass over a window costs about
-    one decode step here). Clear evidence (half the streaming rate) decides after one round; a
-    closer call waits for three rounds of acceptance figures."""
+    per-token time is the edge's own streaming figure when it sent one, else the cheapest
+    verification seen (one pass over a window costs about one decode step here). Clear evidence
+    (half the streaming rate) decides at once; a closer call waits for three rounds of acceptance."""
     times = [r.verify_s for r in rounds if r.verify_s == r.verify_s]
-    if not times:
+    if edge_step_s is None and not times:
         return False
-    target_step_s = min(times)
+    target_step_s = edge_step_s or min(times)
     if not speculation_pays(stats, target_step_s, k_max=k_max, margin=0.5):
         return True
     return len(rounds) >= 3 and not speculation_pays(stats, target_step_s, k_max=k_max)

@@ -61,6 +61,7 @@ class EdgeServer:
     def __init__(self, adapter: VLMAdapter, settings: EdgeSettings, name: str = "target"):
         settings.check()
         self.adapter = adapter
+        self.step_s: float | None = None  # the target's last measured streaming time per token
         self.settings = settings
         self.name = name
         self.fingerprint = adapter.fingerprint()
@@ -307,7 +308,8 @@ class EdgeServer:
         prefill_s = time.perf_counter() - start
         session.usage = SessionUsage(device=self.device, mode=msg.mode, prefix=len(prefix), prefill_s=prefill_s)
         session.opened = wire.Opened(sid=msg.sid, seq=msg.seq, token=session.committed[-1], done=session.done,
-                                     timings={"prefill_s": prefill_s})
+                                     timings={"prefill_s": prefill_s,
+                                              **({"step_s": self.step_s} if self.step_s else {})})
         self.sessions[msg.sid] = session
         self.counters.sessions_opened += 1
         self.counters.sessions_reopened += bool(prefix)
@@ -373,7 +375,10 @@ class EdgeServer:
             if len(chunk) >= msg.chunk:
                 yield self._streamed(msg, index, chunk, False, start)
                 index, chunk = index + 1, []
-        session.usage.stream_s += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        session.usage.stream_s += elapsed
+        if session.usage.streamed:  # per streamed token, sending included: what a device weighs drafting against
+            self.step_s = elapsed / session.usage.streamed
         session.last_active = time.monotonic()
         yield self._streamed(msg, index, chunk, True, start)
 

@@ -22,7 +22,7 @@ def test_bench_runs_every_mode_through_the_link(tmp_path: Path):
         assert row["tokens"] > 0 and row["latency_s"] > 0
         if row["mode"] in ("vanilla_sd", "covspec"):
             assert row["matches_target"] is True
-            assert row["bytes_up"] > 0 and row["rounds"] >= 1
+            assert row["bytes_up"] > 0 and (row["rounds"] >= 1 or row["streamed_rest"])
             # every round trip through the 10 ms link: latency is at least rounds x RTT
             assert row["latency_s"] >= row["rounds"] * 0.010 * 0.85
     stats = json.loads((out / "link-wifi.json").read_text())

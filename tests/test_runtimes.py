@@ -88,8 +88,10 @@ def test_vanilla_sd_greedy_equals_target_only(pair):
             for mode in SPECULATIVE_MODES:
                 speculative = device.answer(image, prompt, mode, SamplingParams(), max_new_tokens=12, window=3)
                 assert speculative.ids == reference, f"{family}: {mode} differs from target-only greedy"
-                assert speculative.rounds and speculative.bytes_up > 0 and speculative.bytes_down > 0
-                if draft_path == target and MODE_OPTIONS[mode].keep == 1.0:  # an identical, unpruned draft
+                # the adaptive policy may leave a tiny, fast target to stream on its own
+                assert speculative.rounds or (MODE_OPTIONS[mode].adaptive and speculative.streamed_rest), mode
+                assert speculative.bytes_up > 0 and speculative.bytes_down > 0
+                if draft_path == target and MODE_OPTIONS[mode].keep == 1.0 and speculative.rounds:  # identical draft
                     assert speculative.acceptance_rate == 1.0, mode
         device.close()
     assert not edge.server.sessions, "closed sessions must be freed"
@@ -108,6 +110,9 @@ def test_sampling_runs_and_is_reproducible(pair):
             # adaptive window lengths depend on measured timings, so those modes are exact only in distribution
             b = device.answer(png(3), PROMPTS[0], mode, params, max_new_tokens=10, window=3)
             assert a.ids == b.ids, mode
+        if not a.rounds:  # the adaptive policy left the answer to the edge's streaming
+            assert options.adaptive, mode
+            continue
         full_upload = sum(r.drafted for r in a.rounds) * vocab * 4  # k rows of V float32 per window
         if MODE_OPTIONS[mode].decoupled:  # q(x_i) only: a few bytes per drafted token
             assert a.decode_bytes_up < full_upload
