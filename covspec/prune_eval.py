@@ -175,7 +175,33 @@ def main(argv: list[str] | None = None) -> int:
     print(format_rows(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        plot_sweep([asdict(r) for r in rows], Path(args.json).with_suffix(".png"))
     return 0
+
+
+def plot_sweep(rows: list[dict], path: Path) -> None:
+    """Draft accuracy (short-question exact match, describe F1) and agreement with the target
+    (the acceptance proxy) against the share of visual tokens kept, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full = [r for r in rows if r["method"] == "none"]
+    metrics = [("short", "short-question exact match"), ("describe_f1", "describe object-F1"),
+               ("agreement", "token agreement with the target")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(13, 3.8))
+    for ax, (key, title) in zip(axes, metrics, strict=True):
+        for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "none"):
+            points = sorted([(r["ratio"], r[key]) for r in rows if r["method"] == method] +
+                            [(r["ratio"], r[key]) for r in full])
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        ax.set_xlabel("share of visual tokens kept")
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
