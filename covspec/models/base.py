@@ -312,6 +312,20 @@ class CachedDecoderAdapter(VLMAdapter):
     DynamicCache and explicit position ids, then the lm_head. A family supplies the prompt's
     sequence (prefill) and, where positions are not simply 0, 1, 2, ..., `_positions`."""
 
+    hf_class: ClassVar[str]  # the transformers model class of the family's checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                        device: str = "cpu") -> CachedDecoderAdapter:
+        import transformers
+
+        folder = Path(path)
+        check_model_type(folder, read_config(folder), cls)
+        preprocessor = read_json_file(folder / "preprocessor_config.json")
+        tokenizer = load_tokenizer(folder)
+        model = load_hf_model(getattr(transformers, cls.hf_class), folder, dtype, device)
+        return cls(model, tokenizer, folder, preprocessor)
+
     @property
     def language_model(self) -> torch.nn.Module:
         return self.model.model.language_model

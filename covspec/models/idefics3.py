@@ -24,15 +24,10 @@ from covspec.models.base import (
     CachedDecoderAdapter,
     DecodeState,
     VisualTokens,
-    check_model_type,
     check_no_placeholder,
     encode_text,
-    load_hf_model,
-    load_tokenizer,
     normalize,
     pil_resize,
-    read_config,
-    read_json_file,
     received_attention,
     select_kept,
 )
@@ -92,6 +87,7 @@ class Idefics3Preprocessor:
 class Idefics3Adapter(CachedDecoderAdapter):
     family = "idefics3"
     model_types = ("idefics3",)
+    hf_class = "Idefics3ForConditionalGeneration"
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, path: Path | None = None,
                  preprocessor: dict[str, Any] | None = None):
@@ -103,18 +99,6 @@ class Idefics3Adapter(CachedDecoderAdapter):
             tokenizer.convert_tokens_to_ids(FAKE_TOKEN), tokenizer.convert_tokens_to_ids(GLOBAL_IMAGE_TOKEN))
             if i is not None and i != tokenizer.unk_token_id)}
         self.preprocessor = Idefics3Preprocessor(preprocessor, int(config.vision_config.image_size))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
-                        device: str = "cpu") -> Idefics3Adapter:
-        from transformers import Idefics3ForConditionalGeneration
-
-        folder = Path(path)
-        check_model_type(folder, read_config(folder), cls)
-        preprocessor = read_json_file(folder / "preprocessor_config.json")
-        tokenizer = load_tokenizer(folder)
-        model = load_hf_model(Idefics3ForConditionalGeneration, folder, dtype, device)
-        return cls(model, tokenizer, folder, preprocessor)
 
     @property
     def language_model(self) -> torch.nn.Module:

@@ -23,15 +23,10 @@ from covspec.models.base import (
     VisualTokens,
     bos_prefix,
     center_crop,
-    check_model_type,
     check_no_placeholder,
     encode_text,
-    load_hf_model,
-    load_tokenizer,
     normalize,
     pil_resize,
-    read_config,
-    read_json_file,
     received_attention,
     select_kept,
 )
@@ -99,6 +94,7 @@ class ClipPreprocessor:
 class LlavaAdapter(CachedDecoderAdapter):
     family = "llava"
     model_types = ("llava",)
+    hf_class = "LlavaForConditionalGeneration"
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, path: Path | None = None,
                  preprocessor: dict[str, Any] | None = None):
@@ -108,18 +104,6 @@ class LlavaAdapter(CachedDecoderAdapter):
         self.feature_layer = config.vision_feature_layer  # int or list of ints
         self.select_strategy = config.vision_feature_select_strategy  # "default" drops CLS
         self.preprocessor = ClipPreprocessor(preprocessor, int(config.vision_config.image_size))
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
-                        device: str = "cpu") -> LlavaAdapter:
-        from transformers import LlavaForConditionalGeneration
-
-        folder = Path(path)
-        check_model_type(folder, read_config(folder), cls)
-        preprocessor = read_json_file(folder / "preprocessor_config.json")
-        tokenizer = load_tokenizer(folder)
-        model = load_hf_model(LlavaForConditionalGeneration, folder, dtype, device)
-        return cls(model, tokenizer, folder, preprocessor)
 
     # --- images ------------------------------------------------------------------------------
     def preprocess(self, image: Image.Image) -> dict[str, torch.Tensor]:

@@ -30,15 +30,10 @@ from covspec.models.base import (
     CachedDecoderAdapter,
     DecodeState,
     VisualTokens,
-    check_model_type,
     check_no_placeholder,
     encode_text,
-    load_hf_model,
-    load_tokenizer,
     normalize,
     pil_resize,
-    read_config,
-    read_json_file,
     select_kept,
 )
 
@@ -104,6 +99,7 @@ class QwenPreprocessor:
 class Qwen25VLAdapter(CachedDecoderAdapter):
     family = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
+    hf_class = "Qwen2_5_VLForConditionalGeneration"
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, path: Path | None = None,
                  preprocessor: dict[str, Any] | None = None):
@@ -114,18 +110,6 @@ class Qwen25VLAdapter(CachedDecoderAdapter):
                                 int(config.vision_start_token_id), int(config.vision_end_token_id)}
         self.merge = int(config.vision_config.spatial_merge_size)
         self.preprocessor = QwenPreprocessor(preprocessor, config.vision_config)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
-                        device: str = "cpu") -> Qwen25VLAdapter:
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        folder = Path(path)
-        check_model_type(folder, read_config(folder), cls)
-        preprocessor = read_json_file(folder / "preprocessor_config.json")
-        tokenizer = load_tokenizer(folder)
-        model = load_hf_model(Qwen2_5_VLForConditionalGeneration, folder, dtype, device)
-        return cls(model, tokenizer, folder, preprocessor)
 
     # --- images ------------------------------------------------------------------------------
     def preprocess(self, image: Image.Image) -> dict[str, torch.Tensor]:
