@@ -45,6 +45,15 @@ def one_thread_env() -> dict[str, str]:
     return env
 
 
+def stop_edge(edge: subprocess.Popen) -> None:
+    """Stops an edge process as Ctrl-C would, killing it if it does not exit within 30 s."""
+    edge.send_signal(signal.SIGINT)
+    try:
+        edge.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        edge.kill()
+
+
 def wait_for_edge(endpoint: str, timeout_s: float = 120.0) -> None:
     from covspec.transport import protocol as wire
     from covspec.transport.channel import Client, PeerUnavailable
@@ -167,11 +176,7 @@ def run_bench(args: argparse.Namespace) -> Path:
             if stats_file.exists():
                 link_stats[link_name] = json.loads(stats_file.read_text())
     finally:
-        edge.send_signal(signal.SIGINT)
-        try:
-            edge.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            edge.kill()
+        stop_edge(edge)
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     write_results(out, rows, link_stats, command=args.command_line)
     console.print((out / "summary.md").read_text())

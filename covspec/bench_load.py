@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
-import signal
 import subprocess
 import sys
 import time
@@ -280,7 +279,7 @@ def record(args: argparse.Namespace, out: Path, endpoint: str, devices: int) -> 
 
 
 def run_load(args: argparse.Namespace) -> Path:
-    from covspec.bench import free_port, one_thread_env, wait_for_edge
+    from covspec.bench import free_port, one_thread_env, stop_edge, wait_for_edge
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -307,11 +306,7 @@ def run_load(args: argparse.Namespace) -> Path:
                 print(f"{mode:14s} {n:3d} devices: {s['aggregate_tps']:7.1f} tok/s in all, p99 "
                       f"{s['latency_p99_ms']:.0f} ms, {s['edge_batches']} batches", flush=True)
     finally:
-        edge.send_signal(signal.SIGINT)
-        try:
-            edge.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            edge.kill()
+        stop_edge(edge)
     (out / "load.jsonl").write_text("".join(json.dumps(r) + "\n" for r in all_rows))
     write_load(out, summary, args)
     print((out / "load.md").read_text())
