@@ -381,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("link", help="user-space TCP link emulator (RTT, bandwidth) between device and edge")
     sub.add_parser("bench", help="end-to-end latency, throughput and bytes per token: edge, link, device processes")
+    sub.add_parser("fuzz", help="property-based fuzz of the protocol decoder and of a running edge (RSS checked)")
     return parser
 
 
@@ -394,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
         from covspec import bench
 
         return bench.main(argv[1:])
+    if argv[:1] == ["fuzz"]:
+        from covspec import fuzz
+
+        return fuzz.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
