@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import shlex
@@ -76,6 +75,7 @@ def run_worker(args: argparse.Namespace) -> int:
     from covspec.demo.evaluate import score_answer
     from covspec.demo.task import make_item, sample_split
     from covspec.device_runtime.client import DeviceRuntime
+    from covspec.images import png_bytes
     from covspec.models import load_adapter
     from covspec.sampling import SamplingParams
 
@@ -97,9 +97,7 @@ def run_worker(args: argparse.Namespace) -> int:
     if args.question_type:  # the same scenes, all asked this kind of question
         items = (make_item("heldout", i, 0, qtype=args.question_type) for i in range(args.start, args.start + args.prompts))
     for index, item in enumerate(items):
-        buf = io.BytesIO()
-        item.image.save(buf, format="PNG")
-        image = buf.getvalue()
+        image = png_bytes(item.image)
         reference: list[int] | None = None
         for label in modes:
             mode, _, k = label.partition("@")  # "vanilla_sd@8": a fixed window of 8

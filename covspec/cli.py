@@ -195,8 +195,13 @@ def cmd_device_run(args: argparse.Namespace) -> int:
     if not image.is_file():
         raise CovspecError(f"image {image}: no such file")
     keys = _client_keys(args)
+    profile = None
+    if args.profile:
+        from covspec.calibration.profile import load_profile
+
+        profile = load_profile(args.profile)
     device = DeviceRuntime(_draft_adapter(args), args.edge, timeout_s=args.timeout, retries=args.retries,
-                           keys=keys)
+                           keys=keys, profile=profile)
     try:
         answer = device.answer(image.read_bytes(), args.prompt, args.mode, params, args.max_new_tokens,
                                window=args.window)
@@ -228,6 +233,59 @@ def _draft_adapter(args: argparse.Namespace):
     from covspec.models import load_adapter
 
     return load_adapter(args.model)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from covspec.calibration.measure import calibrate
+    from covspec.demo.task import sample_split
+    from covspec.images import png_bytes
+
+    torch.set_num_threads(args.threads)
+    drafts = {}
+    if args.draft:
+        from covspec.models import load_adapter
+
+        drafts["eager"] = load_adapter(args.draft)
+    if args.bundle:
+        from covspec.device_runtime.bundle import BundleError
+        from covspec.device_runtime.exported_adapter import BundleAdapter
+
+        for backend in args.backends.split(","):
+            try:
+                drafts[backend] = BundleAdapter(args.bundle, backend=backend, threads=args.threads)
+            except BundleError as err:
+                raise CovspecError(f"bundle {args.bundle}: {err}") from err
+    if not drafts:
+        raise CovspecError("give the draft as --draft PATH (a checkpoint), --bundle DIR (an exported device bundle), or both")
+    if args.image:
+        requests = [(Path(args.image).read_bytes(), args.prompt)] * args.items
+        split = "prompt"
+    else:
+        requests = [(png_bytes(item.image), item.question) for item in sample_split(args.split, args.items, seed=0)]
+        split = f"demo {args.split}"
+    console = Console()
+    with Progress(console=console) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(name, total=total)
+            bar.advance(tasks[name], done)
+
+        profile = calibrate(args.edge, drafts, requests, split, keys=_client_keys(args), progress=progress)
+    path = profile.save(args.out)
+    console.print(f"draft step ms {', '.join(f'{k} {v:.2f}' for k, v in profile.draft_step_ms.items())}; "
+                  f"edge verify ms k=1 {profile.verify_ms[1]:.2f}, k=16 {profile.verify_ms[16]:.2f} "
+                  f"(line {profile.verify_line_ms[0]:.2f} + {profile.verify_line_ms[1]:.3f} k); target step "
+                  f"{profile.target_step_ms or float('nan'):.2f} ms; rtt {profile.rtt_ms:.2f} ms, up "
+                  f"{profile.up_mbit:.0f} / down {profile.down_mbit:.0f} Mbit/s; acceptance {profile.acceptance:.3f} "
+                  f"over {sum(profile.bin_judged)} drafted tokens")
+    console.print(f"calibration profile written to {path}")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -360,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=int, default=2)
     q.add_argument("--key", help="this device's secret key file (NAME.key_secret), for an edge with --auth curve")
     q.add_argument("--edge-key", help="the edge's public key file (NAME.key)")
+    q.add_argument("--profile", help="calibration profile (covspec calibrate): the drafting policy's starting estimates")
     _add_sampling_args(q)
     q.set_defaults(handler=cmd_device_run)
 
@@ -367,6 +426,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bundle", required=True, help="device bundle folder (covspec export)")
     q.add_argument("--to", required=True, help="DIR, ssh://user@host[:port]/path or adb://SERIAL/path")
     q.set_defaults(handler=cmd_device_flash)
+
+    p = sub.add_parser("calibrate", help="measure draft steps, edge verify times, the link and acceptance into a profile")
+    p.add_argument("--edge", required=True, help="edge endpoint, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--draft", help="draft checkpoint folder (times the eager backend)")
+    p.add_argument("--bundle", help="exported device bundle folder (times --backends)")
+    p.add_argument("--backends", default="executorch,onnx", help="bundle backends to time, comma-separated")
+    p.add_argument("--split", default="val", choices=["train", "val", "heldout"],
+                   help="demo task split for acceptance (default: val, the calibration split)")
+    p.add_argument("--image", help="instead of the demo task: one image ...")
+    p.add_argument("--prompt", default="describe the image .", help="... and its prompt, asked --items times")
+    p.add_argument("--items", type=int, default=24, help="requests for acceptance by margin bin")
+    p.add_argument("--out", default="calibration.json", help="profile file to write")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--key", help="this device's secret key file, for an edge with --auth curve")
+    p.add_argument("--edge-key", help="the edge's public key file (NAME.key)")
+    p.set_defaults(handler=cmd_calibrate)
 
     p = sub.add_parser("export", help="device bundle (ExecuTorch .pte + ONNX, quantized) and edge bundle")
     p.add_argument("--draft", required=True, help="draft checkpoint folder")

@@ -20,7 +20,6 @@ A message that broke a property is written to the report (and was turned into a 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import random
 import subprocess
@@ -45,10 +44,9 @@ HOSTILE_VALUES: tuple[Any, ...] = (
 def png_bytes(seed: int = 0, size: int = 32) -> bytes:
     from PIL import Image
 
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
+    from covspec.images import png_bytes as encode_png
+
+    return encode_png(Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)))
 
 
 def seed_messages(sid: int, image: bytes) -> list[wire.Message]:

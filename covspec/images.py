@@ -37,3 +37,10 @@ def load_image(source: str | Path | bytes, max_pixels: int = MAX_IMAGE_PIXELS) -
     except Image.DecompressionBombError as err:
         raise ImageError(f"image {name}: too large to decode ({err})") from err
     return image.convert("RGB")
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """The image encoded as PNG (what a device sends in OPEN)."""
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()

@@ -167,6 +167,7 @@ class OnlineStats:
     prior_v0: float = 0.02  # s, verify time intercept
     prior_v1: float = 0.002  # s per drafted token
     prior_verify_weight: float = 1.0  # pseudo-rounds at each prior anchor (k = 1 and k = 8)
+    prior_bins: list[float] | None = None  # acceptance per margin bin (a calibration profile's); None: the global
     branch_hit: float = 0.0
     rounds: int = 0
     _acc: float = 0.0  # decayed accepted tokens
@@ -215,9 +216,11 @@ class OnlineStats:
         return (self._acc + self.prior_acceptance * self.prior_n) / (self._judged + self.prior_n)
 
     def acceptance_at(self, margin: float) -> float:
-        """Acceptance of a token drafted with this margin: its bin's count, shrunk to the global rate."""
+        """Acceptance of a token drafted with this margin: its bin's count, shrunk to the bin's prior
+        (calibrated) or to the global rate."""
         b = margin_bin(margin)
-        return (self._bin_acc[b] + self.acceptance * self.prior_n) / (self._bin_judged[b] + self.prior_n)
+        prior = self.prior_bins[b] if self.prior_bins is not None else self.acceptance
+        return (self._bin_acc[b] + prior * self.prior_n) / (self._bin_judged[b] + self.prior_n)
 
     def verify_line(self) -> tuple[float, float]:
         """(v0, v1): least squares of verify time on window size over the decayed rounds plus the

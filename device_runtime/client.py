@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from covspec.calibration.profile import CalibrationProfile
 from covspec.drafter import Drafter, Window
 from covspec.generation import generate
 from covspec.images import load_image
@@ -86,6 +87,7 @@ class RoundRecord:
     wait_s: float  # from sending VERIFY to its RESULT (round trip + edge verify)
     verify_s: float  # the edge's own verify time
     branch_hit: bool | None = None  # whether a branch drafted during the wait was used (None: no branches)
+    margins: list[float] | None = None  # the drafted tokens' top-1 minus top-2 draft probabilities
 
 
 @dataclass
@@ -132,10 +134,12 @@ class DeviceRuntime:
     """A device: its draft model (or only its tokenizer, for target_only) and a link to one edge."""
 
     def __init__(self, draft: VLMAdapter, edge: str, timeout_s: float = 30.0, retries: int = 2,
-                 keys: ClientKeys | None = None):
+                 keys: ClientKeys | None = None, profile: CalibrationProfile | None = None):
         """`keys`: CURVE keys (this device's pair and the edge's public key) for an edge that
-        authenticates; None for one that runs with --auth none."""
+        authenticates; None for one that runs with --auth none. `profile`: what `covspec calibrate`
+        measured for this device, edge and link, the drafting policy's starting estimates."""
         self.draft = draft
+        self.profile = profile
         self.client = Client(edge, timeout_s=timeout_s, retries=retries, keys=keys)
         self.reopens = 0
         self.welcome = self._hello()
@@ -148,6 +152,13 @@ class DeviceRuntime:
         self._expect(self.client.request(wire.Ping(t=0.0)), wire.Pong)
         self.rtt_s = time.perf_counter() - start
         return welcome
+
+    def _new_stats(self) -> OnlineStats:
+        """The drafting policy's estimates for a new request: the calibration profile's when there is
+        one (with this connection's own round trip), else generic priors."""
+        if self.profile is None:
+            return OnlineStats(t_draft=0.001, rtt=self.rtt_s, prior_v0=0.005, prior_v1=0.001)
+        return OnlineStats(**{**self.profile.policy_priors(getattr(self.draft, "backend", "eager")), "rtt": self.rtt_s})
 
     @staticmethod
     def _expect(reply: wire.Message, kind: type) -> wire.Message:
@@ -283,8 +294,9 @@ class DeviceRuntime:
         drafter = Drafter(self.draft, state, opened.token, params, generator)
         eos = self.draft.eos_token_ids
         vocab = self.welcome.vocab_size
-        stats = OnlineStats(t_draft=0.001, rtt=self.rtt_s, prior_v0=0.005, prior_v1=0.001)
-        edge_step_s = opened.timings.get("step_s")
+        stats = self._new_stats()
+        edge_step_s = opened.timings.get("step_s") or (
+            self.profile.target_step_ms / 1000 if self.profile and self.profile.target_step_ms else None)
         gate = MarginGate(options.margin_threshold) if options.adaptive else None
         rounds: list[RoundRecord] = []
         done = opened.done
@@ -332,7 +344,8 @@ class DeviceRuntime:
                 drafter.commit(drafted, reply.accepted, next_token)
             verify_s = reply.timings.get("verify_s", float("nan"))
             rounds.append(RoundRecord(len(drafted), reply.accepted, sum(drafted.step_s), wait_s, verify_s,
-                                      branch_hit=hit is not None if branches else None))
+                                      branch_hit=hit is not None if branches else None,
+                                      margins=[float(m) for m in drafted.margins]))
             stats.update(len(drafted), reply.accepted, drafted.step_s, wait_s, verify_s, drafted.margins,
                          branch_hit=hit is not None if branches else None)
             if len(rounds) == 1:  # the first measurements replace the priors outright

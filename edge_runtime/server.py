@@ -400,7 +400,7 @@ class EdgeServer:
         yield wire.Closed(sid=msg.sid, seq=msg.seq)  # closing twice (a retried CLOSE) is fine
 
     def on_ping(self, msg: wire.Ping):
-        yield wire.Pong(sid=msg.sid, seq=msg.seq, t=msg.t)
+        yield wire.Pong(sid=msg.sid, seq=msg.seq, t=msg.t, pad=bytes(msg.echo) if msg.echo else None)
 
     def on_stats(self, msg: wire.Stats):
         yield wire.StatsReply(sid=msg.sid, seq=msg.seq, counters=self.stats())

@@ -28,6 +28,9 @@ def build_bundles(draft: str | Path, target: str | Path, out: str | Path, quant:
 
     out = Path(out)
     if isinstance(calibration, str | Path):
+        from covspec.calibration.profile import load_profile
+
+        load_profile(calibration)  # a clear error for a profile that is not one
         calibration = {"file": Path(calibration).name, **json.loads(Path(calibration).read_text())}
     console = Console(stderr=True, quiet=quiet)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,

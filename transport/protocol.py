@@ -85,6 +85,7 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+MAX_ECHO_BYTES = 1 << 20  # the most filler a PING may ask back (a bandwidth probe, not an amplifier)
 
 # ---------------------------------------------------------------------------------------------------
 # Messages. Every field is keyword-only; `sid`/`seq` are common. Arrays are numpy arrays (decode gives
@@ -209,12 +210,15 @@ class Closed(Message):
 class Ping(Message):
     TYPE: ClassVar[str] = "PING"
     t: float = 0.0  # sender's clock, echoed in PONG
+    pad: bytes | None = None  # filler, to time an upload (link bandwidth, `covspec calibrate`)
+    echo: int = 0  # bytes of filler wanted back in PONG, to time a download (at most MAX_ECHO_BYTES)
 
 
 @dataclass(kw_only=True, eq=False)
 class Pong(Message):
     TYPE: ClassVar[str] = "PONG"
     t: float = 0.0
+    pad: bytes | None = None  # PING's `echo` bytes of filler
 
 
 @dataclass(kw_only=True, eq=False)
@@ -349,7 +353,7 @@ _FIELDS: dict[type[Message], dict[str, Check]] = {
     Streamed: {"index": _ID, "done": _bool, "timings": _timings},
     Close: {},
     Closed: {},
-    Ping: {"t": _float(-1e12, 1e12)},
+    Ping: {"t": _float(-1e12, 1e12), "echo": _int(0, MAX_ECHO_BYTES)},
     Pong: {"t": _float(-1e12, 1e12)},
     Stats: {},
     StatsReply: {"counters": _counters},
@@ -387,6 +391,8 @@ _FRAMES: dict[type[Message], dict[str, _Bin]] = {
     Verify: {"tokens": _IDS, "q": _Bin("<f4", 1, _q), "dists": _Bin("<f4", 2, _probs)},
     Result: {"cand_ids": _IDS, "cand_probs": _Bin("<f4", 1, _probs)},
     Streamed: {"tokens": _IDS},
+    Ping: {"pad": _Bin("bytes")},
+    Pong: {"pad": _Bin("bytes")},
 }
 
 
