@@ -115,3 +115,55 @@ def render(rows: list[BackendRow]) -> Any:
                       f"{row.step_ms:.2f}", f"{row.agree}/{row.tokens} ({100 * row.agreement:.1f}%)",
                       "-" if row.accuracy is None else f"{row.accuracy:.3f}")
     return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m covspec.calibration.backends --draft PATH --bundle "pte fp32=DIR:executorch" ... --out DIR"""
+    import argparse
+    import json
+    import shlex
+    import sys
+
+    from rich.console import Console
+
+    from covspec.demo.evaluate import score_answer
+    from covspec.demo.task import sample_split
+
+    parser = argparse.ArgumentParser(prog="python -m covspec.calibration.backends",
+                                     description="draft backends side by side on the demo task's held-out prompts")
+    parser.add_argument("--draft", type=Path, required=True, help="the eager draft checkpoint")
+    parser.add_argument("--bundle", action="append", default=[],
+                        help='"LABEL=DIR:BACKEND", e.g. "pte int8=out/device:executorch" (repeatable)')
+    parser.add_argument("--items", type=int, default=50, help="held-out prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--out", type=Path, default=Path("results/export"))
+    args = parser.parse_args(argv)
+    bundles = {}
+    for spec in args.bundle:
+        label, _, rest = spec.partition("=")
+        folder, _, backend = rest.rpartition(":")
+        if not label or not folder or backend not in ("executorch", "onnx"):
+            parser.error(f'--bundle {spec!r}: expected "LABEL=DIR:executorch" or "LABEL=DIR:onnx"')
+        bundles[label] = (Path(folder), backend)
+    items = list(sample_split("heldout", args.items, seed=0))
+    rows = compare_backends(args.draft, bundles, items, max_new_tokens=args.max_new_tokens, score=score_answer)
+    console = Console(record=True, width=120)
+    console.print(render(rows))
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python -m covspec.calibration.backends " + shlex.join(argv if argv is not None else sys.argv[1:])
+    (args.out / "backends.json").write_text(json.dumps({"command": command, "items": len(items),
+                                                        "rows": [r.as_dict() for r in rows]}, indent=2) + "\n")
+    lines = [f"# Draft backends on {len(items)} held-out prompts", "", f"Command: `{command}`", "",
+             "| backend | quant | size | x smaller | step ms | token agreement with eager | accuracy |",
+             "|---|---|---|---|---|---|---|"]
+    base = rows[0].size_bytes
+    for r in rows:
+        lines.append(f"| {r.label} | {r.quant} | {r.size_bytes / 1e6:.3f} MB | {base / r.size_bytes:.2f} | "
+                     f"{r.step_ms:.3f} | {r.agree}/{r.tokens} ({100 * r.agreement:.1f}%) | "
+                     f"{'-' if r.accuracy is None else f'{r.accuracy:.3f}'} |")
+    (args.out / "backends.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -139,7 +139,7 @@ def cmd_edge_serve(args: argparse.Namespace) -> int:
     import torch
 
     from covspec.edge_runtime.server import EdgeServer, EdgeSettings
-    from covspec.models import load_adapter
+    from covspec.edge_runtime.target import load_target
     from covspec.transport.protocol import DEFAULT_LIMITS
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -160,7 +160,9 @@ def cmd_edge_serve(args: argparse.Namespace) -> int:
         settings.check()
     except ValueError as err:
         raise CovspecError(f"edge settings: {err}") from err
-    server = EdgeServer(load_adapter(args.model), settings, name=Path(args.model).name)
+    target, loaded = load_target(args.model, threads=args.threads)
+    print(f"edge target: {loaded}", flush=True)
+    server = EdgeServer(target, settings, name=Path(args.model).name)
     auth = "no authentication (--auth none)" if keys is None else f"CURVE, devices allowed from {keys.allow_dir}"
     print(f"edge serving {args.model} on {server.endpoint}, {auth}", flush=True)
     try:
@@ -360,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("edge", help="the edge runtime (target VLM)")
     edge_sub = p.add_subparsers(dest="edge_command", required=True, metavar="ACTION")
     q = edge_sub.add_parser("serve", help="serve a target checkpoint over ZeroMQ (ROUTER)")
-    q.add_argument("--model", required=True, help="target checkpoint folder")
+    q.add_argument("--model", required=True, help="target checkpoint folder, or an edge bundle (covspec export's OUT/edge)")
     q.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
     q.add_argument("--threads", type=int, default=2)
     g = q.add_argument_group("authentication (ZeroMQ CURVE)")

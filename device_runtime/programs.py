@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-BACKENDS = {"executorch": "pte", "onnx": "onnx"}
+BACKENDS = {"executorch": "pte", "onnx": "onnx", "tensorrt": "tensorrt"}  # backend -> manifest program format
 
 
 class Programs(Protocol):
@@ -52,17 +52,20 @@ class ExecuTorchPrograms:
         return out[0].clone(), out[1].clone()
 
 
+def ort_session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 class OnnxPrograms:
     def __init__(self, vision: Path, decoder: Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        providers = ["CPUExecutionProvider"]
-        self._vision = ort.InferenceSession(str(vision), options, providers=providers)
-        self._decoder = ort.InferenceSession(str(decoder), options, providers=providers)
+        self._vision = ort_session(vision, threads)
+        self._decoder = ort_session(decoder, threads)
         self._vision_input = self._vision.get_inputs()[0].name
 
     def vision(self, pixels: torch.Tensor) -> list[torch.Tensor]:
@@ -76,9 +79,27 @@ class OnnxPrograms:
         return torch.from_numpy(logits), torch.from_numpy(new_cache)
 
 
+class TensorRTPrograms(OnnxPrograms):
+    """The edge's TensorRT backend: vision on ONNX Runtime, the decoder as the serialized engine on
+    CUDA (export/tensorrt_engine.py). Never run on these machines: TensorRT is out of their reach."""
+
+    def __init__(self, vision: Path, decoder: Path, threads: int | None = None):
+        from covspec.export.tensorrt_engine import TensorRTDecoder
+
+        self._vision = ort_session(vision, threads)
+        self._vision_input = self._vision.get_inputs()[0].name
+        self._engine = TensorRTDecoder(decoder)
+
+    def decoder(self, ids, image_embeds, is_image, input_pos, slots, cache):
+        logits, new_cache = self._engine(ids, image_embeds, is_image, input_pos, slots, cache)
+        return logits.cpu(), new_cache.cpu()
+
+
 def open_programs(backend: str, vision: Path, decoder: Path, threads: int | None = None) -> Programs:
     if backend == "executorch":
         return ExecuTorchPrograms(vision, decoder, threads)
     if backend == "onnx":
         return OnnxPrograms(vision, decoder, threads)
+    if backend == "tensorrt":
+        return TensorRTPrograms(vision, decoder, threads)
     raise ValueError(f"unknown backend {backend!r} (backends: {', '.join(BACKENDS)})")

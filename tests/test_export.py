@@ -277,3 +277,56 @@ def test_int8_embedding_rows_are_within_half_a_step() -> None:
     error = (quantized(ids) - table(ids)).abs()[0]  # [50, 32]
     assert quantized.qweight.dtype == torch.int8
     assert bool((error <= quantized.scale[:, None] / 2 + 1e-7).all())
+
+
+# --- the edge serves an edge bundle -----------------------------------------------------------------
+def test_edge_refuses_a_device_bundle_or_a_broken_one(fake_bundle: Path) -> None:
+    from covspec.edge_runtime.target import load_target
+    from covspec.errors import CovspecError
+
+    with pytest.raises(CovspecError, match="a 'device' bundle, the edge serves an edge bundle"):
+        load_target(fake_bundle)
+    with open(fake_bundle / "decoder.pte", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CovspecError, match="decoder.pte"):
+        load_target(fake_bundle)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edge_backend", ["pytorch", "onnx"])
+def test_device_bundle_against_edge_bundle_matches_target_only(tiny: Path, fp32_bundles: tuple[Path, Path],
+                                                               tmp_path: Path, edge_backend: str) -> None:
+    """`covspec device run --bundle` (ExecuTorch draft) against `covspec edge serve` on the edge
+    bundle (checkpoint or ONNX Runtime target): covspec mode gives target-only's greedy answers."""
+    import threading
+
+    from covspec.device_runtime.client import DeviceRuntime
+    from covspec.device_runtime.exported_adapter import BundleAdapter
+    from covspec.edge_runtime.server import EdgeServer, EdgeSettings
+    from covspec.edge_runtime.target import load_target
+    from covspec.export.edge_bundle import build_edge_bundle
+    from covspec.generation import generate
+    from covspec.images import png_bytes
+    from covspec.models import load_adapter
+    from covspec.sampling import SamplingParams
+
+    edge_bundle = fp32_bundles[1] if edge_backend == "pytorch" else build_edge_bundle(
+        tiny, tmp_path / "edge", backend="onnx", max_len=96)
+    target, loaded = load_target(edge_bundle)
+    assert ("ONNX Runtime" in loaded) == (edge_backend == "onnx")
+    server = EdgeServer(target, EdgeSettings(bind="tcp://127.0.0.1:*"))
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: [server.serve_once(0.05) for _ in iter(stop.is_set, True)], daemon=True)
+    thread.start()
+    device = DeviceRuntime(BundleAdapter(fp32_bundles[0], backend="executorch"), server.endpoint)
+    try:
+        reference = load_adapter(tiny)
+        for image in images()[:2]:
+            for prompt in PROMPTS[:2]:
+                answer = device.answer(png_bytes(image), prompt, "covspec", SamplingParams(), max_new_tokens=12)
+                assert answer.ids == generate(reference, image, prompt, max_new_tokens=12).ids
+    finally:
+        device.close()
+        stop.set()
+        thread.join()
+        server.close()
