@@ -1,13 +1,19 @@
-"""`covspec device flash` to a folder, and through the shell path ssh/adb use (driven here by a stand-in
-`ssh` that runs the remote command locally: this machine has no sshd)."""
+"""`covspec device flash` to a folder, through the shell path ssh/adb use (a stand-in `ssh` that runs
+the remote command locally), and over real ssh to an OpenSSH server the test starts on loopback."""
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
 import stat
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from covspec.bench import free_port
 from covspec.device_runtime.bundle import BundleError, load_bundle
 from covspec.device_runtime.flash import FlashError, FolderTarget, ShellTarget, flash, parse_target
 from covspec.export.manifest import MANIFEST, write_manifest
@@ -100,3 +106,71 @@ def test_target_parsing() -> None:
     for bad in ("ssh://host", "adb://serial", "ftp://host/x"):
         with pytest.raises(ValueError):
             parse_target(bad)
+
+
+# --- a real sshd on loopback ------------------------------------------------------------------------
+SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory):
+    """Debian's OpenSSH server on 127.0.0.1, run by the test as this user with its own host key and
+    one authorized client key; yields the ssh client argv prefix (key, no host-key prompts) and port."""
+    if SSHD is None or shutil.which("ssh") is None or shutil.which("ssh-keygen") is None:
+        pytest.skip("no OpenSSH server here (Debian: apt-get install openssh-server; scripts/test.sh tries it)")
+    root = tmp_path_factory.mktemp("sshd")
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / name)], check=True)
+    (root / "authorized_keys").write_text((root / "client.pub").read_text())
+    (root / "authorized_keys").chmod(0o600)
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+    port = free_port()
+    config = root / "sshd_config"
+    config.write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {root / 'host'}", f"PidFile {root / 'sshd.pid'}",
+        f"AuthorizedKeysFile {root / 'authorized_keys'}", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+        "PubkeyAuthentication yes", "UsePAM no", "StrictModes no", "PermitRootLogin prohibit-password",
+        "LogLevel ERROR", ""]))
+    server = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
+    ssh = ["ssh", "-i", str(root / "client"), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+           "-o", f"UserKnownHostsFile={root / 'known_hosts'}", "-o", "LogLevel=ERROR"]
+    user = pwd.getpwuid(os.getuid()).pw_name
+    deadline = time.monotonic() + 20
+    while True:
+        probe = subprocess.run([*ssh, "-p", str(port), f"{user}@127.0.0.1", "true"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            break
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            err = (server.stderr.read() if server.poll() is not None else b"").decode(errors="replace")
+            pytest.skip(f"sshd could not be started here: {err.strip() or probe.stderr.decode(errors='replace').strip()}")
+        time.sleep(0.2)
+    yield ssh, port, user
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_flash_over_real_ssh(bundle: Path, tmp_path: Path, sshd) -> None:
+    ssh, port, user = sshd
+    dest = tmp_path / "phone" / "covspec bundle"
+    target = parse_target(f"ssh://{user}@127.0.0.1:{port}{dest}", ssh=ssh)
+    first = flash(bundle, target)
+    assert sorted(first.copied) == sorted(["decoder.pte", "vision.pte", "checkpoint/config.json", MANIFEST])
+    assert load_bundle(dest).manifest == load_bundle(bundle).manifest and no_temp_files(dest)
+    assert flash(bundle, target).copied == []  # every checksum already matches on the target
+    data = bytearray((dest / "vision.pte").read_bytes())
+    data[7] ^= 0x01
+    (dest / "vision.pte").write_bytes(bytes(data))
+    repaired = flash(bundle, target)
+    assert repaired.copied == ["vision.pte", MANIFEST] and sorted(repaired.skipped) == ["checkpoint/config.json", "decoder.pte"]
+    load_bundle(dest)
+
+
+def test_truncated_bundle_is_refused_before_ssh_copies_anything(bundle: Path, tmp_path: Path, sshd) -> None:
+    ssh, port, user = sshd
+    dest = tmp_path / "phone"
+    (bundle / "decoder.pte").write_bytes((bundle / "decoder.pte").read_bytes()[:-1])
+    with pytest.raises(BundleError, match="decoder.pte: size"):
+        flash(bundle, parse_target(f"ssh://{user}@127.0.0.1:{port}{dest}", ssh=ssh))
+    assert not dest.exists()
