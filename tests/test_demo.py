@@ -152,3 +152,39 @@ def test_shipped_target_reads_the_image():
     assert describe_f1.n >= 3 and describe_f1.mean >= 0.85, report.as_dict()
     short = report.overall(("color", "shape", "count", "position", "existence", "relation"))
     assert short.mean >= 0.3, report.as_dict()
+
+
+def test_pruned_training_rows_are_what_the_pruned_prefill_computes():
+    """The draft learns on pruned rows (covspec/demo/data.prune_rows): the training forward on such a
+    row gives the logits the adapter's pruned prefill gives for the same kept tokens at inference."""
+    import random
+
+    from transformers import LlavaForConditionalGeneration
+
+    import numpy as np
+
+    from covspec.demo.data import collate, kept_tokens, pixel_values, prune_rows, token_cells
+    from covspec.demo.task import N_VISUAL_TOKENS, make_item
+    from covspec.demo.train import lm_logits, vision_features
+    from covspec.models import load_adapter
+
+    tokenizer = build_tokenizer()
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    model = LlavaForConditionalGeneration.from_pretrained(default_draft_path()).eval()
+    adapter = load_adapter(default_draft_path())
+    item = make_item("heldout", 3, 0, qtype="describe")
+    pixels = pixel_values(np.asarray(item.image))[None]
+    batch = collate(tokenizer, [(0, item.question, item.answer, "describe")], N_VISUAL_TOKENS)
+    rng = random.Random(0)
+    pruned = prune_rows(batch, [item.scene], image_id, tokenizer.pad_token_id, rng, 1.0, 0.25, N_VISUAL_TOKENS)
+    kept = pruned.kept[0]
+    assert len(kept) < N_VISUAL_TOKENS and kept.tolist() == sorted(kept.tolist())
+    assert {token_cells()[t] for t in kept.tolist()} >= {o.cell for o in item.scene.objects}
+    assert int((pruned.batch.ids == image_id).sum()) == len(kept)
+    assert len(kept_tokens(item.scene, 3, rng)) >= len(item.scene.objects)  # every object stays visible
+    with torch.no_grad():
+        logits, _ = lm_logits(model, batch, vision_features(model, pixels), image_id, pruned)
+        prompt_end = int((pruned.batch.labels[0] != -100).nonzero()[0])  # the position predicting the answer
+        visual = adapter.encode_image(adapter.preprocess(item.image))
+        expected, _ = adapter.prefill(visual, item.question, kept=kept)
+    assert torch.allclose(logits[0, prompt_end], expected, atol=1e-4)

@@ -145,3 +145,58 @@ def sample_questions(pool: ScenePool, rng: random.Random, batch_size: int, descr
         assert qtype != "describe" or question == DESCRIBE_PROMPT
         out.append((idx, question, answer, qtype))
     return out
+
+
+@dataclass
+class PrunedBatch:
+    """A batch some of whose rows lost visual tokens, as the device's pruned prefill sees them: the
+    dropped image slots are removed and every remaining token keeps its unpruned position."""
+
+    batch: Batch
+    positions: torch.Tensor  # [B, T'] position ids
+    kept: list[torch.Tensor]  # per row, sorted kept visual-token indices
+
+
+def kept_tokens(scene: Scene, n_keep: int, rng: random.Random) -> list[int]:
+    """n_keep visual-token indices: one token of every object's cell first (as a pruner that works
+    would keep), then random others."""
+    cells = token_cells()
+    by_cell: dict[int, list[int]] = {}
+    for token, cell in enumerate(cells):
+        by_cell.setdefault(cell, []).append(token)
+    keep = {rng.choice(by_cell[o.cell]) for o in scene.objects}
+    rest = [t for t in range(len(cells)) if t not in keep]
+    rng.shuffle(rest)
+    keep.update(rest[: max(0, n_keep - len(keep))])
+    return sorted(keep)
+
+
+def prune_rows(batch: Batch, scenes: list[Scene], image_id: int, pad_id: int, rng: random.Random,
+               share: float, min_keep: float, n_visual: int) -> PrunedBatch:
+    """Each row, with probability `share`, keeps a random ratio in [min_keep, 1) of its visual tokens."""
+    rows_ids, rows_labels, rows_pos, kept_all = [], [], [], []
+    for row in range(batch.ids.shape[0]):
+        ids, labels = batch.ids[row], batch.labels[row]
+        positions = torch.arange(ids.shape[0])
+        kept = torch.arange(n_visual)
+        if rng.random() < share:
+            n_keep = max(1, round(rng.uniform(min_keep, 1.0) * n_visual))
+            kept = torch.tensor(kept_tokens(scenes[row], n_keep, rng))
+            slots = (ids == image_id).nonzero().flatten()  # [n_visual] positions of the image tokens
+            keep_mask = torch.ones_like(ids, dtype=torch.bool)
+            keep_mask[slots] = False
+            keep_mask[slots[kept]] = True
+            ids, labels, positions = ids[keep_mask], labels[keep_mask], positions[keep_mask]
+        rows_ids.append(ids)
+        rows_labels.append(labels)
+        rows_pos.append(positions)
+        kept_all.append(kept)
+    width = max(len(r) for r in rows_ids)
+
+    def pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+        return torch.stack([torch.cat([r, torch.full((width - len(r),), value, dtype=r.dtype)]) for r in rows])
+
+    positions = torch.stack([torch.cat([p, p[-1] + 1 + torch.arange(width - len(p))]) for p in rows_pos])
+    ids = pad(rows_ids, pad_id)
+    pruned = Batch(ids, pad(rows_labels, -100), (ids != pad_id).long(), batch.scene_idx, batch.qtypes)
+    return PrunedBatch(pruned, positions, kept_all)

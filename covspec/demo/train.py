@@ -13,6 +13,7 @@ Stages (the recipe that reaches the bar on this task):
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -36,11 +37,13 @@ from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 from covspec.demo.data import (
     SHORT_TYPES,
     Batch,
+    PrunedBatch,
     ScenePool,
     alignment_targets,
     alignment_word_ids,
     build_pool,
     collate,
+    prune_rows,
     sample_questions,
     token_cells,
 )
@@ -63,6 +66,8 @@ class StageSettings:
     projector_lr_scale: float = 0.1
     align_weight: float = 1.0
     distill_weight: float = 0.0  # KL to the target's next-token distribution (draft only)
+    pruned_share: float = 0.0  # rows trained with visual tokens pruned as the device prunes them (draft only)
+    min_keep: float = 0.1  # the smallest kept ratio drawn for such a row
     short_batch: int = 0  # batch size of short-question batches (0: same as batch)
 
 
@@ -205,15 +210,22 @@ def train_alignment(name: str, model: LlavaForConditionalGeneration, feats: torc
 # --- stage 3: language -------------------------------------------------------------------------
 
 def lm_logits(model: LlavaForConditionalGeneration, batch: Batch, feats: torch.Tensor,
-              image_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The LLaVA forward on cached vision features: [B, T, V] logits and the projected tokens.
-    Right padding needs no attention mask under a causal mask (no real token sees a pad)."""
+              image_id: int, pruned: PrunedBatch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LLaVA forward on cached vision features [B, N, d]: [B, T, V] logits and the projected
+    tokens [B, N, d']. With `pruned`, its rows' kept visual tokens only, at their unpruned positions.
+    Unpruned, right padding needs no attention mask under a causal mask (no real token sees a pad)."""
     lm = model.model.language_model
-    embeds = lm.embed_tokens(batch.ids)
     visual = model.model.multi_modal_projector(feats)
-    slots = (batch.ids == image_id).unsqueeze(-1)
-    embeds = embeds.masked_scatter(slots, visual.to(embeds.dtype))
-    hidden = lm(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    ids, positions, mask, fill = batch.ids, None, None, visual
+    if pruned is not None:
+        ids, positions, mask = pruned.batch.ids, pruned.positions, pruned.batch.mask
+        fill = torch.cat([visual[row, kept] for row, kept in enumerate(pruned.kept)])
+    embeds = lm.embed_tokens(ids)
+    slots = (ids == image_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(slots, fill.to(embeds.dtype))
+    # an explicit mask: without one, transformers reads position jumps as packed sequences and
+    # would cut the attention at every pruned gap
+    hidden = lm(inputs_embeds=embeds, position_ids=positions, attention_mask=mask, use_cache=False).last_hidden_state
     return model.lm_head(hidden), visual
 
 
@@ -297,17 +309,23 @@ def train_language(name: str, model: LlavaForConditionalGeneration, tokenizer: P
             batch = collate(tokenizer, sample_questions(pool, rng, st.batch, share, short_batch=st.short_batch),
                             N_VISUAL_TOKENS)
             batch_feats = feats[batch.scene_idx]
-            logits, visual = lm_logits(model, batch, batch_feats, image_id)
-            live = batch.labels != -100
-            loss = F.cross_entropy(logits[live], batch.labels[live])
+            pruned = None
+            if st.pruned_share:
+                pruned = prune_rows(batch, [pool.scenes[int(i)] for i in batch.scene_idx], image_id,
+                                    tokenizer.pad_token_id, rng, st.pruned_share, st.min_keep, N_VISUAL_TOKENS)
+            logits, visual = lm_logits(model, batch, batch_feats, image_id, pruned)
+            labels = batch.labels if pruned is None else pruned.batch.labels
+            live = labels != -100
+            loss = F.cross_entropy(logits[live], labels[live])
             if st.align_weight:
                 loss = loss + st.align_weight * alignment_loss(
                     model, visual, [words[int(i)] for i in batch.scene_idx])
             if teacher is not None and st.distill_weight:
-                with torch.no_grad():
+                with torch.no_grad():  # the target sees every visual token (it is never pruned by default)
                     teacher_logits, _ = lm_logits(teacher, batch, batch_feats, image_id)
+                teacher_live = batch.labels != -100  # the same answer tokens, in the unpruned layout
                 loss = loss + st.distill_weight * F.kl_div(
-                    F.log_softmax(logits[live], -1), F.log_softmax(teacher_logits[live], -1),
+                    F.log_softmax(logits[live], -1), F.log_softmax(teacher_logits[teacher_live], -1),
                     log_target=True, reduction="batchmean")
             factor = cosine_lr(step, st.steps, st.warmup)
             for group in opt.param_groups:
@@ -332,8 +350,10 @@ def train_language(name: str, model: LlavaForConditionalGeneration, tokenizer: P
 
 # --- the whole run -----------------------------------------------------------------------------
 
-def train_pair(out: Path, s: TrainSettings = TrainSettings()) -> dict:
-    """Trains target then draft and writes both checkpoints under out/target and out/draft."""
+def train_pair(out: Path, s: TrainSettings = TrainSettings(), target_from: Path | None = None) -> dict:
+    """Trains target then draft and writes both checkpoints under out/target and out/draft.
+    `target_from`: a target checkpoint this function wrote earlier with the same settings (an
+    interrupted build): it is loaded instead of retrained, and only the draft stage runs."""
     set_deterministic(s.seed, s.threads)
     started = time.perf_counter()
     tokenizer = build_tokenizer()
@@ -342,22 +362,32 @@ def train_pair(out: Path, s: TrainSettings = TrainSettings()) -> dict:
     pool = build_pool("train", s.pool_size, s.seed)
     val_pool = build_pool("val", s.val_size, s.seed)
     timings: dict[str, float] = {"render_s": time.perf_counter() - started}
-
-    target = new_model(s.target_size, tokenizer, s.seed)
-    t0 = time.perf_counter()
-    vision_meta = train_vision(target, pool, val_pool, s)
-    feats, val_feats = cache_features(target, pool), cache_features(target, val_pool)
-    timings["vision_s"] = time.perf_counter() - t0
     words = align_index(tokenizer, pool)
-    val = make_val(tokenizer, val_pool, val_feats, s.seed)
 
     t0 = time.perf_counter()
-    train_alignment("target", target, feats, words, s)
-    target_meta = train_language("target", target, tokenizer, pool, feats, words, val, s.target, s)
-    if s.target_focus.steps:
-        target_meta["focus"] = train_language("target-focus", target, tokenizer, pool, feats, words, val,
-                                              s.target_focus, s)
-    timings["target_s"] = time.perf_counter() - t0
+    if target_from is None:
+        target = new_model(s.target_size, tokenizer, s.seed)
+        vision_meta = train_vision(target, pool, val_pool, s)
+        feats, val_feats = cache_features(target, pool), cache_features(target, val_pool)
+        timings["vision_s"] = time.perf_counter() - t0
+        val = make_val(tokenizer, val_pool, val_feats, s.seed)
+        t0 = time.perf_counter()
+        train_alignment("target", target, feats, words, s)
+        target_meta = train_language("target", target, tokenizer, pool, feats, words, val, s.target, s)
+        if s.target_focus.steps:
+            target_meta["focus"] = train_language("target-focus", target, tokenizer, pool, feats, words, val,
+                                                  s.target_focus, s)
+        timings["target_s"] = time.perf_counter() - t0
+    else:
+        target = LlavaForConditionalGeneration.from_pretrained(target_from).eval()
+        earlier = json.loads((Path(target_from) / "covspec_demo.json").read_text())
+        if earlier["settings"]["target"] != asdict(s.target) or earlier["text"] != asdict(s.target_size):
+            raise ValueError(f"{target_from} was trained with other target settings")
+        vision_meta = {k: v for k, v in earlier.items() if k.startswith("vision_val")}
+        target_meta = {k: earlier[k] for k in ("val_teacher_forced", "history", "focus") if k in earlier}
+        timings.update({k: v for k, v in earlier["timings"].items() if k in ("vision_s", "target_s")})
+        feats, val_feats = cache_features(target, pool), cache_features(target, val_pool)
+        val = make_val(tokenizer, val_pool, val_feats, s.seed)
     for p in target.parameters():
         p.requires_grad_(False)
 
@@ -369,7 +399,7 @@ def train_pair(out: Path, s: TrainSettings = TrainSettings()) -> dict:
     train_alignment("draft", draft, feats, words, s)
     draft_meta = train_language("draft", draft, tokenizer, pool, feats, words, val, s.draft, s, teacher=target)
     timings["draft_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - started
+    timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
 
     settings = asdict(s)
     for name, model, size, meta in (("target", target, s.target_size, target_meta),
