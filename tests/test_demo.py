@@ -159,9 +159,8 @@ def test_pruned_training_rows_are_what_the_pruned_prefill_computes():
     row gives the logits the adapter's pruned prefill gives for the same kept tokens at inference."""
     import random
 
-    from transformers import LlavaForConditionalGeneration
-
     import numpy as np
+    from transformers import LlavaForConditionalGeneration
 
     from covspec.demo.data import collate, kept_tokens, pixel_values, prune_rows, token_cells
     from covspec.demo.task import N_VISUAL_TOKENS, make_item
