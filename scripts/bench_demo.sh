@@ -22,3 +22,17 @@ mkdir -p results/prune
 python -m covspec.prune_eval --draft "$D" --target "$T" --limit 60 --ratios 0.1 0.25 0.5 1.0 --json results/prune/sweep.json
 # load: N devices against one edge (replayed draft windows), batched verification
 covspec bench --devices 1,2,4,8,16 --replay --modes target_only,covspec --prompts 4 --question-type describe --out results/load
+# export: fp32 and int8 device bundles (ExecuTorch + ONNX), then the backends side by side on 50 prompts
+covspec export --draft "$D" --target "$T" --out runs/export-fp32 --quant none
+covspec export --draft "$D" --target "$T" --out runs/export-int8 --quant int8
+python -m covspec.calibration.backends --draft "$D" --items 50 --out results/export \
+  --bundle "pte fp32=runs/export-fp32/device:executorch" --bundle "pte int8=runs/export-int8/device:executorch" \
+  --bundle "onnx fp32=runs/export-fp32/device:onnx" --bundle "onnx int8=runs/export-int8/device:onnx"
+# calibration profile: the int8 bundle's backends against an edge serving the exported edge bundle
+covspec edge serve --model runs/export-int8/edge --bind tcp://127.0.0.1:5591 --auth none --threads 1 &
+edge=$!
+sleep 10
+covspec calibrate --edge tcp://127.0.0.1:5591 --draft "$D" --bundle runs/export-int8/device --out results/calibration/profile.json
+kill -INT $edge; wait $edge || true
+# fuzz: 100,000 messages to the decoder, 50,000 to a running edge
+covspec fuzz --decoder 100000 --edge 50000 --out results/fuzz

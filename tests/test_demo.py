@@ -128,9 +128,10 @@ def test_shipped_pair_matches_its_manifest_and_loads():
     target, draft = load_adapter(default_target_path()), load_adapter(default_draft_path())
     assert target.family == draft.family == "llava"
     assert tokenizer_fingerprint(target.tokenizer) == tokenizer_fingerprint(draft.tokenizer)
-    t_layers = target.model.config.text_config.num_hidden_layers
-    d_layers = draft.model.config.text_config.num_hidden_layers
-    assert t_layers >= 8 * d_layers
+    # the draft is much cheaper (its measured step ratio is a benchmark: covspec.demo.measure)
+    t_params = sum(p.numel() for p in target.model.model.language_model.layers.parameters())
+    d_params = sum(p.numel() for p in draft.model.model.language_model.layers.parameters())
+    assert t_params >= 8 * d_params
     size = sum(p.stat().st_size for p in WEIGHTS.rglob("*.safetensors"))
     assert size <= 40 * 1024 * 1024
     meta = json.loads((default_target_path() / "covspec_demo.json").read_text())
@@ -142,7 +143,7 @@ def test_shipped_pair_matches_its_manifest_and_loads():
 
 def test_shipped_target_reads_the_image():
     """A regression guard at the shipped pair's measured level: its descriptions are near perfect
-    (held-out object-F1 0.99 on 19 items); short questions are at 56% (the issue's 90% bar is not met
+    (held-out object-F1 0.98 on 19 items); short questions are at 62% (the issue's 90% bar is not met
     yet), so they are only held above the language prior's low end."""
     from covspec.demo.evaluate import evaluate
 
@@ -187,3 +188,23 @@ def test_pruned_training_rows_are_what_the_pruned_prefill_computes():
         visual = adapter.encode_image(adapter.preprocess(item.image))
         expected, _ = adapter.prefill(visual, item.question, kept=kept)
     assert torch.allclose(logits[0, prompt_end], expected, atol=1e-4)
+
+
+def test_growing_the_target_keeps_its_function():
+    """Depth growth (modeling.grow_text_model): the grown model's logits equal the small one's, and
+    the added layers are trainable (their zeroed projections get gradients)."""
+    from covspec.demo.modeling import TextSize, grow_text_model, new_model
+
+    tokenizer = build_tokenizer()
+    small = new_model(TextSize(layers=2, hidden=32, heads=2, intermediate=64), tokenizer, seed=0).eval()
+    big = grow_text_model(small, TextSize(layers=5, hidden=32, heads=2, intermediate=64), tokenizer, seed=1).eval()
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    with torch.no_grad():
+        assert torch.allclose(small.model.language_model(ids).last_hidden_state,
+                              big.model.language_model(ids).last_hidden_state, atol=1e-6)
+    big.train()
+    big.lm_head(big.model.language_model(ids).last_hidden_state).sum().backward()
+    added = big.model.language_model.layers[4]
+    assert added.self_attn.o_proj.weight.grad.abs().sum() > 0 and added.mlp.down_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="cannot grow"):
+        grow_text_model(small, TextSize(layers=5, hidden=64, heads=2, intermediate=64), tokenizer, seed=1)

@@ -126,17 +126,19 @@ def collate(tokenizer, questions: list[tuple[int, str, str, str]], n_image_token
 
 def sample_questions(pool: ScenePool, rng: random.Random, batch_size: int, describe_share: float,
                      type_weights: dict[str, float] | None = None,
-                     short_batch: int = 0) -> list[tuple[int, str, str, str]]:
+                     short_batch: int = 0, mixed: bool = False) -> list[tuple[int, str, str, str]]:
     """One question per drawn scene: a batch of "describe" with probability describe_share, else a
-    batch of short questions."""
+    batch of short questions; `mixed`: each question is "describe" with that probability instead."""
     out = []
     weights = type_weights or {t: 1.0 for t in SHORT_TYPES}
     describe_batch = rng.random() < describe_share  # whole batches of one length class: less padding
-    if not describe_batch and short_batch:
+    if not describe_batch and short_batch and not mixed:
         batch_size = short_batch
     for _ in range(batch_size):
         idx = rng.randrange(len(pool.scenes))
         scene = pool.scenes[idx]
+        if mixed:
+            describe_batch = rng.random() < describe_share
         if describe_batch:
             qtype = "describe"
         else:

@@ -32,7 +32,7 @@ class VisionSize:
 
 
 # decode cost of these tiny models is per-layer overhead, so the draft/target step ratio follows layers
-TARGET_TEXT = TextSize(layers=16, hidden=64, heads=4, intermediate=128)
+TARGET_TEXT = TextSize(layers=14, hidden=128, heads=4, intermediate=512)
 DRAFT_TEXT = TextSize(layers=1, hidden=128, heads=4, intermediate=512)
 VISION = VisionSize()
 
@@ -97,6 +97,27 @@ def new_model(text: TextSize, tokenizer: PreTrainedTokenizerFast, seed: int) -> 
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
+
+
+def grow_text_model(small: LlavaForConditionalGeneration, text: TextSize, tokenizer: PreTrainedTokenizerFast,
+                    seed: int) -> LlavaForConditionalGeneration:
+    """A deeper model computing exactly what `small` computes (Net2Net-style depth growth): every
+    weight of `small` is copied, its text layers become the first layers, and each added layer starts
+    as the identity (its attention output and MLP down projections zero, so it adds nothing to the
+    residual stream) with its other weights freshly initialised; training then goes on from there."""
+    big = new_model(text, tokenizer, seed)
+    try:
+        missing, unexpected = big.load_state_dict(small.state_dict(), strict=False)
+    except RuntimeError as err:  # a shape differs
+        raise ValueError(f"cannot grow: the models differ beyond depth ({str(err)[:300]})") from err
+    n = small.config.text_config.num_hidden_layers
+    if unexpected or any(".layers." not in k or int(k.split(".layers.")[1].split(".")[0]) < n for k in missing):
+        raise ValueError(f"cannot grow: the models differ beyond depth ({unexpected[:3]} {missing[:3]})")
+    with torch.no_grad():
+        for layer in big.model.language_model.layers[n:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return big
 
 
 def save_checkpoint(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast,

@@ -47,7 +47,15 @@ from covspec.demo.data import (
     sample_questions,
     token_cells,
 )
-from covspec.demo.modeling import DRAFT_TEXT, TARGET_TEXT, TextSize, new_model, save_checkpoint, size_meta
+from covspec.demo.modeling import (
+    DRAFT_TEXT,
+    TARGET_TEXT,
+    TextSize,
+    grow_text_model,
+    new_model,
+    save_checkpoint,
+    size_meta,
+)
 from covspec.demo.task import COLOURS, GRID, N_VISUAL_TOKENS, SHAPES
 from covspec.demo.tokenizer import IMAGE, build_tokenizer
 
@@ -69,6 +77,7 @@ class StageSettings:
     pruned_share: float = 0.0  # rows trained with visual tokens pruned as the device prunes them (draft only)
     min_keep: float = 0.1  # the smallest kept ratio drawn for such a row
     short_batch: int = 0  # batch size of short-question batches (0: same as batch)
+    mixed: bool = False  # describe and short questions mixed within a batch (else whole batches of one)
 
 
 @dataclass(frozen=True)
@@ -83,12 +92,17 @@ class TrainSettings:
     vision_cell_head: bool = True  # the vision stage also predicts each token's grid cell
     align_steps: int = 600
     align_batch: int = 64
-    target: StageSettings = StageSettings(steps=1300, lr=2e-3, describe_only=300, ramp=200)
-    # then short questions get most of the batches, twice as many per batch (one answer token each)
-    target_focus: StageSettings = StageSettings(steps=300, lr=1e-3, warmup=50, describe_only=0, ramp=1,
-                                                describe_share=0.3, short_batch=64)
-    draft: StageSettings = StageSettings(steps=1000, lr=3e-3, describe_only=300, ramp=200)
-    eval_every: int = 200
+    # the target learns at target_small_layers deep (a shallow model learns this task in minutes, a
+    # deep one from scratch did not in half an hour), describe alone first (it names every object and
+    # cell), then ramped to 30% describe / 70% short; then it is grown to its full depth with identity
+    # layers (modeling.grow_text_model) and trained on as a whole (target_focus)
+    target_small_layers: int = 2
+    target: StageSettings = StageSettings(steps=2750, lr=3e-3, describe_only=600, ramp=300)
+    target_focus: StageSettings = StageSettings(steps=600, lr=1e-3, warmup=50, describe_only=0, ramp=1)
+    # the draft also learns on rows pruned as the device prunes them (kept tokens at unpruned positions)
+    draft: StageSettings = StageSettings(steps=1200, lr=3e-3, describe_only=300, ramp=200, pruned_share=0.5,
+                                         min_keep=0.1)
+    eval_every: int = 250
     target_size: TextSize = TARGET_TEXT
     draft_size: TextSize = DRAFT_TEXT
 
@@ -306,7 +320,8 @@ def train_language(name: str, model: LlavaForConditionalGeneration, tokenizer: P
         for step in range(st.steps):
             rng = random.Random(f"{s.seed}:{name}:lm:{step}")
             share = describe_share(step, st)
-            batch = collate(tokenizer, sample_questions(pool, rng, st.batch, share, short_batch=st.short_batch),
+            batch = collate(tokenizer, sample_questions(pool, rng, st.batch, share, short_batch=st.short_batch,
+                                                                mixed=st.mixed),
                             N_VISUAL_TOKENS)
             batch_feats = feats[batch.scene_idx]
             pruned = None
@@ -366,7 +381,8 @@ def train_pair(out: Path, s: TrainSettings = TrainSettings(), target_from: Path 
 
     t0 = time.perf_counter()
     if target_from is None:
-        target = new_model(s.target_size, tokenizer, s.seed)
+        small = replace(s.target_size, layers=min(s.target_small_layers, s.target_size.layers))
+        target = new_model(small, tokenizer, s.seed)
         vision_meta = train_vision(target, pool, val_pool, s)
         feats, val_feats = cache_features(target, pool), cache_features(target, val_pool)
         timings["vision_s"] = time.perf_counter() - t0
@@ -374,6 +390,10 @@ def train_pair(out: Path, s: TrainSettings = TrainSettings(), target_from: Path 
         t0 = time.perf_counter()
         train_alignment("target", target, feats, words, s)
         target_meta = train_language("target", target, tokenizer, pool, feats, words, val, s.target, s)
+        if small != s.target_size:
+            target = grow_text_model(target, s.target_size, tokenizer, s.seed + 7)
+            target_meta["grown"] = teacher_forced_scores(target, val, image_id)  # unchanged by growing
+            console.print(f"grown to {s.target_size.layers} layers: {format_scores(target_meta['grown'])}")
         if s.target_focus.steps:
             target_meta["focus"] = train_language("target-focus", target, tokenizer, pool, feats, words, val,
                                                   s.target_focus, s)
