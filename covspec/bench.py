@@ -103,6 +103,8 @@ def run_worker(args: argparse.Namespace) -> int:
             mode, _, k = label.partition("@")  # "vanilla_sd@8": a fixed window of 8
             window = int(k) if k else args.window
             t_start = time.time()
+            if recorder is not None:
+                recorder.start()
             answer = device.answer(image, item.question, mode, params, args.max_new_tokens, window=window)
             if recorder is not None:
                 recorder.save(Path(args.record), index + args.start, label, len(answer.ids))

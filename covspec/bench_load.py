@@ -7,11 +7,12 @@ The devices load their draft, then start together (a go file) and each asks `--p
 prompts of its own in the mode. Real devices run the draft on the same machine as the edge: on a
 small machine they compete with it for the cores. With `--replay` the devices are load generators,
 as servers are load-tested: one real device first answers every device's prompts in every mode
-(a recording pass, recorded.pkl: each request's messages and the edge's replies), then each device
+(a recording pass, recorded.msgpack: each request's messages and the edge's replies), then each device
 replays its requests' messages (OPEN, the drafted VERIFY windows, STREAM, CLOSE) under a fresh
-session id, waiting for every reply as the device did, with no draft running; the edge does all of
-its real work, and each replayed request checks that the edge's replies equal the recorded ones
-(`replay_matches`). Replayed latency leaves out the device's drafting time. Reported per (mode, N): aggregate decode tokens/s (all tokens over the span from
+session id, waiting for every reply as the device did and, before each message, for the time the
+recording device spent on its own work before sending it (drafting, pruning, prefill), with no draft
+running; the edge does all of its real work, and each replayed request checks that the edge's
+replies equal the recorded ones (`replay_matches`). Reported per (mode, N): aggregate decode tokens/s (all tokens over the span from
 the first request's start to the last one's end), per-device tokens/s (a device's tokens over its
 own span; mean and min), request latency p50/p99 (one request = one answer), the edge's batched
 passes in that run (STATS) and its peak RSS. Files: load.jsonl (one row per request), load.json
@@ -22,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import msgpack
 import numpy as np
 
 
@@ -53,16 +54,22 @@ def release(go: Path, n: int, procs: list[subprocess.Popen], timeout_s: float = 
 
 
 class Recorder:
-    """Records what a device's Client sends (every request but HELLO) and a summary of each reply."""
+    """Records what a device's Client sends (every request but HELLO), a summary of each reply, and
+    the device's own time before each request (drafting, pruning, prefill: from its previous reply,
+    or from the request's start), so that a replaying device keeps the recorded pace."""
 
     def __init__(self, client) -> None:
         self.sent: list = []
+        self.think_s: list[float] = []
         self.replies: list = []
+        self.last = time.perf_counter()
         send, recv = client.send, client.recv
 
         def recording_send(msg):
+            self.think_s.append(time.perf_counter() - self.last)
             sent = send(msg)
             self.sent.append(sent)
+            self.last = time.perf_counter()
             return sent
 
         def recording_recv(seq: int, timeout_s: float | None = None):
@@ -71,45 +78,53 @@ class Recorder:
             try:
                 reply = recv(seq, timeout_s)
             except RemoteError as err:
-                self.replies.append(("ERROR", int(err.code)))
+                self.replies.append(["ERROR", int(err.code)])
                 raise
+            finally:
+                self.last = time.perf_counter()
             if reply is not None:
                 self.replies.append(reply_summary(reply))
             return reply
 
         client.send, client.recv = recording_send, recording_recv
 
+    def start(self) -> None:
+        """A new request starts now (its first message's think time counts from here)."""
+        self.last = time.perf_counter()
+
     def save(self, path: Path, index: int, mode: str, tokens: int) -> None:
+        """Appends the request to a msgpack stream: its messages as wire frames, never pickle."""
         from covspec.transport import protocol as wire
 
-        requests = [m for m in self.sent if not isinstance(m, wire.Hello)]
+        kept = [(m, t) for m, t in zip(self.sent, self.think_s, strict=True) if not isinstance(m, wire.Hello)]
         with open(path, "ab") as f:
-            pickle.dump({"index": index, "mode": mode, "tokens": tokens, "requests": requests,
-                         "replies": self.replies}, f)
-        self.sent, self.replies = [], []
+            f.write(msgpack.packb({"index": index, "mode": mode, "tokens": tokens,
+                                   "requests": [wire.encode(m) for m, _ in kept], "think_s": [t for _, t in kept],
+                                   "replies": self.replies}, use_bin_type=True))
+        self.sent, self.think_s, self.replies = [], [], []
 
 
-def reply_summary(reply) -> tuple:
+def reply_summary(reply) -> list:
     """What a replayed reply must equal: the verdict, the tokens, whether done."""
     from covspec.transport import protocol as wire
 
     if isinstance(reply, wire.Result):
-        return ("RESULT", reply.accepted, reply.token, reply.done)
+        return ["RESULT", reply.accepted, reply.token, reply.done]
     if isinstance(reply, wire.Opened):
-        return ("OPENED", reply.token, reply.done)
+        return ["OPENED", reply.token, reply.done]
     if isinstance(reply, wire.Streamed):
-        return ("STREAMED", [int(t) for t in reply.tokens], reply.done)
-    return (reply.TYPE,)
+        return ["STREAMED", [int(t) for t in reply.tokens], reply.done]
+    return [reply.TYPE]
 
 
 def load_records(path: Path) -> list[dict]:
-    records = []
+    from covspec.transport import protocol as wire
+
     with open(path, "rb") as f:
-        while True:
-            try:
-                records.append(pickle.load(f))
-            except EOFError:
-                return records
+        records = list(msgpack.Unpacker(f, raw=False))
+    for record in records:
+        record["requests"] = [wire.decode(frames) for frames in record["requests"]]
+    return records
 
 
 def replay(client, record: dict) -> dict:
@@ -122,13 +137,14 @@ def replay(client, record: dict) -> dict:
     replies: list[tuple] = []
     ttft = None
     t_start = time.time()
-    for msg in record["requests"]:
+    for msg, think in zip(record["requests"], record["think_s"], strict=True):
+        time.sleep(think)  # the device's own work before this message, as recorded
         sent = client.send(replace(msg, sid=sid) if msg.sid else msg)
         while True:
             try:
                 reply = client.recv(sent.seq)
             except RemoteError as err:
-                replies.append(("ERROR", int(err.code)))
+                replies.append(["ERROR", int(err.code)])
                 break
             if reply is None:
                 raise RuntimeError(f"no reply to {sent.TYPE} within the timeout")
@@ -190,7 +206,9 @@ def worker_command(args: argparse.Namespace, endpoint: str, mode: str, n: int, d
                "--window", str(args.window), "--temperature", str(args.temperature), "--top-k", str(args.top_k),
                "--top-p", str(args.top_p), "--rows", str(rows), "--device", str(device), "--go", str(go)]
     if args.replay:
-        command += ["--replay-file", str(Path(args.out) / "recorded.pkl")]
+        command += ["--replay-file", str(Path(args.out) / "recorded.msgpack")]
+    if args.question_type:
+        command += ["--question-type", args.question_type]
     return command + (["--seed", str(args.seed)] if args.seed is not None else [])
 
 
@@ -265,7 +283,7 @@ def record(args: argparse.Namespace, out: Path, endpoint: str, devices: int) -> 
     """The recording pass: one real device answers the prompts of `devices` devices in every mode."""
     from covspec.bench import one_thread_env
 
-    recorded = out / "recorded.pkl"
+    recorded = out / "recorded.msgpack"
     recorded.unlink(missing_ok=True)
     (out / "recorded.jsonl").unlink(missing_ok=True)
     command = [sys.executable, "-m", "covspec.bench", "--worker", "--draft", str(args.draft), "--edge", endpoint,
@@ -274,6 +292,7 @@ def record(args: argparse.Namespace, out: Path, endpoint: str, devices: int) -> 
                "--temperature", str(args.temperature), "--top-k", str(args.top_k), "--top-p", str(args.top_p),
                "--rows", str(out / "recorded.jsonl"), "--record", str(recorded)]
     command += ["--seed", str(args.seed)] if args.seed is not None else []
+    command += ["--question-type", args.question_type] if args.question_type else []
     with open(out / "recording.log", "w") as log:
         subprocess.run(command, env=one_thread_env(), stdout=log, stderr=subprocess.STDOUT, check=True)
 

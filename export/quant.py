@@ -9,7 +9,8 @@
   whose input width is not a multiple of the group size stay fp32. ONNX: MatMulNBits (4-bit,
   block 32) via onnxruntime's MatMulNBitsQuantizer.
 Quantized schemes also store the input embedding table as int8 rows with per-row scales
-(`Int8Embedding`; torchao's embedding quantization does not lower, see `EMBEDDINGS_NOTE`) and turn
+(`Int8Embedding`; torchao's embedding quantization does not lower, see `EMBEDDINGS_NOTE`), which a
+tied output projection reads as well (`Int8TiedHead`, weight-only: fp32 activations), and turn
 the vision tower's patch convolution into an equivalent Linear (`PatchLinear`) so that it is
 quantized with the other Linear layers.
 """
@@ -140,5 +141,24 @@ def prepare_for_quantization(tower: torch.nn.Module, decoder: torch.nn.Module) -
             embeddings.patch_embedding = PatchLinear(conv)
         except ValueError:
             pass  # an unusual patch embedding stays a (fp32) convolution
-    if isinstance(getattr(decoder, "embed_tokens", None), torch.nn.Embedding):
-        decoder.embed_tokens = Int8Embedding(decoder.embed_tokens)
+    embed = getattr(decoder, "embed_tokens", None)
+    if isinstance(embed, torch.nn.Embedding):
+        head = getattr(decoder, "lm_head", None)
+        tied = isinstance(head, torch.nn.Linear) and head.weight.data_ptr() == embed.weight.data_ptr()
+        decoder.embed_tokens = Int8Embedding(embed)
+        if tied:  # the output projection reads the same int8 rows: no second copy of the table
+            decoder.lm_head = Int8TiedHead(decoder.embed_tokens)
+
+
+class Int8TiedHead(torch.nn.Module):
+    """A tied output projection over an Int8Embedding's rows: x [.., d] -> logits [.., V] =
+    x @ (qweight * scale)^T in fp32. Weight-only int8 (the activations stay fp32: the logits greedy
+    decoding compares get no activation rounding), and the table is stored once for both ends."""
+
+    def __init__(self, embedding: Int8Embedding):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.embedding.qweight.float() * self.embedding.scale[:, None]  # [V, d]
+        return torch.matmul(x, weight.t())

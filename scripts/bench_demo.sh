@@ -33,6 +33,6 @@ covspec edge serve --model runs/export-int8/edge --bind tcp://127.0.0.1:5591 --a
 edge=$!
 sleep 10
 covspec calibrate --edge tcp://127.0.0.1:5591 --draft "$D" --bundle runs/export-int8/device --out results/calibration/profile.json
-kill -INT $edge; wait $edge || true
+kill $edge; wait $edge || true  # SIGTERM: a background job ignores SIGINT
 # fuzz: 100,000 messages to the decoder, 50,000 to a running edge
 covspec fuzz --decoder 100000 --edge 50000 --out results/fuzz
