@@ -68,6 +68,23 @@ def wait_for_edge(endpoint: str, timeout_s: float = 120.0) -> None:
     raise RuntimeError(f"the edge at {endpoint} did not answer within {timeout_s:.0f} s")
 
 
+def start_link(profile: str, edge_port: int, stats_file: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """A link emulator process in front of the edge on `edge_port`: (process, its endpoint)."""
+    port = free_port()
+    stats = ["--stats-json", str(stats_file), "--stats-interval", "0"] if stats_file else []
+    link = subprocess.Popen([sys.executable, "-m", "covspec.cli", "link", "--listen", f"127.0.0.1:{port}",
+                             "--upstream", f"127.0.0.1:{edge_port}", "--profile", profile, *stats],
+                            env=one_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"tcp://127.0.0.1:{port}"
+    wait_for_edge(endpoint)
+    return link, endpoint
+
+
+def stop_link(link: subprocess.Popen) -> None:
+    link.send_signal(signal.SIGTERM)
+    link.wait(timeout=30)
+
+
 # --- the device worker (its own process) ---------------------------------------------------------
 def run_worker(args: argparse.Namespace) -> int:
     import torch
@@ -151,17 +168,12 @@ def run_bench(args: argparse.Namespace) -> Path:
     try:
         wait_for_edge(edge_endpoint)
         for link_name in args.links.split(","):
-            link_port = free_port()
             stats_file = out / f"link-{link_name}.json"
-            link = subprocess.Popen([sys.executable, "-m", "covspec.cli", "link", "--listen", f"127.0.0.1:{link_port}",
-                                     "--upstream", f"127.0.0.1:{edge_port}", "--profile", link_name,
-                                     "--stats-json", str(stats_file), "--stats-interval", "0"], env=env,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            link, link_endpoint = start_link(link_name, edge_port, stats_file)
             try:
-                wait_for_edge(f"tcp://127.0.0.1:{link_port}")
                 console.print(f"[bold]link {link_name}[/]: {args.prompts} prompts x modes {args.modes}")
                 worker = [sys.executable, "-m", "covspec.bench", "--worker", "--draft", str(args.draft),
-                          "--edge", f"tcp://127.0.0.1:{link_port}", "--link", link_name, "--modes", args.modes,
+                          "--edge", link_endpoint, "--link", link_name, "--modes", args.modes,
                           "--prompts", str(args.prompts), "--start", str(args.start),
                           *(["--question-type", args.question_type] if args.question_type else []),
                           "--max-new-tokens", str(args.max_new_tokens), "--window", str(args.window),
@@ -171,8 +183,7 @@ def run_bench(args: argparse.Namespace) -> Path:
                     worker += ["--seed", str(args.seed)]
                 subprocess.run(worker, env=env, check=True)
             finally:
-                link.send_signal(signal.SIGTERM)
-                link.wait(timeout=30)
+                stop_link(link)
             if stats_file.exists():
                 link_stats[link_name] = json.loads(stats_file.read_text())
     finally:
@@ -324,6 +335,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "each mode; per-device and aggregate tokens/s, p50/p99 request latency, the edge's batches "
                         "and peak RSS (see covspec/bench_load.py)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="the edge's batch_wait_ms (0: no batching)")
+    p.add_argument("--load-link", default="loopback",
+                   help="with --devices: the link profile every device connection goes through (loopback: "
+                        "straight to the edge)")
     p.add_argument("--replay", action="store_true",
                    help="with --devices: one real device first answers every device's prompts (recording its "
                         "messages), then the N devices replay those messages (load generators: no draft runs "

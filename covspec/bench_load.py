@@ -1,7 +1,8 @@
 """`covspec bench --devices 1,2,4,8`: N device processes against one edge, per mode.
 
     edge   : `covspec edge serve --threads 1 --batch-wait-ms W` (its own process)
-    devices: N x `python -m covspec.bench --worker` (1 thread each), straight to the edge (no link)
+    devices: N x `python -m covspec.bench --worker` (1 thread each), straight to the edge, or each
+             through the `--load-link` emulator profile
 
 The devices load their draft, then start together (a go file) and each asks `--prompts` held-out
 prompts of its own in the mode. Real devices run the draft on the same machine as the edge: on a
@@ -260,10 +261,13 @@ def write_load(out: Path, summary: list[dict], args: argparse.Namespace) -> None
     (out / "load.json").write_text(json.dumps({"summary": summary, "command": args.command_line}, indent=1))
     lines = ["# covspec bench --devices", "", f"Command: `{args.command_line}`", "",
              f"Edge: 1 thread, batch_wait_ms {args.batch_wait_ms}. Devices: "
-             + ("load generators replaying the messages of a recorded real run (no draft running; latency leaves "
-                "out drafting); `replayed equal` counts requests whose edge replies equal the recorded ones. "
+             + ("load generators replaying the messages of a recorded real run, each message after the time the "
+                "recording device spent on its own work before it (no draft running); `replayed equal` counts "
+                "requests whose edge replies equal the recorded ones. "
                 if args.replay else "separate processes running the real draft (1 thread each) on the same "
-                "machine, straight to the edge. ")
+                "machine. ")
+             + (f"Link: each device's connection through the `{args.load_link}` emulator (recording included). "
+                if args.load_link != "loopback" else "Link: none, straight to the edge. ")
              + "A request is one answer; tokens/s counts every answer token (aggregate: over the span of all "
              "requests; per device: over its own).", "",
              "| mode | devices | requests | aggregate tok/s | per-device tok/s (mean / min) | latency p50 ms | "
@@ -298,25 +302,30 @@ def record(args: argparse.Namespace, out: Path, endpoint: str, devices: int) -> 
 
 
 def run_load(args: argparse.Namespace) -> Path:
-    from covspec.bench import free_port, one_thread_env, stop_edge, wait_for_edge
+    from covspec.bench import free_port, one_thread_env, start_link, stop_edge, stop_link, wait_for_edge
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     counts = [int(n) for n in str(args.devices).split(",")]
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    edge_port = free_port()
+    endpoint = f"tcp://127.0.0.1:{edge_port}"
     edge = subprocess.Popen([sys.executable, "-m", "covspec.cli", "edge", "serve", "--model", str(args.target),
                              "--bind", endpoint, "--threads", "1", "--auth", "none", "--max-sessions-per-device", "64",
                              "--batch-wait-ms", str(args.batch_wait_ms)], env=one_thread_env(),
                             stdout=subprocess.DEVNULL, stderr=open(out / "edge.log", "w"))
     summary, all_rows = [], []
+    link = None
     try:
         wait_for_edge(endpoint)
+        devices_endpoint = endpoint  # loopback: the devices talk to the edge straight
+        if args.load_link != "loopback":  # each device's connection through the emulated link
+            link, devices_endpoint = start_link(args.load_link, edge_port)
         if args.replay:
-            record(args, out, endpoint, max(counts))
+            record(args, out, devices_endpoint, max(counts))
         for mode in args.modes.split(","):
             for n in counts:
                 before = edge_stats(endpoint)
-                rows = run_devices(args, out, endpoint, mode, n)
+                rows = run_devices(args, out, devices_endpoint, mode, n)
                 after = edge_stats(endpoint)
                 delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("batches", "batched_windows")}
                 summary.append(summarise_load(rows, mode, n, delta, edge_peak_rss_mb(edge.pid)))
@@ -325,6 +334,8 @@ def run_load(args: argparse.Namespace) -> Path:
                 print(f"{mode:14s} {n:3d} devices: {s['aggregate_tps']:7.1f} tok/s in all, p99 "
                       f"{s['latency_p99_ms']:.0f} ms, {s['edge_batches']} batches", flush=True)
     finally:
+        if link is not None:
+            stop_link(link)
         stop_edge(edge)
     (out / "load.jsonl").write_text("".join(json.dumps(r) + "\n" for r in all_rows))
     write_load(out, summary, args)
