@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -176,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
         plot_sweep([asdict(r) for r in rows], Path(args.json).with_suffix(".png"))
+        command = "python -m covspec.prune_eval " + shlex.join(argv if argv is not None else sys.argv[1:])
+        Path(args.json).with_suffix(".txt").write_text(f"Command: {command}\n\n{format_rows(rows)}\n")
     return 0
 
 

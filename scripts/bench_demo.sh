@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the committed figures in results/ on the demo pair (the machine should be otherwise idle;
-# about 25 minutes on 2 cores). Each step writes its own folder with summary.md and the command.
+# about 20 minutes on 2 cores). Each step writes its own folder with summary.md and the command.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/env.sh"
@@ -8,6 +8,8 @@ cd "$root"
 covspec demo build
 D=covspec/demo/weights/draft
 T=covspec/demo/weights/target
+# the pair itself: held-out accuracy per type, draft agreement, both decode steps
+python -m covspec.demo.measure --limit 200 --agreement 60 --json results/demo/measure.json
 # lossless greedy on 50 held-out prompts (mixed question types), loopback
 covspec bench --links loopback --modes target_only,vanilla_sd,covspec --prompts 50 --out results/lossless
 # throughput per link profile and mode, long answers ("describe the image"), ablations side by side
@@ -36,3 +38,5 @@ covspec calibrate --edge tcp://127.0.0.1:5591 --draft "$D" --bundle runs/export-
 kill $edge; wait $edge || true  # SIGTERM: a background job ignores SIGINT
 # fuzz: 100,000 messages to the decoder, 50,000 to a running edge
 covspec fuzz --decoder 100000 --edge 50000 --out results/fuzz
+# load through an emulated wifi link per device
+covspec bench --devices 1,2,4,8,16 --replay --modes target_only,covspec --prompts 4 --question-type describe --load-link wifi --out results/load-wifi
