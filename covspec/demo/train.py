@@ -95,7 +95,7 @@ class TrainSettings:
     # the target learns at target_small_layers deep (a shallow model learns this task in minutes, a
     # deep one from scratch did not in half an hour), describe alone first (it names every object and
     # cell), then ramped to 30% describe / 70% short (whole batches of one kind; `mixed` batches with a
-    # 3,000-step alignment learnt position in one run and not in its rerun: not adopted); then it is
+    # 3,000-step alignment learnt position and existence in one run of three: not adopted); then it is
     # grown to its full depth with identity
     # layers (modeling.grow_text_model) and trained on as a whole (target_focus)
     target_small_layers: int = 2
