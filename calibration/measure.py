@@ -84,22 +84,30 @@ def measure_verify(client: Client, image: bytes, prompt: str, ks: Iterable[int] 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def measure_target_step(client: Client, image: bytes, prompt: str, max_new_tokens: int = 48) -> float | None:
-    """The edge streaming alone (target-only), ms per token; None if the answer ended at once."""
+def stream_target_only(client: Client, image: bytes, prompt: str, max_new_tokens: int) -> tuple[list[int], float]:
+    """One target-only request on a fresh session: (the answer's tokens, the edge's streaming time
+    in seconds after the first token)."""
     sid, opened = _open(client, image, prompt, "target_only", max_new_tokens)
-    elapsed, tokens = 0.0, 0
+    tokens, elapsed = [opened.token], 0.0
     if not opened.done:
         seq = client.send(wire.Stream(sid=sid, chunk=max_new_tokens)).seq
         while True:
             part = client.recv(seq)
             if not isinstance(part, wire.Streamed):
-                raise CovspecError(f"calibrate: the edge answered STREAM with {part}")
-            tokens += len(part.tokens)
+                raise CovspecError(f"the edge answered STREAM with {part}")
+            tokens += [int(t) for t in part.tokens]
             elapsed = part.timings.get("elapsed_s", elapsed)
             if part.done:
                 break
     client.request(wire.Close(sid=sid))
-    return 1000 * elapsed / tokens if tokens else None
+    return tokens, elapsed
+
+
+def measure_target_step(client: Client, image: bytes, prompt: str, max_new_tokens: int = 48) -> float | None:
+    """The edge streaming alone (target-only), ms per token; None if the answer ended at once."""
+    tokens, elapsed = stream_target_only(client, image, prompt, max_new_tokens)
+    streamed = len(tokens) - 1
+    return 1000 * elapsed / streamed if streamed else None
 
 
 def measure_acceptance(device: DeviceRuntime, requests: list[tuple[bytes, str]], window: int = 8,

@@ -68,6 +68,20 @@ def wait_for_edge(endpoint: str, timeout_s: float = 120.0) -> None:
     raise RuntimeError(f"the edge at {endpoint} did not answer within {timeout_s:.0f} s")
 
 
+def start_edge(model: str | Path, endpoint: str, log: Path, *options: str) -> subprocess.Popen:
+    """`covspec edge serve` on `model` at `endpoint` (one thread, no authentication), its output in
+    `log`; returns once it answers a PING."""
+    edge = subprocess.Popen([sys.executable, "-m", "covspec.cli", "edge", "serve", "--model", str(model),
+                             "--bind", endpoint, "--threads", "1", "--auth", "none", *options],
+                            env=one_thread_env(), stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    try:
+        wait_for_edge(endpoint)
+    except BaseException:
+        stop_edge(edge)
+        raise
+    return edge
+
+
 def start_link(profile: str, edge_port: int, stats_file: Path | None = None) -> tuple[subprocess.Popen, str]:
     """A link emulator process in front of the edge on `edge_port`: (process, its endpoint)."""
     port = free_port()
@@ -161,12 +175,9 @@ def run_bench(args: argparse.Namespace) -> Path:
     env = one_thread_env()
     edge_port = free_port()
     edge_endpoint = f"tcp://127.0.0.1:{edge_port}"
-    edge = subprocess.Popen([sys.executable, "-m", "covspec.cli", "edge", "serve", "--model", str(args.target),
-                             "--bind", edge_endpoint, "--threads", "1", "--auth", "none"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(out / "edge.log", "w"))
+    edge = start_edge(args.target, edge_endpoint, out / "edge.log")
     link_stats: dict[str, dict] = {}
     try:
-        wait_for_edge(edge_endpoint)
         for link_name in args.links.split(","):
             stats_file = out / f"link-{link_name}.json"
             link, link_endpoint = start_link(link_name, edge_port, stats_file)

@@ -302,21 +302,18 @@ def record(args: argparse.Namespace, out: Path, endpoint: str, devices: int) -> 
 
 
 def run_load(args: argparse.Namespace) -> Path:
-    from covspec.bench import free_port, one_thread_env, start_link, stop_edge, stop_link, wait_for_edge
+    from covspec.bench import free_port, start_edge, start_link, stop_edge, stop_link
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     counts = [int(n) for n in str(args.devices).split(",")]
     edge_port = free_port()
     endpoint = f"tcp://127.0.0.1:{edge_port}"
-    edge = subprocess.Popen([sys.executable, "-m", "covspec.cli", "edge", "serve", "--model", str(args.target),
-                             "--bind", endpoint, "--threads", "1", "--auth", "none", "--max-sessions-per-device", "64",
-                             "--batch-wait-ms", str(args.batch_wait_ms)], env=one_thread_env(),
-                            stdout=subprocess.DEVNULL, stderr=open(out / "edge.log", "w"))
+    edge = start_edge(args.target, endpoint, out / "edge.log", "--max-sessions-per-device", "64",
+                      "--batch-wait-ms", str(args.batch_wait_ms))
     summary, all_rows = [], []
     link = None
     try:
-        wait_for_edge(endpoint)
         devices_endpoint = endpoint  # loopback: the devices talk to the edge straight
         if args.load_link != "loopback":  # each device's connection through the emulated link
             link, devices_endpoint = start_link(args.load_link, edge_port)

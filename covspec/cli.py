@@ -6,7 +6,6 @@ Heavy imports (torch, transformers) happen inside the handlers so that `covspec 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -166,20 +165,10 @@ def cmd_edge_serve(args: argparse.Namespace) -> int:
     server = EdgeServer(target, settings, name=Path(args.model).name)
     auth = "no authentication (--auth none)" if keys is None else f"CURVE, devices allowed from {keys.allow_dir}"
     print(f"edge serving {args.model} on {server.endpoint}, {auth}", flush=True)
-    profile_to = os.environ.get("COVSPEC_EDGE_PROFILE")  # a cProfile of the serving loop, written at exit
-    profiler = None
-    if profile_to:
-        import cProfile
-
-        profiler = cProfile.Profile()
-        profiler.enable()
     try:
         server.serve_forever()
     finally:
         server.close()
-        if profiler is not None:
-            profiler.disable()
-            profiler.dump_stats(profile_to)
     return 0
 
 

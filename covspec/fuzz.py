@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -275,27 +274,13 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def greedy_answer(endpoint: str, image: bytes, sid: int) -> list[int]:
+def greedy_answer(endpoint: str, image: bytes) -> list[int]:
     """A normal target-only request on a fresh session: the tokens the edge streams."""
+    from covspec.calibration.measure import stream_target_only
     from covspec.transport.channel import Client
 
     with Client(endpoint, timeout_s=60.0, retries=0) as client:
-        opened = client.request(wire.Open(sid=sid, image=image, prompt="describe the image .",
-                                          mode="target_only", max_new_tokens=24))
-        if not isinstance(opened, wire.Opened):
-            raise RuntimeError(f"the edge refused a normal OPEN: {opened}")
-        tokens = [opened.token]
-        if not opened.done:
-            seq = client.send(wire.Stream(sid=sid, chunk=64)).seq
-            while True:
-                part = client.recv(seq)
-                if not isinstance(part, wire.Streamed):
-                    raise RuntimeError(f"the edge answered STREAM with {part}")
-                tokens += [int(t) for t in part.tokens]
-                if part.done:
-                    break
-        client.request(wire.Close(sid=sid))
-    return tokens
+        return stream_target_only(client, image, "describe the image .", max_new_tokens=24)[0]
 
 
 def fuzz_edge(endpoint: str, pid: int, n: int, seed: int, image: bytes, vocab: int,
@@ -304,7 +289,7 @@ def fuzz_edge(endpoint: str, pid: int, n: int, seed: int, image: bytes, vocab: i
 
     rng = random.Random(f"{seed}:edge")
     report = EdgeReport()
-    report.answer_before = greedy_answer(endpoint, image, sid=10**12)
+    report.answer_before = greedy_answer(endpoint, image)
     report.rss_before_mib = rss_mib(pid)
     by_type: Counter = Counter()
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -315,6 +300,7 @@ def fuzz_edge(endpoint: str, pid: int, n: int, seed: int, image: bytes, vocab: i
     for i in range(n):
         if i % 500 == 0:  # a fresh live session now and then, so that messages reach the session logic
             sid = 5000 + i
+            seeds = seed_messages(sid, image)
             sock.send_multipart(wire.encode(wire.Open(sid=sid, seq=1, image=image, prompt="what is it ?",
                                                       mode="vanilla_sd", max_new_tokens=8)))
             if sock.poll(int(timeout_s * 1000), zmq.POLLIN):
@@ -322,7 +308,7 @@ def fuzz_edge(endpoint: str, pid: int, n: int, seed: int, image: bytes, vocab: i
         if rng.random() < 0.2:
             frames = wire.encode(rng.choice(wrong_state_messages(rng, sid, vocab)))
         else:
-            frames = hostile_frames(rng, seed_messages(sid, image))[1]
+            frames = hostile_frames(rng, seeds)[1]
         sock.send_multipart(frames)
         report.messages += 1
         if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
@@ -342,7 +328,7 @@ def fuzz_edge(endpoint: str, pid: int, n: int, seed: int, image: bytes, vocab: i
     report.seconds = time.perf_counter() - started
     sock.close(0)
     report.replies_by_type = dict(by_type)
-    report.answer_after = greedy_answer(endpoint, image, sid=10**12 + 1)
+    report.answer_after = greedy_answer(endpoint, image)
     report.rss_after_mib = rss_mib(pid)
     report.edge_alive = True
     return report
@@ -352,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
-    from covspec.bench import free_port, one_thread_env, stop_edge, wait_for_edge
+    from covspec.bench import free_port, start_edge, stop_edge
     from covspec.demo import default_target_path
 
     parser = argparse.ArgumentParser(prog="covspec fuzz", description=__doc__.splitlines()[0])
@@ -373,13 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"refused {decoder.refused}, {len(decoder.failures)} failures")
 
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    log = (args.out / "edge.log").open("w")
-    edge = subprocess.Popen([sys.executable, "-m", "covspec.cli", "edge", "serve", "--model", str(model),
-                             "--bind", endpoint, "--auth", "none", "--threads", "1",
-                             "--idle-timeout", str(args.idle_timeout)],
-                            stdout=log, stderr=subprocess.STDOUT, env=one_thread_env())
+    edge = start_edge(model, endpoint, args.out / "edge.log", "--idle-timeout", str(args.idle_timeout))
     try:
-        wait_for_edge(endpoint)
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model)
@@ -391,7 +372,6 @@ def main(argv: list[str] | None = None) -> int:
         report.edge_alive = edge.poll() is None
     finally:
         stop_edge(edge)
-        log.close()
     console.print(f"edge: {report.messages} messages in {report.seconds:.1f} s, {report.replies} replies "
                   f"{report.replies_by_type}, {report.unanswered} unanswered, "
                   f"{len(report.malformed_replies)} malformed; RSS {report.rss_before_mib:.1f} -> "

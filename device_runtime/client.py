@@ -348,7 +348,7 @@ class DeviceRuntime:
             verify_s = reply.timings.get("verify_s", float("nan"))
             rounds.append(RoundRecord(len(drafted), reply.accepted, sum(drafted.step_s), wait_s, verify_s,
                                       branch_hit=hit is not None if branches else None,
-                                      margins=[float(m) for m in drafted.margins]))
+                                      margins=drafted.margins.tolist()))
             stats.update(len(drafted), reply.accepted, drafted.step_s, wait_s, verify_s, drafted.margins,
                          branch_hit=hit is not None if branches else None)
             if len(rounds) == 1:  # the first measurements replace the priors outright

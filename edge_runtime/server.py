@@ -361,7 +361,7 @@ class EdgeServer:
     def on_stream(self, msg: wire.Stream):
         session = self._session(msg)
         if msg.seq in session.stream_seqs:  # a duplicate: its chunks went out already, before this reply
-            raise wire.ProtocolError(wire.ErrorCode.BAD_STATE,
+            raise wire.ProtocolError(wire.ErrorCode.DUPLICATE,
                                      f"STREAM seq {msg.seq} of session {msg.sid} was served already (a duplicate)")
         session.stream_seqs.add(msg.seq)
         start = time.perf_counter()

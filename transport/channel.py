@@ -25,7 +25,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from covspec.errors import CovspecError
 
-from .protocol import DEFAULT_LIMITS, Error, Limits, Message, ProtocolError, decode, encode
+from .protocol import DEFAULT_LIMITS, Error, ErrorCode, Limits, Message, ProtocolError, decode, encode
 
 
 class PeerUnavailable(CovspecError):
@@ -268,6 +268,9 @@ class Client:
             if got is None:
                 return None
             reply = decode(got[1], self.limits)
+            if isinstance(reply, Error) and reply.code == ErrorCode.DUPLICATE:  # a duplicated request's answer
+                self.stale += 1
+                continue
             if isinstance(reply, Error) and reply.seq in (0, seq):  # seq 0: the edge could not read ours
                 raise RemoteError(self.endpoint, reply)
             if reply.seq != seq:

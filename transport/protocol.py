@@ -59,6 +59,7 @@ class ErrorCode(enum.IntEnum):
     BUSY = 9  # edge overloaded; retry later
     INTERNAL = 10  # the edge failed; its log says why
     UNAUTHORIZED = 11  # peer not allowed
+    DUPLICATE = 12  # a repeat of a request already answered in full; a client drops it like a stale reply
 
 
 class ProtocolError(CovspecError):

@@ -14,6 +14,7 @@ from covspec.demo.task import (
     COLOURS,
     DESCRIBE_PROMPT,
     GRID,
+    N_VISUAL_TOKENS,
     PATCH,
     POSITIONS,
     SHAPES,
@@ -36,6 +37,13 @@ def token_cells() -> list[int]:
     """The grid cell (row-major) each visual token (row-major 12-pixel patch) falls in."""
     per_cell = PATCHES_PER_SIDE // GRID
     return [(r // per_cell) * GRID + c // per_cell for r in range(PATCHES_PER_SIDE) for c in range(PATCHES_PER_SIDE)]
+
+
+@lru_cache(maxsize=1)
+def tokens_by_cell() -> dict[int, tuple[int, ...]]:
+    """The visual tokens of each grid cell."""
+    cells = token_cells()
+    return {cell: tuple(t for t, c in enumerate(cells) if c == cell) for cell in sorted(set(cells))}
 
 
 def pixel_values(image_array: np.ndarray) -> torch.Tensor:
@@ -162,12 +170,9 @@ class PrunedBatch:
 def kept_tokens(scene: Scene, n_keep: int, rng: random.Random) -> list[int]:
     """n_keep visual-token indices: one token of every object's cell first (as a pruner that works
     would keep), then random others."""
-    cells = token_cells()
-    by_cell: dict[int, list[int]] = {}
-    for token, cell in enumerate(cells):
-        by_cell.setdefault(cell, []).append(token)
+    by_cell = tokens_by_cell()
     keep = {rng.choice(by_cell[o.cell]) for o in scene.objects}
-    rest = [t for t in range(len(cells)) if t not in keep]
+    rest = [t for t in range(N_VISUAL_TOKENS) if t not in keep]
     rng.shuffle(rest)
     keep.update(rest[: max(0, n_keep - len(keep))])
     return sorted(keep)
