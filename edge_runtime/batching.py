@@ -1,22 +1,27 @@
 """Batched verification: the windows of several sessions scored in one target forward pass.
 
-Each session keeps its own DynamicCache (past lengths L_i differ). For a batch of B windows
-(ids_i of n_i tokens: the root and the drafted tokens) a padded batch is built:
+Each session keeps its own DynamicCache (past lengths L_i differ). The B windows (ids_i of n_i
+tokens: the root and the drafted tokens) are packed into one row, without padding:
 
-    row i of each layer's keys/values:  [ 0 ... 0 | past_i (L_i) | new_i (n_i) | pad ... ]
-                                          P - L_i                   N - n_i
-    P = max L_i (past, left-padded), N = max n_i (new tokens, right-padded)
+    each layer's keys/values:  [ past_1 | past_2 | ... | past_B | new_1 | new_2 | ... | new_B ]
+                                 L_1      L_2            L_B      n_1     n_2           n_B
 
-One text-model pass runs the [B, N] new tokens against the padded past with a 2D attention mask
-[B, P + N] (1 where a key is real) and each row's own positions (the session's `_positions`, so
-pruned prefills and Qwen2.5-VL's M-RoPE rope delta carry over: [B, N] or [3, B, N]). A real query
-never sees a padded key (masked on the left, causally after it on the right), so row i's logits
-are the logits a forward on session i alone gives, up to float rounding.
+One text-model pass runs the [1, sum n_i] new tokens at their sessions' own positions (the
+session's `_positions`, so pruned prefills and Qwen2.5-VL's M-RoPE rope delta carry over: [1, n]
+or [3, 1, n]) with a block mask [1, 1, sum n_i, sum L_i + sum n_i]: a token of window i sees
+past_i and the tokens of new_i up to itself, nothing else. So window i's logits are the logits a
+forward on session i alone gives, up to float rounding, and the projections and MLPs, which cost
+the most, run on the real tokens only (a padded [B, max n_i] batch wasted half of them on
+windows of uneven lengths).
 
 The pass leaves every session's cache untouched: it returns each window's logits and new
 keys/values (`Window`), and `commit` appends the first n of them to the session's cache (after
 verification, the root and the accepted drafts). `forward_batch` commits all of them: the same
 effect as `adapter.forward` on each session.
+
+Prefills batch padded (`prefill_batch`; prompts are of similar lengths): the B prompts (T_i
+tokens each, right-padded to T = max T_i) run in one pass with a [B, T] mask, and each session's
+fresh cache takes its row's first T_i positions.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from covspec.models.base import CachedDecoderAdapter, DecodeState, VLMAdapter
+from covspec.models.base import CachedDecoderAdapter, DecodeState, PrefillInputs, VLMAdapter
 
 
 @dataclass
@@ -64,56 +69,52 @@ def can_batch(adapter: VLMAdapter, states: list[DecodeState]) -> bool:
     return len(dtypes) == 1 and len({len(s.cache.layers) for s in states}) == 1
 
 
-def padded_past(states: list[DecodeState], layer: int, past: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layer `layer`'s keys and values of every state, left-padded with zeros to `past` positions:
-    [B, h_kv, P, d_head] each."""
-    first = states[0].cache.layers[layer].keys  # [1, h_kv, L_0, d_head]
-    shape = (len(states), first.shape[1], past, first.shape[3])
-    keys = first.new_zeros(shape)
-    values = first.new_zeros(shape)
-    for i, state in enumerate(states):
-        cached = state.cache.layers[layer]
-        n = cached.keys.shape[-2]
-        keys[i, :, past - n:] = cached.keys[0]
-        values[i, :, past - n:] = cached.values[0]
-    return keys, values
+def can_prefill_batch(adapter: VLMAdapter) -> bool:
+    """Whether prefills can share a pass: a decoder whose fresh caches are plain DynamicLayers."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    if not isinstance(adapter, CachedDecoderAdapter):
+        return False
+    cache = adapter.new_cache()
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-def padded_cache(adapter: CachedDecoderAdapter, states: list[DecodeState], past: int):
-    """A fresh DynamicCache holding every state's past, left-padded: [B, h_kv, P, d_head] per layer."""
+def packed_cache(adapter: CachedDecoderAdapter, states: list[DecodeState]):
+    """A fresh DynamicCache holding every state's past one after the other: [1, h_kv, sum L_i, d_head]
+    per layer."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=adapter.text_config)
-    for layer in range(len(states[0].cache.layers)):
-        cache.update(*padded_past(states, layer, past), layer)
+    for layer, packed in enumerate(cache.layers):
+        keys = torch.cat([state.cache.layers[layer].keys for state in states], dim=-2)
+        values = torch.cat([state.cache.layers[layer].values for state in states], dim=-2)
+        packed.lazy_initialization(keys, values)
+        packed.keys, packed.values = keys, values  # as `update` would, without copying them again
     return cache
 
 
-def batch_inputs(adapter: CachedDecoderAdapter, states: list[DecodeState], ids_list: list[torch.Tensor],
-                 past: int, new: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(embeds [B, N, d], positions [B, N] or [3, B, N], mask [B, P + N]) of the right-padded windows."""
-    ids = torch.zeros(len(ids_list), new, dtype=torch.long)  # [B, N]; padding: token 0 (masked out)
-    mask = torch.zeros(len(ids_list), past + new, dtype=torch.long)  # [B, P + N]
-    for i, (state, row) in enumerate(zip(states, ids_list, strict=True)):
-        ids[i, :row.numel()] = row
-        mask[i, past - state.length:past + row.numel()] = 1
-    embeds = adapter.embed(ids.flatten()).view(len(ids_list), new, -1)  # [B, N, d]
-    # each row at its session's own next positions: [1, N] -> [B, N], or [3, 1, N] -> [3, B, N]
-    positions = torch.cat([adapter._positions(state, new) for state in states], dim=-2)
-    return embeds, positions, mask
+def block_mask(pasts: list[int], sizes: list[int]) -> torch.Tensor:
+    """[1, 1, sum n_i, sum L_i + sum n_i] bool, True where a query may attend: window i's tokens see
+    their own past and, causally, their own window."""
+    total_past, total_new = sum(pasts), sum(sizes)
+    mask = torch.zeros(total_new, total_past + total_new, dtype=torch.bool)
+    past_at, new_at = 0, 0
+    for past, n in zip(pasts, sizes, strict=True):
+        rows = slice(new_at, new_at + n)
+        mask[rows, past_at:past_at + past] = True
+        mask[rows, total_past + new_at:total_past + new_at + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        past_at, new_at = past_at + past, new_at + n
+    return mask[None, None]
 
 
-def window_logits(adapter: CachedDecoderAdapter, hidden: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    """The lm_head on the real positions only: hidden [B, N, d] -> [n_i, V] float32 per row."""
-    real = torch.arange(hidden.shape[1])[None] < torch.tensor(sizes)[:, None]  # [B, N]
-    return list(adapter.model.lm_head(hidden[real.to(hidden.device)]).float().split(sizes))  # [sum n_i, V] split
-
-
-def new_keys_values(cache, row: int, past: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Row `row`'s first n new positions in the batched cache: per layer [1, h_kv, n, d_head] (copies)."""
-    keys = [layer.keys[row:row + 1, :, past:past + n].clone() for layer in cache.layers]
-    values = [layer.values[row:row + 1, :, past:past + n].clone() for layer in cache.layers]
-    return keys, values
+def new_keys_values(cache, offset: int, sizes: list[int]) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Each window's new positions in the packed cache (they start at `offset`): per window, per
+    layer [1, h_kv, n_i, d_head] keys and values (views of one copy of the new positions)."""
+    total = sum(sizes)
+    keys = torch.stack([layer.keys[:, :, offset:offset + total] for layer in cache.layers])  # [layers, 1, h_kv, sum n, d]
+    values = torch.stack([layer.values[:, :, offset:offset + total] for layer in cache.layers])
+    return [(list(k.unbind(0)), list(v.unbind(0)))
+            for k, v in zip(keys.split(sizes, dim=-2), values.split(sizes, dim=-2), strict=True)]
 
 
 def run_batch(adapter: CachedDecoderAdapter, states: list[DecodeState],
@@ -124,16 +125,20 @@ def run_batch(adapter: CachedDecoderAdapter, states: list[DecodeState],
     sizes = [int(ids.numel()) for ids in ids_list]
     if min(sizes) < 1:
         raise ValueError("every window needs at least one token (its root)")
-    past, new = max(s.length for s in states), max(sizes)  # P, N
+    pasts = [state.length for state in states]
     start = time.perf_counter()
     with torch.inference_mode():
-        cache = padded_cache(adapter, states, past)
-        embeds, positions, mask = batch_inputs(adapter, states, ids_list, past, new)
-        out = adapter.language_model(inputs_embeds=embeds.to(adapter.model.dtype), attention_mask=mask.to(adapter.device),
+        cache = packed_cache(adapter, states)
+        embeds = adapter.embed(torch.cat(ids_list))[None]  # [1, sum n, d]
+        # each window at its session's own next positions: [1, n_i] -> [1, sum n] (or [3, 1, sum n])
+        positions = torch.cat([adapter._positions(state, n) for state, n in zip(states, sizes, strict=True)], dim=-1)
+        out = adapter.language_model(inputs_embeds=embeds.to(adapter.model.dtype),
+                                     attention_mask=block_mask(pasts, sizes).to(adapter.device),
                                      position_ids=positions.to(adapter.device), past_key_values=cache, use_cache=True)
-        logits = window_logits(adapter, out.last_hidden_state, sizes)
-        windows = [Window(ids, rows, *new_keys_values(cache, i, past, n), length=state.length)
-                   for i, (ids, rows, n, state) in enumerate(zip(ids_list, logits, sizes, states, strict=True))]
+        logits = adapter.model.lm_head(out.last_hidden_state[0]).float().split(sizes)  # [n_i, V] each
+        windows = [Window(ids, rows, keys, values, length=state.length)
+                   for ids, rows, (keys, values), state in zip(ids_list, logits, new_keys_values(cache, sum(pasts), sizes),
+                                                               states, strict=True)]
     for window in windows:
         window.pass_s = time.perf_counter() - start
     return windows
@@ -160,3 +165,37 @@ def forward_batch(adapter: CachedDecoderAdapter, states: list[DecodeState],
     for state, window in zip(states, windows, strict=True):
         commit(state, window, window.size)
     return [w.logits for w in windows]
+
+
+def prefill_batch(adapter: CachedDecoderAdapter, inputs: list[PrefillInputs]) -> list[tuple[torch.Tensor, DecodeState]]:
+    """`adapter.start(inputs[i])` for every i in one pass: each prompt's last logits [V] and its state."""
+    from transformers import DynamicCache
+
+    sizes = [int(x.embeds.shape[0]) for x in inputs]
+    for size in sizes:
+        adapter.check_length(size)
+    batch, longest = len(inputs), max(sizes)  # B, T
+    embeds = inputs[0].embeds.new_zeros((batch, longest, inputs[0].embeds.shape[-1]))  # [B, T, d]
+    mask = torch.zeros(batch, longest, dtype=torch.long)  # [B, T]
+    positions = []
+    for i, (x, size) in enumerate(zip(inputs, sizes, strict=True)):
+        embeds[i, :size] = x.embeds
+        mask[i, :size] = 1
+        pad = x.positions[..., -1:] + torch.arange(1, longest - size + 1)  # padding: past the last position
+        positions.append(torch.cat([x.positions, pad], dim=-1))  # [1, T] or [3, 1, T]
+    with torch.inference_mode():
+        cache = DynamicCache(config=adapter.text_config)
+        out = adapter.language_model(inputs_embeds=embeds.to(adapter.model.dtype), attention_mask=mask.to(adapter.device),
+                                     position_ids=torch.cat(positions, dim=-2).to(adapter.device),
+                                     past_key_values=cache, use_cache=True)
+        last = out.last_hidden_state[torch.arange(batch), torch.tensor(sizes) - 1]  # [B, d]
+        logits = adapter.model.lm_head(last).float()  # [B, V]
+    results = []
+    for i, (x, size) in enumerate(zip(inputs, sizes, strict=True)):
+        state = DecodeState(cache=adapter.new_cache(), length=size, extra=dict(x.extra))
+        for own, shared in zip(state.cache.layers, cache.layers, strict=True):
+            own.lazy_initialization(shared.keys, shared.values)
+            own.keys = shared.keys[i:i + 1, :, :size].contiguous()  # [1, h_kv, T_i, d_head]
+            own.values = shared.values[i:i + 1, :, :size].contiguous()
+        results.append((logits[i], state))
+    return results

@@ -13,12 +13,13 @@ device (keyed by the device's public key, or by its connection without authentic
 are bounded. Counters are served by STATS; one JSON line per finished request goes to the
 "covspec.edge.requests" logger (edge_runtime.stats).
 
-Batched verification: a VERIFY that arrives while other sessions are mid-answer waits up to
-`batch_wait_ms` for their VERIFYs (at most `max_batch` requests in all). The first VERIFY of each
-session among the gathered requests that would feed the target is scored in one padded pass
+Batching: a VERIFY or OPEN takes along the requests already queued behind it, and waits up to
+`batch_wait_ms` for the VERIFYs of the other sessions that are mid-answer (at most `max_batch`
+requests in all). The first VERIFY of each session among the gathered requests that would feed the
+target is scored in one padded pass, and the new sessions' OPENs are prefilled in another
 (edge_runtime.batching); the requests are then handled one by one in arrival order, exactly as
-without batching, each VERIFY using its precomputed window (the verification rules stay in
-TargetSession.verify).
+without batching, each VERIFY using its precomputed window and each OPEN its precomputed prefill
+(the rules stay in the handlers and TargetSession).
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ import numpy as np
 import torch
 import zmq
 
-from covspec.edge_runtime.batching import Window, can_batch, run_batch
+from covspec.edge_runtime.batching import Window, can_batch, can_prefill_batch, prefill_batch, run_batch
 from covspec.edge_runtime.session import SessionError, TargetSession
 from covspec.edge_runtime.settings import EdgeSettings
 from covspec.edge_runtime.stats import EdgeCounters, SessionUsage, log_completion
 from covspec.errors import CovspecError, ImageError, PromptError
 from covspec.images import load_image
-from covspec.models.base import VLMAdapter
+from covspec.models.base import DecodeState, VisualTokens, VLMAdapter
 from covspec.sampling import SamplingParams
 from covspec.transport import protocol as wire
 from covspec.transport.channel import MeteredSocket, Request, make_socket, start_authenticator
@@ -57,6 +58,17 @@ class Incoming:
     msg: wire.Message | None
 
 
+@dataclass
+class Prefilled:
+    """An OPEN's prefill, done in a batched pass before its handler runs."""
+
+    seq: int
+    visual: VisualTokens
+    logits: torch.Tensor  # [V] the prompt's last position
+    state: DecodeState
+    pass_s: float
+
+
 class EdgeServer:
     def __init__(self, adapter: VLMAdapter, settings: EdgeSettings, name: str = "target"):
         settings.check()
@@ -70,6 +82,7 @@ class EdgeServer:
         self.counters = EdgeCounters()
         self.device = ""  # who sent the request being handled (SessionUsage.device)
         self.windows: dict[int, Window] = {}  # sid -> its VERIFY's window from this round's batched pass
+        self.prefills: dict[int, Prefilled] = {}  # sid -> its OPEN's prefill from this round's batched pass
         self.batching_refused = False  # batching was found impossible (logged once)
         keys = settings.keys
         # the ZAP handler is per context: an authenticating edge gets a context of its own
@@ -110,13 +123,14 @@ class EdgeServer:
             return
         gathered = self._gather(Incoming(got, self._decode(got)))
         self.windows = self._batch(gathered)
+        self.prefills = self._prefill(gathered)
         try:
             for incoming in gathered:
                 request = incoming.request
                 for reply in self.handle(request.frames, request.device, decoded=incoming.msg):
                     self.sock.send(reply, peer=request.peer, limits=self.settings.limits)
         finally:
-            self.windows = {}
+            self.windows, self.prefills = {}, {}
 
     def handle(self, frames: list, device: str = "local", decoded: wire.Message | None = None):
         """Yields the replies to one request (several for STREAM). Never raises. `decoded`: the
@@ -160,17 +174,19 @@ class EdgeServer:
         return sum(1 for s in self.sessions.values() if not s.done and s.usage is not None and s.usage.mode != "target_only")
 
     def _gather(self, first: Incoming) -> list[Incoming]:
-        """`first` and the requests that arrive within batch_wait_ms of it, when it is a VERIFY and
-        other sessions may send theirs: stops as soon as every such session has sent one, or at
+        """`first` and, when it is a VERIFY or an OPEN, the requests queued behind it and those that
+        arrive within batch_wait_ms while other sessions that may send a VERIFY have not: at most
         max_batch requests."""
         s = self.settings
-        if not isinstance(first.msg, wire.Verify) or s.batch_wait_ms <= 0 or s.max_batch <= 1:
+        if not isinstance(first.msg, (wire.Verify, wire.Open)) or s.batch_wait_ms <= 0 or s.max_batch <= 1:
             return [first]
         wanted = min(s.max_batch, self._may_verify())
-        gathered, verifying = [first], {first.msg.sid}
+        gathered = [first]
+        verifying = {first.msg.sid} if isinstance(first.msg, wire.Verify) else set()
         deadline = time.monotonic() + s.batch_wait_ms / 1000
-        while len(verifying) < wanted and len(gathered) < s.max_batch:
-            request = self.sock.recv_request(max(0.0, deadline - time.monotonic()))
+        while len(gathered) < s.max_batch:
+            waiting = len(verifying) < wanted
+            request = self.sock.recv_request(max(0.0, deadline - time.monotonic()) if waiting else 0.0)
             if request is None:
                 break
             incoming = Incoming(request, self._decode(request))
@@ -200,12 +216,8 @@ class EdgeServer:
         """sid -> the ids [k+1] of its VERIFY, for the gathered VERIFYs that will feed the target and
         are their session's first request here (each session's requests are still handled in order)."""
         planned: dict[int, torch.Tensor] = {}
-        seen: set[int] = set()
-        for incoming in gathered:
+        for incoming in self._first_requests(gathered):
             msg = incoming.msg
-            if msg is None or msg.sid in seen:
-                continue
-            seen.add(msg.sid)
             if isinstance(msg, wire.Verify) and (ids := self._window_ids(msg, incoming.request.device)) is not None:
                 planned[msg.sid] = ids
         return planned
@@ -234,6 +246,50 @@ class EdgeServer:
         self.counters.batched_windows += len(windows)
         self.counters.batch_max = max(self.counters.batch_max, len(windows))
         return dict(zip(planned, windows, strict=True))
+
+    def _first_requests(self, gathered: list[Incoming]) -> list[Incoming]:
+        """The gathered requests that are their session's first among them (each session's requests
+        are handled in order, so only its first can be computed ahead)."""
+        seen: set[int] = set()
+        first = []
+        for incoming in gathered:
+            if incoming.msg is not None and incoming.msg.sid not in seen:
+                seen.add(incoming.msg.sid)
+                first.append(incoming)
+        return first
+
+    def _prefill(self, gathered: list[Incoming]) -> dict[int, Prefilled]:
+        """One target pass over the prompts of the gathered OPENs that start a session (retried OPENs
+        and ones that will be refused for their image or prompt are left to `on_open`): sid -> its
+        prefill. Empty when fewer than two can share a pass, or when the pass fails."""
+        opens = [i.msg for i in self._first_requests(gathered) if isinstance(i.msg, wire.Open) and i.msg.sid
+                 and not (i.msg.sid in self.sessions and self.sessions[i.msg.sid].open_seq == i.msg.seq)]
+        if len(opens) < 2 or not can_prefill_batch(self.adapter):
+            return {}
+        prepared = {}
+        for msg in opens:
+            try:
+                visual = self.adapter.encode_image(self.adapter.preprocess(
+                    load_image(msg.image, max_pixels=self.settings.max_image_pixels)))
+                kept = None if msg.kept is None else torch.from_numpy(msg.kept.astype(np.int64))
+                with torch.inference_mode():
+                    prepared[msg.sid] = (msg.seq, visual, self.adapter.prefill_inputs(visual, msg.prompt, kept))
+            except Exception:  # refused by on_open, which says why
+                continue
+        if len(prepared) < 2:
+            return {}
+        start = time.perf_counter()
+        try:
+            results = prefill_batch(self.adapter, [inputs for _, _, inputs in prepared.values()])
+        except Exception:
+            log.exception("batched prefill failed; the sessions are prefilled one by one")
+            return {}
+        pass_s = time.perf_counter() - start
+        log.debug("prefilled %d prompts in one pass of %.1f ms", len(results), pass_s * 1000)
+        self.counters.prefill_batches += 1
+        self.counters.batched_prefills += len(results)
+        return {sid: Prefilled(seq, visual, logits, state, pass_s)
+                for (sid, (seq, visual, _)), (logits, state) in zip(prepared.items(), results, strict=True)}
 
     def free_idle_sessions(self) -> None:
         now = time.monotonic()
@@ -299,13 +355,18 @@ class EdgeServer:
             raise wire.ProtocolError(wire.ErrorCode.LIMIT, f"OPEN.prefix: {len(prefix)} tokens, more than max_new_tokens {msg.max_new_tokens}")
         params = SamplingParams(temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p, seed=msg.seed)
         start = time.perf_counter()
-        image = load_image(msg.image, max_pixels=s.max_image_pixels)
-        visual = self.adapter.encode_image(self.adapter.preprocess(image))
         kept = None if msg.kept is None else torch.from_numpy(msg.kept.astype(np.int64))
+        prefilled = self.prefills.pop(msg.sid, None)  # this round's batched pass over its prompt, if any
+        if prefilled is not None and prefilled.seq == msg.seq:
+            visual, done = prefilled.visual, (prefilled.logits, prefilled.state)
+        else:
+            image = load_image(msg.image, max_pixels=s.max_image_pixels)
+            visual, done = self.adapter.encode_image(self.adapter.preprocess(image)), None
         with torch.inference_mode():
-            session = TargetSession.open(self.adapter, visual, msg.prompt, kept, params, msg.max_new_tokens, prefix)
+            session = TargetSession.open(self.adapter, visual, msg.prompt, kept, params, msg.max_new_tokens, prefix,
+                                         prefilled=done)
         session.open_seq = msg.seq
-        prefill_s = time.perf_counter() - start
+        prefill_s = time.perf_counter() - start + (prefilled.pass_s if done is not None else 0.0)
         session.usage = SessionUsage(device=self.device, mode=msg.mode, prefix=len(prefix), prefill_s=prefill_s)
         session.opened = wire.Opened(sid=msg.sid, seq=msg.seq, token=session.committed[-1], done=session.done,
                                      timings={"prefill_s": prefill_s,

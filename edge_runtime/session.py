@@ -56,11 +56,13 @@ class TargetSession:
 
     @classmethod
     def open(cls, adapter: VLMAdapter, visual, prompt: str, kept: torch.Tensor | None,
-             params: SamplingParams, max_new_tokens: int, prefix: list[int] | None = None) -> TargetSession:
+             params: SamplingParams, max_new_tokens: int, prefix: list[int] | None = None,
+             prefilled: tuple[torch.Tensor, DecodeState] | None = None) -> TargetSession:
         """Prefills the prompt and picks the first token. With a `prefix` (the answer so far, as the
         device holds it after an edge restart) the prompt and the prefix are prefilled instead and
-        the session continues from there: its root is the prefix's last token."""
-        logits, state = adapter.prefill(visual, prompt, kept=kept)
+        the session continues from there: its root is the prefix's last token. `prefilled`: the
+        prompt's (last logits [V], state) when a batched pass already prefilled it."""
+        logits, state = prefilled if prefilled is not None else adapter.prefill(visual, prompt, kept=kept)
         generator = None if params.greedy else params.generator()
         session = cls(adapter=adapter, state=state, params=params, max_new_tokens=max_new_tokens,
                       generator=generator, prompt_length=state.length)

@@ -66,6 +66,8 @@ class EdgeCounters:
     batches: int = 0  # target passes shared by several sessions' VERIFY windows
     batched_windows: int = 0  # windows verified in those passes
     batch_max: int = 0  # the most windows in one pass
+    prefill_batches: int = 0  # target passes shared by several sessions' OPEN prefills
+    batched_prefills: int = 0  # prompts prefilled in those passes
 
     def snapshot(self, sessions_open: int, wire: ByteCounters) -> dict[str, int | float]:
         out: dict[str, int | float] = {
@@ -76,6 +78,7 @@ class EdgeCounters:
             "sessions_idle_freed": self.sessions_idle_freed, "tokens_verified": self.tokens_verified,
             "tokens_accepted": self.tokens_accepted, "tokens_streamed": self.tokens_streamed,
             "batches": self.batches, "batched_windows": self.batched_windows, "batch_max": self.batch_max,
+            "prefill_batches": self.prefill_batches, "batched_prefills": self.batched_prefills,
             "bytes_in": wire.bytes_recv, "bytes_out": wire.bytes_sent,
             "messages_in": wire.msgs_recv, "messages_out": wire.msgs_sent,
         }

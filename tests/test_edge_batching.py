@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import io
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -20,7 +21,14 @@ from PIL import Image
 from test_runtimes import PROMPTS, RunningEdge, png
 
 from covspec.device_runtime.client import DeviceRuntime, SpecOptions
-from covspec.edge_runtime.batching import can_batch, commit, forward_batch, run_batch
+from covspec.edge_runtime.batching import (
+    can_batch,
+    can_prefill_batch,
+    commit,
+    forward_batch,
+    prefill_batch,
+    run_batch,
+)
 from covspec.generation import generate
 from covspec.models import load_adapter
 from covspec.sampling import SamplingParams
@@ -80,6 +88,32 @@ def test_forward_batch_equals_per_session_forwards(tmp_path, family, extra, size
     print(f"{family} B={len(states)}: max |batched - alone| logits {diff:.2e}, after {after:.2e}")
 
 
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_prefill_batch_equals_per_session_prefills(tmp_path, family):
+    """Three prompts of different lengths (one image pruned to every third token) in one pass: the
+    same first logits and caches as one prefill each, and decoding continues alike."""
+    adapter = load_adapter(BUILDERS[family](tmp_path / family, seed=0))
+    assert can_prefill_batch(adapter)
+    inputs = []
+    for i in range(3):
+        visual = adapter.encode_image(adapter.preprocess(Image.open(io.BytesIO(png(i))).convert("RGB")))
+        kept = torch.arange(0, visual.count, 3) if i == 1 else None
+        inputs.append(adapter.prefill_inputs(visual, PROMPTS[i], kept))
+    assert len({int(x.embeds.shape[0]) for x in inputs}) > 1
+    alone = [adapter.start(x) for x in inputs]
+    together = prefill_batch(adapter, inputs)
+    diff = max_diff([logits for logits, _ in together], [logits for logits, _ in alone])
+    assert diff < TOLERANCE, diff
+    for (_, state), (_, single) in zip(together, alone, strict=True):
+        assert state.length == single.length and state.extra == single.extra
+        for a, b in zip(state.cache.layers, single.cache.layers, strict=True):
+            assert a.keys.shape == b.keys.shape and float((a.values - b.values).abs().max()) < TOLERANCE
+    probe = torch.tensor([7, 8, 9])
+    after = max_diff([adapter.forward(s, probe) for _, s in together], [adapter.forward(s, probe) for _, s in alone])
+    assert after < TOLERANCE, after
+    print(f"{family} prefill B=3: max |batched - alone| logits {diff:.2e}, after {after:.2e}")
+
+
 def test_commit_keeps_only_the_accepted_positions(llava):
     adapter = load_adapter(llava[0])
     states, g = open_states(adapter, [1, 4, 0])
@@ -101,12 +135,15 @@ def test_commit_keeps_only_the_accepted_positions(llava):
         commit(states[0], batched[0], 1)  # stale: the state moved on
 
 
-def verify_all(endpoint: str, opened_tokens: dict[int, int] | None = None) -> tuple[dict, list]:
-    """Opens three sessions, then sends their first VERIFYs (and one for a session that does not
+def verify_all(edge: RunningEdge) -> tuple[dict, list]:
+    """Opens three sessions (OPENs sent back to back), then sends their first VERIFYs (and one for a session that does not
     exist) back to back, without waiting: the edge finds them queued together."""
-    with Client(endpoint, timeout_s=20, retries=0) as client:
-        opened = {sid: client.request(wire.Open(sid=sid, image=png(sid), prompt=PROMPTS[sid % 3], mode="vanilla_sd",
-                                                max_new_tokens=16)).token for sid in (1, 2, 3)}
+    with Client(edge.endpoint, timeout_s=20, retries=0) as client:
+        opening = {sid: client.send(wire.Open(sid=sid, image=png(sid), prompt=PROMPTS[sid % 3], mode="vanilla_sd",
+                                              max_new_tokens=16)) for sid in (1, 2, 3)}
+        time.sleep(0.3)  # all three queued at the paused edge
+        edge.resume()
+        opened = {sid: client.recv(msg.seq).token for sid, msg in opening.items()}
         sent = [client.send(wire.Verify(sid=sid, round=0, tokens=np.array([opened[sid], 5 + sid, 9][:sid], np.int32)))
                 for sid in (1, 2, 3)]
         sent.append(client.send(wire.Verify(sid=77, round=0, tokens=np.array([1], np.int32))))
@@ -126,16 +163,17 @@ def test_batched_edge_answers_as_an_unbatched_one(llava):
     target, _ = llava
     results = {}
     for wait_ms in (0.0, 300.0):
-        edge = RunningEdge(target, batch_wait_ms=wait_ms)
+        edge = RunningEdge(target, batch_wait_ms=wait_ms, paused=True)
         try:
-            results[wait_ms] = verify_all(edge.endpoint)
+            results[wait_ms] = verify_all(edge)
             stats = edge.server.stats()
         finally:
             edge.close()
         if wait_ms:
             assert stats["batches"] == 1 and stats["batched_windows"] == 3 and stats["batch_max"] == 3, stats
+            assert stats["prefill_batches"] == 1 and stats["batched_prefills"] == 3, stats
         else:
-            assert stats["batches"] == 0
+            assert stats["batches"] == 0 and stats["prefill_batches"] == 0
     assert results[0.0] == results[300.0]
     assert results[300.0][1][-1] == wire.ErrorCode.UNKNOWN_SESSION
 

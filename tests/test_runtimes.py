@@ -42,13 +42,21 @@ def png(seed: int, size: int = 28) -> bytes:
 
 
 class RunningEdge:
-    def __init__(self, target_path: Path, bind: str = "tcp://127.0.0.1:*", **settings):
+    def __init__(self, target_path: Path, bind: str = "tcp://127.0.0.1:*", paused: bool = False, **settings):
+        """`paused`: the edge reads nothing until `resume()` (requests sent before queue up)."""
         self.server = EdgeServer(load_adapter(target_path), EdgeSettings(bind=bind, **settings))
         self.stop = threading.Event()
+        self.running = threading.Event()
+        if not paused:
+            self.running.set()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
+    def resume(self) -> None:
+        self.running.set()
+
     def _loop(self) -> None:
+        self.running.wait()
         while not self.stop.is_set():
             self.server.serve_once(timeout_s=0.05)
 
@@ -58,6 +66,7 @@ class RunningEdge:
 
     def close(self) -> None:
         self.stop.set()
+        self.running.set()
         self.thread.join()
         self.server.close()
 

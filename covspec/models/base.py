@@ -48,6 +48,17 @@ class DecodeState:
     extra: dict[str, Any] = field(default_factory=dict)  # family-specific (e.g. Qwen2.5-VL's rope delta)
 
 
+@dataclass
+class PrefillInputs:
+    """What a prefill feeds the text model: the prompt's embeddings with the visual tokens in place,
+    their positions and the family's DecodeState extras. Separate from running it, so that the
+    edge can prefill several prompts in one pass (edge_runtime.batching.prefill_batch)."""
+
+    embeds: torch.Tensor  # [T, d]
+    positions: torch.Tensor  # [1, T], or [3, 1, T] for M-RoPE
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 class VLMAdapter(ABC):
     """A loaded VLM behind the interface the runtimes drive."""
 
@@ -365,13 +376,21 @@ class CachedDecoderAdapter(VLMAdapter):
                                       past_key_values=cache, use_cache=True)
             return self.model.lm_head(out.last_hidden_state[0]).float()
 
-    def start(self, embeds: torch.Tensor, positions: torch.Tensor,
-              extra: dict[str, Any] | None = None) -> tuple[torch.Tensor, DecodeState]:
+    def prefill(self, visual: VisualTokens, prompt: str,
+                kept: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeState]:
+        return self.start(self.prefill_inputs(visual, prompt, kept))
+
+    @abstractmethod
+    def prefill_inputs(self, visual: VisualTokens, prompt: str, kept: torch.Tensor | None = None) -> PrefillInputs:
+        """The chat-formatted prompt with the image's visual tokens (only `kept`, sorted indices
+        into [0, N), when given), ready for `start`."""
+
+    def start(self, inputs: PrefillInputs) -> tuple[torch.Tensor, DecodeState]:
         """Prefills a fresh cache with the whole prompt: its last position's logits [V] and the state."""
-        self.check_length(int(embeds.shape[0]))
-        state = DecodeState(cache=self.new_cache(), length=0, extra=extra or {})
-        logits = self.run(embeds, positions, state.cache)
-        state.length = int(embeds.shape[0])
+        self.check_length(int(inputs.embeds.shape[0]))
+        state = DecodeState(cache=self.new_cache(), length=0, extra=dict(inputs.extra))
+        logits = self.run(inputs.embeds, inputs.positions, state.cache)
+        state.length = int(inputs.embeds.shape[0])
         return logits[-1], state
 
     def _positions(self, state: DecodeState, k: int) -> torch.Tensor:
@@ -380,19 +399,19 @@ class CachedDecoderAdapter(VLMAdapter):
         start = state.length + state.extra.get("position_offset", 0)
         return torch.arange(start, start + k)[None]
 
-    def start_pruned(self, embeds: torch.Tensor, image_start: int, kept: torch.Tensor,
-                     n_visual: int) -> tuple[torch.Tensor, DecodeState]:
-        """Prefills a prompt whose visual tokens start at `image_start` and are the `kept` subset
-        of `n_visual`: every token keeps the position it has in the unpruned prompt (kept visual
-        tokens at image_start + index, the text after the image shifted past all n_visual), so a
-        pruned prefill differs from the full one only by the tokens it leaves out. Decoding
+    @staticmethod
+    def pruned_inputs(embeds: torch.Tensor, image_start: int, kept: torch.Tensor, n_visual: int) -> PrefillInputs:
+        """The inputs of a prompt whose visual tokens start at `image_start` and are the `kept`
+        subset of `n_visual`: every token keeps the position it has in the unpruned prompt (kept
+        visual tokens at image_start + index, the text after the image shifted past all n_visual),
+        so a pruned prefill differs from the full one only by the tokens it leaves out. Decoding
         continues at the unpruned positions (`position_offset`)."""
         t = int(embeds.shape[0])
         n_kept = int(kept.numel())
         offset = n_visual - n_kept
         positions = torch.cat([torch.arange(image_start), image_start + kept.cpu(),
                                torch.arange(image_start + n_kept, t) + offset])  # [T]
-        return self.start(embeds, positions[None], extra={"position_offset": offset})
+        return PrefillInputs(embeds, positions[None], {"position_offset": offset})
 
     def forward(self, state: DecodeState, ids: torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.long).flatten()

@@ -22,7 +22,7 @@ from PIL import Image
 
 from covspec.models.base import (
     CachedDecoderAdapter,
-    DecodeState,
+    PrefillInputs,
     VisualTokens,
     check_no_placeholder,
     encode_text,
@@ -134,8 +134,7 @@ class Idefics3Adapter(CachedDecoderAdapter):
         check_no_placeholder(after[1:], self.placeholder_ids, self.tokenizer)
         return before + [self.image_token_id] * n_image_tokens + after, len(before)
 
-    def prefill(self, visual: VisualTokens, prompt: str,
-                kept: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeState]:
+    def prefill_inputs(self, visual: VisualTokens, prompt: str, kept: torch.Tensor | None = None) -> PrefillInputs:
         kept = select_kept(visual, kept)
         ids_list, start = self.prompt_ids(prompt, int(kept.numel()))
         ids = torch.tensor(ids_list, dtype=torch.long)
@@ -143,4 +142,4 @@ class Idefics3Adapter(CachedDecoderAdapter):
             embeds = self.embed(ids).clone()  # [T, d]
             embeds[start:start + kept.numel()] = visual.embeds[kept.to(self.device)].to(embeds.dtype)
         # kept visual tokens keep their unpruned positions (as for LLaVA)
-        return self.start_pruned(embeds, start, kept, visual.count)
+        return self.pruned_inputs(embeds, start, kept, visual.count)

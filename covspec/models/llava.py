@@ -19,7 +19,7 @@ from covspec.models.base import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     CachedDecoderAdapter,
-    DecodeState,
+    PrefillInputs,
     VisualTokens,
     bos_prefix,
     center_crop,
@@ -151,8 +151,7 @@ class LlavaAdapter(CachedDecoderAdapter):
     def prompt_ids(self, prompt: str, n_image_tokens: int) -> list[int]:
         return llava_prompt_ids(self.tokenizer, self.check_prompt(prompt), n_image_tokens, self.image_token_id)
 
-    def prefill(self, visual: VisualTokens, prompt: str,
-                kept: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeState]:
+    def prefill_inputs(self, visual: VisualTokens, prompt: str, kept: torch.Tensor | None = None) -> PrefillInputs:
         kept = select_kept(visual, kept)
         ids = torch.tensor(self.prompt_ids(prompt, int(kept.numel())), dtype=torch.long)
         with torch.inference_mode():
@@ -161,4 +160,4 @@ class LlavaAdapter(CachedDecoderAdapter):
             embeds[is_image.to(self.device)] = visual.embeds[kept.to(self.device)].to(embeds.dtype)
         # kept visual tokens keep their unpruned positions
         image_start = int(is_image.nonzero()[0, 0]) if kept.numel() else int(ids.numel())
-        return self.start_pruned(embeds, image_start, kept, visual.count)
+        return self.pruned_inputs(embeds, image_start, kept, visual.count)

@@ -29,6 +29,7 @@ from covspec.models.base import (
     OPENAI_CLIP_STD,
     CachedDecoderAdapter,
     DecodeState,
+    PrefillInputs,
     VisualTokens,
     check_no_placeholder,
     encode_text,
@@ -157,8 +158,7 @@ class Qwen25VLAdapter(CachedDecoderAdapter):
                                                            image_grid_thw=grid_thw)
         return positions, int(delta.flatten()[0])
 
-    def prefill(self, visual: VisualTokens, prompt: str,
-                kept: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeState]:
+    def prefill_inputs(self, visual: VisualTokens, prompt: str, kept: torch.Tensor | None = None) -> PrefillInputs:
         if visual.grid is None:
             raise ValueError("Qwen2.5-VL visual tokens need their grid")
         kept = select_kept(visual, kept)
@@ -173,7 +173,7 @@ class Qwen25VLAdapter(CachedDecoderAdapter):
             embeds[start:start + kept.numel()] = visual.embeds[kept.to(self.device)].to(embeds.dtype)
         # the next text position is one past the largest so far, whatever was pruned
         delta = int(positions.max()) + 1 - int(keep.numel())
-        return self.start(embeds, positions, extra={"rope_delta": delta})
+        return PrefillInputs(embeds, positions, {"rope_delta": delta})
 
     def _positions(self, state: DecodeState, k: int) -> torch.Tensor:
         """Text positions of the next k tokens: [3, 1, k], the same on all three axes."""
