@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from covspec.models.base import VisualTokens
@@ -86,10 +87,10 @@ def rank01(x: torch.Tensor) -> torch.Tensor:
     n = x.numel()
     if n == 1:
         return torch.full_like(x, 0.5, dtype=torch.float32)
-    x = x.float()
-    less = (x[None, :] < x[:, None]).sum(1).float()  # [N] values below each
-    equal = (x[None, :] == x[:, None]).sum(1).float()  # [N] including itself
-    return (less + (equal - 1) / 2) / (n - 1)
+    v = x.detach().float().cpu().numpy()
+    less = (v[None, :] < v[:, None]).sum(1)  # [N] values below each
+    equal = (v[None, :] == v[:, None]).sum(1)  # [N] including itself
+    return torch.from_numpy(((less + (equal - 1) / 2) / (n - 1)).astype(np.float32))
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -128,25 +129,25 @@ def greedy_dpp_map(features: torch.Tensor, q: torch.Tensor, k: int, eps: float =
 
     features [N, m] (rows of unit length for a cosine kernel), q [N] > 0 -> k indices in the order
     chosen. Incremental Cholesky (Chen et al. 2018): c [k, N] holds the Cholesky rows of the chosen
-    set, d2 [N] each candidate's gain L_ii - |c_i|^2 = det L_{Y+i} / det L_Y. O(N k (m + k))."""
+    set, d2 [N] each candidate's gain L_ii - |c_i|^2 = det L_{Y+i} / det L_Y. O(N k (m + k)).
+    In float64 numpy: N is a few hundred at most, where torch's per-call overhead would cost more
+    than the pruning saves the draft's prefill."""
     n = features.shape[0]
-    features, q = features.double(), q.double()
-    d2 = q * q * ((features * features).sum(-1) + eps)  # [N] diag(L)
-    c = torch.zeros(k, n, dtype=torch.float64)  # [k, N]
+    f = features.double().numpy()
+    qq = q.double().numpy()
+    kernel = (f @ f.T + eps * np.eye(n)) * qq[:, None] * qq[None, :]  # [N, N] L
+    d2 = kernel.diagonal().copy()  # [N]
+    c = np.zeros((k, n))  # [k, N]
     chosen: list[int] = []
-    taken = torch.zeros(n, dtype=torch.bool)
     for it in range(k):
-        gains = d2.masked_fill(taken, -math.inf)
-        j = int(gains.argmax())
+        j = int(d2.argmax())
         chosen.append(j)
-        taken[j] = True
         if it == k - 1:
             break
-        row = q[j] * q * (features @ features[j])  # [N] L[j, :]
-        row[j] += q[j] * q[j] * eps
-        e = (row - c[:it, j] @ c[:it]) / math.sqrt(max(float(d2[j]), 1e-300))  # [N]
+        e = (kernel[j] - c[:it, j] @ c[:it]) / math.sqrt(max(d2[j], 1e-300))  # [N]
         c[it] = e
-        d2 = (d2 - e * e).clamp_min(0.0)
+        d2 = np.maximum(d2 - e * e, 0.0)
+        d2[chosen] = -math.inf  # never chosen twice
     return chosen
 
 
