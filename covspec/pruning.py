@@ -205,8 +205,16 @@ def score_and_select(visual: VisualTokens, query: torch.Tensor, keep: float | in
     elif method == "diversity":
         chosen = max_min_diversity(unit_rows(embeds), k)
     else:
-        s = quality(visual, query, rel_weight, tau)  # [N]
-        alpha = theta / (2.0 * (1.0 - theta))
-        centred = unit_rows(embeds - embeds.mean(0, keepdim=True))  # [N, d]
-        chosen = greedy_dpp_map(centred, torch.exp(alpha * s), k, eps)
+        chosen = covspec_order(visual, query, k, theta, rel_weight, tau, eps)
     return torch.tensor(sorted(chosen), dtype=torch.long)
+
+
+def covspec_order(visual: VisualTokens, query: torch.Tensor, k: int, theta: float = THETA,
+                  rel_weight: float = REL_WEIGHT, tau: float = RELEVANCE_TAU, eps: float = KERNEL_EPS) -> list[int]:
+    """The CoVSpec score's first k picks, in the order the greedy MAP makes them: its first j picks
+    are what it keeps at j (the demo draft trains on such prefixes)."""
+    embeds = visual.embeds.detach().float().cpu()  # [N, d]
+    s = quality(visual, query.detach().float().cpu(), rel_weight, tau)  # [N]
+    alpha = theta / (2.0 * (1.0 - theta))
+    centred = unit_rows(embeds - embeds.mean(0, keepdim=True))  # [N, d]
+    return greedy_dpp_map(centred, torch.exp(alpha * s), k, eps)

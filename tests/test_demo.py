@@ -190,6 +190,38 @@ def test_pruned_training_rows_are_what_the_pruned_prefill_computes():
     assert torch.allclose(logits[0, prompt_end], expected, atol=1e-4)
 
 
+def test_device_pruned_training_rows_keep_what_the_device_keeps():
+    """Rows pruned by the device's pruner (train.device_orders): the first k of a scene's order are
+    exactly what the device's score_and_select keeps at k for the describe prompt."""
+    import random
+
+    from PIL import Image
+    from transformers import LlavaForConditionalGeneration
+
+    from covspec.demo.data import build_pool, collate, prune_rows
+    from covspec.demo.task import DESCRIBE_PROMPT, N_VISUAL_TOKENS
+    from covspec.demo.train import device_orders
+    from covspec.models import load_adapter
+    from covspec.pruning import score_and_select
+
+    tokenizer = build_tokenizer()
+    model = LlavaForConditionalGeneration.from_pretrained(default_draft_path())
+    adapter = load_adapter(default_draft_path())
+    pool = build_pool("val", 3, 0)
+    orders = device_orders(model, tokenizer, pool)
+    query = adapter.prompt_embeddings(DESCRIBE_PROMPT)
+    for scene_index, order in enumerate(orders):
+        visual = adapter.encode_image(adapter.preprocess(Image.fromarray(pool.images[scene_index])))
+        for k in (9, 27):
+            assert sorted(order[:k]) == score_and_select(visual, query, k).tolist()
+    batch = collate(tokenizer, [(0, DESCRIBE_PROMPT, "a", "describe")], N_VISUAL_TOKENS)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    pruned = prune_rows(batch, [pool.scenes[0]], image_id, tokenizer.pad_token_id, random.Random(0), 1.0, 0.25,
+                        N_VISUAL_TOKENS, orders=[orders[0]], device_share=1.0)
+    n = len(pruned.kept[0])
+    assert pruned.kept[0].tolist() == sorted(orders[0][:n])
+
+
 def test_growing_the_target_keeps_its_function():
     """Depth growth (modeling.grow_text_model): the grown model's logits equal the small one's, and
     the added layers are trainable (their zeroed projections get gradients)."""

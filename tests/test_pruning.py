@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from covspec.models.base import VisualTokens
-from covspec.pruning import METHODS, greedy_dpp_map, keep_count, rank01, score_and_select, unit_rows
+from covspec.pruning import (
+    METHODS,
+    covspec_order,
+    greedy_dpp_map,
+    keep_count,
+    rank01,
+    score_and_select,
+    unit_rows,
+)
 
 
 def random_visual(n: int = 36, d: int = 32, seed: int = 0, attention: bool = True) -> VisualTokens:
@@ -26,6 +34,16 @@ def test_kept_indices_sorted_unique_counted(method, keep):
     assert kept.numel() == keep_count(keep, 36)
     assert bool((kept[1:] > kept[:-1]).all())
     assert int(kept.min()) >= 0 and int(kept.max()) < 36
+
+
+def test_covspec_order_prefixes_are_what_it_keeps():
+    """The greedy picks in order: its first k are the CoVSpec selection at k, for every k."""
+    visual = random_visual(seed=3)
+    query = torch.randn(5, 32, generator=torch.Generator().manual_seed(4))
+    order = covspec_order(visual, query, 36)
+    assert sorted(order) == list(range(36))
+    for k in (1, 4, 9, 18, 27, 35):
+        assert sorted(order[:k]) == score_and_select(visual, query, k).tolist()
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -179,8 +179,11 @@ def kept_tokens(scene: Scene, n_keep: int, rng: random.Random) -> list[int]:
 
 
 def prune_rows(batch: Batch, scenes: list[Scene], image_id: int, pad_id: int, rng: random.Random,
-               share: float, min_keep: float, n_visual: int) -> PrunedBatch:
-    """Each row, with probability `share`, keeps a random ratio in [min_keep, 1) of its visual tokens."""
+               share: float, min_keep: float, n_visual: int, orders: list[list[int]] | None = None,
+               device_share: float = 0.0) -> PrunedBatch:
+    """Each row, with probability `share`, keeps a random ratio in [min_keep, 1) of its visual tokens:
+    with probability `device_share` the first ones of `orders[row]` (the device pruner's picks, in
+    order), else one token per object first, then random others."""
     rows_ids, rows_labels, rows_pos, kept_all = [], [], [], []
     for row in range(batch.ids.shape[0]):
         ids, labels = batch.ids[row], batch.labels[row]
@@ -188,7 +191,10 @@ def prune_rows(batch: Batch, scenes: list[Scene], image_id: int, pad_id: int, rn
         kept = torch.arange(n_visual)
         if rng.random() < share:
             n_keep = max(1, round(rng.uniform(min_keep, 1.0) * n_visual))
-            kept = torch.tensor(kept_tokens(scenes[row], n_keep, rng))
+            if orders is not None and rng.random() < device_share:
+                kept = torch.tensor(sorted(orders[row][:n_keep]))
+            else:
+                kept = torch.tensor(kept_tokens(scenes[row], n_keep, rng))
             slots = (ids == image_id).nonzero().flatten()  # [n_visual] positions of the image tokens
             keep_mask = torch.ones_like(ids, dtype=torch.bool)
             keep_mask[slots] = False

@@ -56,7 +56,7 @@ from covspec.demo.modeling import (
     save_checkpoint,
     size_meta,
 )
-from covspec.demo.task import COLOURS, GRID, N_VISUAL_TOKENS, SHAPES
+from covspec.demo.task import COLOURS, DESCRIBE_PROMPT, GRID, N_VISUAL_TOKENS, SHAPES
 from covspec.demo.tokenizer import IMAGE, build_tokenizer
 
 console = Console(stderr=True)
@@ -76,6 +76,7 @@ class StageSettings:
     distill_weight: float = 0.0  # KL to the target's next-token distribution (draft only)
     pruned_share: float = 0.0  # rows trained with visual tokens pruned as the device prunes them (draft only)
     min_keep: float = 0.1  # the smallest kept ratio drawn for such a row
+    device_pruned: float = 0.0  # share of those rows pruned by the device's own pruner (else an oracle)
     short_batch: int = 0  # batch size of short-question batches (0: same as batch)
     mixed: bool = False  # describe and short questions mixed within a batch (else whole batches of one)
 
@@ -305,7 +306,9 @@ def format_scores(scores: dict[str, float]) -> str:
 def train_language(name: str, model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast,
                    pool: ScenePool, feats: torch.Tensor, words: list[list[list[int]]], val: ValSet,
                    st: StageSettings, s: TrainSettings,
-                   teacher: LlavaForConditionalGeneration | None = None) -> dict:
+                   teacher: LlavaForConditionalGeneration | None = None,
+                   orders: list[list[int]] | None = None) -> dict:
+    """`orders`: per pool scene, the device pruner's picks in order (for st.device_pruned)."""
     torch.manual_seed(s.seed + 3)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE)
     projector = list(model.model.multi_modal_projector.parameters())
@@ -329,7 +332,9 @@ def train_language(name: str, model: LlavaForConditionalGeneration, tokenizer: P
             pruned = None
             if st.pruned_share:
                 pruned = prune_rows(batch, [pool.scenes[int(i)] for i in batch.scene_idx], image_id,
-                                    tokenizer.pad_token_id, rng, st.pruned_share, st.min_keep, N_VISUAL_TOKENS)
+                                    tokenizer.pad_token_id, rng, st.pruned_share, st.min_keep, N_VISUAL_TOKENS,
+                                    orders=None if orders is None else [orders[int(i)] for i in batch.scene_idx],
+                                    device_share=st.device_pruned)
             logits, visual = lm_logits(model, batch, batch_feats, image_id, pruned)
             labels = batch.labels if pruned is None else pruned.batch.labels
             live = labels != -100
@@ -363,6 +368,28 @@ def train_language(name: str, model: LlavaForConditionalGeneration, tokenizer: P
             bar.update(task, advance=1, loss=loss.item(), **({"note": note} if note else {}))
     model.eval()
     return {"val_teacher_forced": scores, "history": history}
+
+
+@torch.no_grad()
+def device_orders(model: LlavaForConditionalGeneration, tokenizer: PreTrainedTokenizerFast,
+                  pool: ScenePool) -> list[list[int]]:
+    """Per pool scene, every visual token in the order the device's pruner picks them (CoVSpec
+    score, the model's own projector as aligned, the "describe" prompt), through the LLaVA adapter
+    the device runs."""
+    from covspec.models.llava import LlavaAdapter
+    from covspec.pruning import covspec_order
+
+    adapter = LlavaAdapter(model.eval(), tokenizer)
+    query = adapter.prompt_embeddings(DESCRIBE_PROMPT)
+    orders = []
+    with progress() as bar:
+        task = bar.add_task("device pruner's picks", total=len(pool.scenes), loss=0.0, note="")
+        for i in range(len(pool.scenes)):
+            visual = adapter.encode_image({"pixel_values": pool.pixels([i])})
+            orders.append(covspec_order(visual, query, visual.count))
+            bar.update(task, advance=1)
+    model.train()
+    return orders
 
 
 # --- the whole run -----------------------------------------------------------------------------
@@ -420,7 +447,9 @@ def train_pair(out: Path, s: TrainSettings = TrainSettings(), target_from: Path 
         p.requires_grad_(False)
     t0 = time.perf_counter()
     train_alignment("draft", draft, feats, words, s)
-    draft_meta = train_language("draft", draft, tokenizer, pool, feats, words, val, s.draft, s, teacher=target)
+    orders = device_orders(draft, tokenizer, pool) if s.draft.pruned_share and s.draft.device_pruned else None
+    draft_meta = train_language("draft", draft, tokenizer, pool, feats, words, val, s.draft, s, teacher=target,
+                                orders=orders)
     timings["draft_s"] = time.perf_counter() - t0
     timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
 
