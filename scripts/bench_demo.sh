@@ -9,7 +9,7 @@ covspec demo build
 D=covspec/demo/weights/draft
 T=covspec/demo/weights/target
 # the pair itself: held-out accuracy per type, draft agreement, both decode steps
-python -m covspec.demo.measure --limit 200 --agreement 60 --json results/demo/measure.json
+python -m covspec.demo.measure --limit 1000 --agreement 60 --json results/demo/measure.json
 # lossless greedy on 50 held-out prompts (mixed question types), loopback
 covspec bench --links loopback --modes target_only,vanilla_sd,covspec --prompts 50 --out results/lossless
 # throughput per link profile and mode, long answers ("describe the image"), ablations side by side
@@ -23,7 +23,7 @@ covspec bench --links loopback --question-type describe --prompts 8 --temperatur
 mkdir -p results/prune
 python -m covspec.prune_eval --draft "$D" --target "$T" --limit 60 --ratios 0.1 0.25 0.5 1.0 --json results/prune/sweep.json
 # load: N devices against one edge (replayed draft windows), batched verification
-covspec bench --devices 1,2,4,8,16 --replay --modes target_only,covspec --prompts 4 --question-type describe --out results/load
+covspec bench --devices 1,2,4,8,16 --replay --modes target_only,covspec --prompts 8 --question-type describe --out results/load
 # export: fp32 and int8 device bundles (ExecuTorch + ONNX), then the backends side by side on 50 prompts
 covspec export --draft "$D" --target "$T" --out runs/export-fp32 --quant none
 covspec export --draft "$D" --target "$T" --out runs/export-int8 --quant int8
@@ -39,4 +39,4 @@ kill $edge; wait $edge || true  # SIGTERM: a background job ignores SIGINT
 # fuzz: 100,000 messages to the decoder, 50,000 to a running edge
 covspec fuzz --decoder 100000 --edge 50000 --out results/fuzz
 # load through an emulated wifi link per device
-covspec bench --devices 1,2,4,8,16 --replay --modes target_only,covspec --prompts 4 --question-type describe --load-link wifi --out results/load-wifi
+covspec bench --devices 1,2,4,8,16 --replay --modes target_only,covspec --prompts 8 --question-type describe --load-link wifi --out results/load-wifi
