@@ -19,9 +19,9 @@ keys/values (`Window`), and `commit` appends the first n of them to the session'
 verification, the root and the accepted drafts). `forward_batch` commits all of them: the same
 effect as `adapter.forward` on each session.
 
-Prefills batch padded (`prefill_batch`; prompts are of similar lengths): the B prompts (T_i
-tokens each, right-padded to T = max T_i) run in one pass with a [B, T] mask, and each session's
-fresh cache takes its row's first T_i positions.
+Prefills batch the same way with empty pasts (`prefill_batch`): the B prompts are packed into one
+row, each token seeing its own prompt causally, and each session's fresh cache takes its prompt's
+slice of the packed keys and values.
 """
 
 from __future__ import annotations
@@ -79,18 +79,32 @@ def can_prefill_batch(adapter: VLMAdapter) -> bool:
     return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-def packed_cache(adapter: CachedDecoderAdapter, states: list[DecodeState]):
-    """A fresh DynamicCache holding every state's past one after the other: [1, h_kv, sum L_i, d_head]
-    per layer."""
-    from transformers import DynamicCache
+def set_layer(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Makes a fresh cache layer hold these keys and values [1, h_kv, L, d_head] (as `update` would,
+    without copying them again)."""
+    layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys, values
 
-    cache = DynamicCache(config=adapter.text_config)
+
+def packed_cache(adapter: CachedDecoderAdapter, states: list[DecodeState]):
+    """A fresh cache holding every state's past one after the other: [1, h_kv, sum L_i, d_head] per
+    layer."""
+    cache = adapter.new_cache()
     for layer, packed in enumerate(cache.layers):
-        keys = torch.cat([state.cache.layers[layer].keys for state in states], dim=-2)
-        values = torch.cat([state.cache.layers[layer].values for state in states], dim=-2)
-        packed.lazy_initialization(keys, values)
-        packed.keys, packed.values = keys, values  # as `update` would, without copying them again
+        set_layer(packed, torch.cat([state.cache.layers[layer].keys for state in states], dim=-2),
+                  torch.cat([state.cache.layers[layer].values for state in states], dim=-2))
     return cache
+
+
+def packed_pass(adapter: CachedDecoderAdapter, cache, pasts: list[int], embeds: torch.Tensor,
+                positions: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """The text model over windows of sizes n_i packed into one row, embeds [sum n, d] at positions
+    [1, sum n] (or [3, 1, sum n]), window i after the i-th past (L_i = pasts[i]) in `cache`:
+    hidden states [sum n, d]. The new keys and values are appended to `cache`."""
+    out = adapter.language_model(inputs_embeds=embeds[None].to(adapter.model.dtype),
+                                 attention_mask=block_mask(pasts, sizes).to(adapter.device),
+                                 position_ids=positions.to(adapter.device), past_key_values=cache, use_cache=True)
+    return out.last_hidden_state[0]
 
 
 def block_mask(pasts: list[int], sizes: list[int]) -> torch.Tensor:
@@ -129,13 +143,10 @@ def run_batch(adapter: CachedDecoderAdapter, states: list[DecodeState],
     start = time.perf_counter()
     with torch.inference_mode():
         cache = packed_cache(adapter, states)
-        embeds = adapter.embed(torch.cat(ids_list))[None]  # [1, sum n, d]
         # each window at its session's own next positions: [1, n_i] -> [1, sum n] (or [3, 1, sum n])
         positions = torch.cat([adapter._positions(state, n) for state, n in zip(states, sizes, strict=True)], dim=-1)
-        out = adapter.language_model(inputs_embeds=embeds.to(adapter.model.dtype),
-                                     attention_mask=block_mask(pasts, sizes).to(adapter.device),
-                                     position_ids=positions.to(adapter.device), past_key_values=cache, use_cache=True)
-        logits = adapter.model.lm_head(out.last_hidden_state[0]).float().split(sizes)  # [n_i, V] each
+        hidden = packed_pass(adapter, cache, pasts, adapter.embed(torch.cat(ids_list)), positions, sizes)
+        logits = adapter.model.lm_head(hidden).float().split(sizes)  # [n_i, V] each
         windows = [Window(ids, rows, keys, values, length=state.length)
                    for ids, rows, (keys, values), state in zip(ids_list, logits, new_keys_values(cache, sum(pasts), sizes),
                                                                states, strict=True)]
@@ -169,33 +180,20 @@ def forward_batch(adapter: CachedDecoderAdapter, states: list[DecodeState],
 
 def prefill_batch(adapter: CachedDecoderAdapter, inputs: list[PrefillInputs]) -> list[tuple[torch.Tensor, DecodeState]]:
     """`adapter.start(inputs[i])` for every i in one pass: each prompt's last logits [V] and its state."""
-    from transformers import DynamicCache
-
-    sizes = [int(x.embeds.shape[0]) for x in inputs]
+    sizes = [int(x.embeds.shape[0]) for x in inputs]  # T_i
     for size in sizes:
         adapter.check_length(size)
-    batch, longest = len(inputs), max(sizes)  # B, T
-    embeds = inputs[0].embeds.new_zeros((batch, longest, inputs[0].embeds.shape[-1]))  # [B, T, d]
-    mask = torch.zeros(batch, longest, dtype=torch.long)  # [B, T]
-    positions = []
-    for i, (x, size) in enumerate(zip(inputs, sizes, strict=True)):
-        embeds[i, :size] = x.embeds
-        mask[i, :size] = 1
-        pad = x.positions[..., -1:] + torch.arange(1, longest - size + 1)  # padding: past the last position
-        positions.append(torch.cat([x.positions, pad], dim=-1))  # [1, T] or [3, 1, T]
+    ends = torch.tensor(sizes).cumsum(0)  # where each prompt ends in the packed row
     with torch.inference_mode():
-        cache = DynamicCache(config=adapter.text_config)
-        out = adapter.language_model(inputs_embeds=embeds.to(adapter.model.dtype), attention_mask=mask.to(adapter.device),
-                                     position_ids=torch.cat(positions, dim=-2).to(adapter.device),
-                                     past_key_values=cache, use_cache=True)
-        last = out.last_hidden_state[torch.arange(batch), torch.tensor(sizes) - 1]  # [B, d]
-        logits = adapter.model.lm_head(last).float()  # [B, V]
+        cache = adapter.new_cache()
+        hidden = packed_pass(adapter, cache, [0] * len(inputs), torch.cat([x.embeds for x in inputs]),
+                             torch.cat([x.positions for x in inputs], dim=-1), sizes)  # [sum T, d]
+        logits = adapter.model.lm_head(hidden[ends - 1]).float()  # [B, V]: each prompt's last position
     results = []
     for i, (x, size) in enumerate(zip(inputs, sizes, strict=True)):
+        start = int(ends[i]) - size
         state = DecodeState(cache=adapter.new_cache(), length=size, extra=dict(x.extra))
         for own, shared in zip(state.cache.layers, cache.layers, strict=True):
-            own.lazy_initialization(shared.keys, shared.values)
-            own.keys = shared.keys[i:i + 1, :, :size].contiguous()  # [1, h_kv, T_i, d_head]
-            own.values = shared.values[i:i + 1, :, :size].contiguous()
+            set_layer(own, shared.keys[:, :, start:start + size].clone(), shared.values[:, :, start:start + size].clone())
         results.append((logits[i], state))
     return results

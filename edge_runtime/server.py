@@ -16,7 +16,7 @@ are bounded. Counters are served by STATS; one JSON line per finished request go
 Batching: a VERIFY or OPEN takes along the requests already queued behind it, and waits up to
 `batch_wait_ms` for the VERIFYs of the other sessions that are mid-answer (at most `max_batch`
 requests in all). The first VERIFY of each session among the gathered requests that would feed the
-target is scored in one padded pass, and the new sessions' OPENs are prefilled in another
+target is scored in one packed pass, and the new sessions' OPENs are prefilled in another
 (edge_runtime.batching); the requests are then handled one by one in arrival order, exactly as
 without batching, each VERIFY using its precomputed window and each OPEN its precomputed prefill
 (the rules stay in the handlers and TargetSession).
@@ -69,6 +69,11 @@ class Prefilled:
     pass_s: float
 
 
+def _kept(msg: wire.Open) -> torch.Tensor | None:
+    """The OPEN's kept visual-token indices (target pruning), or None."""
+    return None if msg.kept is None else torch.from_numpy(msg.kept.astype(np.int64))
+
+
 class EdgeServer:
     def __init__(self, adapter: VLMAdapter, settings: EdgeSettings, name: str = "target"):
         settings.check()
@@ -84,6 +89,7 @@ class EdgeServer:
         self.windows: dict[int, Window] = {}  # sid -> its VERIFY's window from this round's batched pass
         self.prefills: dict[int, Prefilled] = {}  # sid -> its OPEN's prefill from this round's batched pass
         self.batching_refused = False  # batching was found impossible (logged once)
+        self.prefills_batch = can_prefill_batch(adapter)  # whether OPEN prefills can share a pass
         keys = settings.keys
         # the ZAP handler is per context: an authenticating edge gets a context of its own
         self.ctx = zmq.Context.instance() if keys is None else zmq.Context()
@@ -264,16 +270,14 @@ class EdgeServer:
         prefill. Empty when fewer than two can share a pass, or when the pass fails."""
         opens = [i.msg for i in self._first_requests(gathered) if isinstance(i.msg, wire.Open) and i.msg.sid
                  and not (i.msg.sid in self.sessions and self.sessions[i.msg.sid].open_seq == i.msg.seq)]
-        if len(opens) < 2 or not can_prefill_batch(self.adapter):
+        if len(opens) < 2 or not self.prefills_batch:
             return {}
         prepared = {}
         for msg in opens:
             try:
-                visual = self.adapter.encode_image(self.adapter.preprocess(
-                    load_image(msg.image, max_pixels=self.settings.max_image_pixels)))
-                kept = None if msg.kept is None else torch.from_numpy(msg.kept.astype(np.int64))
+                visual = self._encode(msg)
                 with torch.inference_mode():
-                    prepared[msg.sid] = (msg.seq, visual, self.adapter.prefill_inputs(visual, msg.prompt, kept))
+                    prepared[msg.sid] = (msg.seq, visual, self.adapter.prefill_inputs(visual, msg.prompt, _kept(msg)))
             except Exception:  # refused by on_open, which says why
                 continue
         if len(prepared) < 2:
@@ -290,6 +294,10 @@ class EdgeServer:
         self.counters.batched_prefills += len(results)
         return {sid: Prefilled(seq, visual, logits, state, pass_s)
                 for (sid, (seq, visual, _)), (logits, state) in zip(prepared.items(), results, strict=True)}
+
+    def _encode(self, msg: wire.Open) -> VisualTokens:
+        """The OPEN's image through the target's vision side (ImageError when it is not a valid one)."""
+        return self.adapter.encode_image(self.adapter.preprocess(load_image(msg.image, max_pixels=self.settings.max_image_pixels)))
 
     def free_idle_sessions(self) -> None:
         now = time.monotonic()
@@ -355,16 +363,14 @@ class EdgeServer:
             raise wire.ProtocolError(wire.ErrorCode.LIMIT, f"OPEN.prefix: {len(prefix)} tokens, more than max_new_tokens {msg.max_new_tokens}")
         params = SamplingParams(temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p, seed=msg.seed)
         start = time.perf_counter()
-        kept = None if msg.kept is None else torch.from_numpy(msg.kept.astype(np.int64))
         prefilled = self.prefills.pop(msg.sid, None)  # this round's batched pass over its prompt, if any
         if prefilled is not None and prefilled.seq == msg.seq:
             visual, done = prefilled.visual, (prefilled.logits, prefilled.state)
         else:
-            image = load_image(msg.image, max_pixels=s.max_image_pixels)
-            visual, done = self.adapter.encode_image(self.adapter.preprocess(image)), None
+            visual, done = self._encode(msg), None
         with torch.inference_mode():
-            session = TargetSession.open(self.adapter, visual, msg.prompt, kept, params, msg.max_new_tokens, prefix,
-                                         prefilled=done)
+            session = TargetSession.open(self.adapter, visual, msg.prompt, _kept(msg), params, msg.max_new_tokens,
+                                         prefix, prefilled=done)
         session.open_seq = msg.seq
         prefill_s = time.perf_counter() - start + (prefilled.pass_s if done is not None else 0.0)
         session.usage = SessionUsage(device=self.device, mode=msg.mode, prefix=len(prefix), prefill_s=prefill_s)
@@ -375,7 +381,7 @@ class EdgeServer:
         self.counters.sessions_opened += 1
         self.counters.sessions_reopened += bool(prefix)
         log.info("session %d opened: mode %s, %d visual tokens%s%s, prefill %.1f ms", msg.sid, msg.mode,
-                 visual.count, "" if kept is None else f" ({len(kept)} kept)",
+                 visual.count, "" if msg.kept is None else f" ({len(msg.kept)} kept)",
                  f", resumed after {len(prefix)} tokens" if prefix else "", prefill_s * 1000)
         yield session.opened
 
