@@ -68,11 +68,11 @@ def wait_for_edge(endpoint: str, timeout_s: float = 120.0) -> None:
     raise RuntimeError(f"the edge at {endpoint} did not answer within {timeout_s:.0f} s")
 
 
-def start_edge(model: str | Path, endpoint: str, log: Path, *options: str) -> subprocess.Popen:
-    """`covspec edge serve` on `model` at `endpoint` (one thread, no authentication), its output in
-    `log`; returns once it answers a PING."""
+def start_edge(model: str | Path, endpoint: str, log: Path, *options: str, threads: int = 1) -> subprocess.Popen:
+    """`covspec edge serve` on `model` at `endpoint` (`threads` torch threads, no authentication),
+    its output in `log`; returns once it answers a PING."""
     edge = subprocess.Popen([sys.executable, "-m", "covspec.cli", "edge", "serve", "--model", str(model),
-                             "--bind", endpoint, "--threads", "1", "--auth", "none", *options],
+                             "--bind", endpoint, "--threads", str(threads), "--auth", "none", *options],
                             env=one_thread_env(), stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     try:
         wait_for_edge(endpoint)
@@ -346,6 +346,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "each mode; per-device and aggregate tokens/s, p50/p99 request latency, the edge's batches "
                         "and peak RSS (see covspec/bench_load.py)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="the edge's batch_wait_ms (0: no batching)")
+    p.add_argument("--edge-threads", type=int, default=1,
+                   help="with --devices: the edge's torch threads (1: devices running the draft on this machine "
+                        "need the other core; with --replay the devices hardly use one, so the edge may take 2)")
     p.add_argument("--load-link", default="loopback",
                    help="with --devices: the link profile every device connection goes through (loopback: "
                         "straight to the edge)")

@@ -260,7 +260,7 @@ def summarise_load(rows: list[dict], mode: str, n: int, batches: dict[str, float
 def write_load(out: Path, summary: list[dict], args: argparse.Namespace) -> None:
     (out / "load.json").write_text(json.dumps({"summary": summary, "command": args.command_line}, indent=1))
     lines = ["# covspec bench --devices", "", f"Command: `{args.command_line}`", "",
-             f"Edge: 1 thread, batch_wait_ms {args.batch_wait_ms}. Devices: "
+             f"Edge: {args.edge_threads} thread{'s' if args.edge_threads > 1 else ''}, batch_wait_ms {args.batch_wait_ms}. Devices: "
              + ("load generators replaying the messages of a recorded real run, each message after the time the "
                 "recording device spent on its own work before it (no draft running); `replayed equal` counts "
                 "requests whose edge replies equal the recorded ones. "
@@ -310,7 +310,7 @@ def run_load(args: argparse.Namespace) -> Path:
     edge_port = free_port()
     endpoint = f"tcp://127.0.0.1:{edge_port}"
     edge = start_edge(args.target, endpoint, out / "edge.log", "--max-sessions-per-device", "64",
-                      "--batch-wait-ms", str(args.batch_wait_ms))
+                      "--batch-wait-ms", str(args.batch_wait_ms), threads=args.edge_threads)
     summary, all_rows = [], []
     link = None
     try:

@@ -240,3 +240,22 @@ def test_growing_the_target_keeps_its_function():
     assert added.self_attn.o_proj.weight.grad.abs().sum() > 0 and added.mlp.down_proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="cannot grow"):
         grow_text_model(small, TextSize(layers=5, hidden=64, heads=2, intermediate=64), tokenizer, seed=1)
+
+
+def test_question_mix_follows_the_stage_type_weights():
+    """The polish stage's type_weights steer the short questions drawn (and only those types come)."""
+    import random
+    from collections import Counter
+
+    from covspec.demo.data import build_pool, sample_questions
+    from covspec.demo.train import TrainSettings
+
+    pool = build_pool("train", 40, seed=0)
+    weights = {"count": 3.0, "existence": 1.0}
+    drawn = Counter(q[3] for step in range(40)
+                    for q in sample_questions(pool, random.Random(step), 16, 0.0, weights))
+    assert set(drawn) == {"count", "existence"}
+    assert 2.0 < drawn["count"] / drawn["existence"] < 4.5
+    polish = dict(TrainSettings().target_polish.type_weights)
+    assert set(polish) == {"color", "shape", "count", "position", "existence", "relation"}
+    assert polish["count"] > polish["color"]
