@@ -259,3 +259,19 @@ def test_question_mix_follows_the_stage_type_weights():
     polish = dict(TrainSettings().target_polish.type_weights)
     assert set(polish) == {"color", "shape", "count", "position", "existence", "relation"}
     assert polish["count"] > polish["color"]
+
+
+def test_a_checkpoint_from_other_target_stages_is_not_reused(tmp_path):
+    """train_pair(target_from=...) refuses a target trained without the current focus or polish stage."""
+    from dataclasses import asdict, replace
+
+    from covspec.demo.train import TrainSettings, _as_json, _stored_stage
+
+    s = TrainSettings()
+    settings = _as_json(asdict(s))
+    assert all(_stored_stage(settings, k) == _as_json(asdict(getattr(s, k)))
+               for k in ("target", "target_focus", "target_polish"))
+    del settings["target_polish"]  # a checkpoint from before the polish stage
+    assert _stored_stage(settings, "target_polish") is None
+    assert _stored_stage(_as_json(asdict(replace(s, target_polish=replace(s.target_polish, steps=1)))),
+                         "target_polish") != _as_json(asdict(s.target_polish))

@@ -8,8 +8,9 @@ Stages (the recipe that reaches the bar on this task):
    projector at a tenth of the learning rate;
 3. language: "describe the image" alone first, then ramped to a mix with short questions, one
    question per image; the target, grown to full depth, then a short polish on the question types
-   it gets wrong most (type-weighted batches). The draft shares the target's frozen vision tower (a copy: its checkpoint is
-   complete) and learns the same way, from the ground truth and the target's distributions.
+   it gets wrong most (type-weighted batches). The draft shares the target's frozen vision tower (a
+   copy: its checkpoint is complete) and learns the same way, from the ground truth and the target's
+   distributions.
 """
 
 from __future__ import annotations
@@ -462,8 +463,9 @@ def train_pair(out: Path, s: TrainSettings = TrainSettings(), target_from: Path 
     else:
         target = LlavaForConditionalGeneration.from_pretrained(target_from).eval()
         earlier = json.loads((Path(target_from) / "covspec_demo.json").read_text())
-        stored = {**asdict(StageSettings(steps=0, lr=0.0)), **earlier["settings"]["target"]}  # fields added since: defaults
-        if stored != asdict(s.target) or earlier["text"] != asdict(s.target_size):
+        if earlier["text"] != asdict(s.target_size) or any(
+                _stored_stage(earlier["settings"], stage) != _as_json(asdict(getattr(s, stage)))
+                for stage in ("target", "target_focus", "target_polish")):
             raise ValueError(f"{target_from} was trained with other target settings")
         vision_meta = {k: v for k, v in earlier.items() if k.startswith("vision_val")}
         target_meta = {k: earlier[k] for k in ("val_teacher_forced", "history", "focus", "polish") if k in earlier}
@@ -495,6 +497,18 @@ def train_pair(out: Path, s: TrainSettings = TrainSettings(), target_from: Path 
     console.print(f"trained in {timings['total_s'] / 60:.1f} min: " + ", ".join(
         f"{k} {v:.0f}s" for k, v in timings.items()))
     return {"timings": timings, "target": target_meta, "draft": draft_meta}
+
+
+def _as_json(value: dict) -> dict:
+    return json.loads(json.dumps(value))  # tuples as lists, as stored
+
+
+def _stored_stage(settings: dict, stage: str) -> dict | None:
+    """A stage's settings as a checkpoint stored them, fields added since at their defaults (None:
+    the checkpoint had no such stage)."""
+    if stage not in settings:
+        return None
+    return _as_json({**asdict(StageSettings(steps=0, lr=0.0)), **settings[stage]})
 
 
 def quick_settings(**changes) -> TrainSettings:
