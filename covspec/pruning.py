@@ -81,16 +81,51 @@ def keep_count(keep: float | int, n: int) -> int:
     return max(1, min(n, round(keep * n)))
 
 
+def _rank01(v: np.ndarray) -> np.ndarray:
+    n = v.size
+    if n == 1:
+        return np.full(1, 0.5, dtype=np.float32)
+    less = (v[None, :] < v[:, None]).sum(1)  # [N] values below each
+    equal = (v[None, :] == v[:, None]).sum(1)  # [N] including itself
+    return ((less + (equal - 1) / 2) / (n - 1)).astype(np.float32)
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _relevance(embeds: np.ndarray, query: np.ndarray, tau: float) -> np.ndarray:
+    if query.size == 0:
+        return np.full(embeds.shape[0], 1.0 / embeds.shape[0], dtype=np.float32)
+    z = (_unit_rows(embeds) @ _unit_rows(query).T) / tau  # [N, T]
+    z = np.exp(z - z.max(0, keepdims=True))
+    return (z / z.sum(0, keepdims=True)).mean(1)  # [N]
+
+
+def _activity(visual: VisualTokens) -> np.ndarray:
+    act = _rank01(_numpy(visual.activity).ravel())
+    if visual.attention is not None:
+        act = (act + _rank01(_numpy(visual.attention).ravel())) / 2
+    return act
+
+
+def _quality(visual: VisualTokens, embeds: np.ndarray, query: np.ndarray, rel_weight: float,
+             tau: float) -> np.ndarray:
+    return rel_weight * _rank01(_relevance(embeds, query, tau)) + (1.0 - rel_weight) * _activity(visual)
+
+
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().float().cpu().numpy()
+
+
+# The scores are computed in float32 numpy (the DPP in float64): on a few hundred tokens torch's
+# per-call overhead would cost more than the pruning saves the draft's prefill. The torch functions
+# below are the same computations, for callers that hold tensors.
+
 def rank01(x: torch.Tensor) -> torch.Tensor:
     """[N] -> [N] the rank of each value scaled to [0, 1] (ties get their mean rank; all 0.5 when
     every value is equal or N == 1)."""
-    n = x.numel()
-    if n == 1:
-        return torch.full_like(x, 0.5, dtype=torch.float32)
-    v = x.detach().float().cpu().numpy()
-    less = (v[None, :] < v[:, None]).sum(1)  # [N] values below each
-    equal = (v[None, :] == v[:, None]).sum(1)  # [N] including itself
-    return torch.from_numpy(((less + (equal - 1) / 2) / (n - 1)).astype(np.float32))
+    return torch.from_numpy(_rank01(_numpy(x).ravel()))
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -102,29 +137,23 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 def relevance(embeds: torch.Tensor, query: torch.Tensor, tau: float = RELEVANCE_TAU) -> torch.Tensor:
     """embeds [N, d], query [T, d] -> [N]: the mean over words of each word's softmax attention
     over the visual tokens, by cosine similarity / tau. Sums to 1 over N."""
-    if query.numel() == 0:
-        return torch.full((embeds.shape[0],), 1.0 / embeds.shape[0])
-    cos = unit_rows(embeds) @ unit_rows(query.to(embeds.device)).T  # [N, T]
-    return torch.softmax(cos / tau, dim=0).mean(dim=1)  # [N]
+    return torch.from_numpy(_relevance(_numpy(embeds), _numpy(query), tau))
 
 
 def activity_score(visual: VisualTokens) -> torch.Tensor:
     """[N] in [0, 1]: rank of the activity norm, averaged with the rank of received attention when
     the vision encoder provided it."""
-    act = rank01(visual.activity.flatten().cpu())
-    if visual.attention is not None:
-        act = (act + rank01(visual.attention.flatten().cpu())) / 2
-    return act
+    return torch.from_numpy(_activity(visual))
 
 
 def quality(visual: VisualTokens, query: torch.Tensor, rel_weight: float = REL_WEIGHT,
             tau: float = RELEVANCE_TAU) -> torch.Tensor:
     """s [N] in [0, 1]: rank-normalised query relevance and activity, mixed by rel_weight."""
-    rel = rank01(relevance(visual.embeds, query, tau).cpu())
-    return rel_weight * rel + (1.0 - rel_weight) * activity_score(visual)
+    return torch.from_numpy(_quality(visual, _numpy(visual.embeds), _numpy(query), rel_weight, tau))
 
 
-def greedy_dpp_map(features: torch.Tensor, q: torch.Tensor, k: int, eps: float = KERNEL_EPS) -> list[int]:
+def greedy_dpp_map(features: torch.Tensor | np.ndarray, q: torch.Tensor | np.ndarray, k: int,
+                   eps: float = KERNEL_EPS) -> list[int]:
     """Greedy MAP of the DPP with kernel L = diag(q) (F Fᵀ + eps I) diag(q).
 
     features [N, m] (rows of unit length for a cosine kernel), q [N] > 0 -> k indices in the order
@@ -133,8 +162,8 @@ def greedy_dpp_map(features: torch.Tensor, q: torch.Tensor, k: int, eps: float =
     In float64 numpy: N is a few hundred at most, where torch's per-call overhead would cost more
     than the pruning saves the draft's prefill."""
     n = features.shape[0]
-    f = features.double().numpy()
-    qq = q.double().numpy()
+    f = np.asarray(features, dtype=np.float64)
+    qq = np.asarray(q, dtype=np.float64)
     kernel = (f @ f.T + eps * np.eye(n)) * qq[:, None] * qq[None, :]  # [N, N] L
     d2 = kernel.diagonal().copy()  # [N]
     c = np.zeros((k, n))  # [k, N]
@@ -213,8 +242,11 @@ def covspec_order(visual: VisualTokens, query: torch.Tensor, k: int, theta: floa
                   rel_weight: float = REL_WEIGHT, tau: float = RELEVANCE_TAU, eps: float = KERNEL_EPS) -> list[int]:
     """The CoVSpec score's first k picks, in the order the greedy MAP makes them: its first j picks
     are what it keeps at j (the demo draft trains on such prefixes)."""
-    embeds = visual.embeds.detach().float().cpu()  # [N, d]
-    s = quality(visual, query.detach().float().cpu(), rel_weight, tau)  # [N]
+    embeds = _numpy(visual.embeds)  # [N, d]
+    s = _quality(visual, embeds, _numpy(query), rel_weight, tau)  # [N]
     alpha = theta / (2.0 * (1.0 - theta))
-    centred = unit_rows(embeds - embeds.mean(0, keepdim=True))  # [N, d]
-    return greedy_dpp_map(centred, torch.exp(alpha * s), k, eps)
+    e = visual.embeds.detach().float().cpu()
+    # centred in torch: numpy's summation order moves the cosines by ~1e-8, enough to flip the first
+    # pick between tokens of equal quality, and the shipped draft was trained on these selections
+    centred = unit_rows(e - e.mean(0, keepdim=True)).numpy()  # [N, d]
+    return greedy_dpp_map(centred, np.exp(alpha * s), k, eps)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +163,23 @@ def test_covspec_falls_back_to_streaming_when_speculation_does_not_pay(pair):
     assert answer.ids == reference.ids
     assert answer.streamed_rest, "speculation at 150 ms RTT should have been abandoned for streaming"
     assert len(answer.rounds) <= 4
+
+
+def test_the_drafting_policy_carries_its_estimates_from_one_request_to_the_next(pair):
+    """Acceptance, step, round-trip and verify times belong to the draft, the edge and the link, not to
+    one answer: the second request goes on from the first one's estimates instead of the priors."""
+    family, target, other, edge = pair
+    device = DeviceRuntime(load_adapter(target), edge.endpoint, timeout_s=20)  # identical draft: all accepted
+    # fixed windows (the rounds do not depend on timings), nothing pruned (the identical draft is always right)
+    options = replace(MODE_OPTIONS["covspec_no_adaptive"], keep=1.0)
+    first = device.answer(png(2), PROMPTS[1], "covspec", SamplingParams(), max_new_tokens=12, window=3, options=options)
+    stats = device.learned[options]
+    after_first = (stats.rounds, stats.acceptance)
+    second = device.answer(png(4), PROMPTS[0], "covspec", SamplingParams(), max_new_tokens=12, window=3,
+                           options=options)
+    device.close()
+    assert first.rounds and second.rounds
+    assert device.learned[options] is stats
+    assert stats.rounds == after_first[0] + len(second.rounds) == len(first.rounds) + len(second.rounds)
+    assert after_first[1] > stats.prior_acceptance and stats.acceptance > after_first[1]  # all accepted, twice
+    assert list(device.learned) == [options]  # one set of estimates per set of mechanisms
