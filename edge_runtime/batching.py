@@ -3,33 +3,41 @@
 Each session keeps its own DynamicCache (past lengths L_i differ). The B windows (ids_i of n_i
 tokens: the root and the drafted tokens) are packed into one row, without padding:
 
-    each layer's keys/values:  [ past_1 | past_2 | ... | past_B | new_1 | new_2 | ... | new_B ]
-                                 L_1      L_2            L_B      n_1     n_2           n_B
+    hidden states, projections, MLPs:  [ new_1 | new_2 | ... | new_B ]      [1, sum n_i, d]
+                                         n_1     n_2           n_B
 
 One text-model pass runs the [1, sum n_i] new tokens at their sessions' own positions (the
 session's `_positions`, so pruned prefills and Qwen2.5-VL's M-RoPE rope delta carry over: [1, n]
-or [3, 1, n]) with a block mask [1, 1, sum n_i, sum L_i + sum n_i]: a token of window i sees
-past_i and the tokens of new_i up to itself, nothing else. So window i's logits are the logits a
-forward on session i alone gives, up to float rounding, and the projections and MLPs, which cost
-the most, run on the real tokens only (a padded [B, max n_i] batch wasted half of them on
-windows of uneven lengths).
+or [3, 1, n]). Attention is the one place where windows differ: the pass runs with our own
+attention function (`packed_attention`, registered with transformers' AttentionInterface and
+switched on for the pass alone), which gives each window's queries its own session's past keys
+and values plus its own window, causally ([n_i, L_i + n_i]), and nothing of the others. So window
+i's logits are the logits a forward on session i alone gives, up to float rounding; the
+projections and MLPs, which cost the most, run on the real tokens only (a padded [B, max n_i]
+batch wasted half of them on windows of uneven lengths); and no packed cache of every past is
+built (a first version concatenated every past into one cache with a block mask over all of it:
+copies and masked attention that grew with B^2, 44 ms for 8 windows of 17 tokens).
 
 The pass leaves every session's cache untouched: it returns each window's logits and new
-keys/values (`Window`), and `commit` appends the first n of them to the session's cache (after
-verification, the root and the accepted drafts). `forward_batch` commits all of them: the same
-effect as `adapter.forward` on each session.
+keys/values (`Window`, as the attention function saw them), and `commit` appends the first n of
+them to the session's cache (after verification, the root and the accepted drafts).
+`forward_batch` commits all of them: the same effect as `adapter.forward` on each session.
 
 Prefills batch the same way with empty pasts (`prefill_batch`): the B prompts are packed into one
 row, each token seeing its own prompt causally, and each session's fresh cache takes its prompt's
-slice of the packed keys and values.
+slice of the new keys and values.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
 
 from covspec.models.base import CachedDecoderAdapter, DecodeState, PrefillInputs, VLMAdapter
 
@@ -86,49 +94,88 @@ def set_layer(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
     layer.keys, layer.values = keys, values
 
 
-def packed_cache(adapter: CachedDecoderAdapter, states: list[DecodeState]):
-    """A fresh cache holding every state's past one after the other: [1, h_kv, sum L_i, d_head] per
-    layer."""
-    cache = adapter.new_cache()
-    for layer, packed in enumerate(cache.layers):
-        set_layer(packed, torch.cat([state.cache.layers[layer].keys for state in states], dim=-2),
-                  torch.cat([state.cache.layers[layer].values for state in states], dim=-2))
-    return cache
+PACKED_ATTENTION = "covspec_packed"  # our attention function's name in transformers' AttentionInterface
+# a 4D mask makes transformers skip building one of its own; packed_attention builds each window's
+_NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
 
 
-def packed_pass(adapter: CachedDecoderAdapter, cache, pasts: list[int], embeds: torch.Tensor,
-                positions: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """The text model over windows of sizes n_i packed into one row, embeds [sum n, d] at positions
-    [1, sum n] (or [3, 1, sum n]), window i after the i-th past (L_i = pasts[i]) in `cache`:
-    hidden states [sum n, d]. The new keys and values are appended to `cache`."""
-    out = adapter.language_model(inputs_embeds=embeds[None].to(adapter.model.dtype),
-                                 attention_mask=block_mask(pasts, sizes).to(adapter.device),
-                                 position_ids=positions.to(adapter.device), past_key_values=cache, use_cache=True)
+@dataclass
+class PackedLayout:
+    """What `packed_attention` needs to know about the packed row, and what it leaves behind."""
+
+    sizes: list[int]  # n_i, the windows' lengths in row order
+    pasts: list[DecodeState] | None  # each window's session (its cache is read, never written); None: prefills
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [1, h_kv, sum n, d_head] new keys
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     covspec_layout: PackedLayout | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention over a packed row, window by window: query [1, H, sum n, D] and the new key and
+    value [1, H_kv, sum n, D] (positions already applied) -> [1, sum n, H, D], window i's queries
+    attending over its session's past and, causally, its own window. The new keys and values are
+    kept in the layout for the sessions' caches."""
+    if covspec_layout is None:
+        raise RuntimeError("packed_attention runs only inside packed_pass")
+    layer = module.layer_idx
+    covspec_layout.keys[layer], covspec_layout.values[layer] = key, value
+    gqa = query.shape[1] != key.shape[1]
+    out, at = [], 0
+    for i, n in enumerate(covspec_layout.sizes):
+        q, k, v = query[:, :, at:at + n], key[:, :, at:at + n], value[:, :, at:at + n]
+        if covspec_layout.pasts is None or covspec_layout.pasts[i].length == 0:
+            out.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa))
+        else:
+            past = covspec_layout.pasts[i].cache.layers[layer]
+            k, v = torch.cat([past.keys, k], dim=-2), torch.cat([past.values, v], dim=-2)  # [1, H_kv, L_i + n_i, D]
+            out.append(F.scaled_dot_product_attention(q, k, v, attn_mask=causal_after(k.shape[-2] - n, n),
+                                                      scale=scaling, enable_gqa=gqa))
+        at += n
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+
+
+@lru_cache(maxsize=4096)
+def causal_after(past: int, n: int) -> torch.Tensor:
+    """[n, past + n] bool, True where a query may attend: the whole past and its window up to itself."""
+    return torch.ones(n, past + n, dtype=torch.bool).tril(diagonal=past)
+
+
+@contextmanager
+def attention_implementation(adapter: CachedDecoderAdapter, name: str):
+    """Switches the text model's attention function for the duration of one pass."""
+    config = adapter.language_model.config
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def packed_pass(adapter: CachedDecoderAdapter, layout: PackedLayout, embeds: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+    """The text model over windows of sizes layout.sizes packed into one row, embeds [sum n, d] at
+    positions [1, sum n] (or [3, 1, sum n]), each after its own session's past: hidden states
+    [sum n, d]. The new keys and values are left in `layout`."""
+    with attention_implementation(adapter, PACKED_ATTENTION):
+        out = adapter.language_model(inputs_embeds=embeds[None].to(adapter.model.dtype), attention_mask=_NO_MASK,
+                                     position_ids=positions.to(adapter.device), use_cache=False,
+                                     covspec_layout=layout)
     return out.last_hidden_state[0]
 
 
-def block_mask(pasts: list[int], sizes: list[int]) -> torch.Tensor:
-    """[1, 1, sum n_i, sum L_i + sum n_i] bool, True where a query may attend: window i's tokens see
-    their own past and, causally, their own window."""
-    total_past, total_new = sum(pasts), sum(sizes)
-    mask = torch.zeros(total_new, total_past + total_new, dtype=torch.bool)
-    past_at, new_at = 0, 0
-    for past, n in zip(pasts, sizes, strict=True):
-        rows = slice(new_at, new_at + n)
-        mask[rows, past_at:past_at + past] = True
-        mask[rows, total_past + new_at:total_past + new_at + n] = torch.ones(n, n, dtype=torch.bool).tril()
-        past_at, new_at = past_at + past, new_at + n
-    return mask[None, None]
-
-
-def new_keys_values(cache, offset: int, sizes: list[int]) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """Each window's new positions in the packed cache (they start at `offset`): per window, per
-    layer [1, h_kv, n_i, d_head] keys and values (views of one copy of the new positions)."""
-    total = sum(sizes)
-    keys = torch.stack([layer.keys[:, :, offset:offset + total] for layer in cache.layers])  # [layers, 1, h_kv, sum n, d]
-    values = torch.stack([layer.values[:, :, offset:offset + total] for layer in cache.layers])
+def new_keys_values(layout: PackedLayout) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Each window's new positions: per window, per layer [1, h_kv, n_i, d_head] keys and values
+    (views of the pass's new keys and values)."""
+    layers = sorted(layout.keys)
+    keys = torch.stack([layout.keys[i] for i in layers])  # [layers, 1, h_kv, sum n, d]
+    values = torch.stack([layout.values[i] for i in layers])
     return [(list(k.unbind(0)), list(v.unbind(0)))
-            for k, v in zip(keys.split(sizes, dim=-2), values.split(sizes, dim=-2), strict=True)]
+            for k, v in zip(keys.split(layout.sizes, dim=-2), values.split(layout.sizes, dim=-2), strict=True)]
 
 
 def run_batch(adapter: CachedDecoderAdapter, states: list[DecodeState],
@@ -139,17 +186,16 @@ def run_batch(adapter: CachedDecoderAdapter, states: list[DecodeState],
     sizes = [int(ids.numel()) for ids in ids_list]
     if min(sizes) < 1:
         raise ValueError("every window needs at least one token (its root)")
-    pasts = [state.length for state in states]
+    layout = PackedLayout(sizes, list(states))
     start = time.perf_counter()
     with torch.inference_mode():
-        cache = packed_cache(adapter, states)
         # each window at its session's own next positions: [1, n_i] -> [1, sum n] (or [3, 1, sum n])
         positions = torch.cat([adapter._positions(state, n) for state, n in zip(states, sizes, strict=True)], dim=-1)
-        hidden = packed_pass(adapter, cache, pasts, adapter.embed(torch.cat(ids_list)), positions, sizes)
+        hidden = packed_pass(adapter, layout, adapter.embed(torch.cat(ids_list)), positions)
         logits = adapter.model.lm_head(hidden).float().split(sizes)  # [n_i, V] each
         windows = [Window(ids, rows, keys, values, length=state.length)
-                   for ids, rows, (keys, values), state in zip(ids_list, logits, new_keys_values(cache, sum(pasts), sizes),
-                                                               states, strict=True)]
+                   for ids, rows, (keys, values), state in zip(ids_list, logits, new_keys_values(layout), states,
+                                                               strict=True)]
     for window in windows:
         window.pass_s = time.perf_counter() - start
     return windows
@@ -184,16 +230,15 @@ def prefill_batch(adapter: CachedDecoderAdapter, inputs: list[PrefillInputs]) ->
     for size in sizes:
         adapter.check_length(size)
     ends = torch.tensor(sizes).cumsum(0)  # where each prompt ends in the packed row
+    layout = PackedLayout(sizes, None)
     with torch.inference_mode():
-        cache = adapter.new_cache()
-        hidden = packed_pass(adapter, cache, [0] * len(inputs), torch.cat([x.embeds for x in inputs]),
-                             torch.cat([x.positions for x in inputs], dim=-1), sizes)  # [sum T, d]
+        hidden = packed_pass(adapter, layout, torch.cat([x.embeds for x in inputs]),
+                             torch.cat([x.positions for x in inputs], dim=-1))  # [sum T, d]
         logits = adapter.model.lm_head(hidden[ends - 1]).float()  # [B, V]: each prompt's last position
     results = []
-    for i, (x, size) in enumerate(zip(inputs, sizes, strict=True)):
-        start = int(ends[i]) - size
-        state = DecodeState(cache=adapter.new_cache(), length=size, extra=dict(x.extra))
-        for own, shared in zip(state.cache.layers, cache.layers, strict=True):
-            set_layer(own, shared.keys[:, :, start:start + size].clone(), shared.values[:, :, start:start + size].clone())
+    for i, (x, (keys, values)) in enumerate(zip(inputs, new_keys_values(layout), strict=True)):
+        state = DecodeState(cache=adapter.new_cache(), length=sizes[i], extra=dict(x.extra))
+        for own, k, v in zip(state.cache.layers, keys, values, strict=True):
+            set_layer(own, k.clone(), v.clone())
         results.append((logits[i], state))
     return results

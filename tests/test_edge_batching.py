@@ -22,6 +22,7 @@ from test_runtimes import PROMPTS, RunningEdge, png
 
 from covspec.device_runtime.client import DeviceRuntime, SpecOptions
 from covspec.edge_runtime.batching import (
+    PACKED_ATTENTION,
     can_batch,
     can_prefill_batch,
     commit,
@@ -36,7 +37,10 @@ from covspec.transport import protocol as wire
 from covspec.transport.channel import Client, RemoteError
 
 TOLERANCE = 1e-4
-BUILDERS = {"llava": tiny_models.build_llava, "qwen2_5_vl": tiny_models.build_qwen2_5_vl}
+# every family's text model (Llama, Qwen2, Qwen2.5-VL's with M-RoPE, Idefics3's Llama) runs our packed attention
+BUILDERS = {"llava": tiny_models.build_llava,
+            "llava_siglip_qwen2": lambda folder, seed=0: tiny_models.build_llava(folder, seed, siglip_qwen2=True),
+            "qwen2_5_vl": tiny_models.build_qwen2_5_vl, "idefics3": tiny_models.build_idefics3}
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +78,7 @@ def test_forward_batch_equals_per_session_forwards(tmp_path, family, extra, size
     windows = [torch.randint(5, 30, (n,), generator=g) for n in sizes]
     expected = [adapter.forward(s, ids) for s, ids in zip(alone, windows, strict=True)]
     got = forward_batch(adapter, states, windows)
+    assert adapter.language_model.config._attn_implementation != PACKED_ATTENTION  # switched back after the pass
     assert [tuple(x.shape) for x in got] == [tuple(x.shape) for x in expected]
     diff = max_diff(got, expected)
     assert diff < TOLERANCE, diff
