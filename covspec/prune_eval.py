@@ -7,6 +7,10 @@ Accuracy: the draft's greedy answer (covspec.generation.generate with `kept`), s
 covspec.demo.evaluate scores it (exact match for short answers, object F1 for "describe").
 Agreement (with --target): the target's own greedy answer is fed to the pruned draft, which predicts
 each next token; the share it gets right is the greedy acceptance rate a window would see.
+
+Method "oracle" is a reference, not a pruner a device could run: it reads the scene's ground truth
+and keeps the tokens of its objects first (one per object in turn, then a second each, ...), then
+background. What the draft scores with it bounds what any pruner can reach at that ratio.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from pathlib import Path
 
 import torch
 
+from covspec.demo.data import tokens_by_cell
 from covspec.demo.evaluate import MAX_NEW_TOKENS, Score, score_answer
-from covspec.demo.task import CORE_TYPES, Item, sample_split
+from covspec.demo.task import CORE_TYPES, N_VISUAL_TOKENS, Item, sample_split
 from covspec.generation import generate
 from covspec.models import VLMAdapter, load_adapter
 from covspec.pruning import METHODS, keep_count, score_and_select
@@ -101,21 +106,36 @@ def agreement(draft: VLMAdapter, item: Item, kept: torch.Tensor, answer: list[in
     return sum(int(p == a) for p, a in zip(predicted, answer, strict=True)), len(answer)
 
 
+def oracle_kept(item: Item, k: int) -> torch.Tensor:
+    """Sorted indices [k]: the scene's object tokens round-robin over its objects, then background."""
+    cells = tokens_by_cell()
+    queues = [list(cells[obj.cell]) for obj in item.scene.objects]
+    chosen: list[int] = []
+    while len(chosen) < k and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < k:
+                chosen.append(queue.pop(0))
+    objects = {obj.cell for obj in item.scene.objects}
+    background = [t for cell, tokens in cells.items() if cell not in objects for t in tokens]
+    return torch.tensor(sorted(chosen + background[:k - len(chosen)]), dtype=torch.long)
+
+
 def prune_sweep(draft_path: str | Path, target_path: str | Path | None = None, split: str = "heldout",
                 ratios: Sequence[float] = DEFAULT_RATIOS, methods: Sequence[str] = METHODS,
                 limit: int = 60, seed: int = 0, draft: VLMAdapter | None = None,
-                target: VLMAdapter | None = None, **prune_args: float) -> list[SweepRow]:
+                target: VLMAdapter | None = None, oracle: bool = False, **prune_args: float) -> list[SweepRow]:
     """One row per (method, ratio): the draft's held-out accuracy when it prefills only the kept
     tokens (and, with a target, its teacher-forced agreement with the target's greedy answer).
-    Ratio 1.0 is the unpruned draft: computed once, reported as method "none". `prune_args` go
-    to score_and_select (theta, rel_weight, tau, eps)."""
+    Ratio 1.0 is the unpruned draft: computed once, reported as method "none"; `oracle` adds the
+    ground-truth reference row per ratio. `prune_args` go to score_and_select (theta, rel_weight,
+    tau, eps)."""
     draft = draft or load_adapter(draft_path)
     if target is None and target_path is not None:
         target = load_adapter(target_path)
     items = list(sample_split(split, limit, seed))
     answers = [target_answer(target, item) for item in items] if target is not None else []
     configs = [("none", 1.0)] if any(r >= 1.0 for r in ratios) else []
-    configs += [(m, r) for r in ratios if r < 1.0 for m in methods]
+    configs += [(m, r) for r in ratios if r < 1.0 for m in (*methods, *(["oracle"] if oracle else []))]
     tallies = {c: _Tally() for c in configs}
     counts: dict[tuple[str, float], int] = {}
     for i, item in enumerate(items):
@@ -123,8 +143,16 @@ def prune_sweep(draft_path: str | Path, target_path: str | Path | None = None, s
         query = draft.prompt_embeddings(item.question)
         for method, ratio in configs:
             t0 = time.perf_counter()
-            kept = torch.arange(visual.count) if ratio >= 1.0 else score_and_select(
-                visual, query, ratio, method, generator=torch.Generator().manual_seed(item.index), **prune_args)
+            if ratio >= 1.0:
+                kept = torch.arange(visual.count)
+            elif method == "oracle":
+                if visual.count != N_VISUAL_TOKENS:
+                    raise ValueError(f"the oracle rows need the demo's {N_VISUAL_TOKENS}-token layout; this draft "
+                                     f"gives {visual.count} visual tokens (leave them out: --no-oracle)")
+                kept = oracle_kept(item, keep_count(ratio, visual.count))
+            else:
+                kept = score_and_select(visual, query, ratio, method, generator=torch.Generator().manual_seed(item.index),
+                                        **prune_args)
             select_s = time.perf_counter() - t0
             counts[(method, ratio)] = int(kept.numel())
             tally = tallies[(method, ratio)]
@@ -168,12 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-oracle", action="store_true", help="leave out the ground-truth reference rows")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for r in args.ratios:
         keep_count(r, 100)  # validates the ratio
-    rows = prune_sweep(args.draft, args.target, args.split, args.ratios, args.methods, args.limit)
+    rows = prune_sweep(args.draft, args.target, args.split, args.ratios, args.methods, args.limit,
+                       oracle=not args.no_oracle)
     print(format_rows(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
@@ -199,7 +229,8 @@ def plot_sweep(rows: list[dict], path: Path) -> None:
         for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "none"):
             points = sorted([(r["ratio"], r[key]) for r in rows if r["method"] == method] +
                             [(r["ratio"], r[key]) for r in full])
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method,
+                    **({"linestyle": "--", "color": "black"} if method == "oracle" else {}))
         ax.set_xlabel("share of visual tokens kept")
         ax.set_title(title)
     axes[0].legend(fontsize=8)

@@ -21,7 +21,7 @@ covspec bench --links loopback --question-type describe --prompts 8 --temperatur
   --modes target_only,vanilla_sd,covspec,covspec_no_decoupled --out results/bench-sampling
 # pruning: draft accuracy per method and keep ratio
 mkdir -p results/prune
-python -m covspec.prune_eval --draft "$D" --target "$T" --limit 60 --ratios 0.1 0.25 0.5 1.0 --json results/prune/sweep.json
+python -m covspec.prune_eval --draft "$D" --target "$T" --limit 300 --ratios 0.1 0.25 0.5 0.75 1.0 --json results/prune/sweep.json
 # load: N devices against one edge (replayed draft windows), batched verification
 covspec bench --devices 1,2,4,8,16 --replay --modes target_only,covspec --prompts 8 --question-type describe --out results/load
 # export: fp32 and int8 device bundles (ExecuTorch + ONNX), then the backends side by side on 50 prompts

@@ -165,3 +165,18 @@ def test_prune_sweep_on_tiny_models(tmp_path):
     for r in rows:
         assert r.n == 1 and r.prefill_ms > 0 and r.by_type
     assert "| covspec | 0.25 | 4 |" in format_rows(rows)
+
+
+def test_the_oracle_reference_keeps_one_token_of_every_object_first():
+    from covspec.demo.data import token_cells
+    from covspec.demo.task import make_item
+    from covspec.prune_eval import oracle_kept
+
+    cells = token_cells()
+    for index in range(20):
+        item = make_item("heldout", index, 0)
+        objects = [o.cell for o in item.scene.objects]
+        kept = oracle_kept(item, len(objects))
+        assert sorted(cells[t] for t in kept.tolist()) == sorted(objects)  # one token per object
+        more = oracle_kept(item, 9).tolist()
+        assert more == sorted(set(more)) and len(more) == 9 and {cells[t] for t in more} >= set(objects)
