@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -191,6 +192,15 @@ def edge_peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds a process has used so far (user + system, all its threads)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def edge_stats(endpoint: str) -> dict[str, float]:
     from covspec.transport import protocol as wire
     from covspec.transport.channel import Client
@@ -238,7 +248,11 @@ def run_devices(args: argparse.Namespace, out: Path, endpoint: str, mode: str, n
     return [json.loads(line) for path in files for line in path.read_text().splitlines()]
 
 
-def summarise_load(rows: list[dict], mode: str, n: int, batches: dict[str, float], rss_mb: float | None) -> dict:
+def summarise_load(rows: list[dict], mode: str, n: int, batches: dict[str, float], rss_mb: float | None,
+                   edge_cpu_s: float | None = None) -> dict:
+    """`edge_cpu_s`: the CPU time the edge process used while these requests ran. Per request, it is
+    what one answer costs the edge; over the span, how busy the edge was (1.0: a one-thread edge
+    saturated, and the aggregate cannot grow with more devices)."""
     tokens = sum(r["tokens"] for r in rows)
     span = max(r["t_end"] for r in rows) - min(r["t_start"] for r in rows)
     per_device = []
@@ -254,6 +268,8 @@ def summarise_load(rows: list[dict], mode: str, n: int, batches: dict[str, float
             "latency_p99_ms": float(np.percentile(latency, 99)), "edge_batches": int(batches.get("batches", 0)),
             "windows_per_batch": windows / batches["batches"] if batches.get("batches") else 0.0,
             "edge_peak_rss_mb": rss_mb,
+            "edge_cpu_ms_per_request": None if edge_cpu_s is None else 1000 * edge_cpu_s / max(len(rows), 1),
+            "edge_busy": None if edge_cpu_s is None else edge_cpu_s / max(span, 1e-9),
             "replay_matches": None if "replay_matches" not in rows[0] else sum(r["replay_matches"] for r in rows)}
 
 
@@ -271,15 +287,18 @@ def write_load(out: Path, summary: list[dict], args: argparse.Namespace) -> None
              + "A request is one answer; tokens/s counts every answer token (aggregate: over the span of all "
              "requests; per device: over its own).", "",
              "| mode | devices | requests | aggregate tok/s | per-device tok/s (mean / min) | latency p50 ms | "
-             "latency p99 ms | edge batches | windows per batch | edge peak RSS MiB | replayed equal |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "latency p99 ms | edge batches | windows per batch | edge CPU ms per request | edge busy | "
+             "edge peak RSS MiB | replayed equal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         rss = "" if s["edge_peak_rss_mb"] is None else f"{s['edge_peak_rss_mb']:.0f}"
         equal = "" if s["replay_matches"] is None else f"{s['replay_matches']}/{s['requests']}"
+        cpu = "" if s.get("edge_cpu_ms_per_request") is None else f"{s['edge_cpu_ms_per_request']:.1f}"
+        busy = "" if s.get("edge_busy") is None else f"{s['edge_busy']:.2f}"
         lines.append(f"| {s['mode']} | {s['devices']} | {s['requests']} | {s['aggregate_tps']:.1f} | "
                      f"{s['device_tps_mean']:.1f} / {s['device_tps_min']:.1f} | {s['latency_p50_ms']:.0f} | "
-                     f"{s['latency_p99_ms']:.0f} | {s['edge_batches']} | {s['windows_per_batch']:.2f} | {rss} | "
-                     f"{equal} |")
+                     f"{s['latency_p99_ms']:.0f} | {s['edge_batches']} | {s['windows_per_batch']:.2f} | {cpu} | "
+                     f"{busy} | {rss} | {equal} |")
     (out / "load.md").write_text("\n".join(lines) + "\n")
 
 
@@ -321,11 +340,12 @@ def run_load(args: argparse.Namespace) -> Path:
             record(args, out, devices_endpoint, max(counts))
         for mode in args.modes.split(","):
             for n in counts:
-                before = edge_stats(endpoint)
+                before, cpu_before = edge_stats(endpoint), process_cpu_s(edge.pid)
                 rows = run_devices(args, out, devices_endpoint, mode, n)
-                after = edge_stats(endpoint)
+                cpu_after, after = process_cpu_s(edge.pid), edge_stats(endpoint)
                 delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("batches", "batched_windows")}
-                summary.append(summarise_load(rows, mode, n, delta, edge_peak_rss_mb(edge.pid)))
+                cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+                summary.append(summarise_load(rows, mode, n, delta, edge_peak_rss_mb(edge.pid), cpu))
                 all_rows += rows
                 s = summary[-1]
                 print(f"{mode:14s} {n:3d} devices: {s['aggregate_tps']:7.1f} tok/s in all, p99 "

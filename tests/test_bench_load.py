@@ -23,6 +23,23 @@ def test_load_summary_figures():
     assert s["device_tps_min"] == pytest.approx(10.0)
     assert s["latency_p50_ms"] == pytest.approx(1000.0)
     assert s["windows_per_batch"] == pytest.approx(2.5) and s["edge_peak_rss_mb"] == 123.0
+    assert s["edge_cpu_ms_per_request"] is None and s["edge_busy"] is None  # not measured
+    measured = summarise_load(rows, "vanilla_sd", 2, {}, None, edge_cpu_s=1.5)
+    assert measured["edge_cpu_ms_per_request"] == pytest.approx(500.0) and measured["edge_busy"] == pytest.approx(0.75)
+
+
+def test_process_cpu_time_is_read_from_proc():
+    import os
+    import time
+
+    from covspec.bench_load import process_cpu_s
+
+    first = process_cpu_s(os.getpid())
+    start = time.process_time()
+    while time.process_time() - start < 0.05:  # 50 ms of CPU work, five clock ticks
+        pass
+    assert first is not None and process_cpu_s(os.getpid()) > first
+    assert process_cpu_s(2**22 + 12345) is None  # no such process
 
 
 @pytest.mark.slow
