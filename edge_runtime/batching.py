@@ -138,7 +138,7 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 AttentionInterface.register(PACKED_ATTENTION, packed_attention)
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=256)  # at most 256 masks of at most context x window bools
 def causal_after(past: int, n: int) -> torch.Tensor:
     """[n, past + n] bool, True where a query may attend: the whole past and its window up to itself."""
     return torch.ones(n, past + n, dtype=torch.bool).tril(diagonal=past)
