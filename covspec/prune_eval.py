@@ -4,7 +4,8 @@ one row per pruning method and keep ratio, on a split of the demo task.
     python -m covspec.prune_eval --draft DRAFT --target TARGET --limit 60 --ratios 0.1 0.25 0.5 1.0
 
 Accuracy: the draft's greedy answer (covspec.generation.generate with `kept`), scored as
-covspec.demo.evaluate scores it (exact match for short answers, object F1 for "describe").
+covspec.demo.evaluate scores it (exact match for short answers, object F1 for "describe"); "all
+items" is the mean score over every item, the draft's one held-out accuracy.
 Agreement (with --target): the target's own greedy answer is fed to the pruned draft, which predicts
 each next token; the share it gets right is the greedy acceptance rate a window would see.
 
@@ -47,6 +48,7 @@ class SweepRow:
     kept: int  # visual tokens kept (of the image's N)
     n: int  # items
     by_type: dict[str, float] = field(default_factory=dict)  # mean score per question type
+    overall: float = float("nan")  # mean task score over every item (each type scored as it is)
     short: float = float("nan")  # exact match over the five core types
     describe_f1: float = float("nan")
     relation: float = float("nan")
@@ -71,8 +73,10 @@ class _Tally:
                 every[qtype].total += s.total
         core = _pool(self.seen, CORE_TYPES)
         unseen = _pool(self.unseen, CORE_TYPES + ("relation",))
+        everything = _pool(every, tuple(every))
         return SweepRow(method=method, ratio=ratio, kept=kept, n=n,
-                        by_type={t: s.mean for t, s in sorted(every.items())}, short=core.mean,
+                        by_type={t: s.mean for t, s in sorted(every.items())}, overall=everything.mean,
+                        short=core.mean,
                         describe_f1=every["describe"].mean if "describe" in every else float("nan"),
                         relation=every["relation"].mean if "relation" in every else float("nan"),
                         unseen_short=unseen.mean,
@@ -178,10 +182,12 @@ def _pct(x: float) -> str:
 
 def format_rows(rows: list[SweepRow]) -> str:
     """A markdown table of the sweep."""
-    lines = ["| method | keep | kept | short EM | relation | describe F1 | unseen EM | agreement | prefill ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | keep | kept | all items | short EM | relation | describe F1 | unseen EM | agreement | "
+             "prefill ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.method} | {r.ratio:.2f} | {r.kept} | {_pct(r.short)} | {_pct(r.relation)} | "
+        lines.append(f"| {r.method} | {r.ratio:.2f} | {r.kept} | {_num(r.overall, '.3f')} | {_pct(r.short)} | "
+                     f"{_pct(r.relation)} | "
                      f"{_num(r.describe_f1, '.3f')} | {_pct(r.unseen_short)} | {_pct(r.agreement)} | "
                      f"{_num(r.prefill_ms, '.1f')} |")
     return "\n".join(lines)
@@ -222,9 +228,10 @@ def plot_sweep(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     full = [r for r in rows if r["method"] == "none"]
-    metrics = [("short", "short-question exact match"), ("describe_f1", "describe object-F1"),
+    metrics = [("overall", "held-out task score, every item"), ("short", "short-question exact match"),
+               ("describe_f1", "describe object-F1"),
                ("agreement", "token agreement with the target")]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(17, 3.8))
     for ax, (key, title) in zip(axes, metrics, strict=True):
         for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "none"):
             points = sorted([(r["ratio"], r[key]) for r in rows if r["method"] == method] +

@@ -164,6 +164,7 @@ def test_prune_sweep_on_tiny_models(tmp_path):
     assert all(0.0 <= r.agreement <= 1.0 for r in rows)
     for r in rows:
         assert r.n == 1 and r.prefill_ms > 0 and r.by_type
+        assert r.overall == sum(r.by_type.values()) / len(r.by_type)  # one item: its own score
     assert "| covspec | 0.25 | 4 |" in format_rows(rows)
 
 
