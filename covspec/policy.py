@@ -210,7 +210,16 @@ class OnlineStats:
         if branch_hit is not None:
             self.branch_hit = _ewma(self.branch_hit, 1.0 if branch_hit else 0.0, self.weight)
 
+    def observe_rtt(self, rtt_s: float) -> None:
+        """A round trip measured outside a round (a streamed answer's first chunk)."""
+        self.rtt = _ewma(self.rtt, max(0.0, rtt_s), self.weight)
+
     # --- estimates ---------------------------------------------------------------------------
+    def margins_informed(self, min_tokens: float = 20.0) -> bool:
+        """Whether acceptance per margin bin says more than the global rate: a calibration profile's
+        bins, or at least `min_tokens` judged tokens (decayed) in the bins."""
+        return self.prior_bins is not None or sum(self._bin_judged) >= min_tokens
+
     @property
     def acceptance(self) -> float:
         return (self._acc + self.prior_acceptance * self.prior_n) / (self._judged + self.prior_n)

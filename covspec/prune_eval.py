@@ -9,9 +9,10 @@ items" is the mean score over every item, the draft's one held-out accuracy.
 Agreement (with --target): the target's own greedy answer is fed to the pruned draft, which predicts
 each next token; the share it gets right is the greedy acceptance rate a window would see.
 
-Method "oracle" is a reference, not a pruner a device could run: it reads the scene's ground truth
-and keeps the tokens of its objects first (one per object in turn, then a second each, ...), then
-background. What the draft scores with it bounds what any pruner can reach at that ratio.
+Method "oracle" is a ground-truth reference, not a pruner a device could run: it reads the scene's
+objects and keeps their tokens first (one per object in turn, then a second each, ..., patches in
+index order), then background. It shows what the draft scores when every object is covered; a
+pruner could still beat it by picking better patches of each object.
 """
 
 from __future__ import annotations

@@ -147,10 +147,11 @@ class DeviceRuntime:
         self.client = Client(edge, timeout_s=timeout_s, retries=retries, keys=keys)
         self.reopens = 0
         self.welcome = self._hello()
-        # the drafting policy's estimates per set of mechanisms, carried from one request to the next:
-        # acceptance, step, round-trip and verify times belong to this draft, edge and link, not to one
-        # answer (starting every request from priors kept its first windows short)
-        self.learned: dict[SpecOptions, OnlineStats] = {}
+        # the drafting policy's estimates per set of mechanisms and greedy-or-sampled, carried from one
+        # request to the next: acceptance, step, round-trip and verify times belong to this draft, edge
+        # and link, not to one answer (starting every request from priors kept its first windows short)
+        self.learned: dict[tuple[SpecOptions, bool], OnlineStats] = {}
+        self.stream_rtt_s: float | None = None  # the round trip the last STREAM's first chunk showed
 
     def _hello(self) -> wire.Welcome:
         reply = self.client.request(wire.Hello(fingerprint=self.draft.fingerprint(), family=self.draft.family,
@@ -228,10 +229,12 @@ class DeviceRuntime:
         that stops streaming (restarted: no chunk within the timeout, or UNKNOWN_SESSION) is given
         the session again with `known` + the tokens streamed so far, and asked for the rest."""
         tokens: list[int] = []
+        self.stream_rtt_s = None
         for attempt in range(MAX_REOPENS + 1):
             if attempt:
                 self._reopen(open_msg, known + tokens)
             sent = self.client.send(wire.Stream(sid=open_msg.sid, chunk=1))
+            t_sent = time.perf_counter()
             early: dict[int, wire.Streamed] = {}  # chunks that overtook an earlier one, by index
             index = 0
             while True:
@@ -247,6 +250,8 @@ class DeviceRuntime:
                 if chunk.index < index:  # a duplicate
                     self.client.stale += 1
                     continue
+                if chunk.index == 0 and not attempt:  # its wait less the edge's own time: the round trip
+                    self.stream_rtt_s = max(0.0, time.perf_counter() - t_sent - chunk.timings.get("elapsed_s", 0.0))
                 early[chunk.index] = chunk
                 while index in early:  # in order, whatever order they came in
                     chunk = early.pop(index)
@@ -302,7 +307,7 @@ class DeviceRuntime:
         drafter = Drafter(self.draft, state, opened.token, params, generator)
         eos = self.draft.eos_token_ids
         vocab = self.welcome.vocab_size
-        stats = self.learned.setdefault(options, self._new_stats())
+        stats = self.learned.setdefault((options, params.greedy), self._new_stats())
         edge_step_s = opened.timings.get("step_s") or (
             self.profile.target_step_ms / 1000 if self.profile and self.profile.target_step_ms else None)
         gate = MarginGate(options.margin_threshold) if options.adaptive else None
@@ -316,6 +321,8 @@ class DeviceRuntime:
             # the link is too slow for drafts to beat the edge's own streaming: do not start speculating
             drafter.committed.extend(self._stream_rest(open_msg, drafter.committed))
             streamed_rest = done = True
+            if self.stream_rtt_s is not None:  # so that a link that got faster is noticed next time
+                stats.observe_rtt(self.stream_rtt_s)
         while not done:
             room = max_new_tokens - len(drafter.committed)
             k = min(choose_window(stats, options.k_max, room) if options.adaptive else window, room)
@@ -354,9 +361,12 @@ class DeviceRuntime:
             rounds.append(RoundRecord(len(drafted), reply.accepted, sum(drafted.step_s), wait_s, verify_s,
                                       branch_hit=hit is not None if branches else None,
                                       margins=drafted.margins.tolist()))
-            stats.update(len(drafted), reply.accepted, drafted.step_s, wait_s, verify_s, drafted.margins,
+            # a round that had to reopen the session waited for the timeout and a new prefill: its
+            # acceptance counts, its wait says nothing of the link
+            stats.update(len(drafted), reply.accepted, drafted.step_s, None if reopened else wait_s,
+                         None if reopened else verify_s, drafted.margins,
                          branch_hit=hit is not None if branches else None)
-            if stats.rounds == 1:  # the first measurements replace the priors outright
+            if stats.rounds == 1 and not reopened:  # the first measurements replace the priors outright
                 stats.rtt = max(0.0, wait_s - verify_s) if verify_s == verify_s else wait_s
                 stats.t_draft = sum(drafted.step_s) / max(len(drafted.step_s), 1)
             done = reply.done or drafter.committed[-1] in eos or len(drafter.committed) >= max_new_tokens
@@ -365,6 +375,8 @@ class DeviceRuntime:
                 # on this link speculation loses to the target alone: let the edge stream the rest
                 drafter.committed.extend(self._stream_rest(open_msg, drafter.committed))
                 streamed_rest = True
+                if self.stream_rtt_s is not None:
+                    stats.observe_rtt(self.stream_rtt_s)
                 break
         ids = final_answer(drafter.committed, eos, max_new_tokens)
         return Answer(open_msg.mode, ids, self.draft.decode(ids), ttft_s=ttft,
@@ -375,12 +387,14 @@ class DeviceRuntime:
                         stats: OnlineStats) -> list[tuple[Drafter, int, int | None, Window]]:
         """While the window is verified: fork the draft for the likely outcomes (all accepted;
         rejection at the positions where the first rejection most likely falls, by the learned
-        acceptance per margin bin, corrected to the draft's runner-up) and draft the next window on
+        acceptance per margin bin, or the lowest-margin ones until that is learned, corrected to the
+        draft's runner-up) and draft the next window on
         each until the edge's answer arrives. [(branch, accepted, root, window)]."""
         ready = lambda _w=None: self.client.poll(0.0)  # noqa: E731
         outcomes: list[tuple[int, int | None]] = [(len(window), None)]
+        ranked = stats.acceptance_at if stats.margins_informed() else None  # else: lowest margin first
         for position, token in branch_roots(window.ids, window.margins, window.runner_up, options.branches,
-                                            acceptance=stats.acceptance_at):
+                                            acceptance=ranked):
             outcomes.append((position, token))
         branches = []
         for accepted, root in outcomes:

@@ -15,8 +15,10 @@ and values plus its own window, causally ([n_i, L_i + n_i]), and nothing of the 
 i's logits are the logits a forward on session i alone gives, up to float rounding; the
 projections and MLPs, which cost the most, run on the real tokens only (a padded [B, max n_i]
 batch wasted half of them on windows of uneven lengths); and no packed cache of every past is
-built (a first version concatenated every past into one cache with a block mask over all of it:
-copies and masked attention that grew with B^2, 44 ms for 8 windows of 17 tokens).
+built (a first version concatenated every past into one cache, copied again on every layer's
+update, with a block mask over all of it: masked attention that grew with B^2, 44 ms for 8 windows
+of 17 tokens against 26 ms now). Each window still reads its session's past through one
+concatenation with its new keys per layer, as a single-session forward does.
 
 The pass leaves every session's cache untouched: it returns each window's logits and new
 keys/values (`Window`, as the attention function saw them), and `commit` appends the first n of
@@ -129,8 +131,8 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         else:
             past = covspec_layout.pasts[i].cache.layers[layer]
             k, v = torch.cat([past.keys, k], dim=-2), torch.cat([past.values, v], dim=-2)  # [1, H_kv, L_i + n_i, D]
-            out.append(F.scaled_dot_product_attention(q, k, v, attn_mask=causal_after(k.shape[-2] - n, n),
-                                                      scale=scaling, enable_gqa=gqa))
+            mask = causal_after(k.shape[-2] - n, n).to(q.device)  # a no-op on the CPU
+            out.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa))
         at += n
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
 
@@ -146,7 +148,9 @@ def causal_after(past: int, n: int) -> torch.Tensor:
 
 @contextmanager
 def attention_implementation(adapter: CachedDecoderAdapter, name: str):
-    """Switches the text model's attention function for the duration of one pass."""
+    """Switches the text model's attention function for the duration of one pass. The switch is on
+    the model's config, so no other thread may run the same adapter meanwhile (the edge serves from
+    one loop)."""
     config = adapter.language_model.config
     before = config._attn_implementation
     config._attn_implementation = name

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from covspec.policy import (
+    MARGIN_BINS,
     LinkCosts,
     MarginGate,
     OnlineStats,
@@ -162,3 +163,17 @@ def test_runner_up_tokens():
     probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.1, 0.7]])
     assert runner_up_tokens(probs, torch.tensor([0, 2])).tolist() == [1, 0]
     assert runner_up_tokens(probs, torch.tensor([1, 0])).tolist() == [0, 2]  # sampled a non-top token
+
+
+def test_round_trips_seen_outside_rounds_and_when_margin_bins_are_known():
+    stats = OnlineStats(rtt=0.100)
+    stats.observe_rtt(0.010)  # a streamed answer's first chunk on a link that got faster
+    assert 0.010 < stats.rtt < 0.100
+    for _ in range(60):
+        stats.observe_rtt(0.010)
+    assert stats.rtt == pytest.approx(0.010, abs=1e-3)
+    assert not stats.margins_informed()  # no judged tokens yet: branch roots go by margin alone
+    for _ in range(4):
+        stats.update(drafted=6, accepted=5, margins=[0.9, 0.8, 0.9, 0.7, 0.9, 0.05])
+    assert stats.margins_informed()
+    assert OnlineStats(prior_bins=[0.5] * (len(MARGIN_BINS) - 1)).margins_informed()  # a calibration profile's

@@ -173,13 +173,13 @@ def test_the_drafting_policy_carries_its_estimates_from_one_request_to_the_next(
     # fixed windows (the rounds do not depend on timings), nothing pruned (the identical draft is always right)
     options = replace(MODE_OPTIONS["covspec_no_adaptive"], keep=1.0)
     first = device.answer(png(2), PROMPTS[1], "covspec", SamplingParams(), max_new_tokens=12, window=3, options=options)
-    stats = device.learned[options]
+    stats = device.learned[(options, True)]  # greedy
     after_first = (stats.rounds, stats.acceptance)
     second = device.answer(png(4), PROMPTS[0], "covspec", SamplingParams(), max_new_tokens=12, window=3,
                            options=options)
     device.close()
     assert first.rounds and second.rounds
-    assert device.learned[options] is stats
+    assert device.learned[(options, True)] is stats
     assert stats.rounds == after_first[0] + len(second.rounds) == len(first.rounds) + len(second.rounds)
     assert after_first[1] > stats.prior_acceptance and stats.acceptance > after_first[1]  # all accepted, twice
-    assert list(device.learned) == [options]  # one set of estimates per set of mechanisms
+    assert list(device.learned) == [(options, True)]  # one set per mechanisms and greedy-or-sampled
