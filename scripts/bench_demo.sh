@@ -39,4 +39,4 @@ kill $edge; wait $edge || true  # SIGTERM: a background job ignores SIGINT
 # fuzz: 100,000 messages to the decoder, 50,000 to a running edge
 covspec fuzz --decoder 100000 --edge 50000 --out results/fuzz
 # load through an emulated wifi link per device
-covspec bench --devices 1,2,4,8,16 --replay --modes target_only,covspec --prompts 8 --question-type describe --load-link wifi --out results/load-wifi
+covspec bench --devices 1,2,4,8,16 --replay --modes target_only,covspec --prompts 16 --question-type describe --load-link wifi --out results/load-wifi
