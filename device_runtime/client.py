@@ -151,7 +151,6 @@ class DeviceRuntime:
         # request to the next: acceptance, step, round-trip and verify times belong to this draft, edge
         # and link, not to one answer (starting every request from priors kept its first windows short)
         self.learned: dict[tuple[SpecOptions, bool], OnlineStats] = {}
-        self.stream_rtt_s: float | None = None  # the round trip the last STREAM's first chunk showed
 
     def _hello(self) -> wire.Welcome:
         reply = self.client.request(wire.Hello(fingerprint=self.draft.fingerprint(), family=self.draft.family,
@@ -224,12 +223,12 @@ class DeviceRuntime:
         return Answer("target_only", ids, self.draft.decode(ids), ttft_s=ttft,
                       latency_s=time.perf_counter() - start)
 
-    def _stream_rest(self, open_msg: wire.Open, known: list[int]) -> list[int]:
+    def _stream_rest(self, open_msg: wire.Open, known: list[int], stats: OnlineStats | None = None) -> list[int]:
         """Asks the edge to generate the rest of the answer alone; returns the streamed tokens. An edge
         that stops streaming (restarted: no chunk within the timeout, or UNKNOWN_SESSION) is given
-        the session again with `known` + the tokens streamed so far, and asked for the rest."""
+        the session again with `known` + the tokens streamed so far, and asked for the rest. `stats`:
+        the drafting policy's estimates, given the round trip the first chunk shows."""
         tokens: list[int] = []
-        self.stream_rtt_s = None
         for attempt in range(MAX_REOPENS + 1):
             if attempt:
                 self._reopen(open_msg, known + tokens)
@@ -250,8 +249,9 @@ class DeviceRuntime:
                 if chunk.index < index:  # a duplicate
                     self.client.stale += 1
                     continue
-                if chunk.index == 0 and not attempt:  # its wait less the edge's own time: the round trip
-                    self.stream_rtt_s = max(0.0, time.perf_counter() - t_sent - chunk.timings.get("elapsed_s", 0.0))
+                if chunk.index == 0 and not attempt and stats is not None:  # the round trip: its wait less the
+                    # edge's own time, so that a link that got faster is noticed by the next request
+                    stats.observe_rtt(time.perf_counter() - t_sent - chunk.timings.get("elapsed_s", 0.0))
                 early[chunk.index] = chunk
                 while index in early:  # in order, whatever order they came in
                     chunk = early.pop(index)
@@ -319,10 +319,8 @@ class DeviceRuntime:
         round_base = 0  # rounds before the session was last reopened (the edge counts from 0 again)
         if not done and options.adaptive and edge_step_s and speculation_loses(stats, [], options.k_max, edge_step_s):
             # the link is too slow for drafts to beat the edge's own streaming: do not start speculating
-            drafter.committed.extend(self._stream_rest(open_msg, drafter.committed))
+            drafter.committed.extend(self._stream_rest(open_msg, drafter.committed, stats))
             streamed_rest = done = True
-            if self.stream_rtt_s is not None:  # so that a link that got faster is noticed next time
-                stats.observe_rtt(self.stream_rtt_s)
         while not done:
             room = max_new_tokens - len(drafter.committed)
             k = min(choose_window(stats, options.k_max, room) if options.adaptive else window, room)
@@ -373,10 +371,8 @@ class DeviceRuntime:
             if not done and options.adaptive and not device_root and speculation_loses(stats, rounds, options.k_max,
                                                                                         edge_step_s):
                 # on this link speculation loses to the target alone: let the edge stream the rest
-                drafter.committed.extend(self._stream_rest(open_msg, drafter.committed))
+                drafter.committed.extend(self._stream_rest(open_msg, drafter.committed, stats))
                 streamed_rest = True
-                if self.stream_rtt_s is not None:
-                    stats.observe_rtt(self.stream_rtt_s)
                 break
         ids = final_answer(drafter.committed, eos, max_new_tokens)
         return Answer(open_msg.mode, ids, self.draft.decode(ids), ttft_s=ttft,
@@ -388,8 +384,8 @@ class DeviceRuntime:
         """While the window is verified: fork the draft for the likely outcomes (all accepted;
         rejection at the positions where the first rejection most likely falls, by the learned
         acceptance per margin bin, or the lowest-margin ones until that is learned, corrected to the
-        draft's runner-up) and draft the next window on
-        each until the edge's answer arrives. [(branch, accepted, root, window)]."""
+        draft's runner-up) and draft the next window on each until the edge's answer arrives.
+        [(branch, accepted, root, window)]."""
         ready = lambda _w=None: self.client.poll(0.0)  # noqa: E731
         outcomes: list[tuple[int, int | None]] = [(len(window), None)]
         ranked = stats.acceptance_at if stats.margins_informed() else None  # else: lowest margin first
