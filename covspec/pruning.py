@@ -242,11 +242,10 @@ def covspec_order(visual: VisualTokens, query: torch.Tensor, k: int, theta: floa
                   rel_weight: float = REL_WEIGHT, tau: float = RELEVANCE_TAU, eps: float = KERNEL_EPS) -> list[int]:
     """The CoVSpec score's first k picks, in the order the greedy MAP makes them: its first j picks
     are what it keeps at j (the demo draft trains on such prefixes)."""
-    embeds = _numpy(visual.embeds)  # [N, d]
-    s = _quality(visual, embeds, _numpy(query), rel_weight, tau)  # [N]
+    embeds = visual.embeds.detach().float().cpu()  # [N, d]
+    s = _quality(visual, embeds.numpy(), _numpy(query), rel_weight, tau)  # [N]
     alpha = theta / (2.0 * (1.0 - theta))
-    e = visual.embeds.detach().float().cpu()
     # centred in torch: numpy's summation order moves the cosines by ~1e-8, enough to flip the first
     # pick between tokens of equal quality, and the shipped draft was trained on these selections
-    centred = unit_rows(e - e.mean(0, keepdim=True)).numpy()  # [N, d]
+    centred = unit_rows(embeds - embeds.mean(0, keepdim=True)).numpy()  # [N, d]
     return greedy_dpp_map(centred, np.exp(alpha * s), k, eps)
