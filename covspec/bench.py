@@ -105,7 +105,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
     from covspec.demo.evaluate import score_answer
     from covspec.demo.task import make_item, sample_split
-    from covspec.device_runtime.client import DeviceRuntime
+    from covspec.device_runtime.client import DeviceRuntime, pruning_options
     from covspec.images import png_bytes
     from covspec.models import load_adapter
     from covspec.sampling import SamplingParams
@@ -136,7 +136,8 @@ def run_worker(args: argparse.Namespace) -> int:
             t_start = time.time()
             if recorder is not None:
                 recorder.start()
-            answer = device.answer(image, item.question, mode, params, args.max_new_tokens, window=window)
+            answer = device.answer(image, item.question, mode, params, args.max_new_tokens, window=window,
+                                   options=pruning_options(mode, args.keep, args.merge))
             if recorder is not None:
                 recorder.save(Path(args.record), index + args.start, label, len(answer.ids))
             if mode == "target_only":
@@ -188,6 +189,8 @@ def run_bench(args: argparse.Namespace) -> Path:
                           "--prompts", str(args.prompts), "--start", str(args.start),
                           *(["--question-type", args.question_type] if args.question_type else []),
                           "--max-new-tokens", str(args.max_new_tokens), "--window", str(args.window),
+                          *(["--keep", str(args.keep)] if args.keep is not None else []),
+                          *(["--merge"] if args.merge else []),
                           "--temperature", str(args.temperature), "--top-k", str(args.top_k),
                           "--top-p", str(args.top_p), "--rows", str(rows_file)]
                 if args.seed is not None:
@@ -335,6 +338,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ask every scene this kind of question (e.g. describe, for long answers); default: mixed")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--window", type=int, default=4)
+    p.add_argument("--keep", type=float, default=None,
+                   help="share of visual tokens the pruning covspec modes keep (default: the mode's own)")
+    p.add_argument("--merge", action="store_true",
+                   help="pruning modes merge the dropped tokens into the kept ones (a draft trained so)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)

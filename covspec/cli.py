@@ -189,10 +189,14 @@ def cmd_edge_stats(args: argparse.Namespace) -> int:
 def cmd_device_run(args: argparse.Namespace) -> int:
     import torch
 
-    from covspec.device_runtime.client import DeviceRuntime
+    from covspec.device_runtime.client import DeviceRuntime, pruning_options
 
     params = _sampling_params(args)
     torch.set_num_threads(args.threads)
+    try:
+        options = pruning_options(args.mode, args.keep, args.merge)
+    except (TypeError, ValueError) as err:
+        raise CovspecError(f"--keep: {err}") from err
     image = Path(args.image)
     if not image.is_file():
         raise CovspecError(f"image {image}: no such file")
@@ -206,7 +210,7 @@ def cmd_device_run(args: argparse.Namespace) -> int:
                            keys=keys, profile=profile)
     try:
         answer = device.answer(image.read_bytes(), args.prompt, args.mode, params, args.max_new_tokens,
-                               window=args.window)
+                               window=args.window, options=options)
     finally:
         device.close()
     print(answer.text)
@@ -415,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "covspec_no_prune", "covspec_no_adaptive",
                                                          "covspec_no_branch", "covspec_no_decoupled"])
     q.add_argument("--window", type=int, default=4, help="drafted tokens per verification")
+    q.add_argument("--keep", type=float, default=None,
+                   help="share of the draft's visual tokens a pruning mode keeps (default: the mode's own)")
+    q.add_argument("--merge", action="store_true",
+                   help="merge the dropped visual tokens into the kept ones (a draft trained so: draft_fine)")
     q.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each edge reply")
     q.add_argument("--retries", type=int, default=2)
     q.add_argument("--threads", type=int, default=2)

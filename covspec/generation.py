@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from covspec.models.base import VLMAdapter
+from covspec.pruning import merged_visual
 from covspec.sampling import SamplingParams, next_token
 
 GREEDY = SamplingParams()
@@ -37,15 +38,20 @@ def generate(
     params: SamplingParams = GREEDY,
     max_new_tokens: int = 64,
     kept: torch.Tensor | None = None,
+    merge: bool = False,
     on_token: Callable[[int], None] | None = None,
 ) -> GenerationResult:
-    """Generates an answer to `prompt` about `image`, calling `on_token(id)` as each token comes."""
+    """Generates an answer to `prompt` about `image`, calling `on_token(id)` as each token comes.
+    `kept`: the visual tokens the prefill reads (all when None); `merge`: the dropped ones merged
+    into them first (covspec.pruning.merge_pruned)."""
     prompt = adapter.check_prompt(prompt)
     generator = None if params.greedy else params.generator()
     stop_ids = adapter.eos_token_ids
 
     start = time.perf_counter()
     visual = adapter.encode_image(adapter.preprocess(image))
+    if merge:
+        visual = merged_visual(visual, kept)
     logits, state = adapter.prefill(visual, prompt, kept=kept)
     token = next_token(logits, params, generator)
     prefill_s = time.perf_counter() - start

@@ -45,6 +45,7 @@ Baselines for comparison, same signature:
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -249,3 +250,32 @@ def covspec_order(visual: VisualTokens, query: torch.Tensor, k: int, theta: floa
     # pick between tokens of equal quality, and the shipped draft was trained on these selections
     centred = unit_rows(embeds - embeds.mean(0, keepdim=True)).numpy()  # [N, d]
     return greedy_dpp_map(centred, np.exp(alpha * s), k, eps)
+
+
+def merged_visual(visual: VisualTokens, kept: torch.Tensor | None) -> VisualTokens:
+    """The image's tokens with the dropped ones merged into the kept (`merge_pruned`); unchanged
+    when nothing is dropped."""
+    if kept is None or kept.numel() == visual.count:
+        return visual
+    return replace(visual, embeds=merge_pruned(visual.embeds, kept))
+
+
+def merge_pruned(embeds: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """embeds [N, d], kept [k] sorted indices -> [N, d] where each kept row is the mean of itself and
+    the pruned tokens nearest to it (cosine similarity of the centred tokens, each pruned token to one
+    kept token); the other rows are unchanged, so `merged[kept]` is what the draft prefills. A dropped
+    patch's content thus reaches the draft through the kept token most like it (PruMerge / VisionZip-
+    style merging; the assignment is read without gradient, the mean carries it in training)."""
+    n = embeds.shape[0]
+    if kept.numel() in (0, n):
+        return embeds
+    with torch.no_grad():
+        feats = unit_rows(embeds - embeds.float().mean(0, keepdim=True))  # [N, d]
+        nearest = (feats @ feats[kept].T).argmax(1)  # [N] index into kept
+        nearest[kept] = torch.arange(kept.numel())  # a kept token is its own
+        weights = torch.zeros(kept.numel(), n, dtype=embeds.dtype)
+        weights[nearest, torch.arange(n)] = 1.0
+        weights /= weights.sum(1, keepdim=True)  # [k, N] mean over each kept token's group
+    merged = embeds.clone()
+    merged[kept] = weights.to(embeds.device) @ embeds
+    return merged

@@ -40,7 +40,7 @@ from covspec.policy import (
     choose_window,
     speculation_pays,
 )
-from covspec.pruning import score_and_select
+from covspec.pruning import keep_count, merged_visual, score_and_select
 from covspec.sampling import SamplingParams
 from covspec.speculative import correct_decoupled
 from covspec.transport import protocol as wire
@@ -53,6 +53,7 @@ class SpecOptions:
 
     keep: float = 1.0  # share of the draft's visual tokens kept (1: no pruning)
     prune_method: str = "covspec"
+    merge: bool = False  # the dropped visual tokens merged into the kept ones (pruning.merge_pruned)
     prune_target: bool = False  # send the kept indices to the edge too (changes the target's answers)
     adaptive: bool = False  # margin gate + cost-model window length (else the fixed window)
     margin_threshold: float = MARGIN_THRESHOLD
@@ -76,6 +77,18 @@ MODE_OPTIONS: dict[str, SpecOptions] = {
     "covspec_no_decoupled": replace(COVSPEC, decoupled=False),
 }
 MODES = ("target_only", "draft_only", *MODE_OPTIONS)
+
+
+def pruning_options(mode: str, keep: float | None, merge: bool) -> SpecOptions | None:
+    """The mode's mechanisms with a keep ratio and merging applied to its pruning (None: the mode as
+    it is; modes that do not prune are left alone). Merging suits a draft trained on merged tokens
+    (the demo's draft_fine)."""
+    options = MODE_OPTIONS.get(mode)
+    if options is None or options.keep >= 1.0 or (keep is None and not merge):
+        return None
+    if keep is not None:
+        keep_count(keep, 100)  # a ratio in (0, 1]
+    return replace(options, keep=options.keep if keep is None else keep, merge=merge)
 MAX_REOPENS = 3  # edge restarts survived within one answer
 
 
@@ -296,6 +309,8 @@ class DeviceRuntime:
         kept = None
         if options.keep < 1.0:
             kept = score_and_select(visual, self.draft.prompt_embeddings(prompt), options.keep, options.prune_method)
+            if options.merge:
+                visual = merged_visual(visual, kept)
         if options.prune_target:
             open_msg.kept = None if kept is None else kept.numpy().astype(np.int32)
             sent_open = self.client.send(open_msg)

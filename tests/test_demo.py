@@ -275,3 +275,62 @@ def test_a_checkpoint_from_other_target_stages_is_not_reused(tmp_path):
     assert _stored_stage(settings, "target_polish") is None
     assert _stored_stage(_as_json(asdict(replace(s, target_polish=replace(s.target_polish, steps=1)))),
                          "target_polish") != _as_json(asdict(s.target_polish))
+
+
+def test_a_finer_patch_grid_still_maps_tokens_to_cells():
+    import random
+
+    import pytest
+
+    from covspec.demo.data import kept_tokens, per_side, token_cells, tokens_by_cell
+    from covspec.demo.task import make_item
+
+    assert per_side(36) == 6 and per_side(144) == 12
+    with pytest.raises(ValueError, match="square grid"):
+        per_side(40)
+    with pytest.raises(ValueError, match="do not tile"):
+        token_cells(8)
+    fine = tokens_by_cell(12)
+    assert all(len(tokens) == 16 for tokens in fine.values()) and len(fine) == 9
+    cells = token_cells(12)
+    assert cells[0] == 0 and cells[11] == 2 and cells[143] == 8 and cells[4 * 12] == 3
+    item = make_item("heldout", 5, 0)
+    kept = kept_tokens(item.scene, 9, random.Random(0), 144)
+    assert len(kept) == 9 and {cells[t] for t in kept} >= {o.cell for o in item.scene.objects}
+
+
+def test_merged_training_rows_are_what_the_merged_prefill_computes():
+    """The fine-patch draft (144 visual tokens, its own vision tower) learns on pruned rows whose kept
+    tokens absorbed the dropped ones: its training forward on such a row gives the logits the device's
+    merged, pruned prefill gives."""
+    import random
+
+    import numpy as np
+    from transformers import LlavaForConditionalGeneration
+
+    from covspec.demo import WEIGHTS
+    from covspec.demo.data import collate, pixel_values, prune_rows
+    from covspec.demo.task import make_item
+    from covspec.demo.train import lm_logits, vision_features
+    from covspec.models import load_adapter
+    from covspec.pruning import merged_visual
+
+    path = WEIGHTS / "draft_fine"
+    tokenizer = build_tokenizer()
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    adapter = load_adapter(path)
+    item = make_item("heldout", 3, 0, qtype="describe")
+    batch = collate(tokenizer, [(0, item.question, item.answer, "describe")], 144)
+    pruned = prune_rows(batch, [item.scene], image_id, tokenizer.pad_token_id, random.Random(0), 1.0, 0.25, 144)
+    kept = pruned.kept[0]
+    with torch.no_grad():
+        feats = vision_features(model, pixel_values(np.asarray(item.image))[None])
+        logits, _ = lm_logits(model, batch, feats, image_id, pruned, merge=True)
+        prompt_end = int((pruned.batch.labels[0] != -100).nonzero()[0])
+        visual = adapter.encode_image(adapter.preprocess(item.image))
+        assert visual.count == 144
+        expected, _ = adapter.prefill(merged_visual(visual, kept), item.question, kept=kept)
+        unmerged, _ = adapter.prefill(visual, item.question, kept=kept)
+    assert torch.allclose(logits[0, prompt_end], expected, atol=1e-4)
+    assert not torch.allclose(expected, unmerged, atol=1e-4)  # merging changed what the draft read

@@ -165,7 +165,11 @@ def test_prune_sweep_on_tiny_models(tmp_path):
     for r in rows:
         assert r.n == 1 and r.prefill_ms > 0 and r.by_type
         assert r.overall == sum(r.by_type.values()) / len(r.by_type)  # one item: its own score
-    assert "| covspec | 0.25 | 4 |" in format_rows(rows)
+    assert "| covspec | no | 0.25 | 4 |" in format_rows(rows)
+    merged = prune_sweep(draft, None, limit=1, ratios=(0.25,), methods=("covspec", "random"), merge=True)
+    # every method merged, plus covspec's selection with the dropped tokens left out, side by side
+    assert [(r.method, r.merged) for r in merged] == [("covspec", True), ("random", True), ("covspec", False)]
+    assert "| covspec | yes | 0.25 | 4 |" in format_rows(merged)
 
 
 def test_the_oracle_reference_keeps_one_token_of_every_object_first():
@@ -181,3 +185,33 @@ def test_the_oracle_reference_keeps_one_token_of_every_object_first():
         assert sorted(cells[t] for t in kept.tolist()) == sorted(objects)  # one token per object
         more = oracle_kept(item, 9).tolist()
         assert more == sorted(set(more)) and len(more) == 9 and {cells[t] for t in more} >= set(objects)
+
+
+def test_merging_folds_every_dropped_token_into_the_kept_one_most_like_it():
+    from covspec.pruning import merge_pruned, unit_rows
+
+    torch.manual_seed(0)
+    embeds = torch.randn(12, 8, requires_grad=True)
+    kept = torch.tensor([1, 4, 9])
+    merged = merge_pruned(embeds, kept)
+    dropped = [i for i in range(12) if i not in kept.tolist()]
+    assert torch.equal(merged[dropped], embeds[dropped])  # only the kept rows change
+    feats = unit_rows(embeds.detach() - embeds.detach().mean(0, keepdim=True))
+    nearest = (feats[dropped] @ feats[kept].T).argmax(1)  # [dropped] index into kept
+    for slot, index in enumerate(kept.tolist()):
+        group = [index] + [d for d, n in zip(dropped, nearest.tolist(), strict=True) if n == slot]
+        assert torch.allclose(merged[index], embeds[group].mean(0), atol=1e-6)
+    merged[kept].sum().backward()  # the mean carries the gradient to every token it read
+    assert bool((embeds.grad.abs().sum(1) > 0).all())
+    assert merge_pruned(embeds, torch.arange(12)) is embeds  # nothing dropped: nothing merged
+
+
+def test_merged_view_leaves_the_scores_and_an_unpruned_image_alone():
+    from covspec.models.base import VisualTokens
+    from covspec.pruning import merged_visual
+
+    visual = VisualTokens(embeds=torch.randn(6, 4), activity=torch.rand(6), attention=torch.rand(6))
+    assert merged_visual(visual, None) is visual and merged_visual(visual, torch.arange(6)) is visual
+    view = merged_visual(visual, torch.tensor([0, 3]))
+    assert view.activity is visual.activity and view.count == 6
+    assert not torch.equal(view.embeds[[0, 3]], visual.embeds[[0, 3]])

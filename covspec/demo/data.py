@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from covspec.demo.task import (
+    CANVAS,
     COLOURS,
     DESCRIBE_PROMPT,
     GRID,
@@ -27,29 +28,40 @@ from covspec.demo.tokenizer import IMAGE
 from covspec.models.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize
 from covspec.models.llava import llava_prompt_ids
 
-PATCHES_PER_SIDE = GRID * 2  # 72 / 12
+PATCHES_PER_SIDE = CANVAS // PATCH  # 6: the target's 12-pixel patches
 COLOUR_IDS = {c: i + 1 for i, c in enumerate(COLOURS)}  # 0 = no object
 SHAPE_IDS = {s: i + 1 for i, s in enumerate(SHAPES)}
 SHORT_TYPES = ("color", "shape", "count", "position", "existence", "relation")
 
 
-def token_cells() -> list[int]:
-    """The grid cell (row-major) each visual token (row-major 12-pixel patch) falls in."""
-    per_cell = PATCHES_PER_SIDE // GRID
-    return [(r // per_cell) * GRID + c // per_cell for r in range(PATCHES_PER_SIDE) for c in range(PATCHES_PER_SIDE)]
+def token_cells(side: int = PATCHES_PER_SIDE) -> list[int]:
+    """The grid cell (row-major) each visual token (row-major patch, `side` patches a side: 6 for
+    12-pixel patches, 12 for 6-pixel ones) falls in."""
+    if side % GRID:
+        raise ValueError(f"{side} patches a side do not tile the {GRID}x{GRID} grid")
+    per_cell = side // GRID
+    return [(r // per_cell) * GRID + c // per_cell for r in range(side) for c in range(side)]
 
 
-@lru_cache(maxsize=1)
-def tokens_by_cell() -> dict[int, tuple[int, ...]]:
+@lru_cache(maxsize=4)
+def tokens_by_cell(side: int = PATCHES_PER_SIDE) -> dict[int, tuple[int, ...]]:
     """The visual tokens of each grid cell."""
-    cells = token_cells()
+    cells = token_cells(side)
     return {cell: tuple(t for t, c in enumerate(cells) if c == cell) for cell in sorted(set(cells))}
+
+
+def per_side(n_tokens: int) -> int:
+    """Patches a side of a square token grid of n_tokens."""
+    side = int(round(n_tokens ** 0.5))
+    if side * side != n_tokens:
+        raise ValueError(f"{n_tokens} visual tokens do not form a square grid")
+    return side
 
 
 def pixel_values(image_array: np.ndarray) -> torch.Tensor:
     """[H, W, 3] uint8 -> [3, H, W] float32, exactly as the adapter's CLIP preprocessing does it
     (the demo images are already at the model's size, so its resize and crop leave them as they are)."""
-    assert image_array.shape[0] == PATCH * PATCHES_PER_SIDE == image_array.shape[1]
+    assert image_array.shape[0] == CANVAS == image_array.shape[1]
     return torch.from_numpy(normalize(image_array, 1 / 255, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
 
 
@@ -57,31 +69,32 @@ def pixel_values(image_array: np.ndarray) -> torch.Tensor:
 class ScenePool:
     scenes: list[Scene]
     images: np.ndarray  # [N, H, W, 3] uint8
-    colour_labels: torch.Tensor  # [N, tokens] 0 = background
-    shape_labels: torch.Tensor  # [N, tokens]
 
     def pixels(self, idx: list[int] | torch.Tensor) -> torch.Tensor:
         return torch.stack([pixel_values(self.images[int(i)]) for i in idx])
 
+    def token_labels(self, side: int = PATCHES_PER_SIDE) -> tuple[torch.Tensor, torch.Tensor]:
+        """(colour, shape) ids [N, tokens] of each visual token's cell (0: background), `side`
+        patches a side."""
+        cells = token_cells(side)
+        colours, shapes = [], []
+        for scene in self.scenes:
+            by_cell = {o.cell: o for o in scene.objects}
+            colours.append([COLOUR_IDS[by_cell[c].colour] if c in by_cell else 0 for c in cells])
+            shapes.append([SHAPE_IDS[by_cell[c].shape] if c in by_cell else 0 for c in cells])
+        return torch.tensor(colours), torch.tensor(shapes)
+
 
 def build_pool(split: str, n: int, seed: int) -> ScenePool:
-    cells = token_cells()
-    scenes, images, colours, shapes = [], [], [], []
-    for i in range(n):
-        scene = scene_for(split, i, seed)
-        scenes.append(scene)
-        images.append(np.asarray(draw_scene(scene), dtype=np.uint8))
-        by_cell = {o.cell: o for o in scene.objects}
-        colours.append([COLOUR_IDS[by_cell[c].colour] if c in by_cell else 0 for c in cells])
-        shapes.append([SHAPE_IDS[by_cell[c].shape] if c in by_cell else 0 for c in cells])
-    return ScenePool(scenes, np.stack(images), torch.tensor(colours), torch.tensor(shapes))
+    scenes = [scene_for(split, i, seed) for i in range(n)]
+    return ScenePool(scenes, np.stack([np.asarray(draw_scene(scene), dtype=np.uint8) for scene in scenes]))
 
 
-def alignment_word_ids(tokenizer, scene: Scene) -> list[list[int]]:
+def alignment_word_ids(tokenizer, scene: Scene, side: int = PATCHES_PER_SIDE) -> list[list[int]]:
     """Per visual token, the word ids whose embeddings its projected feature is pulled towards:
     its cell's colour and shape (or "nothing") and position words."""
     out = []
-    for cell in token_cells():
+    for cell in token_cells(side):
         obj = scene.at(cell)
         words = [obj.colour, obj.shape] if obj else ["nothing"]
         words += POSITIONS[cell].split()
@@ -167,12 +180,12 @@ class PrunedBatch:
     kept: list[torch.Tensor]  # per row, sorted kept visual-token indices
 
 
-def kept_tokens(scene: Scene, n_keep: int, rng: random.Random) -> list[int]:
-    """n_keep visual-token indices: one token of every object's cell first (as a pruner that works
-    would keep), then random others."""
-    by_cell = tokens_by_cell()
+def kept_tokens(scene: Scene, n_keep: int, rng: random.Random, n_visual: int = N_VISUAL_TOKENS) -> list[int]:
+    """n_keep of n_visual visual-token indices: one token of every object's cell first (as a pruner
+    that works would keep), then random others."""
+    by_cell = tokens_by_cell(per_side(n_visual))
     keep = {rng.choice(by_cell[o.cell]) for o in scene.objects}
-    rest = [t for t in range(N_VISUAL_TOKENS) if t not in keep]
+    rest = [t for t in range(n_visual) if t not in keep]
     rng.shuffle(rest)
     keep.update(rest[: max(0, n_keep - len(keep))])
     return sorted(keep)
@@ -194,7 +207,7 @@ def prune_rows(batch: Batch, scenes: list[Scene], image_id: int, pad_id: int, rn
             if orders is not None and rng.random() < device_share:
                 kept = torch.tensor(sorted(orders[row][:n_keep]))
             else:
-                kept = torch.tensor(kept_tokens(scenes[row], n_keep, rng))
+                kept = torch.tensor(kept_tokens(scenes[row], n_keep, rng, n_visual))
             slots = (ids == image_id).nonzero().flatten()  # [n_visual] positions of the image tokens
             keep_mask = torch.ones_like(ids, dtype=torch.bool)
             keep_mask[slots] = False

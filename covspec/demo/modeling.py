@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
-from covspec.demo.task import CANVAS, N_VISUAL_TOKENS, PATCH
+from covspec.demo.task import CANVAS, PATCH
 from covspec.demo.tokenizer import IMAGE, save_tokenizer
 from covspec.models.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -29,6 +29,11 @@ class VisionSize:
     hidden: int = 64
     heads: int = 2
     intermediate: int = 128
+    patch: int = PATCH  # pixels a side of one patch: (CANVAS / patch)^2 visual tokens
+
+    @property
+    def tokens(self) -> int:
+        return (CANVAS // self.patch) ** 2
 
 
 # decode cost of these tiny models is per-layer overhead, so the draft/target step ratio follows layers
@@ -60,7 +65,7 @@ def llava_config(text: TextSize, tokenizer: PreTrainedTokenizerFast, vision: Vis
         "num_hidden_layers": vision.layers,
         "num_attention_heads": vision.heads,
         "image_size": CANVAS,
-        "patch_size": PATCH,
+        "patch_size": vision.patch,
         "num_channels": 3,
         "hidden_act": "quick_gelu",
     }
@@ -81,7 +86,7 @@ def llava_config(text: TextSize, tokenizer: PreTrainedTokenizerFast, vision: Vis
     }
     config = LlavaConfig(
         vision_config=vision_config, text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE), image_seq_length=N_VISUAL_TOKENS,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE), image_seq_length=vision.tokens,
         projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-1,
         tie_word_embeddings=True)
     config.bos_token_id = tokenizer.bos_token_id
@@ -90,9 +95,10 @@ def llava_config(text: TextSize, tokenizer: PreTrainedTokenizerFast, vision: Vis
     return config
 
 
-def new_model(text: TextSize, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForConditionalGeneration:
+def new_model(text: TextSize, tokenizer: PreTrainedTokenizerFast, seed: int,
+              vision: VisionSize = VISION) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(llava_config(text, tokenizer))
+    model = LlavaForConditionalGeneration(llava_config(text, tokenizer, vision))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -131,5 +137,5 @@ def save_checkpoint(model: LlavaForConditionalGeneration, tokenizer: PreTrainedT
     (folder / "covspec_demo.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def size_meta(text: TextSize) -> dict:
-    return {"text": asdict(text), "vision": asdict(VISION)}
+def size_meta(text: TextSize, vision: VisionSize = VISION) -> dict:
+    return {"text": asdict(text), "vision": asdict(vision)}

@@ -45,6 +45,7 @@ from covspec.demo.data import (
     alignment_word_ids,
     build_pool,
     collate,
+    per_side,
     prune_rows,
     sample_questions,
     token_cells,
@@ -52,7 +53,9 @@ from covspec.demo.data import (
 from covspec.demo.modeling import (
     DRAFT_TEXT,
     TARGET_TEXT,
+    VISION,
     TextSize,
+    VisionSize,
     grow_text_model,
     new_model,
     save_checkpoint,
@@ -60,6 +63,7 @@ from covspec.demo.modeling import (
 )
 from covspec.demo.task import COLOURS, DESCRIBE_PROMPT, GRID, N_VISUAL_TOKENS, SHAPES
 from covspec.demo.tokenizer import IMAGE, build_tokenizer
+from covspec.pruning import merge_pruned
 
 console = Console(stderr=True)
 
@@ -82,6 +86,7 @@ class StageSettings:
     short_batch: int = 0  # batch size of short-question batches (0: same as batch)
     mixed: bool = False  # describe and short questions mixed within a batch (else whole batches of one)
     type_weights: tuple[tuple[str, float], ...] = ()  # short-question mix (empty: every type alike)
+    merge_pruned: bool = False  # pruned rows' kept tokens absorb the dropped ones (pruning.merge_pruned)
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,8 @@ class TrainSettings:
     eval_every: int = 250
     target_size: TextSize = TARGET_TEXT
     draft_size: TextSize = DRAFT_TEXT
+    # the draft's own vision tower when it differs from the target's (else it shares the target's)
+    draft_vision: VisionSize = VISION
 
 
 def progress() -> Progress:
@@ -162,7 +169,9 @@ def train_vision(model: LlavaForConditionalGeneration, pool: ScenePool, val: Sce
                                  "shape": torch.nn.Linear(width, len(SHAPES) + 1)})
     if s.vision_cell_head:
         heads["cell"] = torch.nn.Linear(width, GRID * GRID)
-    cells = torch.tensor(token_cells())
+    side = per_side(model.config.image_seq_length)
+    cells = torch.tensor(token_cells(side))
+    colour_labels, shape_labels = pool.token_labels(side)
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=s.vision_lr, weight_decay=0.0)
     tower.train()
@@ -172,8 +181,8 @@ def train_vision(model: LlavaForConditionalGeneration, pool: ScenePool, val: Sce
             rng = random.Random(f"{s.seed}:vision:{step}")
             idx = [rng.randrange(len(pool.scenes)) for _ in range(s.vision_batch)]
             feats = vision_features(model, pool.pixels(idx))
-            loss = (F.cross_entropy(heads["colour"](feats).flatten(0, 1), pool.colour_labels[idx].flatten())
-                    + F.cross_entropy(heads["shape"](feats).flatten(0, 1), pool.shape_labels[idx].flatten()))
+            loss = (F.cross_entropy(heads["colour"](feats).flatten(0, 1), colour_labels[idx].flatten())
+                    + F.cross_entropy(heads["shape"](feats).flatten(0, 1), shape_labels[idx].flatten()))
             if s.vision_cell_head:
                 loss = loss + F.cross_entropy(heads["cell"](feats).flatten(0, 1), cells.repeat(len(idx)))
             for group in opt.param_groups:
@@ -187,8 +196,9 @@ def train_vision(model: LlavaForConditionalGeneration, pool: ScenePool, val: Sce
         p.requires_grad_(False)
     with torch.no_grad():
         feats = cache_features(model, val)
-        colour_acc = (heads["colour"](feats).argmax(-1) == val.colour_labels).float().mean().item()
-        shape_acc = (heads["shape"](feats).argmax(-1) == val.shape_labels).float().mean().item()
+        val_colours, val_shapes = val.token_labels(side)
+        colour_acc = (heads["colour"](feats).argmax(-1) == val_colours).float().mean().item()
+        shape_acc = (heads["shape"](feats).argmax(-1) == val_shapes).float().mean().item()
         cell_acc = (heads["cell"](feats).argmax(-1) == cells).float().mean().item() if s.vision_cell_head else 0.0
     console.print(f"vision tower: per-token colour accuracy {colour_acc:.4f}, shape {shape_acc:.4f}, "
                   f"cell {cell_acc:.4f} (val)")
@@ -206,8 +216,9 @@ def cache_features(model: LlavaForConditionalGeneration, pool: ScenePool, chunk:
 
 # --- stage 2: projector alignment --------------------------------------------------------------
 
-def align_index(tokenizer: PreTrainedTokenizerFast, pool: ScenePool) -> list[list[list[int]]]:
-    return [alignment_word_ids(tokenizer, scene) for scene in pool.scenes]
+def align_index(tokenizer: PreTrainedTokenizerFast, pool: ScenePool,
+                n_visual: int = N_VISUAL_TOKENS) -> list[list[list[int]]]:
+    return [alignment_word_ids(tokenizer, scene, per_side(n_visual)) for scene in pool.scenes]
 
 
 def alignment_loss(model: LlavaForConditionalGeneration, visual: torch.Tensor,
@@ -244,7 +255,7 @@ def train_alignment(name: str, model: LlavaForConditionalGeneration, feats: torc
 # --- stage 3: language -------------------------------------------------------------------------
 
 def lm_logits(model: LlavaForConditionalGeneration, batch: Batch, feats: torch.Tensor,
-              image_id: int, pruned: PrunedBatch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              image_id: int, pruned: PrunedBatch | None = None, merge: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The LLaVA forward on cached vision features [B, N, d]: [B, T, V] logits and the projected
     tokens [B, N, d']. With `pruned`, its rows' kept visual tokens only, at their unpruned positions.
     Unpruned, right padding needs no attention mask under a causal mask (no real token sees a pad)."""
@@ -253,7 +264,8 @@ def lm_logits(model: LlavaForConditionalGeneration, batch: Batch, feats: torch.T
     ids, positions, mask, fill = batch.ids, None, None, visual
     if pruned is not None:
         ids, positions, mask = pruned.batch.ids, pruned.positions, pruned.batch.mask
-        fill = torch.cat([visual[row, kept] for row, kept in enumerate(pruned.kept)])
+        fill = torch.cat([(merge_pruned(visual[row], kept) if merge else visual[row])[kept]
+                          for row, kept in enumerate(pruned.kept)])
     embeds = lm.embed_tokens(ids)
     slots = (ids == image_id).unsqueeze(-1)
     embeds = embeds.masked_scatter(slots, fill.to(embeds.dtype))
@@ -278,6 +290,7 @@ class ValSet:
 
 def make_val(tokenizer: PreTrainedTokenizerFast, pool: ScenePool, feats: torch.Tensor, seed: int,
              batch_size: int = 64) -> ValSet:
+    """The validation questions, one per scene, in batches for a model reading feats [S, N, d]."""
     rng = random.Random(f"{seed}:val-questions")
     questions = []
     types = list(SHORT_TYPES) + ["describe"]
@@ -287,7 +300,7 @@ def make_val(tokenizer: PreTrainedTokenizerFast, pool: ScenePool, feats: torch.T
         qtype = types[i % len(types)]
         q, a = make_question(pool.scenes[i], qtype, rng, allow_unseen=False)
         questions.append((i, q, a, qtype))
-    batches = [collate(tokenizer, questions[k:k + batch_size], N_VISUAL_TOKENS)
+    batches = [collate(tokenizer, questions[k:k + batch_size], feats.shape[1])
                for k in range(0, len(questions), batch_size)]
     return ValSet(batches, feats)
 
@@ -324,8 +337,9 @@ def train_language(name: str, model: LlavaForConditionalGeneration, tokenizer: P
                    pool: ScenePool, feats: torch.Tensor, words: list[list[list[int]]], val: ValSet,
                    st: StageSettings, s: TrainSettings,
                    teacher: LlavaForConditionalGeneration | None = None,
-                   orders: list[list[int]] | None = None) -> dict:
-    """`orders`: per pool scene, the device pruner's picks in order (for st.device_pruned)."""
+                   orders: list[list[int]] | None = None, teacher_feats: torch.Tensor | None = None) -> dict:
+    """`orders`: per pool scene, the device pruner's picks in order (for st.device_pruned);
+    `teacher_feats`: the teacher's own vision features when its tower differs (default: feats)."""
     torch.manual_seed(s.seed + 3)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE)
     projector = list(model.model.multi_modal_projector.parameters())
@@ -342,17 +356,17 @@ def train_language(name: str, model: LlavaForConditionalGeneration, tokenizer: P
         for step in range(st.steps):
             rng = random.Random(f"{s.seed}:{name}:lm:{step}")
             share = describe_share(step, st)
-            batch = collate(tokenizer, sample_questions(pool, rng, st.batch, share, dict(st.type_weights) or None,
-                                                        short_batch=st.short_batch, mixed=st.mixed),
-                            N_VISUAL_TOKENS)
+            questions = sample_questions(pool, rng, st.batch, share, dict(st.type_weights) or None,
+                                         short_batch=st.short_batch, mixed=st.mixed)
+            batch = collate(tokenizer, questions, feats.shape[1])
             batch_feats = feats[batch.scene_idx]
             pruned = None
             if st.pruned_share:
                 pruned = prune_rows(batch, [pool.scenes[int(i)] for i in batch.scene_idx], image_id,
-                                    tokenizer.pad_token_id, rng, st.pruned_share, st.min_keep, N_VISUAL_TOKENS,
+                                    tokenizer.pad_token_id, rng, st.pruned_share, st.min_keep, feats.shape[1],
                                     orders=None if orders is None else [orders[int(i)] for i in batch.scene_idx],
                                     device_share=st.device_pruned)
-            logits, visual = lm_logits(model, batch, batch_feats, image_id, pruned)
+            logits, visual = lm_logits(model, batch, batch_feats, image_id, pruned, st.merge_pruned)
             labels = batch.labels if pruned is None else pruned.batch.labels
             live = labels != -100
             loss = F.cross_entropy(logits[live], labels[live])
@@ -361,8 +375,12 @@ def train_language(name: str, model: LlavaForConditionalGeneration, tokenizer: P
                     model, visual, [words[int(i)] for i in batch.scene_idx])
             if teacher is not None and st.distill_weight:
                 with torch.no_grad():  # the target sees every visual token (it is never pruned by default)
-                    teacher_logits, _ = lm_logits(teacher, batch, batch_feats, image_id)
-                teacher_live = batch.labels != -100  # the same answer tokens, in the unpruned layout
+                    teacher_batch, teacher_batch_feats = batch, batch_feats
+                    if teacher_feats is not None:
+                        teacher_batch = collate(tokenizer, questions, teacher_feats.shape[1])
+                        teacher_batch_feats = teacher_feats[batch.scene_idx]
+                    teacher_logits, _ = lm_logits(teacher, teacher_batch, teacher_batch_feats, image_id)
+                teacher_live = teacher_batch.labels != -100  # the same answer tokens, in the unpruned layout
                 loss = loss + st.distill_weight * F.kl_div(
                     F.log_softmax(logits[live], -1), F.log_softmax(teacher_logits[teacher_live], -1),
                     log_target=True, reduction="batchmean")
@@ -476,23 +494,33 @@ def train_pair(out: Path, s: TrainSettings = TrainSettings(), target_from: Path 
     for p in target.parameters():
         p.requires_grad_(False)
 
-    draft = new_model(s.draft_size, tokenizer, s.seed + 100)
-    draft.model.vision_tower.load_state_dict(target.model.vision_tower.state_dict())
-    for p in draft.model.vision_tower.parameters():
-        p.requires_grad_(False)
+    draft = new_model(s.draft_size, tokenizer, s.seed + 100, s.draft_vision)
     t0 = time.perf_counter()
-    train_alignment("draft", draft, feats, words, s)
+    draft_feats, draft_val, draft_words, teacher_feats = feats, val, words, None
+    draft_vision_meta = vision_meta
+    if s.draft_vision == VISION:  # the target's tower, as trained
+        draft.model.vision_tower.load_state_dict(target.model.vision_tower.state_dict())
+        for p in draft.model.vision_tower.parameters():
+            p.requires_grad_(False)
+    else:  # its own tower, trained as the target's was
+        draft_vision_meta = train_vision(draft, pool, val_pool, s)
+        draft_feats = cache_features(draft, pool)
+        draft_val = make_val(tokenizer, val_pool, cache_features(draft, val_pool), s.seed)
+        draft_words = align_index(tokenizer, pool, s.draft_vision.tokens)
+        teacher_feats = feats
+    train_alignment("draft", draft, draft_feats, draft_words, s)
     orders = device_orders(draft, tokenizer, pool) if s.draft.pruned_share and s.draft.device_pruned else None
-    draft_meta = train_language("draft", draft, tokenizer, pool, feats, words, val, s.draft, s, teacher=target,
-                                orders=orders)
+    draft_meta = train_language("draft", draft, tokenizer, pool, draft_feats, draft_words, draft_val, s.draft, s,
+                                teacher=target, orders=orders, teacher_feats=teacher_feats)
     timings["draft_s"] = time.perf_counter() - t0
     timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
 
     settings = asdict(s)
-    for name, model, size, meta in (("target", target, s.target_size, target_meta),
-                                    ("draft", draft, s.draft_size, draft_meta)):
+    for name, model, size, vision, v_meta, meta in (
+            ("target", target, s.target_size, VISION, vision_meta, target_meta),
+            ("draft", draft, s.draft_size, s.draft_vision, draft_vision_meta, draft_meta)):
         save_checkpoint(model, tokenizer, out / name, {
-            "role": name, "settings": settings, **size_meta(size), **vision_meta, **meta,
+            "role": name, "settings": settings, **size_meta(size, vision), **v_meta, **meta,
             "timings": timings, "image_token_id": image_id})
     console.print(f"trained in {timings['total_s'] / 60:.1f} min: " + ", ".join(
         f"{k} {v:.0f}s" for k, v in timings.items()))
