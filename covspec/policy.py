@@ -274,6 +274,15 @@ def speculation_pays(stats: OnlineStats, target_step_s: float, k_max: int = 16,
     return rate > margin / max(target_step_s, 1e-9)
 
 
+def speculation_could_pay(stats: OnlineStats, target_step_s: float, k_max: int = 16) -> bool:
+    """Whether a window whose every token is accepted could beat the target streaming alone: the
+    test before any acceptance was measured (the costs may still be priors; the round trip and the
+    edge's streaming time are measured at connect and in OPENED). False means no draft can win on
+    this link, whatever the draft."""
+    _, rate = best_window(1.0, stats.costs(), k_max)
+    return rate > 1.0 / max(target_step_s, 1e-9)
+
+
 # --- parallel branching ------------------------------------------------------------------------
 
 def runner_up_tokens(probs: torch.Tensor, window_ids: torch.Tensor) -> torch.Tensor:

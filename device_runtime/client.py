@@ -38,6 +38,7 @@ from covspec.policy import (
     OnlineStats,
     branch_roots,
     choose_window,
+    speculation_could_pay,
     speculation_pays,
 )
 from covspec.pruning import keep_count, merged_visual, score_and_select
@@ -333,11 +334,13 @@ class DeviceRuntime:
         device_root = False  # whether the last committed token is a correction the edge has not seen
         round_base = 0  # rounds before the session was last reopened (the edge counts from 0 again)
         informed = stats.rounds > 0 or self.profile is not None  # estimates from measurements, not priors
-        if (not done and options.adaptive and edge_step_s and informed
-                and speculation_loses(stats, [], options.k_max, edge_step_s)):
-            # the link is too slow for drafts to beat the edge's own streaming: do not start speculating
-            # (decided on measured estimates only: generic priors would stream every answer and, never
-            # measuring a round, never learn otherwise)
+        if not done and options.adaptive and edge_step_s and (
+                speculation_loses(stats, [], options.k_max, edge_step_s) if informed
+                else not speculation_could_pay(stats, edge_step_s, options.k_max)):
+            # the link is too slow for drafts to beat the edge's own streaming: do not start speculating.
+            # Uninformed (generic priors), only when not even a fully accepted window could win: on the
+            # priors' acceptance a device would stream every answer and, never measuring a round,
+            # never learn otherwise
             drafter.committed.extend(self._stream_rest(open_msg, drafter.committed, stats))
             streamed_rest = done = True
         while not done:

@@ -177,3 +177,16 @@ def test_round_trips_seen_outside_rounds_and_when_margin_bins_are_known():
         stats.update(drafted=6, accepted=5, margins=[0.9, 0.8, 0.9, 0.7, 0.9, 0.05])
     assert stats.margins_informed()
     assert OnlineStats(prior_bins=[0.5] * (len(MARGIN_BINS) - 1)).margins_informed()  # a calibration profile's
+
+
+def test_before_any_round_only_a_link_no_window_could_win_on_skips_speculation():
+    """Generic priors (acceptance 0.7) are no evidence: on them a wifi-like link looks lost, and a
+    device deciding so would stream every answer and never measure a round. Before measuring, the
+    device streams only when even a fully accepted window could not beat the edge streaming."""
+    from covspec.policy import OnlineStats, speculation_could_pay, speculation_pays
+
+    wifi = OnlineStats(t_draft=0.001, rtt=0.010, prior_v0=0.005, prior_v1=0.001)
+    assert not speculation_pays(wifi, 0.004, margin=0.5)  # the priors' verdict: stream
+    assert speculation_could_pay(wifi, 0.004)  # but 17 accepted tokens in 47 ms would beat 250 tok/s
+    weak = OnlineStats(t_draft=0.001, rtt=0.150, prior_v0=0.005, prior_v1=0.001)
+    assert not speculation_could_pay(weak, 0.008)  # 17 tokens per 187 ms < 125 tok/s: stream at once
