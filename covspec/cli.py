@@ -76,6 +76,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_demo_build(args: argparse.Namespace) -> int:
     from covspec import demo
 
+    if args.fine_draft:
+        print(f"fine-patch draft ready in {demo.build_fine_draft()}")
+        return 0
     path = demo.build(force=args.force)
     print(f"demo pair ready in {path}")
     return 0
@@ -338,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo_sub = p.add_subparsers(dest="demo_command", required=True, metavar="ACTION")
     q = demo_sub.add_parser("build", help="use the shipped demo weights if intact, else train them")
     q.add_argument("--force", action="store_true", help="retrain from the seed even if weights exist")
+    q.add_argument("--fine-draft", action="store_true",
+                   help="(re)train the pruning study's fine-patch draft into weights/draft_fine (~7 min)")
     q.set_defaults(handler=cmd_demo_build)
     q = demo_sub.add_parser("show", help="answer a few held-out questions with the target")
     q.add_argument("--n", type=int, default=6)

@@ -539,6 +539,12 @@ def _stored_stage(settings: dict, stage: str) -> dict | None:
     return _as_json({**asdict(StageSettings(steps=0, lr=0.0)), **settings[stage]})
 
 
+# The pruning study's draft (covspec/demo/weights/draft_fine): the same recipe, but its own vision
+# tower reading the image in 6-pixel patches (144 visual tokens, as real VLMs read an image in many
+# redundant tokens) and its pruned rows trained with the dropped tokens merged into the kept ones.
+FINE_DRAFT = TrainSettings(draft=replace(TrainSettings().draft, merge_pruned=True), draft_vision=VisionSize(patch=6))
+
+
 def quick_settings(**changes) -> TrainSettings:
     """TrainSettings with some fields replaced (for experiments)."""
     return replace(TrainSettings(), **changes)
