@@ -22,6 +22,15 @@ covspec bench --links loopback --question-type describe --prompts 8 --temperatur
 # pruning: draft accuracy per method and keep ratio
 mkdir -p results/prune
 python -m covspec.prune_eval --draft "$D" --target "$T" --limit 300 --ratios 0.1 0.25 0.5 0.75 1.0 --json results/prune/sweep.json
+# the pruning study's fine-patch draft (144 visual tokens, merging), and its end-to-end cost
+python -m covspec.prune_eval --draft covspec/demo/weights/draft_fine --target "$T" --limit 300 \
+  --ratios 0.1 0.25 0.5 0.75 1.0 --merge --json results/prune-fine/sweep.json
+covspec bench --draft covspec/demo/weights/draft_fine --links loopback,wifi --question-type describe --prompts 8 \
+  --modes target_only,vanilla_sd@8,covspec,covspec_no_prune --keep 0.25 --merge --out results/bench-fine
+# what pruning saves the draft's prefill, selection included
+python -m covspec.prefill_cost --draft "$D" --reps 50 --json results/prefill/draft.json
+python -m covspec.prefill_cost --draft covspec/demo/weights/draft_fine --merge --reps 50 --json results/prefill/draft_fine.json
+python -m covspec.prefill_cost --shape qwen2-0.5b --tokens 576 --reps 10 --threads 2 --json results/prefill/qwen2-0.5b-576.json
 # load: N devices against one edge (replayed draft windows), batched verification
 covspec bench --devices 1,2,4,8,16 --replay --modes target_only,covspec --prompts 8 --question-type describe --out results/load
 # export: fp32 and int8 device bundles (ExecuTorch + ONNX), then the backends side by side on 50 prompts
