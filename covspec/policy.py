@@ -267,10 +267,12 @@ def choose_window(stats: OnlineStats, k_max: int = 16, remaining: int | None = N
 
 
 def speculation_pays(stats: OnlineStats, target_step_s: float, k_max: int = 16,
-                     margin: float = 1.0) -> bool:
+                     margin: float = 1.0, acceptance: float | None = None) -> bool:
     """Whether the best window beats the target streaming alone at 1 / target_step_s tokens per
-    second (by the factor `margin`); when not, the device should ask the edge for target-only."""
-    _, rate = best_window(stats.acceptance, stats.costs(), k_max)
+    second (by the factor `margin`) at the estimated acceptance (or the one given); when not, the
+    device should ask the edge for target-only."""
+    a = stats.acceptance if acceptance is None else acceptance
+    _, rate = best_window(a, stats.costs(), k_max)
     return rate > margin / max(target_step_s, 1e-9)
 
 
@@ -279,8 +281,7 @@ def speculation_could_pay(stats: OnlineStats, target_step_s: float, k_max: int =
     test before any acceptance was measured (the costs may still be priors; the round trip and the
     edge's streaming time are measured at connect and in OPENED). False means no draft can win on
     this link, whatever the draft."""
-    _, rate = best_window(1.0, stats.costs(), k_max)
-    return rate > 1.0 / max(target_step_s, 1e-9)
+    return speculation_pays(stats, target_step_s, k_max, acceptance=1.0)
 
 
 # --- parallel branching ------------------------------------------------------------------------

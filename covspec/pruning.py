@@ -272,10 +272,11 @@ def merge_pruned(embeds: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         feats = unit_rows(embeds - embeds.float().mean(0, keepdim=True))  # [N, d]
         nearest = (feats @ feats[kept].T).argmax(1)  # [N] index into kept
-        nearest[kept] = torch.arange(kept.numel())  # a kept token is its own
-        weights = torch.zeros(kept.numel(), n, dtype=embeds.dtype)
-        weights[nearest, torch.arange(n)] = 1.0
+        kept = kept.to(embeds.device)
+        nearest[kept] = torch.arange(kept.numel(), device=embeds.device)  # a kept token is its own
+        weights = torch.zeros(kept.numel(), n, dtype=embeds.dtype, device=embeds.device)
+        weights[nearest, torch.arange(n, device=embeds.device)] = 1.0
         weights /= weights.sum(1, keepdim=True)  # [k, N] mean over each kept token's group
     merged = embeds.clone()
-    merged[kept] = weights.to(embeds.device) @ embeds
+    merged[kept] = weights @ embeds
     return merged

@@ -78,6 +78,7 @@ MODE_OPTIONS: dict[str, SpecOptions] = {
     "covspec_no_decoupled": replace(COVSPEC, decoupled=False),
 }
 MODES = ("target_only", "draft_only", *MODE_OPTIONS)
+MAX_REOPENS = 3  # edge restarts survived within one answer
 
 
 def pruning_options(mode: str, keep: float | None, merge: bool) -> SpecOptions | None:
@@ -90,7 +91,6 @@ def pruning_options(mode: str, keep: float | None, merge: bool) -> SpecOptions |
     if keep is not None:
         keep_count(keep, 100)  # a ratio in (0, 1]
     return replace(options, keep=options.keep if keep is None else keep, merge=merge)
-MAX_REOPENS = 3  # edge restarts survived within one answer
 
 
 class EdgeRefused(Exception):
