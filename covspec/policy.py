@@ -205,8 +205,7 @@ class OnlineStats:
             rtt = max(0.0, wait_s - (verify_s or 0.0))
             self.rtt = _ewma(self.rtt, rtt, self.weight)
         if verify_s is not None and drafted > 0 and math.isfinite(verify_s):
-            n, sk, skk, st, skt = (self.decay * x for x in self._vsums)
-            self._vsums = [n + 1, sk + drafted, skk + drafted * drafted, st + verify_s, skt + drafted * verify_s]
+            self._vsums = add_point(self._vsums, drafted, verify_s, decay=self.decay)
         if branch_hit is not None:
             self.branch_hit = _ewma(self.branch_hit, 1.0 if branch_hit else 0.0, self.weight)
 
@@ -234,20 +233,32 @@ class OnlineStats:
     def verify_line(self) -> tuple[float, float]:
         """(v0, v1): least squares of verify time on window size over the decayed rounds plus the
         prior anchors at k = 1 and k = 8."""
-        n, sk, skk, st, skt = self._vsums
+        sums = self._vsums
         w = self.prior_verify_weight
         for k in (1.0, 8.0):
-            t = self.prior_v0 + self.prior_v1 * k
-            n, sk, skk, st, skt = n + w, sk + w * k, skk + w * k * k, st + w * t, skt + w * k * t
-        det = n * skk - sk * sk
-        if det <= 1e-12:
-            return self.prior_v0, self.prior_v1
-        v1 = max(0.0, (n * skt - sk * st) / det)  # verifying more tokens never takes less time
-        return (st - v1 * sk) / n, v1
+            sums = add_point(sums, k, self.prior_v0 + self.prior_v1 * k, weight=w)
+        return fit_line(sums) or (self.prior_v0, self.prior_v1)
 
     def costs(self) -> LinkCosts:
         v0, v1 = self.verify_line()
         return LinkCosts(t_draft=self.t_draft, rtt=self.rtt, v0=v0, v1=v1, branch_hit=self.branch_hit)
+
+
+def add_point(sums: Sequence[float], k: float, t: float, decay: float = 1.0, weight: float = 1.0) -> list[float]:
+    """Decayed least-squares sums [n, sum k, sum k^2, sum t, sum k t] with the point (k, t) added."""
+    n, sk, skk, st, skt = (decay * x for x in sums)
+    return [n + weight, sk + weight * k, skk + weight * k * k, st + weight * t, skt + weight * k * t]
+
+
+def fit_line(sums: Sequence[float], min_spread: float = 1e-9) -> tuple[float, float] | None:
+    """(v0, v1) of t ~ v0 + v1 * k from `add_point` sums, the slope clipped at 0 (verifying more
+    tokens never takes less time); None while the points' window sizes do not spread."""
+    n, sk, skk, st, skt = sums
+    det = n * skk - sk * sk
+    if n <= 0 or det <= min_spread * n * n:
+        return None
+    v1 = max(0.0, (n * skt - sk * st) / det)
+    return (st - v1 * sk) / n, v1
 
 
 def margin_bin(margin: float) -> int:

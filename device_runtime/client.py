@@ -326,6 +326,10 @@ class DeviceRuntime:
         stats = self.learned.setdefault((options, params.greedy), self._new_stats())
         edge_step_s = opened.timings.get("step_s") or (
             self.profile.target_step_ms / 1000 if self.profile and self.profile.target_step_ms else None)
+        if "verify_v0_s" in opened.timings and "verify_v1_s" in opened.timings:
+            # the edge's own verify-time line, over every window it verified: the prior this device's
+            # few rounds refine (generic anchors would set the slope while its windows have one length)
+            stats.prior_v0, stats.prior_v1 = opened.timings["verify_v0_s"], opened.timings["verify_v1_s"]
         gate = MarginGate(options.margin_threshold) if options.adaptive else None
         rounds: list[RoundRecord] = []
         done = opened.done

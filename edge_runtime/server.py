@@ -40,6 +40,7 @@ from covspec.edge_runtime.stats import EdgeCounters, SessionUsage, log_completio
 from covspec.errors import CovspecError, ImageError, PromptError
 from covspec.images import load_image
 from covspec.models.base import DecodeState, VisualTokens, VLMAdapter
+from covspec.policy import add_point, fit_line
 from covspec.sampling import SamplingParams
 from covspec.transport import protocol as wire
 from covspec.transport.channel import MeteredSocket, Request, make_socket, start_authenticator
@@ -74,11 +75,15 @@ def _kept(msg: wire.Open) -> torch.Tensor | None:
     return None if msg.kept is None else torch.from_numpy(msg.kept.astype(np.int64))
 
 
+VERIFY_DECAY = 0.99  # weight kept by older verify passes in the edge's cost line, per pass
+
+
 class EdgeServer:
     def __init__(self, adapter: VLMAdapter, settings: EdgeSettings, name: str = "target"):
         settings.check()
         self.adapter = adapter
         self.step_s: float | None = None  # the target's last measured streaming time per token
+        self.verify_sums = [0.0] * 5  # decayed fit of verify time on window size, all sessions (OPENED tells it)
         self.settings = settings
         self.name = name
         self.fingerprint = adapter.fingerprint()
@@ -375,8 +380,7 @@ class EdgeServer:
         prefill_s = time.perf_counter() - start + (prefilled.pass_s if done is not None else 0.0)
         session.usage = SessionUsage(device=self.device, mode=msg.mode, prefix=len(prefix), prefill_s=prefill_s)
         session.opened = wire.Opened(sid=msg.sid, seq=msg.seq, token=session.committed[-1], done=session.done,
-                                     timings={"prefill_s": prefill_s,
-                                              **({"step_s": self.step_s} if self.step_s else {})})
+                                     timings={"prefill_s": prefill_s, **self._cost_timings()})
         self.sessions[msg.sid] = session
         self.counters.sessions_opened += 1
         self.counters.sessions_reopened += bool(prefix)
@@ -384,6 +388,15 @@ class EdgeServer:
                  visual.count, "" if msg.kept is None else f" ({len(msg.kept)} kept)",
                  f", resumed after {len(prefix)} tokens" if prefix else "", prefill_s * 1000)
         yield session.opened
+
+    def _cost_timings(self) -> dict[str, float]:
+        """What the devices' drafting policies price windows with: the target's streaming time per
+        token and, once windows of more than one length were verified, the verify-time line."""
+        out = {"step_s": self.step_s} if self.step_s else {}
+        line = fit_line(self.verify_sums, min_spread=0.25)
+        if line is not None:
+            out["verify_v0_s"], out["verify_v1_s"] = line
+        return out
 
     def on_verify(self, msg: wire.Verify):
         window = self.windows.pop(msg.sid, None)  # this round's batched pass over its window, if any
@@ -417,6 +430,8 @@ class EdgeServer:
             usage = session.usage
             usage.rounds, usage.drafted, usage.accepted = usage.rounds + 1, usage.drafted + len(msg.tokens), usage.accepted + v.accepted
             usage.verify_s += answer.verify_s
+            if len(msg.tokens):
+                self.verify_sums = add_point(self.verify_sums, len(msg.tokens), answer.verify_s, decay=VERIFY_DECAY)
             self.counters.tokens_verified += len(msg.tokens)
             self.counters.tokens_accepted += v.accepted
         cand_ids = None if v.support_ids is None else v.support_ids.numpy().astype(np.int32)

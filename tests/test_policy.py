@@ -190,3 +190,20 @@ def test_before_any_round_only_a_link_no_window_could_win_on_skips_speculation()
     assert speculation_could_pay(wifi, 0.004)  # but 17 accepted tokens in 47 ms would beat 250 tok/s
     weak = OnlineStats(t_draft=0.001, rtt=0.150, prior_v0=0.005, prior_v1=0.001)
     assert not speculation_could_pay(weak, 0.008)  # 17 tokens per 187 ms < 125 tok/s: stream at once
+
+
+def test_fit_line_needs_two_window_lengths_and_recovers_a_line():
+    from covspec.policy import add_point, fit_line
+
+    sums = [0.0] * 5
+    for _ in range(3):
+        sums = add_point(sums, 4, 0.006)
+    assert fit_line(sums) is None  # one window length: no slope
+    for k in (1, 8, 16):
+        sums = add_point(sums, k, 0.004 + 0.0005 * k)
+    v0, v1 = fit_line(sums)
+    assert v1 == pytest.approx(0.0005, rel=0.2) and v0 == pytest.approx(0.004, rel=0.3)
+    falling = [0.0] * 5
+    for k, t in ((1, 0.01), (8, 0.005)):
+        falling = add_point(falling, k, t)
+    assert fit_line(falling)[1] == 0.0  # clipped: more tokens never verify faster

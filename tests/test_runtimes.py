@@ -185,3 +185,27 @@ def test_the_drafting_policy_carries_its_estimates_from_one_request_to_the_next(
     assert stats.rounds == after_first[0] + len(second.rounds) == len(first.rounds) + len(second.rounds)
     assert after_first[1] > stats.prior_acceptance and stats.acceptance > after_first[1]  # all accepted, twice
     assert list(device.learned) == [(options, True)]  # one set per mechanisms and greedy-or-sampled
+
+
+def test_the_edge_tells_devices_its_verify_time_line(pair):
+    """The edge fits its verify time on window length over every window it verified and sends the line
+    in OPENED; a device's drafting policy takes it as its prior instead of the generic anchors."""
+    family, target, other, _ = pair
+    edge = RunningEdge(target)
+    try:
+        assert "verify_v0_s" not in edge.server._cost_timings()  # nothing verified yet: no line
+        device = DeviceRuntime(load_adapter(other), edge.endpoint, timeout_s=20)
+        for window in (2, 2, 6, 6):  # windows of one length give no slope; two lengths do
+            device.answer(png(window), PROMPTS[0], "vanilla_sd", SamplingParams(), max_new_tokens=12, window=window)
+        timings = edge.server._cost_timings()
+        assert {"verify_v0_s", "verify_v1_s"} <= set(timings), family
+        assert timings["verify_v1_s"] >= 0.0
+        options = replace(MODE_OPTIONS["covspec"], keep=1.0)
+        device.answer(png(1), PROMPTS[1], "covspec", SamplingParams(), max_new_tokens=12, options=options)
+        stats = device.learned[(options, True)]
+        device.close()
+        # the prior the device used is the line the edge sent in this request's OPENED
+        assert stats.prior_v1 == pytest.approx(timings["verify_v1_s"], rel=0.5, abs=2e-3), family
+        assert stats.prior_v0 != 0.005  # not the generic prior any more
+    finally:
+        edge.close()
