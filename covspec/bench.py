@@ -153,7 +153,8 @@ def run_worker(args: argparse.Namespace) -> int:
                    "mean_accepted": answer.mean_accepted, "acceptance": answer.acceptance_rate,
                    "score": score_answer(item, answer.text),
                    "matches_target": None if reference is None or mode == "draft_only" else answer.ids == reference,
-                   "accepted_per_round": [r.accepted for r in answer.rounds], "ids": answer.ids,
+                   "accepted_per_round": [r.accepted for r in answer.rounds],
+                   "ahead_rounds": sum(r.ahead for r in answer.rounds), "ids": answer.ids,
                    "device": args.device, "t_start": t_start, "t_end": time.time()}
             out.write(json.dumps(row) + "\n")
             out.flush()
@@ -330,7 +331,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default="target_only,vanilla_sd,covspec,draft_only",
                    help="comma-separated, target_only first (the reference answer): target_only, draft_only, "
                         "vanilla_sd, covspec, covspec_no_prune, covspec_no_adaptive, covspec_no_branch, "
-                        "covspec_no_decoupled; MODE@K sets a fixed window K (e.g. vanilla_sd@8)")
+                        "covspec_no_ahead, covspec_no_decoupled; MODE@K sets a fixed window K (e.g. vanilla_sd@8)")
     p.add_argument("--links", default="loopback,4g", help=f"comma-separated: {', '.join(PROFILES)}")
     p.add_argument("--prompts", type=int, default=10, help="held-out demo prompts per link")
     p.add_argument("--start", type=int, default=0, help="index of the first held-out prompt")

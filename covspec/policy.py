@@ -223,6 +223,12 @@ class OnlineStats:
     def acceptance(self) -> float:
         return (self._acc + self.prior_acceptance * self.prior_n) / (self._judged + self.prior_n)
 
+    def acceptance_upper(self, z: float = 1.0) -> float:
+        """The acceptance estimate plus z standard errors (binomial, over the decayed judged tokens and
+        the prior's): the optimistic end of what a few rounds can tell."""
+        a, n = self.acceptance, self._judged + self.prior_n
+        return min(1.0, a + z * math.sqrt(a * (1.0 - a) / n))
+
     def acceptance_at(self, margin: float) -> float:
         """Acceptance of a token drafted with this margin: its bin's count, shrunk to the bin's prior
         (calibrated) or to the global rate."""

@@ -61,6 +61,7 @@ class SpecOptions:
     k_max: int = 12
     branching: bool = False  # draft the next window on likely outcomes while one is verified
     branches: int = 1  # rejection branches besides the all-accepted one
+    ahead: bool = False  # with branching: send the all-accepted branch's window before the RESULT arrives
     decoupled: bool = False  # sampling: upload q(x_i) only, correct on the device
 
 
@@ -68,13 +69,15 @@ class SpecOptions:
 # cost (results/calibration) long windows with a low gate pay, and long windows multiply every lost
 # point of acceptance, so it keeps 90% of the visual tokens (describe, 16 prompts, loopback / wifi
 # tok/s: 90% kept 479 / 351, 75% 396 / 309, 50% 399 / 288, unpruned 452 / 343; vanilla_sd@8 342 / 251)
-COVSPEC = SpecOptions(keep=0.9, adaptive=True, branching=True, decoupled=True, margin_threshold=0.1, k_max=16)
+COVSPEC = SpecOptions(keep=0.9, adaptive=True, branching=True, ahead=True, decoupled=True, margin_threshold=0.1,
+                      k_max=16)
 MODE_OPTIONS: dict[str, SpecOptions] = {
     "vanilla_sd": SpecOptions(),
     "covspec": COVSPEC,
     "covspec_no_prune": replace(COVSPEC, keep=1.0),
     "covspec_no_adaptive": replace(COVSPEC, adaptive=False),
-    "covspec_no_branch": replace(COVSPEC, branching=False),
+    "covspec_no_branch": replace(COVSPEC, branching=False, ahead=False),
+    "covspec_no_ahead": replace(COVSPEC, ahead=False),
     "covspec_no_decoupled": replace(COVSPEC, decoupled=False),
 }
 MODES = ("target_only", "draft_only", *MODE_OPTIONS)
@@ -106,6 +109,7 @@ class RoundRecord:
     verify_s: float  # the edge's own verify time
     branch_hit: bool | None = None  # whether a branch drafted during the wait was used (None: no branches)
     margins: list[float] | None = None  # the drafted tokens' top-1 minus top-2 draft probabilities
+    ahead: bool = False  # the window was sent before the previous round's RESULT (windows in flight)
 
 
 @dataclass
@@ -294,7 +298,7 @@ class DeviceRuntime:
                 if err.code != wire.ErrorCode.UNKNOWN_SESSION or attempt == MAX_REOPENS:
                     raise
             self._reopen(open_msg, committed)
-            sent = self.client.send(replace(sent, round=0))
+            sent = self.client.send(replace(sent, round=0, pos=None))  # nothing is ahead in a new session
         raise AssertionError("unreachable")
 
     @torch.inference_mode()
@@ -334,6 +338,7 @@ class DeviceRuntime:
         rounds: list[RoundRecord] = []
         done = opened.done
         prepared: Window | None = None  # the next window, already drafted on a branch that hit
+        in_flight: tuple[wire.Verify, Window, float] | None = None  # the next window, sent ahead and verified
         streamed_rest = False
         device_root = False  # whether the last committed token is a correction the edge has not seen
         round_base = 0  # rounds before the session was last reopened (the edge counts from 0 again)
@@ -350,19 +355,21 @@ class DeviceRuntime:
         while not done:
             room = max_new_tokens - len(drafter.committed)
             k = min(choose_window(stats, options.k_max, room) if options.adaptive else window, room)
-            drafted = prepared if prepared is not None and len(prepared) else drafter.draft(
-                k, stop=None if gate is None else lambda w: gate.stop(float(w.margins[-1]), len(w)))
-            drafted = drafted if len(drafted) <= k else _cut(drafter, drafted, k)
+            ahead = in_flight is not None
+            if in_flight is not None:  # sent before the last RESULT, and that RESULT confirmed it
+                sent, drafted, t0 = in_flight
+                in_flight = None
+            else:
+                drafted = prepared if prepared is not None and len(prepared) else drafter.draft(
+                    k, stop=None if gate is None else lambda w: gate.stop(float(w.margins[-1]), len(w)))
+                drafted = drafted if len(drafted) <= k else _cut(drafter, drafted, k)
+                t0 = time.perf_counter()
+                sent = self.client.send(self._verify(sid, len(rounds) - round_base, drafted, params, options,
+                                                     root=drafter.committed[-1] if device_root else None))
             prepared = None
-            verify = wire.Verify(sid=sid, round=len(rounds) - round_base, tokens=drafted.ids.numpy().astype(np.int32),
-                                 root=drafter.committed[-1] if device_root else None)
-            if not params.greedy and options.decoupled:
-                verify.q = drafted.q_of_drafted().numpy().astype(np.float32)
-            elif not params.greedy:  # the conventional upload: every drafted token's full q
-                verify.dists = pad_vocab(drafted.q, vocab).numpy().astype(np.float32)
-            t0 = time.perf_counter()
-            sent = self.client.send(verify)
-            branches = self._draft_branches(drafter, drafted, options, k, stats) if options.branching else []
+            branches, sent_ahead = self._draft_branches(
+                drafter, drafted, options, k, stats, params, sid, len(rounds) + 1 - round_base) \
+                if options.branching else ([], None)
             reply, reopened = self._await_resuming(sent, open_msg, drafter.committed)
             reply = self._expect(reply, wire.Result)
             if reopened:
@@ -379,23 +386,27 @@ class DeviceRuntime:
                 branch, branch_window = hit
                 drafter.adopt(branch)
                 prepared = branch_window
+                if sent_ahead is not None and sent_ahead[1] is branch and not reopened:
+                    # the window sent ahead assumed exactly this outcome: the edge verifies it next
+                    in_flight, prepared = (sent_ahead[0], prepared, sent_ahead[2]), None
             else:
                 drafter.commit(drafted, reply.accepted, next_token)
             verify_s = reply.timings.get("verify_s", float("nan"))
             rounds.append(RoundRecord(len(drafted), reply.accepted, sum(drafted.step_s), wait_s, verify_s,
                                       branch_hit=hit is not None if branches else None,
-                                      margins=drafted.margins.tolist()))
+                                      margins=drafted.margins.tolist(), ahead=ahead))
             # a round that had to reopen the session waited for the timeout and a new prefill: its
-            # acceptance counts, its wait says nothing of the link
-            stats.update(len(drafted), reply.accepted, drafted.step_s, None if reopened else wait_s,
+            # acceptance counts, its wait says nothing of the link; nor does the wait of a window sent
+            # ahead, which queued behind the one before it
+            stats.update(len(drafted), reply.accepted, drafted.step_s, None if reopened or ahead else wait_s,
                          None if reopened else verify_s, drafted.margins,
                          branch_hit=hit is not None if branches else None)
             if stats.rounds == 1 and not reopened:  # the first measurements replace the priors outright
                 stats.rtt = max(0.0, wait_s - verify_s) if verify_s == verify_s else wait_s
                 stats.t_draft = sum(drafted.step_s) / max(len(drafted.step_s), 1)
             done = reply.done or drafter.committed[-1] in eos or len(drafter.committed) >= max_new_tokens
-            if not done and options.adaptive and not device_root and speculation_loses(stats, rounds, options.k_max,
-                                                                                        edge_step_s):
+            if not done and in_flight is None and options.adaptive and not device_root and speculation_loses(
+                    stats, rounds, options.k_max, edge_step_s):
                 # on this link speculation loses to the target alone: let the edge stream the rest
                 drafter.committed.extend(self._stream_rest(open_msg, drafter.committed, stats))
                 streamed_rest = True
@@ -405,13 +416,28 @@ class DeviceRuntime:
                       latency_s=time.perf_counter() - start, rounds=rounds, kept=None if kept is None else len(kept),
                       decode_bytes_up=self.client.counters.bytes_sent - sent_before, streamed_rest=streamed_rest)
 
-    def _draft_branches(self, drafter: Drafter, window: Window, options: SpecOptions, k: int,
-                        stats: OnlineStats) -> list[tuple[Drafter, int, int | None, Window]]:
+    def _verify(self, sid: int, round_no: int, window: Window, params: SamplingParams, options: SpecOptions,
+                root: int | None = None, pos: int | None = None) -> wire.Verify:
+        """The VERIFY of a drafted window: token ids, and when sampling q(x_i) (decoupled) or every
+        drafted token's full q (the conventional upload)."""
+        verify = wire.Verify(sid=sid, round=round_no, tokens=window.ids.numpy().astype(np.int32), root=root, pos=pos)
+        if not params.greedy and options.decoupled:
+            verify.q = window.q_of_drafted().numpy().astype(np.float32)
+        elif not params.greedy:
+            verify.dists = pad_vocab(window.q, self.welcome.vocab_size).numpy().astype(np.float32)
+        return verify
+
+    def _draft_branches(self, drafter: Drafter, window: Window, options: SpecOptions, k: int, stats: OnlineStats,
+                        params: SamplingParams, sid: int, next_round: int,
+                        ) -> tuple[list[tuple[Drafter, int, int | None, Window]], tuple[wire.Verify, Drafter, float] | None]:
         """While the window is verified: fork the draft for the likely outcomes (all accepted;
         rejection at the positions where the first rejection most likely falls, by the learned
         acceptance per margin bin, or the lowest-margin ones until that is learned, corrected to the
         draft's runner-up) and draft the next window on each until the edge's answer arrives.
-        [(branch, accepted, root, window)]."""
+        With `options.ahead`, the all-accepted branch's window is sent as round `next_round` as soon
+        as it is drafted, rooted at the draft's guess of the edge's bonus token; the edge verifies
+        it only if that is what happened, so the round trip is hidden whenever it is.
+        ([(branch, accepted, root, window)], (the VERIFY sent ahead, its branch, when) or None)."""
         ready = lambda _w=None: self.client.poll(0.0)  # noqa: E731
         outcomes: list[tuple[int, int | None]] = [(len(window), None)]
         ranked = stats.acceptance_at if stats.margins_informed() else None  # else: lowest margin first
@@ -419,6 +445,7 @@ class DeviceRuntime:
                                             acceptance=ranked):
             outcomes.append((position, token))
         branches = []
+        sent_ahead = None
         for accepted, root in outcomes:
             if ready():
                 break
@@ -428,7 +455,12 @@ class DeviceRuntime:
             # the all-accepted branch's first drafted token stands for the edge's bonus token
             drafted = branch.draft(k + (1 if root is None else 0), stop=ready)
             branches.append((branch, accepted, root, drafted))
-        return branches
+            if root is None and options.ahead and len(drafted) > 1 and not ready():
+                guess, rest = int(drafted.ids[0]), drafted.tail(1)
+                verify = self._verify(sid, next_round, rest, params, options, root=guess,
+                                      pos=len(branch.committed) + 1)  # answer index of rest's first token
+                sent_ahead = (self.client.send(verify), branch, time.perf_counter())
+        return branches, sent_ahead
 
     def _await(self, sent: wire.Message) -> wire.Message:
         """The reply to a request already sent; on a timeout the request is retried as usual."""
@@ -441,14 +473,19 @@ def speculation_loses(stats: OnlineStats, rounds: list[RoundRecord], k_max: int,
     """Whether the edge streaming alone would be faster than speculating on this link. The target's
     per-token time is the edge's own streaming figure when it sent one, else the cheapest
     verification seen (one pass over a window costs about one decode step here). Clear evidence
-    (half the streaming rate) decides at once; a closer call waits for three rounds of acceptance."""
+    (half the streaming rate) decides at once; a closer call waits for three rounds and holds even
+    at the optimistic end of the acceptance estimate (one standard error up): handing the rest of
+    the answer to the edge cannot be undone, and a few rounds say little (on the demo pair's wifi
+    a fresh device's [4/4, 4/4, 2/8] gave 0.87 where its long-run rate is 0.92, and it streamed
+    its first answer at 0.8-1.0x target_only)."""
     times = [r.verify_s for r in rounds if r.verify_s == r.verify_s]
     if edge_step_s is None and not times:
         return False
     target_step_s = edge_step_s or min(times)
     if not speculation_pays(stats, target_step_s, k_max=k_max, margin=0.5):
         return True
-    return len(rounds) >= 3 and not speculation_pays(stats, target_step_s, k_max=k_max)
+    return len(rounds) >= 3 and not speculation_pays(stats, target_step_s, k_max=k_max,
+                                                     acceptance=stats.acceptance_upper())
 
 
 def _matching_branch(branches: list[tuple[Drafter, int, int | None, Window]], accepted: int,

@@ -34,7 +34,7 @@ import torch
 import zmq
 
 from covspec.edge_runtime.batching import Window, can_batch, can_prefill_batch, prefill_batch, run_batch
-from covspec.edge_runtime.session import SessionError, TargetSession
+from covspec.edge_runtime.session import SessionError, TargetSession, WindowDropped
 from covspec.edge_runtime.settings import EdgeSettings
 from covspec.edge_runtime.stats import EdgeCounters, SessionUsage, log_completion
 from covspec.errors import CovspecError, ImageError, PromptError
@@ -221,7 +221,7 @@ class EdgeServer:
         root = msg.root if msg.root is not None else session.committed[-1]
         if not 0 <= root < vocab:
             return None
-        return session.window_ids(msg.round, root, torch.from_numpy(tokens.astype(np.int64)))
+        return session.window_ids(msg.round, root, torch.from_numpy(tokens.astype(np.int64)), msg.pos)
 
     def _planned(self, gathered: list[Incoming]) -> dict[int, torch.Tensor]:
         """sid -> the ids [k+1] of its VERIFY, for the gathered VERIFYs that will feed the target and
@@ -423,10 +423,16 @@ class EdgeServer:
         root = msg.root if msg.root is not None else session.committed[-1]
         q_of_draft = None if msg.q is None else torch.from_numpy(msg.q)
         before = session.last
-        answer = session.verify(msg.round, root, torch.from_numpy(msg.tokens.astype(np.int64)), scheme,
-                                q_of_draft=q_of_draft, q_full=q_full, window=window)
+        try:
+            answer = session.verify(msg.round, root, torch.from_numpy(msg.tokens.astype(np.int64)), scheme,
+                                    q_of_draft=q_of_draft, q_full=q_full, window=window, pos=msg.pos)
+        except WindowDropped as err:  # a window sent ahead on an outcome that did not happen: normal, not an error
+            self.counters.windows_dropped += 1
+            yield wire.Error(sid=msg.sid, seq=msg.seq, code=wire.ErrorCode.BAD_ROUND, message=f"dropped: {err}")
+            return
         v = answer.verdict
         if answer is not before:  # a new round, not a repeat
+            self.counters.windows_ahead += msg.pos is not None
             usage = session.usage
             usage.rounds, usage.drafted, usage.accepted = usage.rounds + 1, usage.drafted + len(msg.tokens), usage.accepted + v.accepted
             usage.verify_s += answer.verify_s

@@ -5,6 +5,12 @@ Invariant: the target's cache holds the prompt plus `committed[:fed]`. The last 
 the target's logits [k+1, V] score every drafted token and the token after them.
 
 A repeated VERIFY of a round already answered returns the stored answer (retries are safe).
+
+Windows in flight: a device may send the next window before the RESULT of the one before it, drafted
+on the assumption that the edge accepts that window whole and picks the token the device guessed
+(the window's root). Such a window names where it starts (`pos`, the answer index of its first
+drafted token); it is verified only when the answer is exactly there with that root, and otherwise
+dropped (`WindowDropped`) with the session left as it was, so the answer is unchanged either way.
 When the edge batched the window with other sessions' (edge_runtime.batching), verify gets the
 target's logits precomputed and extends the cache by the kept positions only; the rules are the same.
 """
@@ -25,6 +31,10 @@ from covspec.speculative import Verdict, verify_decoupled, verify_full, verify_g
 
 class SessionError(Exception):
     """A request that does not fit the session's state (wrong round, wrong root, finished)."""
+
+
+class WindowDropped(SessionError):
+    """A window sent ahead (`pos` given) whose assumption the answer did not meet: not verified."""
 
 
 @dataclass
@@ -83,28 +93,36 @@ class TargetSession:
             return True
         return len(self.committed) >= self.max_new_tokens
 
-    def _check_round(self, round_no: int, root: int) -> None:
-        """Raises SessionError when a new round `round_no` after `root` does not fit the state."""
+    def _check_round(self, round_no: int, root: int, pos: int | None = None) -> None:
+        """Raises SessionError when a new round `round_no` after `root` does not fit the state;
+        WindowDropped instead for a window sent ahead (`pos`: the answer index of its first token)."""
         expected = 0 if self.last is None else self.last.round + 1
+        start = len(self.committed) + (0 if self.root_known else 1)  # where the window's first token goes
         if round_no != expected:
-            raise SessionError(f"round {round_no} out of order: expected {expected}")
-        if self.done:
-            raise SessionError("the answer is already complete")
-        if self.root_known and root != self.committed[-1]:
-            raise SessionError(f"root token {root} differs from the committed token {self.committed[-1]}")
+            problem = f"round {round_no} out of order: expected {expected}"
+        elif self.done:
+            problem = "the answer is already complete"
+        elif pos is not None and pos != start:
+            problem = f"window sent ahead for answer position {pos}, the answer goes on at {start}"
+        elif self.root_known and root != self.committed[-1]:
+            problem = f"root token {root} differs from the committed token {self.committed[-1]}"
+        else:
+            return
+        raise WindowDropped(problem) if pos is not None else SessionError(problem)
 
     def _room(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """The drafted tokens that could still be emitted: never verify past the token limit."""
         room = self.max_new_tokens - len(self.committed) - (0 if self.root_known else 1)
         return draft_ids[:max(room, 0)]
 
-    def window_ids(self, round_no: int, root: int, draft_ids: torch.Tensor) -> torch.Tensor | None:
+    def window_ids(self, round_no: int, root: int, draft_ids: torch.Tensor,
+                   pos: int | None = None) -> torch.Tensor | None:
         """The ids [k+1] a VERIFY of round `round_no` would feed the target, or None when it would
-        feed nothing (a repeated round, or one verify will refuse). Changes nothing."""
+        feed nothing (a repeated round, or one verify will refuse or drop). Changes nothing."""
         if self.last is not None and round_no == self.last.round:
             return None
         try:
-            self._check_round(round_no, root)
+            self._check_round(round_no, root, pos)
         except SessionError:
             return None
         return torch.cat([torch.tensor([root]), self._room(draft_ids).long()])
@@ -116,14 +134,15 @@ class TargetSession:
     @torch.inference_mode()
     def verify(self, round_no: int, root: int, draft_ids: torch.Tensor, scheme: str,
                q_of_draft: torch.Tensor | None = None, q_full: torch.Tensor | None = None,
-               window: Window | None = None) -> RoundAnswer:
+               window: Window | None = None, pos: int | None = None) -> RoundAnswer:
         """Verifies a window drafted after `root`. scheme: greedy | full | decoupled. `window`: the
         target's pass over this very window, computed beforehand in a batch with other sessions
-        (edge_runtime.batching); without it (or when it does not match) the session runs its own."""
+        (edge_runtime.batching); without it (or when it does not match) the session runs its own.
+        `pos`: given for a window sent ahead, which is dropped (WindowDropped) unless it fits."""
         self.last_active = time.monotonic()
         if self.last is not None and round_no == self.last.round:
             return self.last  # a retry of the round just answered
-        self._check_round(round_no, root)
+        self._check_round(round_no, root, pos)
         if not self.root_known:  # the device drew the correction itself
             self.committed.append(root)
             self.root_known = True

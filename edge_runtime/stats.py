@@ -68,6 +68,8 @@ class EdgeCounters:
     batch_max: int = 0  # the most windows in one pass
     prefill_batches: int = 0  # target passes shared by several sessions' OPEN prefills
     batched_prefills: int = 0  # prompts prefilled in those passes
+    windows_ahead: int = 0  # windows sent before the previous RESULT (pipelined) and verified
+    windows_dropped: int = 0  # windows sent ahead on an outcome that did not happen, dropped unverified
 
     def snapshot(self, sessions_open: int, wire: ByteCounters) -> dict[str, int | float]:
         out: dict[str, int | float] = {
@@ -79,6 +81,7 @@ class EdgeCounters:
             "tokens_accepted": self.tokens_accepted, "tokens_streamed": self.tokens_streamed,
             "batches": self.batches, "batched_windows": self.batched_windows, "batch_max": self.batch_max,
             "prefill_batches": self.prefill_batches, "batched_prefills": self.batched_prefills,
+            "windows_ahead": self.windows_ahead, "windows_dropped": self.windows_dropped,
             "bytes_in": wire.bytes_recv, "bytes_out": wire.bytes_sent,
             "messages_in": wire.msgs_recv, "messages_out": wire.msgs_sent,
         }

@@ -207,3 +207,28 @@ def test_fit_line_needs_two_window_lengths_and_recovers_a_line():
     for k, t in ((1, 0.01), (8, 0.005)):
         falling = add_point(falling, k, t)
     assert fit_line(falling)[1] == 0.0  # clipped: more tokens never verify faster
+
+
+def test_a_close_call_hands_the_answer_to_the_edge_only_when_even_optimistic_acceptance_loses():
+    """Measured on the demo pair over wifi: a fresh device's first rounds [4/4, 4/4, 2/8] put acceptance
+    at 0.87 where its long-run rate is 0.92, and at the point estimate it streamed its first answer
+    (0.8-1.0x target_only). Three rounds say too little to give the answer up; many rounds of the
+    same evidence do."""
+    from covspec.device_runtime.client import RoundRecord, speculation_loses
+
+    def after(windows: list[tuple[int, int]], repeats: int = 1) -> tuple[OnlineStats, list[RoundRecord]]:
+        stats = OnlineStats(t_draft=0.001, rtt=0.010, prior_v0=0.0055, prior_v1=0.0002)
+        rounds = []
+        for k, accepted in windows * repeats:
+            margins = [0.9] * accepted + [0.05] * (k - accepted)
+            stats.update(k, accepted, [0.0007] * k, 0.026, 0.007, margins, branch_hit=True)
+            rounds.append(RoundRecord(k, accepted, 0.0007 * k, 0.026, 0.007))
+        return stats, rounds
+
+    edge_step_s = 0.0043  # the target streams at ~230 tokens/s
+    stats, rounds = after([(4, 4), (4, 4), (8, 2)])
+    assert not speculation_pays(stats, edge_step_s, k_max=16)  # the point estimate alone would give up
+    assert stats.acceptance_upper() > stats.acceptance + 0.05
+    assert not speculation_loses(stats, rounds, 16, edge_step_s)
+    stats, rounds = after([(8, 2), (8, 1), (8, 3)], repeats=10)  # plenty of poor rounds: it does give up
+    assert speculation_loses(stats, rounds, 16, edge_step_s)
