@@ -43,6 +43,7 @@ from covspec.policy import (
 )
 from covspec.pruning import keep_count, merged_visual, score_and_select
 from covspec.sampling import SamplingParams
+from covspec.sampling import next_token as pick_token
 from covspec.speculative import correct_decoupled
 from covspec.transport import protocol as wire
 from covspec.transport.channel import Client, ClientKeys, RemoteError
@@ -164,6 +165,7 @@ class DeviceRuntime:
         self.profile = profile
         self.client = Client(edge, timeout_s=timeout_s, retries=retries, keys=keys)
         self.reopens = 0
+        self.edge_step_s: float | None = None  # the target's streaming time per token, as the last OPENED said
         self.welcome = self._hello()
         # the drafting policy's estimates per set of mechanisms and greedy-or-sampled, carried from one
         # request to the next: acceptance, step, round-trip and verify times belong to this draft, edge
@@ -319,31 +321,49 @@ class DeviceRuntime:
         if options.prune_target:
             open_msg.kept = None if kept is None else kept.numpy().astype(np.int32)
             sent_open = self.client.send(open_msg)
-        _, state = self.draft.prefill(visual, prompt, kept=kept)
-        opened = self._expect(self._await(sent_open), wire.Opened)
-        ttft = time.perf_counter() - start
+        first_logits, state = self.draft.prefill(visual, prompt, kept=kept)  # [V] the first token's
         sent_before = self.client.counters.bytes_sent
         generator = None if params.greedy else params.generator()
-        drafter = Drafter(self.draft, state, opened.token, params, generator)
+        stats = self.learned.setdefault((options, params.greedy), self._new_stats())
+        gate = MarginGate(options.margin_threshold) if options.adaptive else None
+        gated = None if gate is None else lambda w: gate.stop(float(w.margins[-1]), len(w))
+        early: tuple[wire.Verify, Window, float] | None = None  # round 0, sent before OPENED
+        if options.ahead and max_new_tokens > 1 and (not options.adaptive or (
+                stats.rounds > 0 and not speculation_loses(stats, [], options.k_max, self.edge_step_s))):
+            # the edge is still prefilling: draft the first window on the draft's own guess of the
+            # target's first token and send it now; the edge verifies it right after OPENED if the guess
+            # was right (so the answer is unchanged either way) and the first round trip is hidden
+            guess = pick_token(first_logits, params, generator)
+            drafter = Drafter(self.draft, state, guess, params, generator)
+            k = min(choose_window(stats, options.k_max, max_new_tokens - 1) if options.adaptive else window,
+                    max_new_tokens - 1)
+            first = drafter.draft(k, stop=lambda w: self.client.poll(0.0) or (gated is not None and gated(w)))
+            early = (self.client.send(self._verify(sid, 0, first, params, options, root=guess, pos=1)), first,
+                     time.perf_counter())
+        opened = self._expect(self._await(sent_open), wire.Opened)
+        ttft = time.perf_counter() - start
+        in_flight: tuple[wire.Verify, Window, float] | None = None  # the next window, sent ahead and verified
+        if early is not None and drafter.committed[0] == opened.token and not opened.done:
+            in_flight = early
+        else:
+            self.draft.truncate(state, state.length if early is None else drafter.prompt_length)
+            drafter = Drafter(self.draft, state, opened.token, params, generator)
         eos = self.draft.eos_token_ids
         vocab = self.welcome.vocab_size
-        stats = self.learned.setdefault((options, params.greedy), self._new_stats())
-        edge_step_s = opened.timings.get("step_s") or (
+        self.edge_step_s = edge_step_s = opened.timings.get("step_s") or (
             self.profile.target_step_ms / 1000 if self.profile and self.profile.target_step_ms else None)
         if "verify_v0_s" in opened.timings and "verify_v1_s" in opened.timings:
             # the edge's own verify-time line, over every window it verified: the prior this device's
             # few rounds refine (generic anchors would set the slope while its windows have one length)
             stats.prior_v0, stats.prior_v1 = opened.timings["verify_v0_s"], opened.timings["verify_v1_s"]
-        gate = MarginGate(options.margin_threshold) if options.adaptive else None
         rounds: list[RoundRecord] = []
         done = opened.done
         prepared: Window | None = None  # the next window, already drafted on a branch that hit
-        in_flight: tuple[wire.Verify, Window, float] | None = None  # the next window, sent ahead and verified
         streamed_rest = False
         device_root = False  # whether the last committed token is a correction the edge has not seen
         round_base = 0  # rounds before the session was last reopened (the edge counts from 0 again)
         informed = stats.rounds > 0 or self.profile is not None  # estimates from measurements, not priors
-        if not done and options.adaptive and edge_step_s and (
+        if not done and in_flight is None and options.adaptive and edge_step_s and (
                 speculation_loses(stats, [], options.k_max, edge_step_s) if informed
                 else not speculation_could_pay(stats, edge_step_s, options.k_max)):
             # the link is too slow for drafts to beat the edge's own streaming: do not start speculating.
@@ -360,8 +380,7 @@ class DeviceRuntime:
                 sent, drafted, t0 = in_flight
                 in_flight = None
             else:
-                drafted = prepared if prepared is not None and len(prepared) else drafter.draft(
-                    k, stop=None if gate is None else lambda w: gate.stop(float(w.margins[-1]), len(w)))
+                drafted = prepared if prepared is not None and len(prepared) else drafter.draft(k, stop=gated)
                 drafted = drafted if len(drafted) <= k else _cut(drafter, drafted, k)
                 t0 = time.perf_counter()
                 sent = self.client.send(self._verify(sid, len(rounds) - round_base, drafted, params, options,
