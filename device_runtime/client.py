@@ -492,7 +492,8 @@ def speculation_loses(stats: OnlineStats, rounds: list[RoundRecord], k_max: int,
     """Whether the edge streaming alone would be faster than speculating on this link. The target's
     per-token time is the edge's own streaming figure when it sent one, else the cheapest
     verification seen (one pass over a window costs about one decode step here). Clear evidence
-    (half the streaming rate) decides at once; a closer call waits for three rounds and holds even
+    (half the streaming rate) decides at once; a closer call waits for three rounds (this answer's or
+    the earlier ones' the estimates carry: an informed device decides before its first round) and holds even
     at the optimistic end of the acceptance estimate (one standard error up): handing the rest of
     the answer to the edge cannot be undone, and a few rounds say little (on the demo pair's wifi
     a fresh device's [4/4, 4/4, 2/8] gave 0.87 where its long-run rate is 0.92, and it streamed
@@ -503,8 +504,8 @@ def speculation_loses(stats: OnlineStats, rounds: list[RoundRecord], k_max: int,
     target_step_s = edge_step_s or min(times)
     if not speculation_pays(stats, target_step_s, k_max=k_max, margin=0.5):
         return True
-    return len(rounds) >= 3 and not speculation_pays(stats, target_step_s, k_max=k_max,
-                                                     acceptance=stats.acceptance_upper())
+    return stats.rounds >= 3 and not speculation_pays(stats, target_step_s, k_max=k_max,
+                                                      acceptance=stats.acceptance_upper())
 
 
 def _matching_branch(branches: list[tuple[Drafter, int, int | None, Window]], accepted: int,
