@@ -1,6 +1,7 @@
 """What pruning saves the draft's prefill, selection included, side by side in one run.
 
     python -m covspec.prefill_cost --draft covspec/demo/weights/draft          # a checkpoint
+    python -m covspec.prefill_cost --bundle runs/export/device --backend onnx  # the exported programs
     python -m covspec.prefill_cost --shape qwen2-0.5b --tokens 576             # a realistic shape
 
 For each keep ratio the same image is encoded, pruned (`score_and_select`, plus `merge_pruned` with
@@ -8,6 +9,10 @@ For each keep ratio the same image is encoded, pruned (`score_and_select`, plus 
 repetition, so the machine's drift hits them alike. Reported per ratio (medians): the selection, the
 prefill, their sum against the unpruned prefill, and the image encoding (the vision tower sees every
 patch whatever is kept, so pruning cannot save it).
+
+--bundle runs an exported device bundle (`covspec export`) through the adapter `covspec device run
+--bundle` uses, on ExecuTorch or ONNX Runtime: what a device's prefill costs once deployed. Its
+decoder prefills in chunks of at most the bundle's `max_chunk` tokens (one program call each).
 
 --shape builds a randomly initialised LLaVA (CLIP tower of one small layer, since its cost is the
 same for every ratio; Llama text model of the named shape): prefill time does not depend on the
@@ -146,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--draft", help="a draft checkpoint folder")
+    source.add_argument("--bundle", help="an exported device bundle folder (run on --backend)")
     source.add_argument("--shape", choices=sorted(SHAPES), help="a randomly initialised LLaVA of this text shape")
     parser.add_argument("--tokens", type=int, default=576, help="visual tokens of the --shape model's image")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75])
+    parser.add_argument("--backend", default="executorch", choices=["executorch", "onnx"], help="runtime for --bundle")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--merge", action="store_true", help="merge the dropped tokens into the kept ones")
     parser.add_argument("--threads", type=int, default=1)
@@ -159,7 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in args.ratios:
         keep_count(r, 100)  # validates the ratio
     torch.set_num_threads(args.threads)
-    adapter = load_adapter(args.draft) if args.draft else random_llava(args.shape, args.tokens)
+    if args.bundle:
+        from covspec.device_runtime.exported_adapter import BundleAdapter
+
+        adapter: VLMAdapter = BundleAdapter(args.bundle, backend=args.backend, threads=args.threads)
+    else:
+        adapter = load_adapter(args.draft) if args.draft else random_llava(args.shape, args.tokens)
     rows = measure(adapter, args.ratios, args.reps, args.merge)
     table = format_rows(rows)
     print(table)
@@ -169,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps([asdict(r) for r in rows], indent=1))
         command = "python -m covspec.prefill_cost " + shlex.join(argv if argv is not None else sys.argv[1:])
         out.with_suffix(".txt").write_text(f"Command: {command}\n\n{table}\n")
-        plot_rows({args.draft or f"{args.shape}, {args.tokens} tokens": rows}, out.with_suffix(".png"))
+        name = args.draft or (f"{args.bundle} ({args.backend})" if args.bundle else f"{args.shape}, {args.tokens} tokens")
+        plot_rows({name: rows}, out.with_suffix(".png"))
     return 0
 
 

@@ -140,6 +140,11 @@ def test_rank01():
     assert rank01(torch.tensor([3.0, 1.0, 2.0])).tolist() == [1.0, 0.0, 0.5]
     assert rank01(torch.tensor([1.0, 1.0])).tolist() == [0.5, 0.5]
     assert rank01(torch.tensor([5.0])).tolist() == [0.5]
+    # ties get their mean rank: the pairwise definition, on random values with and without ties
+    for values in (torch.randn(50), torch.randint(0, 6, (50,)).float()):
+        less = (values[None, :] < values[:, None]).sum(1).float()
+        equal = (values[None, :] == values[:, None]).sum(1).float()
+        assert torch.equal(rank01(values), (less + (equal - 1) / 2) / 49)
 
 
 def test_degenerate_inputs():
