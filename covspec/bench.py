@@ -154,7 +154,8 @@ def run_worker(args: argparse.Namespace) -> int:
                    "score": score_answer(item, answer.text),
                    "matches_target": None if reference is None or mode == "draft_only" else answer.ids == reference,
                    "accepted_per_round": [r.accepted for r in answer.rounds],
-                   "ahead_rounds": sum(r.ahead for r in answer.rounds), "ids": answer.ids,
+                   "ahead_rounds": sum(r.ahead for r in answer.rounds),
+                   "rejected_rounds": sum(r.accepted < r.drafted for r in answer.rounds), "ids": answer.ids,
                    "device": args.device, "t_start": t_start, "t_end": time.time()}
             out.write(json.dumps(row) + "\n")
             out.flush()
@@ -218,6 +219,16 @@ def _mean(values: list) -> float:
     return float(np.mean(clean)) if clean else float("nan")
 
 
+def token_acceptance(rows: list[dict]) -> float:
+    """Per-token acceptance over the rows' rounds: accepted / (accepted + rejections), each round showing
+    its accepted tokens and, unless accepted whole, one rejection (the tokens after it were never
+    judged). Unlike accepted / drafted it does not fall as windows get longer."""
+    rows = [r for r in rows if r.get("rejected_rounds") is not None and r["rounds"]]
+    accepted = sum(r["mean_accepted"] * r["rounds"] for r in rows)
+    judged = accepted + sum(r["rejected_rounds"] for r in rows)
+    return accepted / judged if judged else float("nan")
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for row in rows:
@@ -237,6 +248,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             "branch_hits": _mean([r.get("branch_hits") for r in group]),
             "mean_accepted": _mean([r["mean_accepted"] for r in group]),
             "acceptance": _mean([r["acceptance"] for r in group]),
+            "token_acceptance": token_acceptance(group),
             "score": _mean([r["score"] for r in group]),
             "same_as_target": f"{sum(matches)}/{len(matches)}" if matches else "",
         })
@@ -255,15 +267,18 @@ def write_results(out: Path, rows: list[dict], link_stats: dict[str, dict], comm
              "frame); tokens/s is decode rate after the first token; `same as target` counts answers identical "
              "token for token to target_only's on the same prompt.", "",
              "| link | mode | requests | decode tok/s | TTFT ms | latency ms | up B/tok | decode up B/tok | "
-             "down B/tok | mean accepted | acceptance | branch hits | task score | same as target |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "down B/tok | mean accepted | acceptance | per-token acceptance | branch hits | task score | same as target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['link']} | {s['mode']} | {s['requests']} | {s['decode_tps']:.1f} | {s['ttft_ms']:.0f} | "
                      f"{s['latency_ms']:.0f} | {s['up_per_token']:.0f} | {s['decode_up_per_token']:.1f} | "
                      f"{s['down_per_token']:.0f} | {s['mean_accepted']:.2f} | {s['acceptance']:.2f} | "
+                     f"{s['token_acceptance']:.3f} | "
                      f"{s['branch_hits']:.2f} | {s['score']:.3f} | {s['same_as_target']} |")
     lines += ["", "`up B/tok` includes the OPEN message (the image); `decode up B/tok` counts only what is sent "
-              "after it (the drafted windows), where the verification schemes differ.", "",
+              "after it (the drafted windows), where the verification schemes differ. `acceptance` is accepted / "
+              "drafted per request (it falls as windows get longer); `per-token acceptance` is accepted / (accepted "
+              "+ rejections) over all rounds, the rate a drafted token is accepted given those before it were.", "",
               "Plots: tokens_per_s.png, bytes_per_token.png, accepted_length.png."]
     if link_stats:
         lines += ["", "Link emulator's own byte counts (both directions, all modes):", ""]

@@ -31,3 +31,11 @@ def test_bench_runs_every_mode_through_the_link(tmp_path: Path):
     assert (out / "summary.md").read_text().count("| wifi |") == 4
     for plot in ("tokens_per_s.png", "bytes_per_token.png", "accepted_length.png"):
         assert (out / plot).stat().st_size > 1000
+
+
+def test_per_token_acceptance_counts_one_rejection_per_round_not_accepted_whole():
+    rows = [{"rounds": 3, "mean_accepted": 4.0, "rejected_rounds": 1},  # 12 accepted, 1 rejection
+            {"rounds": 2, "mean_accepted": 0.5, "rejected_rounds": 2},  # 1 accepted, 2 rejections
+            {"rounds": 0, "mean_accepted": float("nan"), "rejected_rounds": 0}]  # streamed: no rounds
+    assert bench.token_acceptance(rows) == 13 / 16
+    assert bench.token_acceptance(rows[2:]) != bench.token_acceptance(rows[2:])  # nan: nothing judged
