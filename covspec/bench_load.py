@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 
@@ -58,17 +59,22 @@ def release(go: Path, n: int, procs: list[subprocess.Popen], timeout_s: float = 
 class Recorder:
     """Records what a device's Client sends (every request but HELLO), a summary of each reply, and
     the device's own time before each request (drafting, pruning, prefill: from its previous reply,
-    or from the request's start), so that a replaying device keeps the recorded pace."""
+    or from the request's start), so that a replaying device keeps the recorded pace. Windows in
+    flight are kept as they were: each request records how many replies had come before it was sent,
+    and whether its own reply was ever awaited (a window sent ahead and dropped is not)."""
 
     def __init__(self, client) -> None:
         self.sent: list = []
         self.think_s: list[float] = []
+        self.replies_before: list[int] = []
+        self.awaited: set[int] = set()  # seqs whose reply the device read
         self.replies: list = []
         self.last = time.perf_counter()
         send, recv = client.send, client.recv
 
         def recording_send(msg):
             self.think_s.append(time.perf_counter() - self.last)
+            self.replies_before.append(len(self.replies))
             sent = send(msg)
             self.sent.append(sent)
             self.last = time.perf_counter()
@@ -77,6 +83,7 @@ class Recorder:
         def recording_recv(seq: int, timeout_s: float | None = None):
             from covspec.transport.channel import RemoteError
 
+            self.awaited.add(seq)
             try:
                 reply = recv(seq, timeout_s)
             except RemoteError as err:
@@ -98,12 +105,16 @@ class Recorder:
         """Appends the request to a msgpack stream: its messages as wire frames, never pickle."""
         from covspec.transport import protocol as wire
 
-        kept = [(m, t) for m, t in zip(self.sent, self.think_s, strict=True) if not isinstance(m, wire.Hello)]
+        kept = [i for i, m in enumerate(self.sent) if not isinstance(m, wire.Hello)]
         with open(path, "ab") as f:
             f.write(msgpack.packb({"index": index, "mode": mode, "tokens": tokens,
-                                   "requests": [wire.encode(m) for m, _ in kept], "think_s": [t for _, t in kept],
+                                   "requests": [wire.encode(self.sent[i]) for i in kept],
+                                   "think_s": [self.think_s[i] for i in kept],
+                                   "replies_before": [self.replies_before[i] for i in kept],
+                                   "awaited": [self.sent[i].seq in self.awaited for i in kept],
                                    "replies": self.replies}, use_bin_type=True))
-        self.sent, self.think_s, self.replies = [], [], []
+        self.sent, self.think_s, self.replies_before, self.replies = [], [], [], []
+        self.awaited = set()
 
 
 def reply_summary(reply) -> list:
@@ -130,31 +141,46 @@ def load_records(path: Path) -> list[dict]:
 
 
 def replay(client, record: dict) -> dict:
-    """Sends one recorded request's messages under a fresh session id, each after the previous one's
-    reply (all of a STREAM's chunks); its timings, and whether the replies equal the recorded ones."""
+    """Sends one recorded request's messages under a fresh session id, each once as many replies have
+    come as had come in the recording (so windows sent ahead go out ahead again) and after the
+    device's recorded think time; its timings, and whether the replies equal the recorded ones
+    (replies the recording never read, to windows it sent ahead and saw dropped, are not read)."""
     from covspec.transport import protocol as wire
     from covspec.transport.channel import RemoteError
 
     sid = int.from_bytes(np.random.default_rng().bytes(7), "little") or 1
     replies: list[tuple] = []
+    waiting: deque[wire.Message] = deque()  # sent, reply still to read
     ttft = None
     t_start = time.time()
-    for msg, think in zip(record["requests"], record["think_s"], strict=True):
-        time.sleep(think)  # the device's own work before this message, as recorded
-        sent = client.send(replace(msg, sid=sid) if msg.sid else msg)
+
+    def read_reply() -> None:  # every reply to the oldest request still waiting (all of a STREAM's chunks)
+        nonlocal ttft
+        sent = waiting.popleft()
         while True:
             try:
                 reply = client.recv(sent.seq)
             except RemoteError as err:
                 replies.append(["ERROR", int(err.code)])
-                break
+                return
             if reply is None:
                 raise RuntimeError(f"no reply to {sent.TYPE} within the timeout")
             replies.append(reply_summary(reply))
             if ttft is None and isinstance(reply, wire.Opened):
                 ttft = time.time() - t_start
             if not isinstance(reply, wire.Streamed) or reply.done:
-                break
+                return
+
+    for msg, think, before, awaited in zip(record["requests"], record["think_s"], record["replies_before"],
+                                           record["awaited"], strict=True):
+        while len(replies) < before and waiting:
+            read_reply()
+        time.sleep(think)  # the device's own work before this message, as recorded
+        sent = client.send(replace(msg, sid=sid) if msg.sid else msg)
+        if awaited:
+            waiting.append(sent)
+    while waiting:
+        read_reply()
     t_end = time.time()
     latency, tokens = t_end - t_start, record["tokens"]
     ttft = latency if ttft is None else ttft

@@ -128,3 +128,33 @@ def test_covspec_sends_windows_ahead_and_still_answers_as_the_target(models, lon
                     assert len(answer.rounds) >= 3 and ahead >= max(1, len(answer.rounds) // 2)
     finally:
         edge.close()
+
+
+def test_a_load_replay_sends_windows_ahead_as_recorded_and_leaves_dropped_ones_unread(models, long_answer, tmp_path):
+    """The load bench's replaying devices keep the recorded order: a window the recording sent ahead
+    goes out before the RESULT it assumes, and the reply to one that was dropped is not waited for."""
+    from covspec.bench_load import Recorder, load_records, replay
+
+    image, prompt, ref = long_answer
+    edge = RunningEdge(models[0])
+    try:
+        with Client(edge.endpoint, timeout_s=20, retries=0) as client:
+            recorder = Recorder(client)
+            recorder.start()
+            client.request(wire.Open(sid=7, image=image, prompt=prompt, mode="covspec", max_new_tokens=MAX_NEW))
+            r0 = client.send(wire.Verify(sid=7, round=0, tokens=tokens(ref[1:4])))
+            wrong = next(t for t in range(5, 50) if t != ref[4])
+            client.send(wire.Verify(sid=7, round=1, tokens=tokens(ref[5:7]), root=wrong, pos=5))  # will be dropped
+            assert client.recv(r0.seq).accepted == 3
+            assert client.request(wire.Verify(sid=7, round=1, tokens=tokens(ref[5:7]))).accepted == 2
+            client.request(wire.Close(sid=7))
+            recorder.save(tmp_path / "recorded.msgpack", 0, "covspec", len(ref))
+        (record,) = load_records(tmp_path / "recorded.msgpack")
+        assert record["awaited"] == [True, True, False, True, True]
+        assert record["replies_before"] == [0, 1, 1, 2, 3]  # the window ahead went out before RESULT 0
+        with Client(edge.endpoint, timeout_s=20, retries=0) as client:
+            replayed = replay(client, record)
+        assert replayed["replay_matches"]
+        assert edge.server.stats()["windows_dropped"] == 2  # the recording's and the replay's
+    finally:
+        edge.close()
