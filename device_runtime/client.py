@@ -6,9 +6,11 @@ the edge, in one of the modes:
     vanilla_sd   fixed window k, stop-and-wait; sampling uploads the draft's full distribution
                  of every drafted token (the conventional scheme)
     covspec      the four mechanisms: visual tokens pruned before the draft's prefill, margin gate
-                 and cost-model window length, branches drafted while a window is verified,
-                 decoupled verification (sampling uploads q(x_i) only; the device corrects)
-    covspec_no_prune / _no_adaptive / _no_branch / _no_decoupled: one mechanism off each
+                 and cost-model window length, branches drafted while a window is verified
+                 and sent ahead of the RESULT they assume (windows in flight; the first one
+                 before OPENED), decoupled verification (sampling uploads q(x_i) only; the
+                 device corrects)
+    covspec_no_prune / _no_adaptive / _no_branch / _no_ahead / _no_decoupled: one mechanism off each
 
 Every request goes through `transport.channel.Client`, which counts the bytes of every frame sent
 and received on the socket: those are the bytes per token the bench reports.

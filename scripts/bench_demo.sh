@@ -13,8 +13,8 @@ python -m covspec.demo.measure --limit 1000 --agreement 60 --json results/demo/m
 # lossless greedy on 50 held-out prompts (mixed question types), loopback
 covspec bench --links loopback --modes target_only,vanilla_sd,covspec --prompts 50 --out results/lossless
 # throughput per link profile and mode, long answers ("describe the image"), ablations side by side
-covspec bench --links loopback,wifi,4g,weak --question-type describe --prompts 8 \
-  --modes target_only,draft_only,vanilla_sd@2,vanilla_sd@4,vanilla_sd@8,covspec,covspec_no_prune,covspec_no_adaptive,covspec_no_branch \
+covspec bench --links loopback,wifi,4g,weak --question-type describe --prompts 16 \
+  --modes target_only,draft_only,vanilla_sd@2,vanilla_sd@4,vanilla_sd@8,covspec,covspec_no_prune,covspec_no_adaptive,covspec_no_branch,covspec_no_ahead \
   --out results/bench-describe
 # sampling: bytes per token of full-distribution upload vs decoupled verification
 covspec bench --links loopback --question-type describe --prompts 8 --temperature 1 --top-p 0.9 --seed 1 \
@@ -25,17 +25,26 @@ python -m covspec.prune_eval --draft "$D" --target "$T" --limit 300 --ratios 0.1
 # the pruning study's fine-patch draft (144 visual tokens, merging), and its end-to-end cost
 python -m covspec.prune_eval --draft covspec/demo/weights/draft_fine --target "$T" --limit 300 \
   --ratios 0.1 0.25 0.5 0.75 1.0 --merge --json results/prune-fine/sweep.json
-covspec bench --draft covspec/demo/weights/draft_fine --links loopback,wifi --question-type describe --prompts 8 \
+covspec bench --draft covspec/demo/weights/draft_fine --links loopback,wifi --question-type describe --prompts 16 \
   --modes target_only,vanilla_sd@8,covspec,covspec_no_prune --keep 0.25 --merge --out results/bench-fine
 # what pruning saves the draft's prefill, selection included
 python -m covspec.prefill_cost --draft "$D" --reps 50 --json results/prefill/draft.json
 python -m covspec.prefill_cost --draft covspec/demo/weights/draft_fine --merge --reps 50 --json results/prefill/draft_fine.json
 python -m covspec.prefill_cost --shape qwen2-0.5b --tokens 576 --reps 10 --threads 2 --json results/prefill/qwen2-0.5b-576.json
+# ... and on the exported int8 bundles the device runs (ExecuTorch and ONNX Runtime)
+covspec export --draft "$D" --target "$T" --out runs/export-int8 --quant int8
+covspec export --draft covspec/demo/weights/draft_fine --target "$T" --out runs/export-fine-int8 --quant int8 --edge-backend pytorch
+for backend in executorch onnx; do
+  tag=$([ "$backend" = executorch ] && echo pte || echo onnx)
+  python -m covspec.prefill_cost --bundle runs/export-int8/device --backend "$backend" --reps 50 \
+    --json "results/prefill/draft-$tag-int8.json"
+  python -m covspec.prefill_cost --bundle runs/export-fine-int8/device --backend "$backend" --merge --reps 50 \
+    --json "results/prefill/draft_fine-$tag-int8.json"
+done
 # load: N devices against one edge (replayed draft windows), batched verification
 covspec bench --devices 1,2,4,8,16 --replay --modes target_only,covspec --prompts 8 --question-type describe --out results/load
 # export: fp32 and int8 device bundles (ExecuTorch + ONNX), then the backends side by side on 50 prompts
 covspec export --draft "$D" --target "$T" --out runs/export-fp32 --quant none
-covspec export --draft "$D" --target "$T" --out runs/export-int8 --quant int8
 python -m covspec.calibration.backends --draft "$D" --items 50 --out results/export \
   --bundle "pte fp32=runs/export-fp32/device:executorch" --bundle "pte int8=runs/export-int8/device:executorch" \
   --bundle "onnx fp32=runs/export-fp32/device:onnx" --bundle "onnx int8=runs/export-int8/device:onnx"
