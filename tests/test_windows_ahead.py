@@ -158,3 +158,26 @@ def test_a_load_replay_sends_windows_ahead_as_recorded_and_leaves_dropped_ones_u
         assert edge.server.stats()["windows_dropped"] == 2  # the recording's and the replay's
     finally:
         edge.close()
+
+
+def test_where_the_edge_streams_the_first_window_is_verified_before_the_streaming(models, long_answer):
+    """Over a 150 ms link streaming beats speculating; once the device knows it (from its first
+    answer), it sends OPEN, its first window and STREAM together: the edge verifies the window right
+    after its prefill and streams the rest from there. Same answer as target_only's."""
+    image, prompt, ref = long_answer
+    target = models[0]
+    edge = RunningEdge(target)
+    try:
+        with Link(edge.endpoint.removeprefix("tcp://"), get_profile("custom", rtt_ms=150.0), "127.0.0.1:0") as link:
+            device = DeviceRuntime(load_adapter(target), link.endpoint, timeout_s=20)
+            options = replace(MODE_OPTIONS["covspec"], keep=1.0)
+            reference = device.answer(image, prompt, "target_only", SamplingParams(), MAX_NEW)
+            first = device.answer(image, prompt, "covspec", SamplingParams(), MAX_NEW, options=options)
+            second = device.answer(image, prompt, "covspec", SamplingParams(), MAX_NEW, options=options)
+            device.close()
+        assert reference.ids == first.ids == second.ids == ref
+        assert first.streamed_rest and second.streamed_rest
+        assert len(second.rounds) == 1 and second.rounds[0].ahead  # the window sent with OPEN was verified
+        assert edge.server.stats()["windows_ahead"] >= 1
+    finally:
+        edge.close()
