@@ -11,6 +11,7 @@ on the assumption that the edge accepts that window whole and picks the token th
 (the window's root). Such a window names where it starts (`pos`, the answer index of its first
 drafted token); it is verified only when the answer is exactly there with that root, and otherwise
 dropped (`WindowDropped`) with the session left as it was, so the answer is unchanged either way.
+
 When the edge batched the window with other sessions' (edge_runtime.batching), verify gets the
 target's logits precomputed and extends the cache by the kept positions only; the rules are the same.
 """
