@@ -139,9 +139,19 @@ class EdgeServer:
             for incoming in gathered:
                 request = incoming.request
                 for reply in self.handle(request.frames, request.device, decoded=incoming.msg):
-                    self.sock.send(reply, peer=request.peer, limits=self.settings.limits)
+                    self._reply(reply, request.peer)
         finally:
             self.windows, self.prefills = {}, {}
+
+    def _reply(self, reply: wire.Message, peer: bytes) -> None:
+        """Sends a reply; one that does not encode (a bug of the edge's, never the device's input) is
+        logged and answered with an INTERNAL error instead, so the loop goes on."""
+        try:
+            self.sock.send(reply, peer=peer, limits=self.settings.limits)
+        except wire.ProtocolError as err:
+            log.exception("could not encode the %s reply", reply.TYPE)
+            self.sock.send(self._error(reply, wire.ErrorCode.INTERNAL, f"the edge could not encode its {reply.TYPE}: {err}"),
+                           peer=peer, limits=self.settings.limits)
 
     def handle(self, frames: list, device: str = "local", decoded: wire.Message | None = None):
         """Yields the replies to one request (several for STREAM). Never raises. `decoded`: the
@@ -394,8 +404,8 @@ class EdgeServer:
         token and, once windows of more than one length were verified, the verify-time line."""
         out = {"step_s": self.step_s} if self.step_s else {}
         line = fit_line(self.verify_sums, min_spread=0.25)
-        if line is not None:
-            out["verify_v0_s"], out["verify_v1_s"] = line
+        if line is not None:  # a steep slope can put the intercept below 0: no pass takes negative time
+            out["verify_v0_s"], out["verify_v1_s"] = max(line[0], 0.0), line[1]
         return out
 
     def on_verify(self, msg: wire.Verify):

@@ -215,3 +215,28 @@ def test_the_edge_tells_devices_its_verify_time_line(pair):
         assert stats.prior_v0 != 0.005  # not the generic prior any more
     finally:
         edge.close()
+
+
+def test_a_steep_verify_line_is_sent_with_its_intercept_at_zero_and_an_unencodable_reply_kills_nothing(pair):
+    """Found by the export test: verify times rising steeply in window length fitted a line with a
+    negative intercept, OPENED could not be encoded (timings are non-negative on the wire) and the
+    edge's loop died. Now the intercept is sent as 0, and a reply that does not encode is answered
+    with an INTERNAL error while the edge keeps serving."""
+    from covspec.policy import add_point
+
+    family, target, other, _ = pair
+    edge = RunningEdge(target)
+    try:
+        edge.server.verify_sums = add_point(add_point([0.0] * 5, 1, 0.001), 9, 0.010)  # v0 = -0.125 ms
+        assert edge.server._cost_timings()["verify_v0_s"] == 0.0
+        device = DeviceRuntime(load_adapter(other), edge.endpoint, timeout_s=20)
+        answer = device.answer(png(1), PROMPTS[1], "covspec", SamplingParams(), max_new_tokens=8)
+        assert answer.ids
+        edge.server._cost_timings = lambda: {"verify_v0_s": -1.0}  # an edge bug, as it was
+        with pytest.raises(RemoteError, match="could not encode its OPENED"):
+            device.answer(png(1), PROMPTS[1], "covspec", SamplingParams(), max_new_tokens=8)
+        del edge.server._cost_timings
+        assert device.answer(png(1), PROMPTS[1], "covspec", SamplingParams(), max_new_tokens=8).ids == answer.ids
+        device.close()
+    finally:
+        edge.close()
