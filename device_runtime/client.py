@@ -420,7 +420,7 @@ class DeviceRuntime:
                                                      root=drafter.committed[-1] if device_root else None))
             prepared = None
             branches, sent_ahead = self._draft_branches(
-                drafter, drafted, options, k, stats, params, sid, len(rounds) + 1 - round_base) \
+                drafter, drafted, options, k, stats, params, sid, len(rounds) + 1 - round_base, max_new_tokens) \
                 if options.branching else ([], None)
             reply, reopened = self._await_resuming(sent, open_msg, drafter.committed)
             reply = self._expect(reply, wire.Result)
@@ -480,7 +480,7 @@ class DeviceRuntime:
         return verify
 
     def _draft_branches(self, drafter: Drafter, window: Window, options: SpecOptions, k: int, stats: OnlineStats,
-                        params: SamplingParams, sid: int, next_round: int,
+                        params: SamplingParams, sid: int, next_round: int, max_new_tokens: int,
                         ) -> tuple[list[tuple[Drafter, int, int | None, Window]], tuple[wire.Verify, Drafter, float] | None]:
         """While the window is verified: fork the draft for the likely outcomes (all accepted;
         rejection at the positions where the first rejection most likely falls, by the learned
@@ -504,8 +504,11 @@ class DeviceRuntime:
             if root is None and int(window.ids[-1]) in self.draft.eos_token_ids:
                 continue  # an answer that ends in this window has no continuation to draft
             branch = drafter.fork(window, accepted, root)
+            room = max_new_tokens - len(branch.committed)  # answer tokens left after the assumed outcome
+            if room <= 0:
+                continue
             # the all-accepted branch's first drafted token stands for the edge's bonus token
-            drafted = branch.draft(k + (1 if root is None else 0), stop=ready)
+            drafted = branch.draft(min(k + (1 if root is None else 0), room), stop=ready)
             branches.append((branch, accepted, root, drafted))
             if root is None and options.ahead and len(drafted) > 1 and not ready():
                 guess, rest = int(drafted.ids[0]), drafted.tail(1)

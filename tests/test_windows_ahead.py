@@ -181,3 +181,26 @@ def test_where_the_edge_streams_the_first_window_is_verified_before_the_streamin
         assert edge.server.stats()["windows_ahead"] >= 1
     finally:
         edge.close()
+
+
+def test_no_window_sent_ahead_runs_past_the_token_limit(models, long_answer):
+    """An answer cut by max_new_tokens: windows drafted on the all-accepted branch stop where the limit
+    does (the edge would cut them, and the cut tokens would count as rejected: the target drafting for
+    itself accepted 8 of 12 in one such run)."""
+    image, prompt, ref = long_answer
+    target = models[0]
+    edge = RunningEdge(target)
+    try:
+        with Link(edge.endpoint.removeprefix("tcp://"), get_profile("custom", rtt_ms=30.0), "127.0.0.1:0") as link:
+            device = DeviceRuntime(load_adapter(target), link.endpoint, timeout_s=20)
+            options = replace(MODE_OPTIONS["covspec_no_adaptive"], keep=1.0)
+            limits = range(5, len(ref))  # below the answer's length: the limit binds, mid-window for some
+            answers = {limit: device.answer(image, prompt, "covspec", SamplingParams(), limit, window=3,
+                                            options=options) for limit in limits}
+            device.close()
+        for limit, answer in answers.items():
+            assert answer.ids == ref[:limit]
+            assert answer.acceptance_rate == 1.0, (limit, [(r.drafted, r.accepted, r.ahead) for r in answer.rounds])
+        assert any(r.ahead for answer in answers.values() for r in answer.rounds)
+    finally:
+        edge.close()
