@@ -7,6 +7,8 @@ BAD_ROUND error and the session stays as it was. Over real ZeroMQ sockets, on a 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -42,6 +44,17 @@ def long_answer(models):
         if len(ids) >= 10:
             return image, PROMPTS[1], ids
     pytest.fail("no image among 20 gives the tiny target an answer of 10 tokens")
+
+
+@contextmanager
+def edge_behind_link(target, rtt_ms: float) -> Iterator[tuple[RunningEdge, str]]:
+    """A running edge on `target` and the endpoint of an emulated link of `rtt_ms` in front of it."""
+    edge = RunningEdge(target)
+    try:
+        with Link(edge.endpoint.removeprefix("tcp://"), get_profile("custom", rtt_ms=rtt_ms), "127.0.0.1:0") as link:
+            yield edge, link.endpoint
+    finally:
+        edge.close()
 
 
 def tokens(ids: list[int]) -> np.ndarray:
@@ -104,30 +117,26 @@ def test_covspec_sends_windows_ahead_and_still_answers_as_the_target(models, lon
     first token among them, most likely). Greedy answers equal target_only's either way."""
     image, prompt, ref = long_answer
     target, other = models
-    edge = RunningEdge(target)
-    try:
-        with Link(edge.endpoint.removeprefix("tcp://"), get_profile("custom", rtt_ms=30.0), "127.0.0.1:0") as link:
-            for draft, always_right in ((target, True), (other, False)):
-                device = DeviceRuntime(load_adapter(draft), link.endpoint, timeout_s=20)
-                # fixed windows of 3, nothing pruned: the rounds do not depend on timings
-                options = replace(MODE_OPTIONS["covspec_no_adaptive"], keep=1.0)
-                before = edge.server.stats()["windows_ahead"]
-                answer = device.answer(image, prompt, "covspec", SamplingParams(), MAX_NEW, window=3, options=options)
-                off = device.answer(image, prompt, "covspec", SamplingParams(), MAX_NEW, window=3,
-                                    options=replace(options, ahead=False))
-                device.close()
-                assert answer.ids == off.ids == ref[:len(answer.ids)] and len(answer.ids) == len(ref)
-                ahead = sum(r.ahead for r in answer.rounds)
-                assert edge.server.stats()["windows_ahead"] - before == ahead
-                assert not any(r.ahead for r in off.rounds)
-                if always_right:  # the first window went out before OPENED, on the right guess of the
-                    # first token; then every round after one that went stop-and-wait was sent ahead (a
-                    # window sent ahead is answered soon after the one before it, often before the next
-                    # all-accepted branch is drafted, so that one goes stop-and-wait: at least every other)
-                    assert answer.rounds[0].ahead
-                    assert len(answer.rounds) >= 3 and ahead >= max(1, len(answer.rounds) // 2)
-    finally:
-        edge.close()
+    with edge_behind_link(target, rtt_ms=30.0) as (edge, endpoint):
+        for draft, always_right in ((target, True), (other, False)):
+            device = DeviceRuntime(load_adapter(draft), endpoint, timeout_s=20)
+            # fixed windows of 3, nothing pruned: the rounds do not depend on timings
+            options = replace(MODE_OPTIONS["covspec_no_adaptive"], keep=1.0)
+            before = edge.server.stats()["windows_ahead"]
+            answer = device.answer(image, prompt, "covspec", SamplingParams(), MAX_NEW, window=3, options=options)
+            off = device.answer(image, prompt, "covspec", SamplingParams(), MAX_NEW, window=3,
+                                options=replace(options, ahead=False))
+            device.close()
+            assert answer.ids == off.ids == ref[:len(answer.ids)] and len(answer.ids) == len(ref)
+            ahead = sum(r.ahead for r in answer.rounds)
+            assert edge.server.stats()["windows_ahead"] - before == ahead
+            assert not any(r.ahead for r in off.rounds)
+            if always_right:  # the first window went out before OPENED, on the right guess of the
+                # first token; then every round after one that went stop-and-wait was sent ahead (a
+                # window sent ahead is answered soon after the one before it, often before the next
+                # all-accepted branch is drafted, so that one goes stop-and-wait: at least every other)
+                assert answer.rounds[0].ahead
+                assert len(answer.rounds) >= 3 and ahead >= max(1, len(answer.rounds) // 2)
 
 
 def test_a_load_replay_sends_windows_ahead_as_recorded_and_leaves_dropped_ones_unread(models, long_answer, tmp_path):
@@ -166,41 +175,33 @@ def test_where_the_edge_streams_the_first_window_is_verified_before_the_streamin
     after its prefill and streams the rest from there. Same answer as target_only's."""
     image, prompt, ref = long_answer
     target = models[0]
-    edge = RunningEdge(target)
-    try:
-        with Link(edge.endpoint.removeprefix("tcp://"), get_profile("custom", rtt_ms=150.0), "127.0.0.1:0") as link:
-            device = DeviceRuntime(load_adapter(target), link.endpoint, timeout_s=20)
-            options = replace(MODE_OPTIONS["covspec"], keep=1.0)
-            reference = device.answer(image, prompt, "target_only", SamplingParams(), MAX_NEW)
-            first = device.answer(image, prompt, "covspec", SamplingParams(), MAX_NEW, options=options)
-            second = device.answer(image, prompt, "covspec", SamplingParams(), MAX_NEW, options=options)
-            device.close()
-        assert reference.ids == first.ids == second.ids == ref
-        assert first.streamed_rest and second.streamed_rest
-        assert len(second.rounds) == 1 and second.rounds[0].ahead  # the window sent with OPEN was verified
+    with edge_behind_link(target, rtt_ms=150.0) as (edge, endpoint):
+        device = DeviceRuntime(load_adapter(target), endpoint, timeout_s=20)
+        options = replace(MODE_OPTIONS["covspec"], keep=1.0)
+        reference = device.answer(image, prompt, "target_only", SamplingParams(), MAX_NEW)
+        first = device.answer(image, prompt, "covspec", SamplingParams(), MAX_NEW, options=options)
+        second = device.answer(image, prompt, "covspec", SamplingParams(), MAX_NEW, options=options)
+        device.close()
         assert edge.server.stats()["windows_ahead"] >= 1
-    finally:
-        edge.close()
+    assert reference.ids == first.ids == second.ids == ref
+    assert first.streamed_rest and second.streamed_rest
+    assert len(second.rounds) == 1 and second.rounds[0].ahead  # the window sent with OPEN was verified
 
 
 def test_no_window_sent_ahead_runs_past_the_token_limit(models, long_answer):
     """An answer cut by max_new_tokens: windows drafted on the all-accepted branch stop where the limit
     does (the edge would cut them, and the cut tokens would count as rejected: the target drafting for
-    itself accepted 8 of 12 in one such run)."""
+    itself accepted 7 of 9 in one such run)."""
     image, prompt, ref = long_answer
     target = models[0]
-    edge = RunningEdge(target)
-    try:
-        with Link(edge.endpoint.removeprefix("tcp://"), get_profile("custom", rtt_ms=30.0), "127.0.0.1:0") as link:
-            device = DeviceRuntime(load_adapter(target), link.endpoint, timeout_s=20)
-            options = replace(MODE_OPTIONS["covspec_no_adaptive"], keep=1.0)
-            limits = range(5, len(ref))  # below the answer's length: the limit binds, mid-window for some
-            answers = {limit: device.answer(image, prompt, "covspec", SamplingParams(), limit, window=3,
-                                            options=options) for limit in limits}
-            device.close()
-        for limit, answer in answers.items():
-            assert answer.ids == ref[:limit]
-            assert answer.acceptance_rate == 1.0, (limit, [(r.drafted, r.accepted, r.ahead) for r in answer.rounds])
-        assert any(r.ahead for answer in answers.values() for r in answer.rounds)
-    finally:
-        edge.close()
+    with edge_behind_link(target, rtt_ms=30.0) as (_, endpoint):
+        device = DeviceRuntime(load_adapter(target), endpoint, timeout_s=20)
+        options = replace(MODE_OPTIONS["covspec_no_adaptive"], keep=1.0)
+        limits = range(5, len(ref))  # below the answer's length: the limit binds, mid-window for some
+        answers = {limit: device.answer(image, prompt, "covspec", SamplingParams(), limit, window=3,
+                                        options=options) for limit in limits}
+        device.close()
+    for limit, answer in answers.items():
+        assert answer.ids == ref[:limit]
+        assert answer.acceptance_rate == 1.0, (limit, [(r.drafted, r.accepted, r.ahead) for r in answer.rounds])
+    assert any(r.ahead for answer in answers.values() for r in answer.rounds)
