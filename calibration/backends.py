@@ -41,7 +41,7 @@ class BackendRow:
 
 
 def program_bytes(bundle: Path, fmt: str) -> int:
-    from covspec.device_runtime.bundle import load_bundle
+    from covspec.bundles.bundle import load_bundle
 
     manifest = load_bundle(bundle, checksum=False).manifest
     parts = manifest["programs"][fmt]
@@ -74,7 +74,7 @@ def compare_backends(draft: Path, bundles: dict[str, tuple[Path, str]], items: l
     """items: objects with .image and .question (and .answer for `score(item, text) -> float`).
     `threads`: intra-op threads for every backend alike (torch, ExecuTorch's threadpool, ONNX Runtime);
     None leaves each backend's default."""
-    from covspec.device_runtime.exported_adapter import BundleAdapter
+    from covspec.bundles.adapter import BundleAdapter
     from covspec.models import load_adapter
 
     if threads:

@@ -192,7 +192,8 @@ def cmd_edge_stats(args: argparse.Namespace) -> int:
 def cmd_device_run(args: argparse.Namespace) -> int:
     import torch
 
-    from covspec.device_runtime.client import DeviceRuntime, pruning_options
+    from covspec.device_runtime.client import DeviceRuntime
+    from covspec.modes import pruning_options
 
     params = _sampling_params(args)
     torch.set_num_threads(args.threads)
@@ -232,8 +233,8 @@ def _draft_adapter(args: argparse.Namespace):
     if bool(args.model) == bool(args.bundle):
         raise CovspecError("give the draft as --bundle DIR (an exported device bundle) or --model PATH (a checkpoint)")
     if args.bundle:
-        from covspec.device_runtime.bundle import BundleError
-        from covspec.device_runtime.exported_adapter import BundleAdapter
+        from covspec.bundles.adapter import BundleAdapter
+        from covspec.bundles.bundle import BundleError
 
         try:
             return BundleAdapter(args.bundle, backend=args.backend, threads=args.threads)
@@ -260,8 +261,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
         drafts["eager"] = load_adapter(args.draft)
     if args.bundle:
-        from covspec.device_runtime.bundle import BundleError
-        from covspec.device_runtime.exported_adapter import BundleAdapter
+        from covspec.bundles.adapter import BundleAdapter
+        from covspec.bundles.bundle import BundleError
 
         for backend in args.backends.split(","):
             try:
@@ -313,7 +314,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_device_flash(args: argparse.Namespace) -> int:
-    from covspec.device_runtime.bundle import BundleError
+    from covspec.bundles.bundle import BundleError
     from covspec.device_runtime.flash import FlashError, flash
 
     try:
@@ -482,11 +483,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return link.main(argv[1:])
     if argv[:1] == ["bench"]:
-        from covspec import bench
+        from covspec.tools import bench
 
         return bench.main(argv[1:])
     if argv[:1] == ["fuzz"]:
-        from covspec import fuzz
+        from covspec.tools import fuzz
 
         return fuzz.main(argv[1:])
     parser = build_parser()

@@ -34,8 +34,8 @@ from covspec.drafter import Drafter, Window
 from covspec.generation import generate
 from covspec.images import load_image
 from covspec.models.base import VLMAdapter
+from covspec.modes import MODE_OPTIONS, MODES, SpecOptions
 from covspec.policy import (
-    MARGIN_THRESHOLD,
     MarginGate,
     OnlineStats,
     branch_roots,
@@ -43,60 +43,14 @@ from covspec.policy import (
     speculation_could_pay,
     speculation_pays,
 )
-from covspec.pruning import keep_count, merged_visual, score_and_select
+from covspec.pruning import merged_visual, score_and_select
 from covspec.sampling import SamplingParams
 from covspec.sampling import next_token as pick_token
 from covspec.speculative import correct_decoupled
 from covspec.transport import protocol as wire
 from covspec.transport.channel import Client, ClientKeys, RemoteError
 
-
-@dataclass(frozen=True)
-class SpecOptions:
-    """Which CoVSpec mechanisms a speculative mode uses."""
-
-    keep: float = 1.0  # share of the draft's visual tokens kept (1: no pruning)
-    prune_method: str = "covspec"
-    merge: bool = False  # the dropped visual tokens merged into the kept ones (pruning.merge_pruned)
-    prune_target: bool = False  # send the kept indices to the edge too (changes the target's answers)
-    adaptive: bool = False  # margin gate + cost-model window length (else the fixed window)
-    margin_threshold: float = MARGIN_THRESHOLD
-    k_max: int = 12
-    branching: bool = False  # draft the next window on likely outcomes while one is verified
-    branches: int = 1  # rejection branches besides the all-accepted one
-    ahead: bool = False  # with branching: send the all-accepted branch's window before the RESULT arrives
-    decoupled: bool = False  # sampling: upload q(x_i) only, correct on the device
-
-
-# The demo pair's settings, chosen by side-by-side bench runs (README, "Measured"): on its flat verify
-# cost (results/calibration) long windows with a low gate pay, and long windows multiply every lost
-# point of acceptance, so it keeps 90% of the visual tokens (describe, 16 prompts, loopback / wifi
-# tok/s: 90% kept 479 / 351, 75% 396 / 309, 50% 399 / 288, unpruned 452 / 343; vanilla_sd@8 342 / 251)
-COVSPEC = SpecOptions(keep=0.9, adaptive=True, branching=True, ahead=True, decoupled=True, margin_threshold=0.1,
-                      k_max=16)
-MODE_OPTIONS: dict[str, SpecOptions] = {
-    "vanilla_sd": SpecOptions(),
-    "covspec": COVSPEC,
-    "covspec_no_prune": replace(COVSPEC, keep=1.0),
-    "covspec_no_adaptive": replace(COVSPEC, adaptive=False),
-    "covspec_no_branch": replace(COVSPEC, branching=False, ahead=False),
-    "covspec_no_ahead": replace(COVSPEC, ahead=False),
-    "covspec_no_decoupled": replace(COVSPEC, decoupled=False),
-}
-MODES = ("target_only", "draft_only", *MODE_OPTIONS)
 MAX_REOPENS = 3  # edge restarts survived within one answer
-
-
-def pruning_options(mode: str, keep: float | None, merge: bool) -> SpecOptions | None:
-    """The mode's mechanisms with a keep ratio and merging applied to its pruning (None: the mode as
-    it is; modes that do not prune are left alone). Merging suits a draft trained on merged tokens
-    (the demo's draft_fine)."""
-    options = MODE_OPTIONS.get(mode)
-    if options is None or options.keep >= 1.0 or (keep is None and not merge):
-        return None
-    if keep is not None:
-        keep_count(keep, 100)  # a ratio in (0, 1]
-    return replace(options, keep=options.keep if keep is None else keep, merge=merge)
 
 
 class EdgeRefused(Exception):

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from covspec.device_runtime.bundle import load_bundle
+from covspec.bundles.bundle import load_bundle
 from covspec.export.manifest import MANIFEST, sha256_file
 
 

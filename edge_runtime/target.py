@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from covspec.device_runtime.bundle import BundleError, load_bundle
+from covspec.bundles.bundle import BundleError, load_bundle
 from covspec.errors import CovspecError
 from covspec.export.manifest import MANIFEST
 from covspec.models import load_adapter
@@ -34,7 +34,7 @@ def load_target(path: str | Path, threads: int | None = None) -> tuple[VLMAdapte
     backend = manifest.get("backend")
     checkpoint = path / manifest.get("checkpoint", "checkpoint")
     if backend == "onnx":
-        from covspec.device_runtime.exported_adapter import BundleAdapter
+        from covspec.bundles.adapter import BundleAdapter
 
         return BundleAdapter(bundle, backend="onnx", threads=threads), f"edge bundle {path}: ONNX Runtime"
     if backend == "tensorrt":
@@ -42,7 +42,7 @@ def load_target(path: str | Path, threads: int | None = None) -> tuple[VLMAdapte
 
         missing = tensorrt_unavailable()
         if missing is None:
-            from covspec.device_runtime.exported_adapter import BundleAdapter
+            from covspec.bundles.adapter import BundleAdapter
 
             return BundleAdapter(bundle, backend="tensorrt", threads=threads), f"edge bundle {path}: TensorRT engine"
         return load_adapter(checkpoint), f"edge bundle {path}: its checkpoint with PyTorch (TensorRT engine not usable here: {missing})"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import tiny_models
 
-from covspec import bench
+from covspec.tools import bench
 
 
 def test_bench_runs_every_mode_through_the_link(tmp_path: Path):

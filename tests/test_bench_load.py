@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import tiny_models
 
-from covspec import bench
-from covspec.bench_load import summarise_load
+from covspec.tools import bench
+from covspec.tools.load import summarise_load
 
 
 def row(device: int, tokens: int, t_start: float, t_end: float) -> dict:
@@ -32,7 +32,7 @@ def test_process_cpu_time_is_read_from_proc():
     import os
     import time
 
-    from covspec.bench_load import process_cpu_s
+    from covspec.tools.load import process_cpu_s
 
     first = process_cpu_s(os.getpid())
     start = time.process_time()

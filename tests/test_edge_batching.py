@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from test_runtimes import PROMPTS, RunningEdge, png
 
-from covspec.device_runtime.client import DeviceRuntime, SpecOptions
+from covspec.device_runtime.client import DeviceRuntime
 from covspec.edge_runtime.batching import (
     PACKED_ATTENTION,
     can_batch,
@@ -32,6 +32,7 @@ from covspec.edge_runtime.batching import (
 )
 from covspec.generation import generate
 from covspec.models import load_adapter
+from covspec.modes import SpecOptions
 from covspec.sampling import SamplingParams
 from covspec.transport import protocol as wire
 from covspec.transport.channel import Client, RemoteError

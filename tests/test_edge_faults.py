@@ -19,10 +19,11 @@ import zmq
 from PIL import Image
 from test_runtimes import RunningEdge, png
 
-from covspec.device_runtime.client import MODE_OPTIONS, DeviceRuntime
+from covspec.device_runtime.client import DeviceRuntime
 from covspec.edge_runtime.server import EdgeServer
 from covspec.generation import generate
 from covspec.models import load_adapter
+from covspec.modes import MODE_OPTIONS
 from covspec.sampling import SamplingParams
 from covspec.transport import protocol as wire
 from covspec.transport.channel import Client, RemoteError

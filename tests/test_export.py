@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tiny_models import build_llava, build_qwen2_5_vl
 
-from covspec.device_runtime.bundle import BundleError, load_bundle
+from covspec.bundles.bundle import BundleError, load_bundle
 from covspec.export.manifest import FORMAT_VERSION, MANIFEST, sha256_file, write_manifest
 
 PROMPTS = ["what is the color ?", "how many circle are there ?", "describe the image .", "is there a red square ?"]
@@ -170,7 +170,7 @@ def agreement(eager, exported, max_new_tokens: int = 24) -> tuple[int, int, floa
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["executorch", "onnx"])
 def test_fp32_bundle_matches_eager(tiny: Path, fp32_bundles: tuple[Path, Path], backend: str) -> None:
-    from covspec.device_runtime.exported_adapter import BundleAdapter
+    from covspec.bundles.adapter import BundleAdapter
     from covspec.models import load_adapter
 
     eager = load_adapter(tiny)
@@ -209,7 +209,7 @@ def test_fp32_manifests(fp32_bundles: tuple[Path, Path], tiny: Path) -> None:
 
 @pytest.mark.slow
 def test_prompt_over_the_static_cache_is_refused(fp32_bundles: tuple[Path, Path]) -> None:
-    from covspec.device_runtime.exported_adapter import BundleAdapter
+    from covspec.bundles.adapter import BundleAdapter
     from covspec.errors import PromptError
 
     exported = BundleAdapter(fp32_bundles[0], backend="onnx")
@@ -221,7 +221,7 @@ def test_prompt_over_the_static_cache_is_refused(fp32_bundles: tuple[Path, Path]
 
 @pytest.mark.slow
 def test_int8_bundle_runs_and_mostly_agrees(tiny: Path, tmp_path: Path) -> None:
-    from covspec.device_runtime.exported_adapter import BundleAdapter
+    from covspec.bundles.adapter import BundleAdapter
     from covspec.export.device_bundle import build_device_bundle
     from covspec.models import load_adapter
 
@@ -238,7 +238,7 @@ def test_edge_onnx_bundle_runs_the_target_and_feeds_tensorrt(tiny: Path, tmp_pat
     the decoder ONNX has the inputs (dynamic k) the TensorRT optimization profile names."""
     import onnx
 
-    from covspec.device_runtime.exported_adapter import BundleAdapter
+    from covspec.bundles.adapter import BundleAdapter
     from covspec.export.edge_bundle import build_edge_bundle
     from covspec.generation import generate
     from covspec.models import load_adapter
@@ -300,8 +300,8 @@ def test_device_bundle_against_edge_bundle_matches_target_only(tiny: Path, fp32_
     bundle (checkpoint or ONNX Runtime target): covspec mode gives target-only's greedy answers."""
     import threading
 
+    from covspec.bundles.adapter import BundleAdapter
     from covspec.device_runtime.client import DeviceRuntime
-    from covspec.device_runtime.exported_adapter import BundleAdapter
     from covspec.edge_runtime.server import EdgeServer, EdgeSettings
     from covspec.edge_runtime.target import load_target
     from covspec.export.edge_bundle import build_edge_bundle

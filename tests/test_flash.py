@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from covspec.bench import free_port
-from covspec.device_runtime.bundle import BundleError, load_bundle
+from covspec.bundles.bundle import BundleError, load_bundle
 from covspec.device_runtime.flash import FlashError, FolderTarget, ShellTarget, flash, parse_target
 from covspec.export.manifest import MANIFEST, write_manifest
+from covspec.tools.procs import free_port
 
 
 @pytest.fixture

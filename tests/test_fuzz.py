@@ -8,7 +8,7 @@ import random
 
 import tiny_models
 
-from covspec import fuzz
+from covspec.tools import fuzz
 from covspec.transport import protocol as wire
 
 

@@ -159,7 +159,7 @@ def test_degenerate_inputs():
 def test_prune_sweep_on_tiny_models(tmp_path):
     import tiny_models
 
-    from covspec.prune_eval import format_rows, prune_sweep
+    from covspec.tools.prune_eval import format_rows, prune_sweep
 
     draft = tiny_models.build_llava(tmp_path / "draft", seed=1)
     rows = prune_sweep(draft, draft, limit=1, ratios=(0.25, 1.0), methods=("covspec", "random"))
@@ -180,7 +180,7 @@ def test_prune_sweep_on_tiny_models(tmp_path):
 def test_the_oracle_reference_keeps_one_token_of_every_object_first():
     from covspec.demo.data import token_cells
     from covspec.demo.task import make_item
-    from covspec.prune_eval import oracle_kept
+    from covspec.tools.prune_eval import oracle_kept
 
     cells = token_cells()
     for index in range(20):

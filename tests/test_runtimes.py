@@ -18,10 +18,11 @@ import tiny_models
 import zmq
 from PIL import Image
 
-from covspec.device_runtime.client import MODE_OPTIONS, DeviceRuntime
+from covspec.device_runtime.client import DeviceRuntime
 from covspec.edge_runtime.server import EdgeServer, EdgeSettings
 from covspec.generation import generate
 from covspec.models import load_adapter
+from covspec.modes import MODE_OPTIONS
 from covspec.sampling import SamplingParams
 from covspec.transport import protocol as wire
 from covspec.transport.channel import Client, RemoteError

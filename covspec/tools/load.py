@@ -1,7 +1,7 @@
 """`covspec bench --devices 1,2,4,8`: N device processes against one edge, per mode.
 
     edge   : `covspec edge serve --threads 1 --batch-wait-ms W` (its own process)
-    devices: N x `python -m covspec.bench --worker` (1 thread each), straight to the edge, or each
+    devices: N x `python -m covspec.tools.bench --worker` (1 thread each), straight to the edge, or each
              through the `--load-link` emulator profile
 
 The devices load their draft, then start together (a go file) and each asks `--prompts` held-out
@@ -237,7 +237,7 @@ def edge_stats(endpoint: str) -> dict[str, float]:
 
 def worker_command(args: argparse.Namespace, endpoint: str, mode: str, n: int, device: int,
                    rows: Path, go: Path) -> list[str]:
-    command = [sys.executable, "-m", "covspec.bench", "--worker", "--draft", str(args.draft), "--edge", endpoint,
+    command = [sys.executable, "-m", "covspec.tools.bench", "--worker", "--draft", str(args.draft), "--edge", endpoint,
                "--link", f"{n}dev", "--modes", mode, "--prompts", str(args.prompts),
                "--start", str(args.start + device * args.prompts), "--max-new-tokens", str(args.max_new_tokens),
                "--window", str(args.window), "--temperature", str(args.temperature), "--top-k", str(args.top_k),
@@ -251,7 +251,7 @@ def worker_command(args: argparse.Namespace, endpoint: str, mode: str, n: int, d
 
 def run_devices(args: argparse.Namespace, out: Path, endpoint: str, mode: str, n: int) -> list[dict]:
     """N device workers in `mode`, started together; their rows."""
-    from covspec.bench import one_thread_env
+    from covspec.tools.procs import one_thread_env
 
     tag = f"{mode.replace('@', '-')}-{n}"
     go = out / f"go-{tag}"
@@ -330,12 +330,12 @@ def write_load(out: Path, summary: list[dict], args: argparse.Namespace) -> None
 
 def record(args: argparse.Namespace, out: Path, endpoint: str, devices: int) -> None:
     """The recording pass: one real device answers the prompts of `devices` devices in every mode."""
-    from covspec.bench import one_thread_env
+    from covspec.tools.procs import one_thread_env
 
     recorded = out / "recorded.msgpack"
     recorded.unlink(missing_ok=True)
     (out / "recorded.jsonl").unlink(missing_ok=True)
-    command = [sys.executable, "-m", "covspec.bench", "--worker", "--draft", str(args.draft), "--edge", endpoint,
+    command = [sys.executable, "-m", "covspec.tools.bench", "--worker", "--draft", str(args.draft), "--edge", endpoint,
                "--link", "recording", "--modes", args.modes, "--prompts", str(devices * args.prompts),
                "--start", str(args.start), "--max-new-tokens", str(args.max_new_tokens), "--window", str(args.window),
                "--temperature", str(args.temperature), "--top-k", str(args.top_k), "--top-p", str(args.top_p),
@@ -347,7 +347,7 @@ def record(args: argparse.Namespace, out: Path, endpoint: str, devices: int) -> 
 
 
 def run_load(args: argparse.Namespace) -> Path:
-    from covspec.bench import free_port, start_edge, start_link, stop_edge, stop_link
+    from covspec.tools.procs import free_port, start_edge, start_link, stop_edge, stop_link
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Draft accuracy (and agreement with the target) when the draft prefills only the kept visual tokens:
 one row per pruning method and keep ratio, on a split of the demo task.
 
-    python -m covspec.prune_eval --draft DRAFT --target TARGET --limit 60 --ratios 0.1 0.25 0.5 1.0
+    python -m covspec.tools.prune_eval --draft DRAFT --target TARGET --limit 60 --ratios 0.1 0.25 0.5 1.0
 
 Accuracy: the draft's greedy answer (covspec.generation.generate with `kept`), scored as
 covspec.demo.evaluate scores it (exact match for short answers, object F1 for "describe"); "all
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
         plot_sweep([asdict(r) for r in rows], Path(args.json).with_suffix(".png"))
-        command = "python -m covspec.prune_eval " + shlex.join(argv if argv is not None else sys.argv[1:])
+        command = "python -m covspec.tools.prune_eval " + shlex.join(argv if argv is not None else sys.argv[1:])
         Path(args.json).with_suffix(".txt").write_text(f"Command: {command}\n\n{format_rows(rows)}\n")
     return 0
 

@@ -338,8 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
-    from covspec.bench import free_port, start_edge, stop_edge
     from covspec.demo import default_target_path
+    from covspec.tools.procs import free_port, start_edge, stop_edge
 
     parser = argparse.ArgumentParser(prog="covspec fuzz", description=__doc__.splitlines()[0])
     parser.add_argument("--decoder", type=int, default=25000, help="messages for the decoder alone")

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from covspec.device_runtime.bundle import Bundle, BundleError, load_bundle
-from covspec.device_runtime.programs import BACKENDS, open_programs
+from covspec.bundles.bundle import Bundle, BundleError, load_bundle
+from covspec.bundles.programs import BACKENDS, open_programs
 from covspec.errors import PromptError
 from covspec.models.base import (
     DecodeState,

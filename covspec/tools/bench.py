@@ -2,7 +2,7 @@
 processes, as a user would deploy them, over held-out demo prompts, per mode and link profile.
 
     edge  : `covspec edge serve` (1 thread)              <- tcp ->  link emulator (`covspec link`)
-    device: `python -m covspec.bench --worker` (1 thread) <- tcp ->  link emulator
+    device: `python -m covspec.tools.bench --worker` (1 thread) <- tcp ->  link emulator
 
 The device worker writes one JSON row per request (answer ids, time to first token, latency,
 decode tokens/s, bytes up/down counted on its socket, rounds, accepted lengths, score on the task);
@@ -15,10 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,76 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from covspec.tools.procs import free_port, one_thread_env, start_edge, start_link, stop_edge, stop_link
+
 ROW_FIELDS = ("link", "mode", "index", "qtype", "tokens", "ttft_s", "latency_s", "decode_tps", "bytes_up",
               "bytes_down", "up_per_token", "down_per_token", "decode_up_per_token", "rounds", "mean_accepted",
               "acceptance", "branch_hits", "kept", "streamed_rest", "score", "matches_target")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def one_thread_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
-
-
-def stop_edge(edge: subprocess.Popen) -> None:
-    """Stops an edge process as Ctrl-C would, killing it if it does not exit within 30 s."""
-    edge.send_signal(signal.SIGINT)
-    try:
-        edge.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        edge.kill()
-
-
-def wait_for_edge(endpoint: str, timeout_s: float = 120.0) -> None:
-    from covspec.transport import protocol as wire
-    from covspec.transport.channel import Client, PeerUnavailable
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with Client(endpoint, timeout_s=1.0, retries=0) as client:
-                if isinstance(client.request(wire.Ping(t=0.0)), wire.Pong):
-                    return
-        except PeerUnavailable:
-            continue
-    raise RuntimeError(f"the edge at {endpoint} did not answer within {timeout_s:.0f} s")
-
-
-def start_edge(model: str | Path, endpoint: str, log: Path, *options: str, threads: int = 1) -> subprocess.Popen:
-    """`covspec edge serve` on `model` at `endpoint` (`threads` torch threads, no authentication),
-    its output in `log`; returns once it answers a PING."""
-    edge = subprocess.Popen([sys.executable, "-m", "covspec.cli", "edge", "serve", "--model", str(model),
-                             "--bind", endpoint, "--threads", str(threads), "--auth", "none", *options],
-                            env=one_thread_env(), stdout=subprocess.DEVNULL, stderr=open(log, "w"))
-    try:
-        wait_for_edge(endpoint)
-    except BaseException:
-        stop_edge(edge)
-        raise
-    return edge
-
-
-def start_link(profile: str, edge_port: int, stats_file: Path | None = None) -> tuple[subprocess.Popen, str]:
-    """A link emulator process in front of the edge on `edge_port`: (process, its endpoint)."""
-    port = free_port()
-    stats = ["--stats-json", str(stats_file), "--stats-interval", "0"] if stats_file else []
-    link = subprocess.Popen([sys.executable, "-m", "covspec.cli", "link", "--listen", f"127.0.0.1:{port}",
-                             "--upstream", f"127.0.0.1:{edge_port}", "--profile", profile, *stats],
-                            env=one_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"tcp://127.0.0.1:{port}"
-    wait_for_edge(endpoint)
-    return link, endpoint
-
-
-def stop_link(link: subprocess.Popen) -> None:
-    link.send_signal(signal.SIGTERM)
-    link.wait(timeout=30)
 
 
 # --- the device worker (its own process) ---------------------------------------------------------
@@ -105,9 +37,10 @@ def run_worker(args: argparse.Namespace) -> int:
 
     from covspec.demo.evaluate import score_answer
     from covspec.demo.task import make_item, sample_split
-    from covspec.device_runtime.client import DeviceRuntime, pruning_options
+    from covspec.device_runtime.client import DeviceRuntime
     from covspec.images import png_bytes
     from covspec.models import load_adapter
+    from covspec.modes import pruning_options
     from covspec.sampling import SamplingParams
 
     torch.set_num_threads(1)
@@ -115,12 +48,12 @@ def run_worker(args: argparse.Namespace) -> int:
     device = DeviceRuntime(load_adapter(args.draft), args.edge, timeout_s=120.0)
     modes = args.modes.split(",")
     if args.go:  # a load run: start with the other devices
-        from covspec.bench_load import wait_for_go
+        from covspec.tools.load import wait_for_go
 
         wait_for_go(Path(args.go), args.device)
     recorder = None
     if args.record:  # a load run's recording pass: every request's messages, for replaying devices
-        from covspec.bench_load import Recorder
+        from covspec.tools.load import Recorder
 
         recorder = Recorder(device.client)
     out = open(args.rows, "a")
@@ -186,7 +119,7 @@ def run_bench(args: argparse.Namespace) -> Path:
             link, link_endpoint = start_link(link_name, edge_port, stats_file)
             try:
                 console.print(f"[bold]link {link_name}[/]: {args.prompts} prompts x modes {args.modes}")
-                worker = [sys.executable, "-m", "covspec.bench", "--worker", "--draft", str(args.draft),
+                worker = [sys.executable, "-m", "covspec.tools.bench", "--worker", "--draft", str(args.draft),
                           "--edge", link_endpoint, "--link", link_name, "--modes", args.modes,
                           "--prompts", str(args.prompts), "--start", str(args.start),
                           *(["--question-type", args.question_type] if args.question_type else []),
@@ -394,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker and args.replay_file:
-        from covspec.bench_load import run_replay_worker
+        from covspec.tools.load import run_replay_worker
 
         return run_replay_worker(args)
     if args.worker:
@@ -405,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     args.draft = args.draft or str(demo.default_draft_path())
     args.command_line = "covspec bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.devices:
-        from covspec.bench_load import run_load
+        from covspec.tools.load import run_load
 
         run_load(args)
         return 0

@@ -1,8 +1,8 @@
 """What pruning saves the draft's prefill, selection included, side by side in one run.
 
-    python -m covspec.prefill_cost --draft covspec/demo/weights/draft          # a checkpoint
-    python -m covspec.prefill_cost --bundle runs/export/device --backend onnx  # the exported programs
-    python -m covspec.prefill_cost --shape qwen2-0.5b --tokens 576             # a realistic shape
+    python -m covspec.tools.prefill_cost --draft covspec/demo/weights/draft          # a checkpoint
+    python -m covspec.tools.prefill_cost --bundle runs/export/device --backend onnx  # the exported programs
+    python -m covspec.tools.prefill_cost --shape qwen2-0.5b --tokens 576             # a realistic shape
 
 For each keep ratio the same image is encoded, pruned (`score_and_select`, plus `merge_pruned` with
 --merge) and prefilled through the LLaVA adapter the device runs; the ratios take turns within each
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         keep_count(r, 100)  # validates the ratio
     torch.set_num_threads(args.threads)
     if args.bundle:
-        from covspec.device_runtime.exported_adapter import BundleAdapter
+        from covspec.bundles.adapter import BundleAdapter
 
         adapter: VLMAdapter = BundleAdapter(args.bundle, backend=args.backend, threads=args.threads)
     else:
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps([asdict(r) for r in rows], indent=1))
-        command = "python -m covspec.prefill_cost " + shlex.join(argv if argv is not None else sys.argv[1:])
+        command = "python -m covspec.tools.prefill_cost " + shlex.join(argv if argv is not None else sys.argv[1:])
         out.with_suffix(".txt").write_text(f"Command: {command}\n\n{table}\n")
         name = args.draft or (f"{args.bundle} ({args.backend})" if args.bundle else f"{args.shape}, {args.tokens} tokens")
         plot_rows({name: rows}, out.with_suffix(".png"))

@@ -1,0 +1,64 @@
+"""The one table of modes: which CoVSpec mechanisms each mode of `covspec device run` and
+`covspec bench` uses (the README's list of modes is this table); the device, the CLI and the tools
+all read it.
+
+    target_only  the edge generates and streams (the device only tokenizes and shows)
+    draft_only   the device alone
+    vanilla_sd   fixed window k, stop-and-wait; sampling uploads the draft's full distribution
+    covspec      pruning, adaptive windows, branches with windows in flight, decoupled verification
+    covspec_no_prune / _no_adaptive / _no_branch / _no_ahead / _no_decoupled: one mechanism off each
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from covspec.policy import MARGIN_THRESHOLD
+from covspec.pruning import keep_count
+
+
+@dataclass(frozen=True)
+class SpecOptions:
+    """Which CoVSpec mechanisms a speculative mode uses."""
+
+    keep: float = 1.0  # share of the draft's visual tokens kept (1: no pruning)
+    prune_method: str = "covspec"
+    merge: bool = False  # the dropped visual tokens merged into the kept ones (pruning.merge_pruned)
+    prune_target: bool = False  # send the kept indices to the edge too (changes the target's answers)
+    adaptive: bool = False  # margin gate + cost-model window length (else the fixed window)
+    margin_threshold: float = MARGIN_THRESHOLD
+    k_max: int = 12
+    branching: bool = False  # draft the next window on likely outcomes while one is verified
+    branches: int = 1  # rejection branches besides the all-accepted one
+    ahead: bool = False  # with branching: send the all-accepted branch's window before the RESULT arrives
+    decoupled: bool = False  # sampling: upload q(x_i) only, correct on the device
+
+
+# The demo pair's settings, chosen by side-by-side bench runs (README, "Measured"): on its flat verify
+# cost (results/calibration) long windows with a low gate pay, and long windows multiply every lost
+# point of acceptance, so it keeps 90% of the visual tokens (describe, 16 prompts, loopback / wifi
+# tok/s: 90% kept 479 / 351, 75% 396 / 309, 50% 399 / 288, unpruned 452 / 343; vanilla_sd@8 342 / 251)
+COVSPEC = SpecOptions(keep=0.9, adaptive=True, branching=True, ahead=True, decoupled=True, margin_threshold=0.1,
+                      k_max=16)
+MODE_OPTIONS: dict[str, SpecOptions] = {
+    "vanilla_sd": SpecOptions(),
+    "covspec": COVSPEC,
+    "covspec_no_prune": replace(COVSPEC, keep=1.0),
+    "covspec_no_adaptive": replace(COVSPEC, adaptive=False),
+    "covspec_no_branch": replace(COVSPEC, branching=False, ahead=False),
+    "covspec_no_ahead": replace(COVSPEC, ahead=False),
+    "covspec_no_decoupled": replace(COVSPEC, decoupled=False),
+}
+MODES = ("target_only", "draft_only", *MODE_OPTIONS)
+
+
+def pruning_options(mode: str, keep: float | None, merge: bool) -> SpecOptions | None:
+    """The mode's mechanisms with a keep ratio and merging applied to its pruning (None: the mode as
+    it is; modes that do not prune are left alone). Merging suits a draft trained on merged tokens
+    (the demo's draft_fine)."""
+    options = MODE_OPTIONS.get(mode)
+    if options is None or options.keep >= 1.0 or (keep is None and not merge):
+        return None
+    if keep is not None:
+        keep_count(keep, 100)  # a ratio in (0, 1]
+    return replace(options, keep=options.keep if keep is None else keep, merge=merge)

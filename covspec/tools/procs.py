@@ -1,0 +1,79 @@
+"""Process helpers the tools share: free ports, one-thread environments, starting and stopping an
+edge (`covspec edge serve`) and a link emulator (`covspec link`) as separate processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_thread_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def stop_edge(edge: subprocess.Popen) -> None:
+    """Stops an edge process as Ctrl-C would, killing it if it does not exit within 30 s."""
+    edge.send_signal(signal.SIGINT)
+    try:
+        edge.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        edge.kill()
+
+
+def wait_for_edge(endpoint: str, timeout_s: float = 120.0) -> None:
+    from covspec.transport import protocol as wire
+    from covspec.transport.channel import Client, PeerUnavailable
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with Client(endpoint, timeout_s=1.0, retries=0) as client:
+                if isinstance(client.request(wire.Ping(t=0.0)), wire.Pong):
+                    return
+        except PeerUnavailable:
+            continue
+    raise RuntimeError(f"the edge at {endpoint} did not answer within {timeout_s:.0f} s")
+
+
+def start_edge(model: str | Path, endpoint: str, log: Path, *options: str, threads: int = 1) -> subprocess.Popen:
+    """`covspec edge serve` on `model` at `endpoint` (`threads` torch threads, no authentication),
+    its output in `log`; returns once it answers a PING."""
+    edge = subprocess.Popen([sys.executable, "-m", "covspec.cli", "edge", "serve", "--model", str(model),
+                             "--bind", endpoint, "--threads", str(threads), "--auth", "none", *options],
+                            env=one_thread_env(), stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    try:
+        wait_for_edge(endpoint)
+    except BaseException:
+        stop_edge(edge)
+        raise
+    return edge
+
+
+def start_link(profile: str, edge_port: int, stats_file: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """A link emulator process in front of the edge on `edge_port`: (process, its endpoint)."""
+    port = free_port()
+    stats = ["--stats-json", str(stats_file), "--stats-interval", "0"] if stats_file else []
+    link = subprocess.Popen([sys.executable, "-m", "covspec.cli", "link", "--listen", f"127.0.0.1:{port}",
+                             "--upstream", f"127.0.0.1:{edge_port}", "--profile", profile, *stats],
+                            env=one_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"tcp://127.0.0.1:{port}"
+    wait_for_edge(endpoint)
+    return link, endpoint
+
+
+def stop_link(link: subprocess.Popen) -> None:
+    link.send_signal(signal.SIGTERM)
+    link.wait(timeout=30)
