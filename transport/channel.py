@@ -8,20 +8,29 @@ emulator's counts, which also include ZMTP greetings and handshakes, are the cro
 Authentication is ZeroMQ CURVE: key pairs are the files `zmq.auth.create_certificates` writes
 (NAME.key public, NAME.key_secret both halves). The edge's ROUTER is a CURVE server whose ZAP handler
 (`start_authenticator`) admits only the public keys found in an allow folder; a device's DEALER is a
-CURVE client that knows the edge's public key. A refused or key-less device never gets a connection,
-so its requests simply time out. On the edge, each received message carries the device's public key
-(z85) as its "User-Id" property: `MeteredSocket.recv_request` returns it.
+CURVE client that knows the edge's public key. On the edge, each received message carries the
+device's public key (z85) as its "User-Id" property: `MeteredSocket.recv_request` returns it.
+
+The Client watches its connection with a ZeroMQ socket monitor (`LinkWatch`), so it tells a refused
+CURVE handshake (`HandshakeRefused`, at once), nothing listening at the endpoint, and a peer that
+accepts TCP but never completes a ZeroMQ handshake apart, within `connect_timeout_s` (10 s) instead
+of after every retry's timeout; it logs progress to the `covspec.transport` logger while it waits.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+from zmq.utils.monitor import recv_monitor_message
 
 from covspec.errors import CovspecError
 
@@ -37,6 +46,91 @@ class PeerUnavailable(CovspecError):
             "is the edge running and reachable at that address?"
         )
         self.endpoint = endpoint
+
+    @classmethod
+    def because(cls, endpoint: str, reason: str) -> PeerUnavailable:
+        err = cls.__new__(cls)
+        CovspecError.__init__(err, reason)
+        err.endpoint = endpoint
+        return err
+
+
+class HandshakeRefused(PeerUnavailable):
+    """The peer refused the ZeroMQ security handshake: retrying cannot help."""
+
+    def __init__(self, endpoint: str, reason: str) -> None:
+        CovspecError.__init__(self, f"the edge at {endpoint} refused the connection: {reason}")
+        self.endpoint = endpoint
+
+
+class EndpointError(CovspecError):
+    """An endpoint that is not of the form ZeroMQ takes, or that cannot be bound."""
+
+
+log = logging.getLogger("covspec.transport")
+ENDPOINT = re.compile(r"^(tcp://(\*|\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\*|\d{1,5})|ipc://.+|inproc://.+)$")
+
+
+def check_endpoint(endpoint: str, what: str = "endpoint") -> str:
+    """`endpoint` if ZeroMQ can use it (tcp://HOST:PORT, ipc://PATH, inproc://NAME), else a clear error."""
+    if not isinstance(endpoint, str) or not ENDPOINT.match(endpoint):
+        hint = f" (did you mean tcp://{endpoint}?)" if isinstance(endpoint, str) and ":" in endpoint and "//" not in endpoint else ""
+        raise EndpointError(f"{what} {endpoint!r} is not a ZeroMQ address: write tcp://HOST:PORT{hint}")
+    port = endpoint.rsplit(":", 1)[-1]
+    if endpoint.startswith("tcp://") and port != "*" and not 0 < int(port) < 65536:
+        raise EndpointError(f"{what} {endpoint!r}: port {port} is outside 1..65535")
+    return endpoint
+
+
+def bind(sock: zmq.Socket, endpoint: str) -> None:
+    """Binds `sock`, turning ZeroMQ's errors into one line that names the address and the fix."""
+    check_endpoint(endpoint, "bind address")
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as err:
+        if err.errno == zmq.EADDRINUSE:
+            raise EndpointError(f"cannot bind {endpoint}: the address is already in use (another edge running? "
+                                "stop it or choose another port)") from None
+        raise EndpointError(f"cannot bind {endpoint}: {err.strerror} (is the host one of this machine's "
+                            "addresses?)") from None
+
+
+HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the edge does not admit this device's CURVE key (add its public key "
+                                     "NAME.key to the edge's --allow folder and restart the edge)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the security handshake failed (is --edge-key the edge's own public key, "
+                                          "and does the edge use --auth curve?)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the security mechanisms differ (does the edge run --auth none while "
+                                         "this device sends keys?)",
+}
+
+
+@dataclass
+class LinkWatch:
+    """What a DEALER's socket monitor said of its connection: whether a ZeroMQ handshake completed,
+    whether TCP got through at all, and a handshake refusal. `down_since`: when the link last went
+    down (or the watch started)."""
+
+    down_since: float
+    up: bool = False
+    tcp: bool = False
+    refused: int | None = None  # a HANDSHAKE_FAILURES event
+
+    def on_event(self, event: int, now: float) -> None:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.up, self.refused = True, None
+        elif event == zmq.EVENT_CONNECTED:
+            self.tcp = True
+        elif event in HANDSHAKE_FAILURES:
+            self.refused = event
+        elif event == zmq.EVENT_DISCONNECTED and self.up:
+            self.up, self.tcp, self.down_since = False, False, now
+
+    def why_down(self, endpoint: str) -> str:
+        if self.tcp:
+            return (f"{endpoint} accepts TCP connections but completes no ZeroMQ handshake (a link emulator "
+                    "whose edge is down, or not a covspec edge)")
+        return f"nothing accepts connections at {endpoint} (is the edge running, and is the address right?)"
 
 
 class RemoteError(ProtocolError):
@@ -128,11 +222,27 @@ def load_client_keys(secret_file: str | Path, server_public_file: str | Path) ->
     return ClientKeys(public, secret, server_public)
 
 
-def start_authenticator(ctx: zmq.Context, keys: ServerKeys) -> ThreadAuthenticator:
+class _Authenticator(ThreadAuthenticator):
+    """ThreadAuthenticator that reports each refused CURVE key (z85) to `on_refused`."""
+
+    def __init__(self, ctx: zmq.Context, on_refused: Callable[[str], None] | None) -> None:
+        super().__init__(ctx)
+        self.on_refused = on_refused
+
+    async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
+        allowed, reason = await super()._authenticate_curve(domain, client_key)
+        if not allowed and self.on_refused is not None:
+            self.on_refused(z85.encode(client_key).decode())
+        return allowed, reason
+
+
+def start_authenticator(ctx: zmq.Context, keys: ServerKeys,
+                        on_refused: Callable[[str], None] | None = None) -> ThreadAuthenticator:
     """The ZAP handler of `ctx` (one per context): CURVE clients whose public key is a *.key file in
-    keys.allow_dir are admitted, every other connection is refused at the handshake. The folder is
-    read now; restart the edge to admit new devices."""
-    auth = ThreadAuthenticator(ctx)
+    keys.allow_dir are admitted, every other connection is refused at the handshake, and the refused
+    key (z85) is passed to `on_refused` (called on the authenticator's thread). The folder is read
+    now; restart the edge to admit new devices."""
+    auth = _Authenticator(ctx, on_refused)
     auth.start()
     auth.configure_curve(domain="*", location=str(keys.allow_dir))
     return auth
@@ -236,10 +346,14 @@ class Client:
     with seq 0 (the edge could not read which request it answers), raises RemoteError. Seqs start at 1."""
 
     def __init__(self, endpoint: str, *, timeout_s: float = 5.0, retries: int = 2, ctx: zmq.Context | None = None,
-                 limits: Limits = DEFAULT_LIMITS, keys: ClientKeys | None = None) -> None:
-        self.endpoint = endpoint
+                 limits: Limits = DEFAULT_LIMITS, keys: ClientKeys | None = None, connect_timeout_s: float = 10.0,
+                 reconnect_timeout_s: float = 30.0) -> None:
+        self.endpoint = check_endpoint(endpoint, "edge address")
         self.keys = keys
         self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s  # no handshake this long after start: give up
+        self.reconnect_timeout_s = reconnect_timeout_s  # a lost edge not back this long: give up
+        self.ever_up = False  # a handshake completed once (the edge was there)
         self.retries = retries
         self.limits = limits
         self.counters = ByteCounters()  # across reconnections
@@ -250,8 +364,37 @@ class Client:
 
     def _connect(self) -> MeteredSocket:
         sock = make_socket(self._ctx, zmq.DEALER, max_msg_bytes=self.limits.max_total_bytes, client_keys=self.keys)
+        self._monitor = sock.get_monitor_socket()
+        old = getattr(self, "_watch", None)  # a retry's fresh socket: a link that was down stays down since then
+        self._watch = LinkWatch(old.down_since if old is not None and not old.up else time.monotonic())
+        self._said = 0.0
         sock.connect(self.endpoint)
         return MeteredSocket(sock, self.counters)
+
+    def _check_link(self) -> None:
+        """Reads the socket monitor; raises HandshakeRefused on a refused handshake, PeerUnavailable
+        when the edge was never reached within connect_timeout_s (or, once lost, reconnect_timeout_s)."""
+        now = time.monotonic()
+        while self._monitor.poll(0):
+            self._watch.on_event(recv_monitor_message(self._monitor)["event"], now)
+        watch = self._watch
+        if watch.refused is not None:
+            reason = HANDSHAKE_FAILURES[watch.refused]
+            if self.keys is None:
+                reason = "the edge requires CURVE keys: pass this device's --key and the edge's --edge-key"
+            raise HandshakeRefused(self.endpoint, reason)
+        if watch.up:
+            self.ever_up = True
+            return
+        waited = now - watch.down_since
+        limit = self.reconnect_timeout_s if self.ever_up else self.connect_timeout_s
+        if waited > limit:
+            what = "lost the edge and it did not come back" if self.ever_up else "could not reach the edge"
+            raise PeerUnavailable.because(self.endpoint, f"{what} within {limit:g} s: {watch.why_down(self.endpoint)}")
+        if waited > 2.0 and now - self._said > 2.0:
+            self._said = now
+            log.warning("waiting for the edge at %s (%.0f s of %g): %s", self.endpoint, waited, limit,
+                        watch.why_down(self.endpoint))
 
     def send(self, msg: Message) -> Message:
         """Send without waiting (pipelined windows, STREAM); returns the message with its assigned seq."""
@@ -264,9 +407,10 @@ class Client:
         """The next reply to request `seq`, or None on timeout. Raises RemoteError on an ERROR reply."""
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         while (left := deadline - time.monotonic()) > 0:
-            got = self._sock.recv_frames(left)
+            self._check_link()
+            got = self._sock.recv_frames(min(left, 0.25))
             if got is None:
-                return None
+                continue
             reply = decode(got[1], self.limits)
             if isinstance(reply, Error) and reply.code == ErrorCode.DUPLICATE:  # a duplicated request's answer
                 self.stale += 1
@@ -281,6 +425,7 @@ class Client:
 
     def poll(self, timeout_s: float = 0.0) -> bool:
         """Whether a reply is waiting (without reading it)."""
+        self._check_link()
         return bool(self._sock.sock.poll(int(timeout_s * 1000), zmq.POLLIN))
 
     def request(self, msg: Message, *, timeout_s: float | None = None, retries: int | None = None) -> Message:
@@ -290,16 +435,27 @@ class Client:
         sent = self.send(msg)
         for attempt in range(attempts):
             if attempt:
-                self._sock.close()
+                log.info("no reply from %s to %s in %g s: retrying (%d of %d)", self.endpoint, sent.TYPE,
+                         timeout_s, attempt, attempts - 1)
+                self._close_socket()
                 self._sock = self._connect()
                 self._sock.send(sent, limits=self.limits)
             reply = self.recv(sent.seq, timeout_s)
             if reply is not None:
                 return reply
+        if not self._watch.up:
+            raise PeerUnavailable.because(self.endpoint, f"no reply from {self.endpoint} to {sent.TYPE} after {attempts} "
+                                          f"attempt(s) of {timeout_s:g} s each: {self._watch.why_down(self.endpoint)}")
         raise PeerUnavailable(self.endpoint, f"{sent.TYPE} (seq {sent.seq})", attempts, timeout_s)
 
-    def close(self) -> None:
+    def _close_socket(self) -> None:
+        self._sock.sock.disable_monitor()
+        self._monitor.close(linger=0)
         self._sock.close()
+
+    def close(self) -> None:
+        if not self._sock.sock.closed:
+            self._close_socket()
 
     def __enter__(self) -> Client:
         return self
