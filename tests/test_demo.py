@@ -334,3 +334,42 @@ def test_merged_training_rows_are_what_the_merged_prefill_computes():
         unmerged, _ = adapter.prefill(visual, item.question, kept=kept)
     assert torch.allclose(logits[0, prompt_end], expected, atol=1e-4)
     assert not torch.allclose(expected, unmerged, atol=1e-4)  # merging changed what the draft read
+
+
+def test_report_split_has_its_own_seed_held_out_layouts_and_every_type_in_proportion():
+    from collections import Counter
+
+    from covspec.demo.data import build_pool
+    from covspec.demo.task import (
+        REPORT_BLOCK,
+        REPORT_SEED,
+        REPORT_SIZE,
+        SEED_OFFSETS,
+        SPLITS,
+        TYPE_WEIGHTS,
+        UNSEEN_FRACTION,
+        report_plan,
+        split_seed,
+    )
+
+    others = {split_seed(s, seed) for s in SPLITS if s != "report" for seed in range(10)}
+    assert split_seed("report") == REPORT_SEED and REPORT_SEED not in others
+    assert all(offset == 0 for split, offset in SEED_OFFSETS.items() if split != "report")
+    items = list(sample_split("report", 2 * REPORT_BLOCK))
+    assert {i.seed for i in items} == {REPORT_SEED} and {i.split for i in items} == {"report"}
+    assert all(scene_split(i.scene) == "heldout" for i in items)  # layouts no training run drew
+    for block in (items[:REPORT_BLOCK], items[REPORT_BLOCK:]):  # each block exactly in proportion
+        assert Counter(i.qtype for i in block) == Counter(TYPE_WEIGHTS)
+        assert sum(i.slices["unseen"] for i in block) == round(UNSEEN_FRACTION * REPORT_BLOCK)
+        assert all(i.scene.has_unseen == i.slices["unseen"] for i in block)
+    heldout = {(i.scene.key(), i.question) for i in sample_split("heldout", 2 * REPORT_BLOCK, seed=0)}
+    assert len(heldout & {(i.scene.key(), i.question) for i in items}) == 0
+    again = list(sample_split("report", 5, start=REPORT_BLOCK - 2))  # the same items, drawn on their own
+    assert [(i.question, i.scene) for i in again] == [(i.question, i.scene) for i in items[REPORT_BLOCK - 2:][:5]]
+    assert REPORT_SIZE >= 2000 and REPORT_SIZE % REPORT_BLOCK == 0
+    plan = [report_plan(i) for i in range(REPORT_SIZE)]
+    blocks = REPORT_SIZE // REPORT_BLOCK
+    assert Counter(t for t, _ in plan) == Counter({t: w * blocks for t, w in TYPE_WEIGHTS.items()})
+    assert sum(u for _, u in plan) == round(UNSEEN_FRACTION * REPORT_SIZE)
+    with pytest.raises(ValueError, match="report split"):
+        build_pool("report", 2, 0)

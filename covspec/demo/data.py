@@ -86,6 +86,11 @@ class ScenePool:
 
 
 def build_pool(split: str, n: int, seed: int) -> ScenePool:
+    """Rendered scenes for training or validation; never the report split, which no training run
+    or settings search reads."""
+    if split == "report":
+        raise ValueError("the report split is for reported figures only: draw training and validation pools "
+                         "from 'train' and 'val'")
     scenes = [scene_for(split, i, seed) for i in range(n)]
     return ScenePool(scenes, np.stack([np.asarray(draw_scene(scene), dtype=np.uint8) for scene in scenes]))
 

@@ -5,6 +5,11 @@ hash of its layout, so no held-out layout can ever be drawn for training; the co
 combinations in `UNSEEN_COMBOS` never appear in a training or validation scene and make the
 held-out "unseen" slice.
 
+The "report" split is for figures only: held-out layouts drawn from a generator seed of its own
+(`REPORT_SEED`, which no training run or settings search reads; settings are chosen on "val"), with
+every question type and the unseen slice in exact proportion (each block of `REPORT_BLOCK` items
+holds `TYPE_WEIGHTS[t]` items of each type t and `UNSEEN_FRACTION` of unseen scenes, shuffled).
+
 The canvas is 72x72 pixels: 3x3 cells of 24 pixels, read by the vision tower in 12-pixel patches,
 so each image gives 36 visual tokens, most of them background (3 to 5 objects in 9 cells).
 """
@@ -48,7 +53,10 @@ UNSEEN_COMBOS = frozenset({("red", "triangle"), ("green", "diamond"), ("blue", "
 ALL_COMBOS = tuple((c, s) for c in COLOURS for s in SHAPES)
 SEEN_COMBOS = tuple(cs for cs in ALL_COMBOS if cs not in UNSEEN_COMBOS)
 
-SPLITS = ("train", "val", "heldout")
+SPLITS = ("train", "val", "heldout", "report")
+LAYOUT_SPLIT = {"train": "train", "val": "val", "heldout": "heldout", "report": "heldout"}  # layout hash bucket
+REPORT_SEED = 90_417  # the report split's generator seed: read by no training run or settings search
+SEED_OFFSETS = {"train": 0, "val": 0, "heldout": 0, "report": REPORT_SEED}  # split_seed: seed + offset
 QUESTION_TYPES = ("color", "shape", "count", "position", "existence", "relation", "describe")
 CORE_TYPES = ("color", "shape", "count", "position", "existence")
 DESCRIBE_PROMPT = "describe the image ."
@@ -57,6 +65,8 @@ TYPE_WEIGHTS = {"color": 14, "shape": 14, "count": 14, "position": 14, "existenc
                 "relation": 10, "describe": 20}
 MIN_OBJECTS, MAX_OBJECTS = 3, 5
 UNSEEN_FRACTION = 0.25  # share of held-out scenes holding an unseen combination
+REPORT_BLOCK = sum(TYPE_WEIGHTS.values())  # 100: the report split is stratified in blocks of this many items
+REPORT_SIZE = 2000  # items of the report split the reported figures read (a whole number of blocks)
 
 
 @dataclass(frozen=True)
@@ -264,15 +274,31 @@ def _rng(seed: int, split: str, index: int, salt: str = "") -> random.Random:
     return random.Random(f"covspec-demo:{seed}:{split}:{index}{salt}")
 
 
+def report_plan(index: int, seed: int = REPORT_SEED) -> tuple[str, bool]:
+    """(question type, unseen scene?) of the report split's index-th item: every block of
+    REPORT_BLOCK items holds exactly TYPE_WEIGHTS[t] items of type t and round(UNSEEN_FRACTION *
+    REPORT_BLOCK) unseen scenes, each assignment shuffled within the block on its own."""
+    block, slot = divmod(index, REPORT_BLOCK)
+    types = [t for t, w in TYPE_WEIGHTS.items() for _ in range(w)]
+    unseen = [i < round(UNSEEN_FRACTION * REPORT_BLOCK) for i in range(REPORT_BLOCK)]
+    _rng(seed, "report", block, ":types").shuffle(types)
+    _rng(seed, "report", block, ":unseen").shuffle(unseen)
+    return types[slot], unseen[slot]
+
+
 def scene_for(split: str, index: int, seed: int) -> Scene:
-    """The index-th scene of a split: drawn until its layout hashes into the split."""
+    """The index-th scene of a split: drawn until its layout hashes into the split (the report
+    split's into the held-out bucket)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     rng = _rng(seed, split, index)
-    want_unseen = split == "heldout" and rng.random() < UNSEEN_FRACTION
+    if split == "report":
+        want_unseen = report_plan(index, seed)[1]
+    else:
+        want_unseen = split == "heldout" and rng.random() < UNSEEN_FRACTION
     while True:
         scene = random_scene(rng, want_unseen)
-        if scene_split(scene) == split:
+        if scene_split(scene) == LAYOUT_SPLIT[split]:
             return scene
 
 
@@ -281,16 +307,29 @@ def make_item(split: str, index: int, seed: int, qtype: str | None = None, scene
     scene = scene or scene_for(split, index, seed)
     qrng = _rng(seed, split, index, ":q" + q_salt)
     if qtype is None:
-        qtype = qrng.choices(list(TYPE_WEIGHTS), weights=list(TYPE_WEIGHTS.values()))[0]
-    question, answer = make_question(scene, qtype, qrng, allow_unseen=split == "heldout")
+        if split == "report":
+            qtype = report_plan(index, seed)[0]
+        else:
+            qtype = qrng.choices(list(TYPE_WEIGHTS), weights=list(TYPE_WEIGHTS.values()))[0]
+    held_out = LAYOUT_SPLIT[split] == "heldout"
+    question, answer = make_question(scene, qtype, qrng, allow_unseen=held_out)
     return Item(image=draw_scene(scene), question=question, answer=answer, qtype=qtype, scene=scene,
                 split=split, index=index, seed=seed, slices={"unseen": scene.has_unseen})
 
 
+def split_seed(split: str, seed: int = 0) -> int:
+    """The generator seed sample_split draws a split's items with: `seed` itself, except for the
+    report split, whose seeds start at REPORT_SEED (seed 0 is REPORT_SEED)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    return seed + SEED_OFFSETS[split]
+
+
 def sample_split(split: str, n: int, seed: int = 0, start: int = 0) -> Iterator[Item]:
-    """The first n items of a split (one question per image), the same for the same seed."""
+    """The first n items of a split (one question per image), the same for the same seed (the report
+    split's drawn with generator seed split_seed("report", seed), seed 0 being REPORT_SEED)."""
     for index in range(start, start + n):
-        yield make_item(split, index, seed)
+        yield make_item(split, index, split_seed(split, seed))
 
 
 # --- scoring -----------------------------------------------------------------------------------
