@@ -11,10 +11,12 @@ all read it.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, replace
 
-from covspec.policy import MARGIN_THRESHOLD
-from covspec.pruning import keep_count
+# policy.MARGIN_THRESHOLD, the drafting policy's default gate (a test keeps the two equal): this module
+# is read by the CLI to build its parser, so it imports nothing heavy (policy and pruning import torch)
+MARGIN_THRESHOLD = 0.3
 
 
 @dataclass(frozen=True)
@@ -60,5 +62,32 @@ def pruning_options(mode: str, keep: float | None, merge: bool) -> SpecOptions |
     if options is None or options.keep >= 1.0 or (keep is None and not merge):
         return None
     if keep is not None:
+        from covspec.pruning import keep_count
+
         keep_count(keep, 100)  # a ratio in (0, 1]
     return replace(options, keep=options.keep if keep is None else keep, merge=merge)
+
+
+def split_label(label: str) -> tuple[str, int | None]:
+    """A bench mode label: "vanilla_sd@8" -> ("vanilla_sd", 8), a fixed window of 8; "covspec" -> ("covspec", None)."""
+    mode, at, k = label.partition("@")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
+    if not at:
+        return mode, None
+    if not k.isdigit() or int(k) < 1:
+        raise ValueError(f"{label!r}: the window after @ must be a whole number of at least 1")
+    return mode, int(k)
+
+
+def mode_labels(text: str) -> tuple[str, ...]:
+    """argparse type of `bench --modes`: comma-separated modes of the table, each with an optional @K."""
+    labels = tuple(label for label in text.split(",") if label)
+    if not labels:
+        raise argparse.ArgumentTypeError("no mode given")
+    for label in labels:
+        try:
+            split_label(label)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+    return labels

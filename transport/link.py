@@ -357,25 +357,28 @@ def measure_link(profile: LinkProfile | str, *, pings: int = 15, transfer_s: flo
 # CLI
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="covspec link", description="User-space TCP link emulator.")
-    ap.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to accept device connections on")
-    ap.add_argument("--upstream", help="HOST:PORT of the edge")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to accept device connections on (port 0: any free one)")
+    ap.add_argument("--upstream", help="HOST:PORT of the edge (required unless --measure)")
     ap.add_argument("--profile", default="loopback", help=f"one of {', '.join([*PROFILES, 'custom'])}")
-    ap.add_argument("--rtt-ms", type=float)
-    ap.add_argument("--up-mbit", type=float, help="device -> edge bandwidth")
-    ap.add_argument("--down-mbit", type=float, help="edge -> device bandwidth")
+    ap.add_argument("--rtt-ms", type=float, help="round-trip time in ms (default: the profile's; custom starts from loopback)")
+    ap.add_argument("--up-mbit", type=float, help="device -> edge bandwidth in Mbit/s (default: the profile's)")
+    ap.add_argument("--down-mbit", type=float, help="edge -> device bandwidth in Mbit/s (default: the profile's)")
     ap.add_argument("--stats-json", help="write the byte counts here (every interval and at exit)")
     ap.add_argument("--stats-interval", type=float, default=10.0, help="seconds between stats lines (0: exit only)")
     ap.add_argument("--measure", action="store_true", help="measure the profile's RTT and throughput, print JSON, exit")
-    args = ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`covspec link`'s handler: serves until SIGINT or SIGTERM."""
     try:
         prof = get_profile(args.profile, args.rtt_ms, args.up_mbit, args.down_mbit)
         if args.measure:
             print(json.dumps(measure_link(prof)), flush=True)
             return 0
         if not args.upstream:
-            ap.error("--upstream is required")
+            print("covspec link: error: --upstream is required", file=sys.stderr)
+            return 2
         link = Link(parse_address(args.upstream), prof, parse_address(args.listen)).start()
     except (ValueError, OSError) as e:
         print(f"covspec link: {e}", file=sys.stderr)
@@ -403,6 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     link.stop()
     report()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`covspec link ARGS` (the one CLI parser)."""
+    from covspec.cli import main as cli_main
+
+    return cli_main(["link", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

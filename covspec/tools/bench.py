@@ -2,11 +2,12 @@
 processes, as a user would deploy them, over held-out demo prompts, per mode and link profile.
 
     edge  : `covspec edge serve` (1 thread)              <- tcp ->  link emulator (`covspec link`)
-    device: `python -m covspec.tools.bench --worker` (1 thread) <- tcp ->  link emulator
+    device: `python -m covspec.tools.worker worker-LINK.json` (1 thread) <- tcp ->  link emulator
 
-The device worker writes one JSON row per request (answer ids, time to first token, latency,
-decode tokens/s, bytes up/down counted on its socket, rounds, accepted lengths, score on the task);
-this process gathers the rows, the emulator's own byte counts, and writes results.jsonl,
+The device worker (covspec/tools/worker.py) gets its settings as one JSON file in the output folder
+and writes one JSON row per request (answer ids, time to first token, latency, decode tokens/s,
+bytes up/down counted on its socket, rounds, accepted lengths, score on the task); this process
+gathers the rows, the emulator's own byte counts, and writes results.jsonl,
 results.csv and summary.md (with the command that made them) into the output folder.
 """
 
@@ -15,88 +16,19 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shlex
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from covspec.tools.procs import free_port, one_thread_env, start_edge, start_link, stop_edge, stop_link
+from covspec.tools.worker import WorkerSettings
 
 ROW_FIELDS = ("link", "mode", "index", "qtype", "tokens", "ttft_s", "latency_s", "decode_tps", "bytes_up",
               "bytes_down", "up_per_token", "down_per_token", "decode_up_per_token", "rounds", "mean_accepted",
               "acceptance", "branch_hits", "kept", "streamed_rest", "score", "matches_target")
-
-
-# --- the device worker (its own process) ---------------------------------------------------------
-def run_worker(args: argparse.Namespace) -> int:
-    import torch
-
-    from covspec.demo.evaluate import score_answer
-    from covspec.demo.task import make_item, sample_split
-    from covspec.device_runtime.client import DeviceRuntime
-    from covspec.images import png_bytes
-    from covspec.models import load_adapter
-    from covspec.modes import pruning_options
-    from covspec.sampling import SamplingParams
-
-    torch.set_num_threads(1)
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    device = DeviceRuntime(load_adapter(args.draft), args.edge, timeout_s=120.0)
-    modes = args.modes.split(",")
-    if args.go:  # a load run: start with the other devices
-        from covspec.tools.load import wait_for_go
-
-        wait_for_go(Path(args.go), args.device)
-    recorder = None
-    if args.record:  # a load run's recording pass: every request's messages, for replaying devices
-        from covspec.tools.load import Recorder
-
-        recorder = Recorder(device.client)
-    out = open(args.rows, "a")
-    items = sample_split("heldout", args.prompts, seed=0, start=args.start)
-    if args.question_type:  # the same scenes, all asked this kind of question
-        items = (make_item("heldout", i, 0, qtype=args.question_type) for i in range(args.start, args.start + args.prompts))
-    for index, item in enumerate(items):
-        image = png_bytes(item.image)
-        reference: list[int] | None = None
-        for label in modes:
-            mode, _, k = label.partition("@")  # "vanilla_sd@8": a fixed window of 8
-            window = int(k) if k else args.window
-            t_start = time.time()
-            if recorder is not None:
-                recorder.start()
-            answer = device.answer(image, item.question, mode, params, args.max_new_tokens, window=window,
-                                   options=pruning_options(mode, args.keep, args.merge))
-            if recorder is not None:
-                recorder.save(Path(args.record), index + args.start, label, len(answer.ids))
-            if mode == "target_only":
-                reference = answer.ids
-            n = max(len(answer.ids), 1)
-            row = {"link": args.link, "mode": label, "index": index + args.start, "qtype": item.qtype,
-                   "tokens": len(answer.ids), "ttft_s": answer.ttft_s, "latency_s": answer.latency_s,
-                   "decode_tps": answer.decode_tokens_per_s, "bytes_up": answer.bytes_up,
-                   "bytes_down": answer.bytes_down, "up_per_token": answer.bytes_up / n,
-                   "down_per_token": answer.bytes_down / n, "decode_up_per_token": answer.decode_bytes_up / n,
-                   "rounds": len(answer.rounds), "kept": answer.kept, "streamed_rest": answer.streamed_rest,
-                   "branch_hits": _rate([r.branch_hit for r in answer.rounds if r.branch_hit is not None]),
-                   "mean_accepted": answer.mean_accepted, "acceptance": answer.acceptance_rate,
-                   "score": score_answer(item, answer.text),
-                   "matches_target": None if reference is None or mode == "draft_only" else answer.ids == reference,
-                   "accepted_per_round": [r.accepted for r in answer.rounds],
-                   "ahead_rounds": sum(r.ahead for r in answer.rounds),
-                   "rejected_rounds": sum(r.accepted < r.drafted for r in answer.rounds), "ids": answer.ids,
-                   "device": args.device, "t_start": t_start, "t_end": time.time()}
-            out.write(json.dumps(row) + "\n")
-            out.flush()
-            print(f"[{args.link}] #{index + args.start} {label:20s} {len(answer.ids):3d} tokens "
-                  f"{answer.latency_s * 1000:7.0f} ms  up {row['up_per_token']:8.0f} B/token", flush=True)
-    out.close()
-    device.close()
-    return 0
 
 
 # --- the orchestrator ----------------------------------------------------------------------------
@@ -118,19 +50,9 @@ def run_bench(args: argparse.Namespace) -> Path:
             stats_file = out / f"link-{link_name}.json"
             link, link_endpoint = start_link(link_name, edge_port, stats_file)
             try:
-                console.print(f"[bold]link {link_name}[/]: {args.prompts} prompts x modes {args.modes}")
-                worker = [sys.executable, "-m", "covspec.tools.bench", "--worker", "--draft", str(args.draft),
-                          "--edge", link_endpoint, "--link", link_name, "--modes", args.modes,
-                          "--prompts", str(args.prompts), "--start", str(args.start),
-                          *(["--question-type", args.question_type] if args.question_type else []),
-                          "--max-new-tokens", str(args.max_new_tokens), "--window", str(args.window),
-                          *(["--keep", str(args.keep)] if args.keep is not None else []),
-                          *(["--merge"] if args.merge else []),
-                          "--temperature", str(args.temperature), "--top-k", str(args.top_k),
-                          "--top-p", str(args.top_p), "--rows", str(rows_file)]
-                if args.seed is not None:
-                    worker += ["--seed", str(args.seed)]
-                subprocess.run(worker, env=env, check=True)
+                console.print(f"[bold]link {link_name}[/]: {args.prompts} prompts x modes {','.join(args.modes)}")
+                settings = WorkerSettings.from_bench(args, edge=link_endpoint, link=link_name, rows=str(rows_file))
+                subprocess.run(settings.save(out / f"worker-{link_name}.json"), env=env, check=True)
             finally:
                 stop_link(link)
             if stats_file.exists():
@@ -141,10 +63,6 @@ def run_bench(args: argparse.Namespace) -> Path:
     write_results(out, rows, link_stats, command=args.command_line)
     console.print((out / "summary.md").read_text())
     return out
-
-
-def _rate(flags: list[bool]) -> float | None:
-    return sum(flags) / len(flags) if flags else None
 
 
 def _mean(values: list) -> float:
@@ -272,35 +190,37 @@ def plot_results(out: Path, rows: list[dict], summary: list[dict]) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from covspec.modes import MODES, mode_labels
     from covspec.transport.link import PROFILES
 
     p.add_argument("--target", default=None, help="target checkpoint (default: the demo target)")
     p.add_argument("--draft", default=None, help="draft checkpoint (default: the demo draft)")
-    p.add_argument("--modes", default="target_only,vanilla_sd,covspec,draft_only",
-                   help="comma-separated, target_only first (the reference answer): target_only, draft_only, "
-                        "vanilla_sd, covspec, covspec_no_prune, covspec_no_adaptive, covspec_no_branch, "
-                        "covspec_no_ahead, covspec_no_decoupled; MODE@K sets a fixed window K (e.g. vanilla_sd@8)")
-    p.add_argument("--links", default="loopback,4g", help=f"comma-separated: {', '.join(PROFILES)}")
+    p.add_argument("--modes", type=mode_labels, default=mode_labels("target_only,vanilla_sd,covspec,draft_only"),
+                   metavar="MODE[@K],...",
+                   help=f"comma-separated, target_only first (the reference answer): {', '.join(MODES)}; MODE@K "
+                        "sets a fixed window K (e.g. vanilla_sd@8) (default: target_only,vanilla_sd,covspec,draft_only)")
+    p.add_argument("--links", default="loopback,4g", help=f"link profiles, comma-separated: {', '.join(PROFILES)}")
     p.add_argument("--prompts", type=int, default=10, help="held-out demo prompts per link")
     p.add_argument("--start", type=int, default=0, help="index of the first held-out prompt")
     p.add_argument("--question-type", default=None,
                    help="ask every scene this kind of question (e.g. describe, for long answers); default: mixed")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--window", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer at most")
+    p.add_argument("--window", type=int, default=4, help="drafted tokens per verification (modes without @K)")
     p.add_argument("--keep", type=float, default=None,
                    help="share of visual tokens the pruning covspec modes keep (default: the mode's own)")
     p.add_argument("--merge", action="store_true",
                    help="pruning modes merge the dropped tokens into the kept ones (a draft trained so)")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1: off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: none, unseeded)")
+    p.add_argument("--out", default="runs/bench",
+                   help="output folder: rows, summary, plots, the workers' settings and the processes' logs")
     p.add_argument("--devices", default=None,
                    help="a load run instead: comma-separated device counts (e.g. 1,2,4,8), each that many device "
                         "processes against one edge (no link emulator), every device asking --prompts prompts in "
                         "each mode; per-device and aggregate tokens/s, p50/p99 request latency, the edge's batches "
-                        "and peak RSS (see covspec/bench_load.py)")
+                        "and peak RSS (see covspec/tools/load.py) (default: none, the link bench)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="the edge's batch_wait_ms (0: no batching)")
     p.add_argument("--edge-threads", type=int, default=1,
                    help="with --devices: the edge's torch threads (1: devices running the draft on this machine "
@@ -314,29 +234,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "on them, so they leave the cores to the edge)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="covspec bench")
-    add_arguments(parser)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--edge", help=argparse.SUPPRESS)
-    parser.add_argument("--link", help=argparse.SUPPRESS)
-    parser.add_argument("--rows", help=argparse.SUPPRESS)
-    parser.add_argument("--device", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--go", help=argparse.SUPPRESS)
-    parser.add_argument("--record", help=argparse.SUPPRESS)
-    parser.add_argument("--replay-file", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker and args.replay_file:
-        from covspec.tools.load import run_replay_worker
-
-        return run_replay_worker(args)
-    if args.worker:
-        return run_worker(args)
+def run(args: argparse.Namespace) -> int:
+    """`covspec bench`'s handler (args from add_arguments, and command_line from the CLI)."""
     from covspec import demo
 
     args.target = args.target or str(demo.default_target_path())
     args.draft = args.draft or str(demo.default_draft_path())
-    args.command_line = "covspec bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.devices:
         from covspec.tools.load import run_load
 
@@ -344,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     run_bench(args)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`covspec bench ARGS` (the one CLI parser)."""
+    from covspec.cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

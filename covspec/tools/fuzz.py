@@ -334,21 +334,23 @@ def fuzz_edge(endpoint: str, pid: int, n: int, seed: int, image: bytes, vocab: i
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--decoder", type=int, default=25000, help="messages for the decoder alone")
+    parser.add_argument("--edge", type=int, default=25000, help="messages for the running edge")
+    parser.add_argument("--model", type=Path, default=None, help="target checkpoint (default: the demo target)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the message generator")
+    parser.add_argument("--idle-timeout", type=float, default=5.0, help="the edge's session idle timeout, seconds")
+    parser.add_argument("--out", type=Path, default=Path("results/fuzz"), help="folder for fuzz.json and the edge's log")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`covspec fuzz`'s handler (args from add_arguments, and command_line from the CLI): 0 if passed."""
     from rich.console import Console
     from rich.progress import Progress
 
     from covspec.demo import default_target_path
     from covspec.tools.procs import free_port, start_edge, stop_edge
 
-    parser = argparse.ArgumentParser(prog="covspec fuzz", description=__doc__.splitlines()[0])
-    parser.add_argument("--decoder", type=int, default=25000, help="messages for the decoder alone")
-    parser.add_argument("--edge", type=int, default=25000, help="messages for the running edge")
-    parser.add_argument("--model", type=Path, default=None, help="target checkpoint (default: the demo target)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--idle-timeout", type=float, default=5.0, help="the edge's session idle timeout")
-    parser.add_argument("--out", type=Path, default=Path("results/fuzz"))
-    args = parser.parse_args(argv)
     console = Console()
     model = args.model or default_target_path()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -377,8 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(report.malformed_replies)} malformed; RSS {report.rss_before_mib:.1f} -> "
                   f"{report.rss_after_mib:.1f} MiB ({100 * report.rss_growth:+.1f}%); same answer after: "
                   f"{report.answer_before == report.answer_after}")
-    command = "covspec fuzz " + " ".join(argv if argv is not None else sys.argv[1:])
-    result = {"command": command.strip(), "decoder": asdict(decoder),
+    result = {"command": args.command_line, "decoder": asdict(decoder),
               "edge": {**asdict(report), "rss_growth": report.rss_growth, "passed": report.passed},
               "total_messages": decoder.messages + report.messages}
     (args.out / "fuzz.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -386,6 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     console.print(("[green]passed" if ok else "[red]FAILED") + f": {result['total_messages']} messages in all; "
                   f"report in {args.out / 'fuzz.json'}")
     return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`covspec fuzz ARGS` (the one CLI parser)."""
+    from covspec.cli import main as cli_main
+
+    return cli_main(["fuzz", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """`covspec bench --devices 1,2,4,8`: N device processes against one edge, per mode.
 
     edge   : `covspec edge serve --threads 1 --batch-wait-ms W` (its own process)
-    devices: N x `python -m covspec.tools.bench --worker` (1 thread each), straight to the edge, or each
+    devices: N x `python -m covspec.tools.worker SETTINGS.json` (1 thread each), straight to the edge, or each
              through the `--load-link` emulator profile
 
 The devices load their draft, then start together (a go file) and each asks `--prompts` held-out
@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from collections import deque
 from dataclasses import replace
@@ -34,6 +33,8 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
+
+from covspec.tools.worker import WorkerSettings
 
 
 def wait_for_go(go: Path, device: int, timeout_s: float = 600.0) -> None:
@@ -189,17 +190,18 @@ def replay(client, record: dict) -> dict:
             "replay_matches": replies == record["replies"]}
 
 
-def run_replay_worker(args: argparse.Namespace) -> int:
-    """A load-generating device: replays its share of the recorded requests in one mode."""
+def run_replay_worker(s: WorkerSettings) -> int:
+    """A load-generating device: replays its share of the recorded requests in its one mode."""
     from covspec.transport.channel import Client
 
-    mine = [r for r in load_records(Path(args.replay_file))
-            if r["mode"] == args.modes and args.start <= r["index"] < args.start + args.prompts]
-    client = Client(args.edge, timeout_s=120.0, retries=0)
-    wait_for_go(Path(args.go), args.device)
-    with open(args.rows, "a") as out:
+    (mode,) = s.modes
+    mine = [r for r in load_records(Path(s.replay_file))
+            if r["mode"] == mode and s.start <= r["index"] < s.start + s.prompts]
+    client = Client(s.edge, timeout_s=120.0, retries=0)
+    wait_for_go(Path(s.go), s.device)
+    with open(s.rows, "a") as out:
         for record in mine:
-            row = {"link": args.link, "mode": args.modes, "index": record["index"], "device": args.device,
+            row = {"link": s.link, "mode": mode, "index": record["index"], "device": s.device,
                    **replay(client, record)}
             out.write(json.dumps(row) + "\n")
             out.flush()
@@ -235,18 +237,12 @@ def edge_stats(endpoint: str) -> dict[str, float]:
         return dict(client.request(wire.Stats()).counters)
 
 
-def worker_command(args: argparse.Namespace, endpoint: str, mode: str, n: int, device: int,
-                   rows: Path, go: Path) -> list[str]:
-    command = [sys.executable, "-m", "covspec.tools.bench", "--worker", "--draft", str(args.draft), "--edge", endpoint,
-               "--link", f"{n}dev", "--modes", mode, "--prompts", str(args.prompts),
-               "--start", str(args.start + device * args.prompts), "--max-new-tokens", str(args.max_new_tokens),
-               "--window", str(args.window), "--temperature", str(args.temperature), "--top-k", str(args.top_k),
-               "--top-p", str(args.top_p), "--rows", str(rows), "--device", str(device), "--go", str(go)]
-    if args.replay:
-        command += ["--replay-file", str(Path(args.out) / "recorded.msgpack")]
-    if args.question_type:
-        command += ["--question-type", args.question_type]
-    return command + (["--seed", str(args.seed)] if args.seed is not None else [])
+def worker_settings(args: argparse.Namespace, endpoint: str, mode: str, n: int, device: int,
+                    rows: Path, go: Path) -> WorkerSettings:
+    """Device `device` of `n` in `mode`: its own --prompts prompts, after those of the devices before it."""
+    return WorkerSettings.from_bench(
+        args, edge=endpoint, link=f"{n}dev", modes=(mode,), start=args.start + device * args.prompts, rows=str(rows),
+        device=device, go=str(go), replay_file=str(Path(args.out) / "recorded.msgpack") if args.replay else None)
 
 
 def run_devices(args: argparse.Namespace, out: Path, endpoint: str, mode: str, n: int) -> list[dict]:
@@ -259,8 +255,10 @@ def run_devices(args: argparse.Namespace, out: Path, endpoint: str, mode: str, n
     for path in [go, *files, *(Path(f"{go}.ready.{i}") for i in range(n))]:
         path.unlink(missing_ok=True)
     log = open(out / f"devices-{tag}.log", "w")
-    procs = [subprocess.Popen(worker_command(args, endpoint, mode, n, i, files[i], go), env=one_thread_env(),
-                              stdout=log, stderr=subprocess.STDOUT) for i in range(n)]
+    commands = [worker_settings(args, endpoint, mode, n, i, files[i], go).save(out / f"worker-{tag}-{i}.json")
+                for i in range(n)]
+    procs = [subprocess.Popen(command, env=one_thread_env(), stdout=log, stderr=subprocess.STDOUT)
+             for command in commands]
     try:
         release(go, n, procs)
         for p in procs:
@@ -335,13 +333,9 @@ def record(args: argparse.Namespace, out: Path, endpoint: str, devices: int) -> 
     recorded = out / "recorded.msgpack"
     recorded.unlink(missing_ok=True)
     (out / "recorded.jsonl").unlink(missing_ok=True)
-    command = [sys.executable, "-m", "covspec.tools.bench", "--worker", "--draft", str(args.draft), "--edge", endpoint,
-               "--link", "recording", "--modes", args.modes, "--prompts", str(devices * args.prompts),
-               "--start", str(args.start), "--max-new-tokens", str(args.max_new_tokens), "--window", str(args.window),
-               "--temperature", str(args.temperature), "--top-k", str(args.top_k), "--top-p", str(args.top_p),
-               "--rows", str(out / "recorded.jsonl"), "--record", str(recorded)]
-    command += ["--seed", str(args.seed)] if args.seed is not None else []
-    command += ["--question-type", args.question_type] if args.question_type else []
+    settings = WorkerSettings.from_bench(args, edge=endpoint, link="recording", prompts=devices * args.prompts,
+                                         rows=str(out / "recorded.jsonl"), record=str(recorded))
+    command = settings.save(out / "worker-recording.json")
     with open(out / "recording.log", "w") as log:
         subprocess.run(command, env=one_thread_env(), stdout=log, stderr=subprocess.STDOUT, check=True)
 
@@ -364,7 +358,7 @@ def run_load(args: argparse.Namespace) -> Path:
             link, devices_endpoint = start_link(args.load_link, edge_port)
         if args.replay:
             record(args, out, devices_endpoint, max(counts))
-        for mode in args.modes.split(","):
+        for mode in args.modes:
             for n in counts:
                 before, cpu_before = edge_stats(endpoint), process_cpu_s(edge.pid)
                 rows = run_devices(args, out, devices_endpoint, mode, n)

@@ -1,0 +1,126 @@
+"""`covspec edge serve|stats`: the edge runtime (target VLM) and its counters."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from covspec.cli.common import add_client_key_args, add_command, add_threads_arg, client_keys
+from covspec.errors import CovspecError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from covspec.edge_runtime.settings import EdgeSettings
+    from covspec.transport.protocol import DEFAULT_LIMITS
+
+    defaults = EdgeSettings()
+    p = add_command(sub, "edge", "the edge runtime (target VLM)")
+    edge_sub = p.add_subparsers(dest="edge_command", required=True, metavar="ACTION")
+    q = add_command(edge_sub, "serve", "serve a target checkpoint over ZeroMQ (ROUTER)")
+    q.add_argument("--model", required=True, help="target checkpoint folder, or an edge bundle (covspec export's OUT/edge)")
+    q.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
+    add_threads_arg(q)
+    g = q.add_argument_group("authentication (ZeroMQ CURVE)")
+    g.add_argument("--auth", choices=["curve", "none"], default="curve",
+                   help="curve (the default) admits only devices whose public keys are in --allow, and refuses "
+                        "to start without --key and --allow; serving every device unauthenticated must be asked "
+                        "for by name: --auth none")
+    g.add_argument("--key", help="the edge's secret key file (NAME.key_secret from `covspec keys gen`)")
+    g.add_argument("--allow", help="folder of allowed device public keys (*.key)")
+    g = q.add_argument_group("limits")
+    g.add_argument("--max-sessions", type=int, default=defaults.max_sessions, help="open sessions in all")
+    g.add_argument("--max-sessions-per-device", type=int, default=defaults.max_sessions_per_device,
+                   help="open sessions per device: per public key with CURVE, per connection without")
+    g.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s,
+                   help="seconds before an idle session is freed")
+    g.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+                   help="the largest answer a session may ask for")
+    g.add_argument("--max-message-bytes", type=int, default=DEFAULT_LIMITS.max_total_bytes,
+                   help="bytes of one message, all frames")
+    g.add_argument("--max-image-bytes", type=int, default=DEFAULT_LIMITS.max_image_bytes,
+                   help="bytes of an encoded image")
+    g.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels,
+                   help="pixels of a decoded image")
+    g.add_argument("--max-window", type=int, default=DEFAULT_LIMITS.max_window,
+                   help="drafted tokens in one VERIFY")
+    g = q.add_argument_group("batched verification")
+    g.add_argument("--batch-wait-ms", type=float, default=defaults.batch_wait_ms,
+                   help="how long a VERIFY may wait for other sessions' VERIFYs to share its target pass; "
+                        "0: no batching")
+    g.add_argument("--max-batch", type=int, default=defaults.max_batch,
+                   help="requests gathered into one batched round at most")
+    q.set_defaults(handler=run_serve)
+
+    q = add_command(edge_sub, "stats", "print a running edge's counters (a STATS request) as JSON")
+    q.add_argument("--edge", required=True, help="edge endpoint, e.g. tcp://127.0.0.1:5555")
+    add_client_key_args(q, "this device's secret key file, for an edge with --auth curve")
+    q.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply")
+    q.set_defaults(handler=run_stats)
+
+
+def server_keys(args: argparse.Namespace):
+    from covspec.transport.channel import load_server_keys
+
+    if args.auth == "none":
+        if args.key or args.allow:
+            raise CovspecError("--key/--allow are for --auth curve; with --auth none every device is served")
+        return None
+    if not args.key or not args.allow:
+        raise CovspecError("--auth curve (the default) needs --key EDGE_SECRET_FILE and --allow DEVICE_KEYS_DIR "
+                           "(make key pairs with `covspec keys gen`); to serve every device without "
+                           "authentication, say --auth none")
+    return load_server_keys(args.key, args.allow)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import logging
+    from dataclasses import replace
+
+    import torch
+
+    from covspec.edge_runtime.server import EdgeServer, EdgeSettings
+    from covspec.edge_runtime.target import load_target
+    from covspec.transport.protocol import DEFAULT_LIMITS
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    requests = logging.getLogger("covspec.edge.requests")  # one JSON object per line, nothing else
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    requests.addHandler(handler)
+    requests.propagate = False
+    keys = server_keys(args)
+    torch.set_num_threads(args.threads)
+    limits = replace(DEFAULT_LIMITS, max_total_bytes=args.max_message_bytes, max_image_bytes=args.max_image_bytes,
+                     max_window=args.max_window)
+    settings = EdgeSettings(bind=args.bind, max_sessions=args.max_sessions,
+                            max_sessions_per_device=args.max_sessions_per_device, idle_timeout_s=args.idle_timeout,
+                            max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
+                            limits=limits, keys=keys, batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch)
+    try:
+        settings.check()
+    except ValueError as err:
+        raise CovspecError(f"edge settings: {err}") from err
+    target, loaded = load_target(args.model, threads=args.threads)
+    print(f"edge target: {loaded}", flush=True)
+    server = EdgeServer(target, settings, name=Path(args.model).name)
+    auth = "no authentication (--auth none)" if keys is None else f"CURVE, devices allowed from {keys.allow_dir}"
+    print(f"edge serving {args.model} on {server.endpoint}, {auth}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.close()
+    return 0
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from covspec.transport import protocol as wire
+    from covspec.transport.channel import Client
+
+    with Client(args.edge, timeout_s=args.timeout, retries=0, keys=client_keys(args)) as client:
+        reply = client.request(wire.Stats())
+    if not isinstance(reply, wire.StatsReply):
+        raise CovspecError(f"the edge answered STATS with {reply.TYPE}")
+    print(json.dumps(reply.counters, indent=1, sort_keys=True))
+    return 0

@@ -1,0 +1,146 @@
+"""The bench's device worker, a process of its own: `python -m covspec.tools.worker SETTINGS.json`.
+
+The bench (and the load bench) write each worker's settings as one JSON file in their output folder
+(`WorkerSettings`) and start the worker on it; the worker answers held-out demo prompts in its modes
+through the edge and appends one JSON row per request to `rows` (answer ids, time to first token,
+latency, decode tokens/s, bytes up/down counted on its socket, rounds, accepted lengths, score).
+A load run's workers start together (`go`), may record their messages (`record`) or replay recorded
+ones instead of running the draft (`replay_file`, covspec/tools/load.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    draft: str  # draft checkpoint folder
+    edge: str  # endpoint the worker connects to (the edge, or a link emulator in front of it)
+    link: str  # the rows' link label
+    modes: tuple[str, ...]  # mode labels (MODE or MODE@K), asked in turn on every prompt
+    rows: str  # JSON-lines file the rows are appended to
+    prompts: int = 10
+    start: int = 0  # index of the first held-out prompt
+    question_type: str | None = None  # every scene asked this kind of question (None: mixed)
+    max_new_tokens: int = 48
+    window: int = 4
+    keep: float | None = None
+    merge: bool = False
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    device: int = 0  # this worker's number in a load run
+    go: str | None = None  # a load run: wait for this file before starting
+    record: str | None = None  # a load run's recording pass: append every request's messages here
+    replay_file: str | None = None  # a load generator: replay these recorded messages, no draft
+
+    @classmethod
+    def from_bench(cls, args: argparse.Namespace, **settings) -> WorkerSettings:
+        """The sampling, prompt and mode options of a `covspec bench` run, with `settings` on top."""
+        shared = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        merged = {**shared, **settings}
+        return cls(**{**merged, "modes": tuple(merged["modes"]), "draft": str(merged["draft"])})
+
+    def save(self, path: Path) -> list[str]:
+        """Writes the settings to `path`; the command line that starts a worker on them."""
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        return [sys.executable, "-m", "covspec.tools.worker", str(path)]
+
+    @classmethod
+    def load(cls, path: str | Path) -> WorkerSettings:
+        data = json.loads(Path(path).read_text())
+        return cls(**{**data, "modes": tuple(data["modes"])})
+
+
+def run_worker(s: WorkerSettings) -> int:
+    import torch
+
+    from covspec.demo.evaluate import score_answer
+    from covspec.demo.task import make_item, sample_split
+    from covspec.device_runtime.client import DeviceRuntime
+    from covspec.images import png_bytes
+    from covspec.models import load_adapter
+    from covspec.modes import pruning_options, split_label
+    from covspec.sampling import SamplingParams
+
+    torch.set_num_threads(1)
+    params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
+    device = DeviceRuntime(load_adapter(s.draft), s.edge, timeout_s=120.0)
+    if s.go:  # a load run: start with the other devices
+        from covspec.tools.load import wait_for_go
+
+        wait_for_go(Path(s.go), s.device)
+    recorder = None
+    if s.record:  # a load run's recording pass: every request's messages, for replaying devices
+        from covspec.tools.load import Recorder
+
+        recorder = Recorder(device.client)
+    out = open(s.rows, "a")
+    items = sample_split("heldout", s.prompts, seed=0, start=s.start)
+    if s.question_type:  # the same scenes, all asked this kind of question
+        items = (make_item("heldout", i, 0, qtype=s.question_type) for i in range(s.start, s.start + s.prompts))
+    for index, item in enumerate(items):
+        image = png_bytes(item.image)
+        reference: list[int] | None = None
+        for label in s.modes:
+            mode, k = split_label(label)  # "vanilla_sd@8": a fixed window of 8
+            window = k or s.window
+            t_start = time.time()
+            if recorder is not None:
+                recorder.start()
+            answer = device.answer(image, item.question, mode, params, s.max_new_tokens, window=window,
+                                   options=pruning_options(mode, s.keep, s.merge))
+            if recorder is not None:
+                recorder.save(Path(s.record), index + s.start, label, len(answer.ids))
+            if mode == "target_only":
+                reference = answer.ids
+            n = max(len(answer.ids), 1)
+            row = {"link": s.link, "mode": label, "index": index + s.start, "qtype": item.qtype,
+                   "tokens": len(answer.ids), "ttft_s": answer.ttft_s, "latency_s": answer.latency_s,
+                   "decode_tps": answer.decode_tokens_per_s, "bytes_up": answer.bytes_up,
+                   "bytes_down": answer.bytes_down, "up_per_token": answer.bytes_up / n,
+                   "down_per_token": answer.bytes_down / n, "decode_up_per_token": answer.decode_bytes_up / n,
+                   "rounds": len(answer.rounds), "kept": answer.kept, "streamed_rest": answer.streamed_rest,
+                   "branch_hits": _rate([r.branch_hit for r in answer.rounds if r.branch_hit is not None]),
+                   "mean_accepted": answer.mean_accepted, "acceptance": answer.acceptance_rate,
+                   "score": score_answer(item, answer.text),
+                   "matches_target": None if reference is None or mode == "draft_only" else answer.ids == reference,
+                   "accepted_per_round": [r.accepted for r in answer.rounds],
+                   "ahead_rounds": sum(r.ahead for r in answer.rounds),
+                   "rejected_rounds": sum(r.accepted < r.drafted for r in answer.rounds), "ids": answer.ids,
+                   "device": s.device, "t_start": t_start, "t_end": time.time()}
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            print(f"[{s.link}] #{index + s.start} {label:20s} {len(answer.ids):3d} tokens "
+                  f"{answer.latency_s * 1000:7.0f} ms  up {row['up_per_token']:8.0f} B/token", flush=True)
+    out.close()
+    device.close()
+    return 0
+
+
+def _rate(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m covspec.tools.worker SETTINGS.json (written by covspec bench)", file=sys.stderr)
+        return 2
+    settings = WorkerSettings.load(argv[0])
+    if settings.replay_file:
+        from covspec.tools.load import run_replay_worker
+
+        return run_replay_worker(settings)
+    return run_worker(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
