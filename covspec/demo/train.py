@@ -543,8 +543,3 @@ def _stored_stage(settings: dict, stage: str) -> dict | None:
 # tower reading the image in 6-pixel patches (144 visual tokens, as real VLMs read an image in many
 # redundant tokens) and its pruned rows trained with the dropped tokens merged into the kept ones.
 FINE_DRAFT = TrainSettings(draft=replace(TrainSettings().draft, merge_pruned=True), draft_vision=VisionSize(patch=6))
-
-
-def quick_settings(**changes) -> TrainSettings:
-    """TrainSettings with some fields replaced (for experiments)."""
-    return replace(TrainSettings(), **changes)
