@@ -94,38 +94,40 @@ class TargetSession:
             return True
         return len(self.committed) >= self.max_new_tokens
 
-    def _check_round(self, round_no: int, root: int, pos: int | None = None) -> None:
-        """Raises SessionError when a new round `round_no` after `root` does not fit the state;
-        WindowDropped instead for a window sent ahead (`pos`: the answer index of its first token)."""
+    def is_repeat(self, round_no: int) -> bool:
+        """Whether `round_no` is the round just answered (a retry: its answer is sent again)."""
+        return self.last is not None and round_no == self.last.round
+
+    def round_problem(self, round_no: int, root: int, pos: int | None = None) -> str | None:
+        """What keeps a new round `round_no` after `root` from fitting the state, or None when it fits.
+        `pos`: the answer index of a window sent ahead's first token. Changes nothing."""
         expected = 0 if self.last is None else self.last.round + 1
         start = len(self.committed) + (0 if self.root_known else 1)  # where the window's first token goes
         if round_no != expected:
-            problem = f"round {round_no} out of order: expected {expected}"
-        elif self.done:
-            problem = "the answer is already complete"
-        elif pos is not None and pos != start:
-            problem = f"window sent ahead for answer position {pos}, the answer goes on at {start}"
-        elif self.root_known and root != self.committed[-1]:
-            problem = f"root token {root} differs from the committed token {self.committed[-1]}"
-        else:
-            return
-        raise WindowDropped(problem) if pos is not None else SessionError(problem)
+            return f"round {round_no} out of order: expected {expected}"
+        if self.done:
+            return "the answer is already complete"
+        if pos is not None and pos != start:
+            return f"window sent ahead for answer position {pos}, the answer goes on at {start}"
+        if self.root_known and root != self.committed[-1]:
+            return f"root token {root} differs from the committed token {self.committed[-1]}"
+        return None
+
+    def _check_round(self, round_no: int, root: int, pos: int | None = None) -> None:
+        """Raises SessionError when a new round does not fit the state (`round_problem`);
+        WindowDropped instead for a window sent ahead."""
+        problem = self.round_problem(round_no, root, pos)
+        if problem is not None:
+            raise WindowDropped(problem) if pos is not None else SessionError(problem)
 
     def _room(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """The drafted tokens that could still be emitted: never verify past the token limit."""
         room = self.max_new_tokens - len(self.committed) - (0 if self.root_known else 1)
         return draft_ids[:max(room, 0)]
 
-    def window_ids(self, round_no: int, root: int, draft_ids: torch.Tensor,
-                   pos: int | None = None) -> torch.Tensor | None:
-        """The ids [k+1] a VERIFY of round `round_no` would feed the target, or None when it would
-        feed nothing (a repeated round, or one verify will refuse or drop). Changes nothing."""
-        if self.last is not None and round_no == self.last.round:
-            return None
-        try:
-            self._check_round(round_no, root, pos)
-        except SessionError:
-            return None
+    def feed_ids(self, root: int, draft_ids: torch.Tensor) -> torch.Tensor:
+        """The ids [k+1] a fitting new round after `root` feeds the target: the root and the drafted
+        tokens [k] that could still be emitted. Changes nothing."""
         return torch.cat([torch.tensor([root]), self._room(draft_ids).long()])
 
     def _matches(self, window: Window | None, ids: torch.Tensor) -> bool:
@@ -141,7 +143,7 @@ class TargetSession:
         (edge_runtime.batching); without it (or when it does not match) the session runs its own.
         `pos`: given for a window sent ahead, which is dropped (WindowDropped) unless it fits."""
         self.last_active = time.monotonic()
-        if self.last is not None and round_no == self.last.round:
+        if self.is_repeat(round_no):
             return self.last  # a retry of the round just answered
         self._check_round(round_no, root, pos)
         if not self.root_known:  # the device drew the correction itself

@@ -20,6 +20,7 @@ from PIL import Image
 from test_runtimes import RunningEdge, png
 
 from covspec.device_runtime.client import DeviceRuntime
+from covspec.edge_runtime import handlers
 from covspec.edge_runtime.server import EdgeServer
 from covspec.generation import generate
 from covspec.models import load_adapter
@@ -93,15 +94,15 @@ def test_edge_restart_mid_request_is_survived(models, mode):
     endpoint = edge.endpoint
     seen = {"verify": 0, "streamed": 0}
 
-    def dying_verify(server, msg):
+    def dying_verify(server, ctx, msg):
         seen["verify"] += 1
         if seen["verify"] == 3:
             edge.stop.set()  # dies without answering
             return
-        yield from EdgeServer.on_verify(server, msg)
+        yield from handlers.on_verify(server, ctx, msg)
 
-    def dying_stream(server, msg):
-        for reply in EdgeServer.on_stream(server, msg):
+    def dying_stream(server, ctx, msg):
+        for reply in handlers.on_stream(server, ctx, msg):
             seen["streamed"] += len(reply.tokens)
             if seen["streamed"] >= 5:
                 edge.stop.set()

@@ -1,0 +1,183 @@
+"""The edge's answer to each request type: `handler(server, ctx, msg)` yields the replies (several
+for STREAM). A handler raises ProtocolError (or SessionError, PromptError, ImageError, ValueError)
+for a request it refuses; `EdgeServer.handle` turns that into the ERROR reply. `ctx` says who sent
+the request and holds the round's batched work, which the handler takes for its own session.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from covspec.edge_runtime.context import RequestContext
+from covspec.edge_runtime.planning import Outcome, VerifyPlan, plan_verify
+from covspec.edge_runtime.session import RoundAnswer, SessionError, TargetSession
+from covspec.edge_runtime.stats import SessionUsage
+from covspec.edge_runtime.visual import encode, kept_indices
+from covspec.policy import add_point
+from covspec.sampling import SamplingParams
+from covspec.transport import protocol as wire
+
+if TYPE_CHECKING:
+    from covspec.edge_runtime.server import EdgeServer
+
+log = logging.getLogger("covspec.edge")
+
+VERIFY_DECAY = 0.99  # weight kept by older verify passes in the edge's cost line, per pass
+
+
+def on_hello(server: EdgeServer, ctx: RequestContext, msg: wire.Hello):
+    if msg.fingerprint != server.fingerprint:
+        raise wire.ProtocolError(
+            wire.ErrorCode.FINGERPRINT_MISMATCH,
+            f"the draft's tokenizer (fingerprint {msg.fingerprint[:12]}...) differs from the target's "
+            f"({server.fingerprint[:12]}...): a draft must tokenize exactly like its target")
+    s = server.settings
+    yield wire.Welcome(seq=msg.seq, fingerprint=server.fingerprint, family=server.adapter.family, model=server.name,
+                       edge="covspec-edge", vocab_size=server.adapter.vocab_size,
+                       max_message_bytes=s.limits.max_total_bytes, max_image_bytes=s.limits.max_image_bytes,
+                       max_window=s.limits.max_window, max_new_tokens=s.max_new_tokens,
+                       idle_timeout_s=s.idle_timeout_s)
+
+
+def _prefix(server: EdgeServer, msg: wire.Open) -> list[int]:
+    """The answer so far a resuming device sends (empty for a fresh OPEN), checked against the limits."""
+    if msg.max_new_tokens > server.settings.max_new_tokens:
+        raise wire.ProtocolError(wire.ErrorCode.LIMIT,
+                                 f"OPEN.max_new_tokens: {msg.max_new_tokens}, limit {server.settings.max_new_tokens}")
+    prefix = [] if msg.prefix is None else [int(t) for t in msg.prefix]
+    vocab = server.adapter.vocab_size
+    if prefix and max(prefix) >= vocab:
+        raise wire.ProtocolError(wire.ErrorCode.BAD_MESSAGE, f"OPEN.prefix: token ids must be below the vocabulary size {vocab}")
+    if len(prefix) > msg.max_new_tokens:
+        raise wire.ProtocolError(wire.ErrorCode.LIMIT, f"OPEN.prefix: {len(prefix)} tokens, more than max_new_tokens {msg.max_new_tokens}")
+    return prefix
+
+
+def _start(server: EdgeServer, ctx: RequestContext, msg: wire.Open, prefix: list[int]) -> tuple[TargetSession, int]:
+    """A new session for the OPEN, prefilled (by this round's batched pass when it did): (session,
+    its visual-token count). Its `opened` reply is set."""
+    params = SamplingParams(temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p, seed=msg.seed)
+    start = time.perf_counter()
+    prefilled = ctx.prepared.prefills.pop(msg.sid, None)  # this round's batched pass over its prompt, if any
+    if prefilled is not None and prefilled.seq == msg.seq:
+        visual, done = prefilled.visual, (prefilled.logits, prefilled.state)
+    else:
+        visual, done = encode(server.adapter, msg, server.settings.max_image_pixels), None
+    with torch.inference_mode():
+        session = TargetSession.open(server.adapter, visual, msg.prompt, kept_indices(msg), params, msg.max_new_tokens,
+                                     prefix, prefilled=done)
+    session.open_seq = msg.seq
+    prefill_s = time.perf_counter() - start + (prefilled.pass_s if done is not None else 0.0)
+    session.usage = SessionUsage(device=ctx.device, mode=msg.mode, prefix=len(prefix), prefill_s=prefill_s)
+    session.opened = wire.Opened(sid=msg.sid, seq=msg.seq, token=session.committed[-1], done=session.done,
+                                 timings={"prefill_s": prefill_s, **server._cost_timings()})
+    return session, visual.count
+
+
+def on_open(server: EdgeServer, ctx: RequestContext, msg: wire.Open):
+    retried = server.table.admit(msg, ctx.device)
+    if retried is not None:
+        yield retried.opened  # a retried OPEN
+        return
+    prefix = _prefix(server, msg)
+    session, visual_count = _start(server, ctx, msg, prefix)
+    server.table.add(msg.sid, session)
+    server.counters.sessions_opened += 1
+    server.counters.sessions_reopened += bool(prefix)
+    log.info("session %d opened: mode %s, %d visual tokens%s%s, prefill %.1f ms", msg.sid, msg.mode,
+             visual_count, "" if msg.kept is None else f" ({len(msg.kept)} kept)",
+             f", resumed after {len(prefix)} tokens" if prefix else "", session.usage.prefill_s * 1000)
+    yield session.opened
+
+
+def _verified(server: EdgeServer, session: TargetSession, msg: wire.Verify, plan: VerifyPlan, window) -> RoundAnswer:
+    """Runs the planned round (or finds the answered one again) and counts a new round's tokens."""
+    q_full = None if msg.dists is None else torch.from_numpy(msg.dists.copy())  # [k, V]
+    q_of_draft = None if msg.q is None else torch.from_numpy(msg.q)  # [k]
+    before = session.last
+    answer = session.verify(msg.round, plan.root, plan.draft, plan.scheme, q_of_draft=q_of_draft, q_full=q_full,
+                            window=window, pos=msg.pos)
+    if answer is not before:  # a new round, not a repeat
+        k, accepted = len(msg.tokens), answer.verdict.accepted
+        server.counters.windows_ahead += msg.pos is not None
+        usage = session.usage
+        usage.rounds, usage.drafted, usage.accepted = usage.rounds + 1, usage.drafted + k, usage.accepted + accepted
+        usage.verify_s += answer.verify_s
+        if k:
+            server.verify_sums = add_point(server.verify_sums, k, answer.verify_s, decay=VERIFY_DECAY)
+        server.counters.tokens_verified += k
+        server.counters.tokens_accepted += accepted
+    return answer
+
+
+def on_verify(server: EdgeServer, ctx: RequestContext, msg: wire.Verify):
+    window = ctx.prepared.windows.pop(msg.sid, None)  # this round's batched pass over its window, if any
+    session = server.table.active(msg, ctx.device)
+    plan = plan_verify(session, msg, server.adapter.vocab_size)
+    if plan.outcome is Outcome.DROP:  # a window sent ahead on an outcome that did not happen: normal, not an error
+        server.counters.windows_dropped += 1
+        yield wire.Error(sid=msg.sid, seq=msg.seq, code=wire.ErrorCode.BAD_ROUND, message=f"dropped: {plan.problem}")
+        return
+    if plan.outcome is Outcome.REFUSE:
+        raise SessionError(plan.problem)
+    answer = _verified(server, session, msg, plan, window)
+    v = answer.verdict
+    cand_ids = None if v.support_ids is None else v.support_ids.numpy().astype(np.int32)
+    cand_probs = None if v.support_probs is None else v.support_probs.numpy().astype(np.float32)
+    yield wire.Result(sid=msg.sid, seq=msg.seq, round=answer.round, accepted=v.accepted,
+                      token=v.next_token, done=answer.done,
+                      cand_ids=cand_ids, cand_probs=cand_probs, timings={"verify_s": answer.verify_s})
+
+
+def _streamed(msg: wire.Stream, index: int, chunk: list[int], done: bool, start: float) -> wire.Streamed:
+    return wire.Streamed(sid=msg.sid, seq=msg.seq, index=index, tokens=np.asarray(chunk, dtype=np.int32),
+                         done=done, timings={"elapsed_s": time.perf_counter() - start})
+
+
+def on_stream(server: EdgeServer, ctx: RequestContext, msg: wire.Stream):
+    session = server.table.active(msg, ctx.device)
+    if msg.seq in session.stream_seqs:  # a duplicate: its chunks went out already, before this reply
+        raise wire.ProtocolError(wire.ErrorCode.DUPLICATE,
+                                 f"STREAM seq {msg.seq} of session {msg.sid} was served already (a duplicate)")
+    session.stream_seqs.add(msg.seq)
+    start = time.perf_counter()
+    chunk: list[int] = []
+    index = 0
+    tokens = session.stream()
+    next(tokens)  # the first token went out in OPENED
+    for token in tokens:
+        chunk.append(token)
+        session.usage.streamed += 1
+        server.counters.tokens_streamed += 1
+        if len(chunk) >= msg.chunk:
+            yield _streamed(msg, index, chunk, False, start)
+            index, chunk = index + 1, []
+    elapsed = time.perf_counter() - start
+    session.usage.stream_s += elapsed
+    if session.usage.streamed:  # per streamed token, sending included: what a device weighs drafting against
+        server.step_s = elapsed / session.usage.streamed
+    session.last_active = time.monotonic()
+    yield _streamed(msg, index, chunk, True, start)
+
+
+def on_close(server: EdgeServer, ctx: RequestContext, msg: wire.Close):
+    if server.table.close(msg.sid, ctx.device) is not None:
+        server.counters.sessions_closed += 1
+    yield wire.Closed(sid=msg.sid, seq=msg.seq)  # closing twice (a retried CLOSE) is fine
+
+
+def on_ping(server: EdgeServer, ctx: RequestContext, msg: wire.Ping):
+    yield wire.Pong(sid=msg.sid, seq=msg.seq, t=msg.t, pad=bytes(msg.echo) if msg.echo else None)
+
+
+def on_stats(server: EdgeServer, ctx: RequestContext, msg: wire.Stats):
+    yield wire.StatsReply(sid=msg.sid, seq=msg.seq, counters=server.stats())
+
+
+HANDLERS = {wire.Hello: on_hello, wire.Open: on_open, wire.Verify: on_verify, wire.Stream: on_stream,
+            wire.Close: on_close, wire.Ping: on_ping, wire.Stats: on_stats}
