@@ -148,17 +148,20 @@ def plot_rows(runs: dict[str, list[CostRow]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from covspec.cli.common import HelpFormatter
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--draft", help="a draft checkpoint folder")
     source.add_argument("--bundle", help="an exported device bundle folder (run on --backend)")
     source.add_argument("--shape", choices=sorted(SHAPES), help="a randomly initialised LLaVA of this text shape")
     parser.add_argument("--tokens", type=int, default=576, help="visual tokens of the --shape model's image")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75],
+                        help="shares of the visual tokens kept (1.0, unpruned, is always measured too)")
     parser.add_argument("--backend", default="executorch", choices=["executorch", "onnx"], help="runtime for --bundle")
-    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--reps", type=int, default=20, help="timed repetitions per ratio, after one warm-up round")
     parser.add_argument("--merge", action="store_true", help="merge the dropped tokens into the kept ones")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--json", help="also write the rows (and a .txt with the command, a .png plot)")
     args = parser.parse_args(argv)
     if args.reps < 1:
