@@ -147,18 +147,6 @@ def relevance(embeds: torch.Tensor, query: torch.Tensor, tau: float = RELEVANCE_
     return torch.from_numpy(_relevance(_numpy(embeds), _numpy(query), tau))
 
 
-def activity_score(visual: VisualTokens) -> torch.Tensor:
-    """[N] in [0, 1]: rank of the activity norm, averaged with the rank of received attention when
-    the vision encoder provided it."""
-    return torch.from_numpy(_activity(visual))
-
-
-def quality(visual: VisualTokens, query: torch.Tensor, rel_weight: float = REL_WEIGHT,
-            tau: float = RELEVANCE_TAU) -> torch.Tensor:
-    """s [N] in [0, 1]: rank-normalised query relevance and activity, mixed by rel_weight."""
-    return torch.from_numpy(_quality(visual, _numpy(visual.embeds), _numpy(query), rel_weight, tau))
-
-
 def greedy_dpp_map(features: torch.Tensor | np.ndarray, q: torch.Tensor | np.ndarray, k: int,
                    eps: float = KERNEL_EPS) -> list[int]:
     """Greedy MAP of the DPP with kernel L = diag(q) (F Fᵀ + eps I) diag(q).

@@ -220,3 +220,42 @@ def test_merged_view_leaves_the_scores_and_an_unpruned_image_alone():
     view = merged_visual(visual, torch.tensor([0, 3]))
     assert view.activity is visual.activity and view.count == 6
     assert not torch.equal(view.embeds[[0, 3]], visual.embeds[[0, 3]])
+
+
+def test_prune_eval_writes_intervals_paired_differences_and_reuses_its_items(tmp_path, capsys):
+    import json
+
+    import tiny_models
+
+    from covspec.tools.prune_eval import main
+
+    draft = str(tiny_models.build_llava(tmp_path / "draft", seed=1))
+    out = tmp_path / "sweep.json"
+    common = ["--draft", draft, "--target", draft, "--split", "report", "--limit", "6", "--no-oracle"]
+    assert main([*common, "--ratios", "0.25", "1.0", "--methods", "covspec", "random", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    items = data["items"]
+    assert len(items["qtypes"]) == 6 and items["split"] == "report" and len(items["answers"]) == 6
+    assert set(items["configs"]) == {"none@1", "covspec@0.25", "random@0.25"}
+    none = next(r for r in data["rows"] if r["method"] == "none")
+    assert none["agreement"] == 1.0 and none["intervals"]["agreement"] == [1.0, 1.0]  # agrees with itself
+    for r in data["rows"]:
+        low, high = r["intervals"]["all"]
+        assert low <= r["overall"] <= high and r["n"] == 6
+        assert r["overall"] == pytest.approx(sum(items["configs"][next(
+            k for k in items["configs"] if k.startswith(r["method"]))]["scores"]) / 6)
+    text = (tmp_path / "sweep.txt").read_text()
+    assert text.startswith("Command: python -m covspec.tools.prune_eval") and (tmp_path / "sweep.png").exists()
+    assert "| covspec@0.25 - none@1 | 0.25 |" in text and "| covspec@0.25 - random@0.25 | 0.25 |" in text
+    # --reuse adds a method without re-running the others (their per-item scores are kept as they were)
+    again = tmp_path / "more.json"
+    assert main([*common, "--ratios", "0.25", "1.0", "--methods", "covspec", "random", "diversity",
+                 "--reuse", str(out), "--json", str(again)]) == 0
+    more = json.loads(again.read_text())["items"]["configs"]
+    assert set(more) == {"none@1", "covspec@0.25", "random@0.25", "diversity@0.25"}
+    assert more["covspec@0.25"] == items["configs"]["covspec@0.25"]
+    capsys.readouterr()
+    assert main(["--from-json", str(again)]) == 0
+    assert "| covspec@0.25 - diversity@0.25 | 0.25 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="reuse"):
+        main([*common[:-3], "--limit", "5", "--reuse", str(out)])
