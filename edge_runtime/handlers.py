@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from covspec.edge_runtime.batching import Window
 from covspec.edge_runtime.context import RequestContext
 from covspec.edge_runtime.planning import Outcome, VerifyPlan, plan_verify
 from covspec.edge_runtime.session import RoundAnswer, SessionError, TargetSession
@@ -95,7 +96,8 @@ def on_open(server: EdgeServer, ctx: RequestContext, msg: wire.Open):
     yield session.opened
 
 
-def _verified(server: EdgeServer, session: TargetSession, msg: wire.Verify, plan: VerifyPlan, window) -> RoundAnswer:
+def _verified(server: EdgeServer, session: TargetSession, msg: wire.Verify, plan: VerifyPlan,
+              window: Window | None) -> RoundAnswer:
     """Runs the planned round (or finds the answered one again) and counts a new round's tokens."""
     q_full = None if msg.dists is None else torch.from_numpy(msg.dists.copy())  # [k, V]
     q_of_draft = None if msg.q is None else torch.from_numpy(msg.q)  # [k]

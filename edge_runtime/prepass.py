@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,7 +21,7 @@ from covspec.edge_runtime.planning import Outcome, plan_verify
 from covspec.edge_runtime.stats import EdgeCounters
 from covspec.edge_runtime.table import SessionTable
 from covspec.edge_runtime.visual import encode, kept_indices
-from covspec.models.base import VLMAdapter
+from covspec.models.base import PrefillInputs, VisualTokens, VLMAdapter
 from covspec.transport import protocol as wire
 
 log = logging.getLogger("covspec.edge")
@@ -61,13 +61,16 @@ def planned_windows(gathered: list[Incoming], table: SessionTable, vocab: int) -
 
 @dataclass
 class Prepass:
+    """Runs a round's batched passes for the edge (`run`), counting them in `counters`."""
+
     adapter: VLMAdapter
     counters: EdgeCounters
     max_image_pixels: int
     batching_refused: bool = False  # batching was found impossible (logged once)
+    prefills_batch: bool = field(init=False)  # whether OPEN prefills can share a pass
 
     def __post_init__(self) -> None:
-        self.prefills_batch = can_prefill_batch(self.adapter)  # whether OPEN prefills can share a pass
+        self.prefills_batch = can_prefill_batch(self.adapter)
 
     def run(self, gathered: list[Incoming], table: SessionTable) -> Prepared:
         windows = self.windows(gathered, table)
@@ -97,7 +100,8 @@ class Prepass:
         self.counters.batch_max = max(self.counters.batch_max, len(windows))
         return dict(zip(planned, windows, strict=True))
 
-    def _prepared_opens(self, gathered: list[Incoming], table: SessionTable) -> dict[int, tuple]:
+    def _prepared_opens(self, gathered: list[Incoming],
+                        table: SessionTable) -> dict[int, tuple[int, VisualTokens, PrefillInputs]]:
         """sid -> (seq, visual tokens, prefill inputs) for the gathered OPENs that start a session
         (retried OPENs and ones refused for their image or prompt are left to the handler)."""
         opens = [i.msg for i in first_requests(gathered) if isinstance(i.msg, wire.Open) and i.msg.sid
