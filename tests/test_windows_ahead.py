@@ -143,7 +143,7 @@ def test_covspec_sends_windows_ahead_and_still_answers_as_the_target(models, lon
 def test_a_load_replay_sends_windows_ahead_as_recorded_and_leaves_dropped_ones_unread(models, long_answer, tmp_path):
     """The load bench's replaying devices keep the recorded order: a window the recording sent ahead
     goes out before the RESULT it assumes, and the reply to one that was dropped is not waited for."""
-    from covspec.tools.load import Recorder, load_records, replay
+    from covspec.tools.replay import Recorder, load_records, replay
 
     image, prompt, ref = long_answer
     edge = RunningEdge(models[0])

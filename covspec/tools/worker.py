@@ -74,12 +74,12 @@ def run_worker(s: WorkerSettings) -> int:
     params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
     device = DeviceRuntime(load_adapter(s.draft), s.edge, timeout_s=120.0)
     if s.go:  # a load run: start with the other devices
-        from covspec.tools.load import wait_for_go
+        from covspec.tools.replay import wait_for_go
 
         wait_for_go(Path(s.go), s.device)
     recorder = None
     if s.record:  # a load run's recording pass: every request's messages, for replaying devices
-        from covspec.tools.load import Recorder
+        from covspec.tools.replay import Recorder
 
         recorder = Recorder(device.client)
     out = open(s.rows, "a")
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = WorkerSettings.load(argv[0])
     if settings.replay_file:
-        from covspec.tools.load import run_replay_worker
+        from covspec.tools.replay import run_replay_worker
 
         return run_replay_worker(settings)
     return run_worker(settings)
