@@ -49,6 +49,12 @@ class Window:
                       self.runner_up[start:], self.step_s[start:])
 
 
+def runner_up_token(top2: torch.Tensor, token: int) -> int:
+    """top2 [2] the draft's two most likely token ids at a position -> the most likely one other than
+    the drafted `token` (the root of a rejection branch there)."""
+    return int(top2[1] if token == int(top2[0]) else top2[0])
+
+
 class Drafter:
     def __init__(self, adapter: VLMAdapter, state: DecodeState, first_token: int,
                  params: SamplingParams, generator: torch.Generator | None):
@@ -86,7 +92,7 @@ class Drafter:
                 token = int(torch.multinomial(q, 1, generator=self.generator).item())
             ids.append(token)
             margins.append(float(top2.values[0] - top2.values[1]))
-            runner_up.append(int(top2.indices[1] if token == int(top2.indices[0]) else top2.indices[0]))
+            runner_up.append(runner_up_token(top2.indices, token))
             step_s.append(time.perf_counter() - t0)
             window = Window(torch.tensor(ids), torch.stack(q_rows) if q_rows else None, torch.tensor(margins),
                             torch.tensor(runner_up), step_s)
@@ -107,6 +113,19 @@ class Drafter:
         if next_token_id is not None:
             self.committed.append(next_token_id)
 
+    def restart(self, first_token: int) -> None:
+        """Back to the prompt alone, the answer starting at `first_token` (a first window drafted on a
+        guess of the target's first token that the edge did not confirm)."""
+        self.adapter.truncate(self.state, self.prompt_length)
+        self.committed, self.fed = [first_token], 0
+
+    def cut(self, window: Window, k: int) -> Window:
+        """A window drafted past the limit (a branch's): keeps its first k tokens and rolls the cache
+        back past the rest (the k-th token, like any window's last, is not fed)."""
+        self.adapter.truncate(self.state, self.prompt_length + self.fed + k - 1)
+        return Window(window.ids[:k], None if window.q is None else window.q[:k], window.margins[:k],
+                      window.runner_up[:k], window.step_s[:k])
+
     # --- parallel branching ----------------------------------------------------------------------
     def fork(self, window: Window, accepted: int, root: int | None) -> Drafter:
         """A copy that assumes the edge accepts `accepted` tokens of `window` and then gives `root`
@@ -117,6 +136,15 @@ class Drafter:
         branch.commit(window, accepted, root)
         return branch
 
-    def adopt(self, branch: Drafter) -> None:
-        """Takes over a branch whose assumption the edge's answer confirmed."""
+    def adopt(self, branch: Drafter, window: Window, root: int | None) -> Window:
+        """Takes over a branch (forked with `root`, then drafted `window`) whose assumption the edge's
+        answer confirmed; returns what of its window is still to be verified. For the all-accepted
+        branch (root None) the window's first token was the edge's bonus token: committed here (and
+        fed, when the branch drafted past it)."""
         self.state, self.committed, self.fed = branch.state, branch.committed, branch.fed
+        if root is not None:
+            return window
+        self.committed.append(int(window.ids[0]))
+        if len(window) > 1:
+            self.fed += 1  # the bonus token was fed to draft the rest
+        return window.tail(1)

@@ -303,14 +303,6 @@ def speculation_could_pay(stats: OnlineStats, target_step_s: float, k_max: int =
 
 # --- parallel branching ------------------------------------------------------------------------
 
-def runner_up_tokens(probs: torch.Tensor, window_ids: torch.Tensor) -> torch.Tensor:
-    """probs [k, V] the draft's distributions over a window, window_ids [k] -> [k] the most likely
-    token at each position other than the drafted one (the root of a rejection branch there)."""
-    masked = probs.float().clone()
-    masked[torch.arange(window_ids.numel()), window_ids.long()] = -math.inf
-    return masked.argmax(-1)
-
-
 def branch_roots(window_ids: torch.Tensor, margins: torch.Tensor, runner_up: torch.Tensor,
                  max_branches: int, acceptance: Callable[[float], float] | None = None,
                  ) -> list[tuple[int, int]]:
@@ -318,7 +310,7 @@ def branch_roots(window_ids: torch.Tensor, margins: torch.Tensor, runner_up: tor
     best first, at most max_branches. A branch at position i assumes tokens 0..i-1 accepted and
     the target's token at i to be the draft's runner-up there.
 
-    window_ids [k], margins [k], runner_up [k] (token ids, see `runner_up_tokens`). Without
+    window_ids [k], margins [k], runner_up [k] (token ids, see `drafter.runner_up_token`). Without
     `acceptance` the lowest-margin positions win (earlier first on a tie); with it (margin ->
     acceptance probability, e.g. OnlineStats.acceptance_at) positions rank by the probability
     that the first rejection falls there, prod_{j<i} a(m_j) * (1 - a(m_i))."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from covspec.drafter import runner_up_token
 from covspec.policy import (
     MARGIN_BINS,
     LinkCosts,
@@ -16,7 +17,6 @@ from covspec.policy import (
     expected_tokens,
     expected_tokens_from,
     gated_length,
-    runner_up_tokens,
     speculation_pays,
     top2_margin,
 )
@@ -159,10 +159,11 @@ def test_branch_roots_pick_lowest_margins():
     assert branch_roots(ids, margins, torch.tensor([1, 2, 3, 8]), 1) == [(1, 2)]
 
 
-def test_runner_up_tokens():
+def test_runner_up_token():
     probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.1, 0.7]])
-    assert runner_up_tokens(probs, torch.tensor([0, 2])).tolist() == [1, 0]
-    assert runner_up_tokens(probs, torch.tensor([1, 0])).tolist() == [0, 2]  # sampled a non-top token
+    top2 = [torch.topk(row, 2).indices for row in probs]
+    assert [runner_up_token(t, x) for t, x in zip(top2, [0, 2], strict=True)] == [1, 0]
+    assert [runner_up_token(t, x) for t, x in zip(top2, [1, 0], strict=True)] == [0, 2]  # sampled a non-top token
 
 
 def test_round_trips_seen_outside_rounds_and_when_margin_bins_are_known():
@@ -214,7 +215,8 @@ def test_a_close_call_hands_the_answer_to_the_edge_only_when_even_optimistic_acc
     at 0.87 where its long-run rate is 0.92, and at the point estimate it streamed its first answer
     (0.8-1.0x target_only). Three rounds say too little to give the answer up; many rounds of the
     same evidence do."""
-    from covspec.device_runtime.client import RoundRecord, speculation_loses
+    from covspec.device_runtime.records import RoundRecord
+    from covspec.device_runtime.speculation import speculation_loses
 
     def after(windows: list[tuple[int, int]], repeats: int = 1) -> tuple[OnlineStats, list[RoundRecord]]:
         stats = OnlineStats(t_draft=0.001, rtt=0.010, prior_v0=0.0055, prior_v1=0.0002)

@@ -1,0 +1,351 @@
+"""One speculative answer on the device, without the socket: the draft's side of vanilla_sd and
+CoVSpec as an object that takes the edge's messages and says what to send next.
+
+    start(first_logits, ...)     before OPENED: the first window, drafted on the draft's guess of
+                                 the target's first token while the edge prefills (a Flight, or None)
+    on_opened(opened, ...)       OPENED arrived -> the next step
+    while_waiting()              while a window is verified: drafts branches on its likely outcomes
+                                 and yields the all-accepted branch's window, to be sent ahead
+    on_result(result, reopened)  RESULT arrived -> the next step
+
+A step is a `Flight` (a VERIFY to send unless `sent`, then await), `STREAM` (the edge generates the
+rest alone: the caller streams it and hands the tokens to `extend`) or None (the answer is complete).
+An ERROR is the caller's: on UNKNOWN_SESSION it re-OPENs the session with `committed`, sends the
+awaited window again as round 0 and passes `reopened=True` with its RESULT.
+
+The caller stamps each Flight it sends (`msg`: the sent copy, with its seq; `t0`: when). The clock
+(`time.perf_counter`) times the rounds for the drafting policy; `ready()` says whether a reply is
+waiting (branch drafting stops then). `tests/test_device_answer.py` drives it against an in-process
+edge session.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from covspec.device_runtime.records import RoundRecord
+from covspec.drafter import Drafter, Window
+from covspec.models.base import DecodeState, VLMAdapter
+from covspec.modes import SpecOptions
+from covspec.policy import (
+    MarginGate,
+    OnlineStats,
+    branch_roots,
+    choose_window,
+    speculation_could_pay,
+    speculation_pays,
+)
+from covspec.sampling import SamplingParams
+from covspec.sampling import next_token as pick_token
+from covspec.speculative import correct_decoupled
+from covspec.transport import protocol as wire
+
+
+@dataclass
+class Flight:
+    """A VERIFY and the window it carries."""
+
+    msg: wire.Verify  # once sent: the sent copy (its seq assigned)
+    window: Window
+    t0: float = 0.0  # when it was sent
+    sent: bool = False
+
+
+class StreamRest:
+    """The step that hands the rest of the answer to the edge (STREAM)."""
+
+
+STREAM = StreamRest()
+Step = Flight | StreamRest | None
+
+
+@dataclass
+class Branch:
+    """The draft forked on an assumed outcome of the window being verified, and the window it drafted."""
+
+    drafter: Drafter
+    accepted: int  # drafted tokens the edge is assumed to accept
+    root: int | None  # the token assumed after them (None: the window accepted whole, the bonus as drafted)
+    window: Window
+
+
+class Speculation:
+    """The device's part of one speculative answer: its Drafter, the rounds, the windows in flight."""
+
+    def __init__(self, draft: VLMAdapter, state: DecodeState, params: SamplingParams, options: SpecOptions,
+                 stats: OnlineStats, sid: int, max_new_tokens: int, window: int, vocab: int,
+                 ready: Callable[[], bool]):
+        """`state`: the draft's prefilled prompt; `stats`: the drafting policy's estimates (updated
+        here); `window`: the fixed window without the adaptive policy; `vocab`: the target's
+        vocabulary width; `ready()`: whether a reply is waiting."""
+        self.draft, self.state, self.params, self.options, self.stats = draft, state, params, options, stats
+        self.sid, self.max_new_tokens, self.window, self.vocab, self.ready = sid, max_new_tokens, window, vocab, ready
+        self.generator = None if params.greedy else params.generator()
+        gate = MarginGate(options.margin_threshold) if options.adaptive else None
+        self.gated = None if gate is None else lambda w: gate.stop(float(w.margins[-1]), len(w))
+        self.eos = draft.eos_token_ids
+        self.drafter: Drafter | None = None  # made on the first window's guess, or at OPENED
+        self.informed = False  # the policy's estimates come from measurements, not priors
+        self.streams = False  # the edge streams the answer from the start (decided before OPENED)
+        self.edge_step_s: float | None = None
+        self.rounds: list[RoundRecord] = []
+        self.streamed_rest = False
+        self.early: Flight | None = None  # round 0, sent before OPENED
+        self.in_flight: Flight | None = None  # the next window, already sent (ahead)
+        self.current: Flight | None = None  # the window whose RESULT is awaited
+        self.prepared: Window | None = None  # the next window, already drafted on a branch that hit
+        self.device_root = False  # whether the last committed token is a correction the edge has not seen
+        self.round_base = 0  # rounds before the session was last reopened (the edge counts from 0 again)
+        self.k = 0  # this round's window limit
+        self.ahead = False  # this round's window was sent before the last RESULT
+        self.branches: list[Branch] = []
+        self.sent_ahead: tuple[Flight, Drafter] | None = None  # the window sent ahead, and its branch
+
+    @property
+    def committed(self) -> list[int]:
+        """The answer so far (the tokens both sides agreed on, plus a device-drawn correction)."""
+        return self.drafter.committed
+
+    def extend(self, streamed: list[int]) -> None:
+        """The tokens the edge streamed after the committed ones."""
+        self.drafter.committed.extend(streamed)
+
+    # --- events --------------------------------------------------------------------------------
+    def start(self, first_logits: torch.Tensor, informed: bool, edge_step_s: float | None) -> Flight | None:
+        """Before OPENED, on the draft's first logits [V]: decides whether the edge streams the
+        answer from the start (the rule applied after OPENED, on what earlier answers showed and
+        the edge's streaming time, `edge_step_s`, from the last OPENED); returns the first window,
+        drafted on the draft's guess of the target's first token, when it is sent before OPENED."""
+        stats, options = self.stats, self.options
+        self.informed = informed
+        self.streams = bool(options.adaptive and edge_step_s and (
+            speculation_loses(stats, [], options.k_max, edge_step_s) if informed
+            else not speculation_could_pay(stats, edge_step_s, options.k_max)))
+        if not (options.ahead and self.max_new_tokens > 1 and (
+                not options.adaptive or (self.streams and self.params.greedy)
+                or (stats.rounds > 0 and not self.streams))):
+            return None
+        # the edge is still prefilling: the window is verified right after OPENED if the guess was right
+        # (so the answer is unchanged either way) and the first round trip is hidden. Even where the
+        # edge will stream the answer, it costs the edge one pass and may save it as many decode steps
+        # (greedy only: a sampled rejection leaves the correction to the device, which a STREAM right
+        # behind it could not wait for)
+        guess = pick_token(first_logits, self.params, self.generator)
+        self.drafter = Drafter(self.draft, self.state, guess, self.params, self.generator)
+        k = min(self._limit(self.max_new_tokens - 1), self.max_new_tokens - 1)
+        first = self.drafter.draft(k, stop=lambda w: self.ready() or (self.gated is not None and self.gated(w)))
+        self.early = Flight(self._verify(0, first, root=guess, pos=1), first)
+        return self.early
+
+    def on_opened(self, opened: wire.Opened, edge_step_s: float | None) -> Step:
+        """OPENED: the target's first token (and the edge's timings). `edge_step_s`: the target's
+        streaming time per token, as this OPENED (or the calibration profile) says."""
+        early = self.early
+        if early is not None and self.drafter.committed[0] == opened.token and not opened.done:
+            self.in_flight = early  # the guess was right: the edge verifies the first window next
+        else:
+            if self.drafter is None:
+                self.drafter = Drafter(self.draft, self.state, opened.token, self.params, self.generator)
+            self.drafter.restart(opened.token)
+        self.edge_step_s = edge_step_s
+        if "verify_v0_s" in opened.timings and "verify_v1_s" in opened.timings:
+            # the edge's own verify-time line, over every window it verified: the prior this device's
+            # few rounds refine (generic anchors would set the slope while its windows have one length)
+            self.stats.prior_v0, self.stats.prior_v1 = opened.timings["verify_v0_s"], opened.timings["verify_v1_s"]
+        if opened.done:
+            return None
+        if self.streams:  # the first window's verdict, if the edge verifies it, then the streaming
+            self.streamed_rest = True
+            self.current, self.in_flight = self.in_flight, None
+            return self.current if self.current is not None else STREAM
+        if self.in_flight is None and self.options.adaptive and edge_step_s and (
+                speculation_loses(self.stats, [], self.options.k_max, edge_step_s) if self.informed
+                else not speculation_could_pay(self.stats, edge_step_s, self.options.k_max)):
+            # the link is too slow for drafts to beat the edge's own streaming: do not start speculating.
+            # Uninformed (generic priors), only when not even a fully accepted window could win: on the
+            # priors' acceptance a device would stream every answer and, never measuring a round,
+            # never learn otherwise
+            self.streamed_rest = True
+            return STREAM
+        return self._next_window()
+
+    def while_waiting(self) -> Iterator[Flight]:
+        """While the current window is verified: forks the draft for the likely outcomes (all
+        accepted; rejection at the positions where the first rejection most likely falls, by the
+        learned acceptance per margin bin, or the lowest-margin ones until that is learned, corrected
+        to the draft's runner-up) and drafts the next window on each until a reply is ready. With
+        `options.ahead`, yields the all-accepted branch's window (to send at once) as soon as it is
+        drafted, rooted at the draft's guess of the edge's bonus token; the edge verifies it only if
+        that is what happened, so the round trip is hidden whenever it is."""
+        self.branches, self.sent_ahead = [], None
+        if self.streams or not self.options.branching:
+            return
+        window, next_round = self.current.window, len(self.rounds) + 1 - self.round_base
+        ranked = self.stats.acceptance_at if self.stats.margins_informed() else None  # else: lowest margin first
+        outcomes: list[tuple[int, int | None]] = [(len(window), None)]
+        outcomes += branch_roots(window.ids, window.margins, window.runner_up, self.options.branches,
+                                 acceptance=ranked)
+        for accepted, root in outcomes:
+            if self.ready():
+                break
+            if root is None and int(window.ids[-1]) in self.eos:
+                continue  # an answer that ends in this window has no continuation to draft
+            branch = self.drafter.fork(window, accepted, root)
+            room = self.max_new_tokens - len(branch.committed)  # answer tokens left after the assumed outcome
+            if room <= 0:
+                continue
+            # the all-accepted branch's first drafted token stands for the edge's bonus token
+            drafted = branch.draft(min(self.k + (1 if root is None else 0), room), stop=lambda _w: self.ready())
+            self.branches.append(Branch(branch, accepted, root, drafted))
+            if root is None and self.options.ahead and len(drafted) > 1 and not self.ready():
+                guess, rest = int(drafted.ids[0]), drafted.tail(1)
+                flight = Flight(self._verify(next_round, rest, root=guess, pos=len(branch.committed) + 1), rest)
+                yield flight  # answer index of rest's first token: pos
+                self.sent_ahead = (flight, branch)
+
+    def on_result(self, result: wire.Result, reopened: bool) -> Step:
+        """RESULT of the current window; `reopened`: the session was re-OPENed to get it."""
+        flight, self.current = self.current, None
+        if self.streams:
+            return self._first_verdict(flight, result)
+        if reopened:
+            self.round_base = len(self.rounds)
+        wait_s = time.perf_counter() - flight.t0
+        drafted = flight.window
+        next_token = self._next_token(result, drafted)
+        self.device_root = result.token is None and next_token is not None
+        hit = self._confirmed_branch(result.accepted, next_token)
+        if hit is not None:
+            self.prepared = self.drafter.adopt(hit.drafter, hit.window, hit.root)
+            if self.sent_ahead is not None and self.sent_ahead[1] is hit.drafter and not reopened:
+                # the window sent ahead assumed exactly this outcome: the edge verifies it next
+                ahead = self.sent_ahead[0]
+                self.in_flight, self.prepared = Flight(ahead.msg, self.prepared, ahead.t0, sent=True), None
+        else:
+            self.drafter.commit(drafted, result.accepted, next_token)
+        self._record(drafted, result, wait_s, reopened, None if not self.branches else hit is not None)
+        if result.done or self.committed[-1] in self.eos or len(self.committed) >= self.max_new_tokens:
+            return None
+        if self.in_flight is None and self.options.adaptive and not self.device_root and speculation_loses(
+                self.stats, self.rounds, self.options.k_max, self.edge_step_s):
+            # on this link speculation loses to the target alone: let the edge stream the rest
+            self.streamed_rest = True
+            return STREAM
+        return self._next_window()
+
+    # --- steps ---------------------------------------------------------------------------------
+    def _limit(self, room: int) -> int:
+        return choose_window(self.stats, self.options.k_max, room) if self.options.adaptive else self.window
+
+    def _next_window(self) -> Flight:
+        """The next round's window: the one already in flight, else the one a branch prepared (cut to
+        the limit), else a new one drafted now."""
+        room = self.max_new_tokens - len(self.committed)
+        self.k = k = min(self._limit(room), room)
+        self.ahead = self.in_flight is not None
+        if self.in_flight is not None:  # sent before the last RESULT, and that RESULT confirmed it
+            flight, self.in_flight = self.in_flight, None
+        else:
+            prepared = self.prepared
+            drafted = prepared if prepared is not None and len(prepared) else self.drafter.draft(k, stop=self.gated)
+            drafted = drafted if len(drafted) <= k else self.drafter.cut(drafted, k)
+            flight = Flight(self._verify(len(self.rounds) - self.round_base, drafted,
+                                         root=self.committed[-1] if self.device_root else None), drafted)
+        self.prepared = None
+        self.current = flight
+        return flight
+
+    def _first_verdict(self, flight: Flight, result: wire.Result) -> Step:
+        """The RESULT of the first window of an answer the edge streams: committed, then the rest streamed."""
+        drafted = flight.window
+        self.drafter.commit(drafted, result.accepted, result.token)
+        self.rounds.append(RoundRecord(len(drafted), result.accepted, sum(drafted.step_s),
+                                       time.perf_counter() - flight.t0, result.timings.get("verify_s", float("nan")),
+                                       margins=drafted.margins.tolist(), ahead=True))
+        self.stats.update(len(drafted), result.accepted, drafted.step_s, None, self.rounds[-1].verify_s,
+                          drafted.margins)
+        return None if result.done or self.committed[-1] in self.eos else STREAM
+
+    def _next_token(self, result: wire.Result, drafted: Window) -> int | None:
+        """The token after the accepted ones: the edge's, or the decoupled correction drawn here."""
+        if result.token is None and result.cand_ids is not None:
+            q = pad_vocab(drafted.q[result.accepted], self.vocab)
+            return correct_decoupled(torch.from_numpy(result.cand_ids.copy()),
+                                     torch.from_numpy(result.cand_probs.copy()), q, self.generator)
+        return result.token
+
+    def _confirmed_branch(self, accepted: int, next_token: int | None) -> Branch | None:
+        """The branch whose assumed outcome is the edge's (`accepted`, then `next_token`), if any."""
+        if next_token is None:
+            return None
+        for branch in self.branches:
+            if branch.accepted != accepted or not len(branch.window):
+                continue
+            if branch.root is None and int(branch.window.ids[0]) == next_token:  # all accepted, bonus as drafted
+                return branch
+            if branch.root == next_token:
+                return branch
+        return None
+
+    def _record(self, drafted: Window, result: wire.Result, wait_s: float, reopened: bool,
+                branch_hit: bool | None) -> None:
+        """The round's record and what the drafting policy learns from it."""
+        stats = self.stats
+        verify_s = result.timings.get("verify_s", float("nan"))
+        self.rounds.append(RoundRecord(len(drafted), result.accepted, sum(drafted.step_s), wait_s, verify_s,
+                                       branch_hit=branch_hit, margins=drafted.margins.tolist(), ahead=self.ahead))
+        # a round that had to reopen the session waited for the timeout and a new prefill: its
+        # acceptance counts, its wait says nothing of the link; nor does the wait of a window sent
+        # ahead, which queued behind the one before it
+        stats.update(len(drafted), result.accepted, drafted.step_s, None if reopened or self.ahead else wait_s,
+                     None if reopened else verify_s, drafted.margins, branch_hit=branch_hit)
+        if stats.rounds == 1 and not reopened:  # the first measurements replace the priors outright
+            stats.rtt = max(0.0, wait_s - verify_s) if verify_s == verify_s else wait_s
+            stats.t_draft = sum(drafted.step_s) / max(len(drafted.step_s), 1)
+
+    def _verify(self, round_no: int, window: Window, root: int | None = None, pos: int | None = None) -> wire.Verify:
+        """The VERIFY of a drafted window: token ids, and when sampling q(x_i) (decoupled) or every
+        drafted token's full q (the conventional upload)."""
+        verify = wire.Verify(sid=self.sid, round=round_no, tokens=window.ids.numpy().astype(np.int32),
+                             root=root, pos=pos)
+        if not self.params.greedy and self.options.decoupled:
+            verify.q = window.q_of_drafted().numpy().astype(np.float32)
+        elif not self.params.greedy:
+            verify.dists = pad_vocab(window.q, self.vocab).numpy().astype(np.float32)
+        return verify
+
+
+def speculation_loses(stats: OnlineStats, rounds: list[RoundRecord], k_max: int,
+                      edge_step_s: float | None = None) -> bool:
+    """Whether the edge streaming alone would be faster than speculating on this link. The target's
+    per-token time is the edge's own streaming figure when it sent one, else the cheapest
+    verification seen (one pass over a window costs about one decode step here). Clear evidence
+    (half the streaming rate) decides at once; a closer call waits for three rounds (this answer's or
+    the earlier ones' the estimates carry: an informed device decides before its first round) and holds even
+    at the optimistic end of the acceptance estimate (one standard error up): handing the rest of
+    the answer to the edge cannot be undone, and a few rounds say little (on the demo pair's wifi
+    a fresh device's [4/4, 4/4, 2/8] gave 0.87 where its long-run rate is 0.92, and it streamed
+    its first answer at 0.8-1.0x target_only)."""
+    times = [r.verify_s for r in rounds if r.verify_s == r.verify_s]
+    if edge_step_s is None and not times:
+        return False
+    target_step_s = edge_step_s or min(times)
+    if not speculation_pays(stats, target_step_s, k_max=k_max, margin=0.5):
+        return True
+    return stats.rounds >= 3 and not speculation_pays(stats, target_step_s, k_max=k_max,
+                                                      acceptance=stats.acceptance_upper())
+
+
+def pad_vocab(q: torch.Tensor, width: int) -> torch.Tensor:
+    """q [..., V_draft] zero-padded (or cut) to the target's vocabulary width."""
+    v = q.shape[-1]
+    if v == width:
+        return q
+    if v > width:
+        return q[..., :width]
+    return torch.nn.functional.pad(q, (0, width - v))

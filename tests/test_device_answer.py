@@ -1,0 +1,182 @@
+"""The device's speculative answer (`device_runtime.speculation.Speculation`) driven without a socket:
+its messages go to an in-process edge session (`TargetSession`, planned as the edge plans them), its
+replies come back in the order a single-session edge sends them. The greedy answer is the target's
+own, and the messages go out in the order the protocol promises (the first window before OPENED,
+each window sent ahead before the RESULT it assumes)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import pytest
+import tiny_models
+import torch
+from PIL import Image
+
+from covspec.device_runtime.records import final_answer
+from covspec.device_runtime.speculation import STREAM, Flight, Speculation
+from covspec.drafter import Drafter
+from covspec.edge_runtime.planning import Outcome, plan_verify
+from covspec.edge_runtime.session import TargetSession
+from covspec.generation import generate
+from covspec.models import load_adapter
+from covspec.modes import MODE_OPTIONS
+from covspec.policy import OnlineStats
+from covspec.sampling import SamplingParams
+from covspec.transport import protocol as wire
+
+PROMPT = "describe this image ."
+GREEDY = SamplingParams()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("answer")
+    target = load_adapter(tiny_models.build_llava(root / "target", seed=0))
+    draft = load_adapter(tiny_models.build_llava(root / "draft", seed=1))
+    return target, draft
+
+
+def image(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (28, 28, 3), dtype=np.uint8))
+
+
+@dataclass
+class InProcessEdge:
+    """One session of an edge, in this process: VERIFYs queue up and are verified in the order sent
+    (a window sent ahead whose assumption failed is dropped, as the edge drops it)."""
+
+    session: TargetSession
+    vocab: int
+    queue: list[wire.Verify] = field(default_factory=list)
+    replies: dict[int, wire.Message] = field(default_factory=dict)  # by seq
+    trace: list[str] = field(default_factory=list)  # what crossed the wire, in order
+    seq: int = 0
+
+    def send(self, flight: Flight) -> None:
+        self.seq += 1
+        flight.msg, flight.t0, flight.sent = replace(flight.msg, seq=self.seq), time.perf_counter(), True
+        self.queue.append(flight.msg)
+        self.trace.append(f"VERIFY {flight.msg.round}" + (" ahead" if flight.msg.pos is not None else ""))
+
+    def reply(self, sent: wire.Verify) -> wire.Message:
+        while sent.seq not in self.replies:
+            self._verify(self.queue.pop(0))
+        reply = self.replies.pop(sent.seq)
+        self.trace.append(f"{reply.TYPE} {reply.round}")
+        return reply
+
+    def _verify(self, msg: wire.Verify) -> None:
+        plan = plan_verify(self.session, msg, self.vocab)
+        if plan.outcome is Outcome.DROP:
+            self.replies[msg.seq] = wire.Error(sid=msg.sid, seq=msg.seq, code=wire.ErrorCode.BAD_ROUND,
+                                               message=plan.problem)
+            return
+        assert plan.outcome is Outcome.VERIFY, plan.problem
+        answer = self.session.verify(msg.round, plan.root, plan.draft, plan.scheme, pos=msg.pos)
+        self.replies[msg.seq] = wire.Result(sid=msg.sid, seq=msg.seq, round=answer.round,
+                                            accepted=answer.verdict.accepted, token=answer.verdict.next_token,
+                                            done=answer.done, timings={"verify_s": answer.verify_s})
+
+    def stream(self) -> list[int]:
+        tokens = self.session.stream()
+        next(tokens)  # the first token went out in OPENED
+        self.trace.append("STREAM")
+        return list(tokens)
+
+
+@torch.inference_mode()
+def answer(target, draft, picture: Image.Image, mode: str, n: int, stats: OnlineStats | None = None,
+           ) -> tuple[list[int], Speculation, list[str]]:
+    """One greedy answer of `mode`, the Speculation driven by hand as the client drives it."""
+    session = TargetSession.open(target, target.encode_image(target.preprocess(picture)), PROMPT, None, GREEDY, n)
+    edge = InProcessEdge(session, target.vocab_size)
+    first_logits, state = draft.prefill(draft.encode_image(draft.preprocess(picture)), PROMPT)
+    stats = stats or OnlineStats(t_draft=0.001, rtt=0.001, prior_v0=0.005, prior_v1=0.001)
+    spec = Speculation(draft, state, GREEDY, replace(MODE_OPTIONS[mode], keep=1.0), stats, sid=1,
+                       max_new_tokens=n, window=4, vocab=target.vocab_size, ready=lambda: False)
+    first = spec.start(first_logits, informed=stats.rounds > 0, edge_step_s=None)
+    if first is not None:
+        edge.send(first)
+    edge.trace.append("OPENED")
+    step = spec.on_opened(wire.Opened(sid=1, token=session.committed[0], done=session.done), None)
+    while isinstance(step, Flight):
+        if not step.sent:
+            edge.send(step)
+        for ahead in spec.while_waiting():
+            edge.send(ahead)
+        reply = edge.reply(step.msg)
+        assert isinstance(reply, wire.Result), reply
+        step = spec.on_result(reply, reopened=False)
+    if step is STREAM:
+        spec.extend(edge.stream())
+    return final_answer(spec.committed, draft.eos_token_ids, n), spec, edge.trace
+
+
+def reference(target, picture: Image.Image, n: int) -> list[int]:
+    return generate(target, picture, PROMPT, GREEDY, n).ids
+
+
+@pytest.mark.parametrize("mode", ["vanilla_sd", "covspec", "covspec_no_adaptive", "covspec_no_branch"])
+def test_greedy_answer_is_the_targets(models, mode):
+    target, draft = models
+    for seed in range(3):
+        picture = image(seed)
+        ids, spec, trace = answer(target, draft, picture, mode, 24)
+        assert ids == reference(target, picture, 24)
+        assert spec.rounds and sum(r.accepted for r in spec.rounds) < sum(r.drafted for r in spec.rounds)
+        results = [int(t.split()[1]) for t in trace if t.startswith("RESULT")]
+        assert results == list(range(len(results)))  # rounds answered in order, none missing
+        if mode == "vanilla_sd":  # stop-and-wait: one window, its RESULT, the next
+            assert trace == ["OPENED"] + [f"{kind} {r}" for r in results for kind in ("VERIFY", "RESULT")]
+
+
+def test_identical_draft_sends_every_window_ahead(models):
+    """The target drafting for itself: every window is accepted whole, so the first one (sent before
+    OPENED) and every window sent ahead is verified, each sent before the RESULT it assumes."""
+    target, _ = models
+    picture = image(0)
+    ids, spec, trace = answer(target, target, picture, "covspec_no_adaptive", 20)
+    assert ids == reference(target, picture, 20)
+    assert trace[:3] == ["VERIFY 0 ahead", "OPENED", "VERIFY 1 ahead"]
+    assert all(r.accepted == r.drafted for r in spec.rounds)
+    assert all(r.ahead for r in spec.rounds) and all(r.branch_hit for r in spec.rounds[:-1])
+    for r in range(1, len(spec.rounds)):  # window r went out before the RESULT of window r - 1
+        assert trace.index(f"VERIFY {r} ahead") < trace.index(f"RESULT {r - 1}")
+    assert not spec.streamed_rest
+
+
+def test_an_informed_adaptive_device_sends_its_first_window_before_opened(models):
+    """The policy's estimates carried from an earlier answer: covspec drafts the first window on its
+    guess of the target's first token and sends it before OPENED; the answer is the target's still."""
+    target, draft = models
+    stats = OnlineStats(t_draft=0.001, rtt=0.001, prior_v0=0.005, prior_v1=0.001)
+    answer(target, draft, image(1), "covspec", 24, stats)
+    assert stats.rounds > 0
+    picture = image(2)
+    ids, _, trace = answer(target, draft, picture, "covspec", 24, stats)
+    assert ids == reference(target, picture, 24)
+    assert trace[:2] == ["VERIFY 0 ahead", "OPENED"]
+
+
+def test_the_drafter_rolls_its_own_cache_back(models):
+    """cut, restart and adopt keep the Drafter's invariant: the cache holds the prompt plus committed[:fed]."""
+    _, draft = models
+    with torch.inference_mode():
+        _, state = draft.prefill(draft.encode_image(draft.preprocess(image(0))), PROMPT)
+        drafter = Drafter(draft, state, 5, GREEDY, None)
+        window = drafter.draft(6)
+        cut = drafter.cut(window, 3)
+        assert cut.ids.tolist() == window.ids[:3].tolist()
+        assert state.length == drafter.prompt_length + drafter.fed + 2  # root fed, the 3rd token not
+        branch = drafter.fork(cut, len(cut), None)
+        more = branch.draft(4)
+        rest = drafter.adopt(branch, more, None)  # the edge accepted all 3 and its bonus is more[0]
+        assert drafter.committed == [5, *cut.ids.tolist(), int(more.ids[0])]
+        assert rest.ids.tolist() == more.ids[1:].tolist()
+        assert state is not drafter.state and drafter.state.length == drafter.prompt_length + drafter.fed + len(rest) - 1
+        drafter.restart(7)
+        assert drafter.committed == [7] and drafter.state.length == drafter.prompt_length
+
