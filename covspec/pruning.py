@@ -64,6 +64,10 @@ THETA = 0.5  # quality vs diversity in the DPP kernel: 0 = diversity only, -> 1 
 REL_WEIGHT = 0.5  # share of query relevance in the quality score (the rest is activity)
 RELEVANCE_TAU = 0.1  # temperature of each word's softmax over visual tokens
 KERNEL_EPS = 1e-3  # jitter on the similarity kernel: keeps it positive definite, so greedy never stalls
+# A prompt is "grounded" when one of its words is like one of the image's tokens (query_grounding at
+# least this): it names a colour, shape or place there. On 300 val items of the 36-token draft, every
+# "describe the image ." read 0.05-0.16 and every other question 0.18-0.77 (count questions lowest).
+GROUNDING_THRESHOLD = 0.17
 
 
 def keep_count(keep: float | int, n: int) -> int:
@@ -107,6 +111,16 @@ def _relevance(embeds: np.ndarray, query: np.ndarray, tau: float) -> np.ndarray:
     z = (_unit_rows(embeds) @ _unit_rows(query).T) / tau  # [N, T]
     z = np.exp(z - z.max(0, keepdims=True))
     return (z / z.sum(0, keepdims=True)).mean(1)  # [N]
+
+
+def query_grounding(visual: VisualTokens, query: torch.Tensor) -> float:
+    """The largest cosine similarity between a visual token and a word of the prompt: high when the
+    prompt names something the image's tokens encode, low for a generic prompt ("describe the image")
+    whose relevance scores are noise (0 for an empty prompt)."""
+    if query.numel() == 0:
+        return 0.0
+    e, q = _unit_rows(_numpy(visual.embeds)), _unit_rows(_numpy(query))
+    return float((e @ q.T).max())
 
 
 def _activity(visual: VisualTokens) -> np.ndarray:

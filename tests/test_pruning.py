@@ -259,3 +259,22 @@ def test_prune_eval_writes_intervals_paired_differences_and_reuses_its_items(tmp
     assert "| covspec@0.25 - diversity@0.25 | 0.25 |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="reuse"):
         main([*common[:-3], "--limit", "5", "--reuse", str(out)])
+
+
+def test_query_grounding_reads_whether_the_prompt_names_something_in_the_image():
+    from covspec.pruning import query_grounding
+
+    visual = random_visual(n=12, d=16)
+    named = torch.cat([torch.randn(3, 16), 2.0 * visual.embeds[5:6]])  # one word is exactly like token 5
+    assert query_grounding(visual, named) == pytest.approx(1.0, abs=1e-5)
+    basis = torch.linalg.svd(visual.embeds, full_matrices=True).Vh  # rows 12.. are orthogonal to every token
+    assert abs(query_grounding(visual, basis[12:])) < 1e-5
+    assert query_grounding(visual, torch.zeros(0, 16)) == 0.0
+
+
+def test_settings_are_searched_on_val_only():
+    from covspec.tools.prune_tune import tune
+
+    for split in ("report", "heldout", "train"):
+        with pytest.raises(ValueError, match="val"):
+            tune("unused", split=split)
