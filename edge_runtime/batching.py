@@ -97,8 +97,13 @@ def set_layer(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
 
 
 PACKED_ATTENTION = "covspec_packed"  # our attention function's name in transformers' AttentionInterface
-# a 4D mask makes transformers skip building one of its own; packed_attention builds each window's
-_NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+
+
+@lru_cache(maxsize=8)
+def no_mask(device: torch.device) -> torch.Tensor:
+    """A 4D mask on the model's device: transformers then skips building one of its own (our attention
+    functions build each window's)."""
+    return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
 
 
 @dataclass
@@ -131,7 +136,7 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         else:
             past = covspec_layout.pasts[i].cache.layers[layer]
             k, v = torch.cat([past.keys, k], dim=-2), torch.cat([past.values, v], dim=-2)  # [1, H_kv, L_i + n_i, D]
-            mask = causal_after(k.shape[-2] - n, n).to(q.device)  # a no-op on the CPU
+            mask = causal_after(k.shape[-2] - n, n, q.device)
             out.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa))
         at += n
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
@@ -141,9 +146,10 @@ AttentionInterface.register(PACKED_ATTENTION, packed_attention)
 
 
 @lru_cache(maxsize=256)  # at most 256 masks of at most context x window bools
-def causal_after(past: int, n: int) -> torch.Tensor:
-    """[n, past + n] bool, True where a query may attend: the whole past and its window up to itself."""
-    return torch.ones(n, past + n, dtype=torch.bool).tril(diagonal=past)
+def causal_after(past: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[n, past + n] bool on `device`, True where a query may attend: the whole past and its window
+    up to itself (made once per shape and device: no host-to-device copy per layer)."""
+    return torch.ones(n, past + n, dtype=torch.bool, device=device).tril(diagonal=past)
 
 
 @contextmanager
@@ -166,7 +172,8 @@ def packed_pass(adapter: CachedDecoderAdapter, layout: PackedLayout, embeds: tor
     positions [1, sum n] (or [3, 1, sum n]), each after its own session's past: hidden states
     [sum n, d]. The new keys and values are left in `layout`."""
     with attention_implementation(adapter, PACKED_ATTENTION):
-        out = adapter.language_model(inputs_embeds=embeds[None].to(adapter.model.dtype), attention_mask=_NO_MASK,
+        out = adapter.language_model(inputs_embeds=embeds[None].to(adapter.device, adapter.model.dtype),
+                                     attention_mask=no_mask(adapter.device),
                                      position_ids=positions.to(adapter.device), use_cache=False,
                                      covspec_layout=layout)
     return out.last_hidden_state[0]
@@ -196,7 +203,7 @@ def run_batch(adapter: CachedDecoderAdapter, states: list[DecodeState],
         # each window at its session's own next positions: [1, n_i] -> [1, sum n] (or [3, 1, sum n])
         positions = torch.cat([adapter._positions(state, n) for state, n in zip(states, sizes, strict=True)], dim=-1)
         hidden = packed_pass(adapter, layout, adapter.embed(torch.cat(ids_list)), positions)
-        logits = adapter.model.lm_head(hidden).float().split(sizes)  # [n_i, V] each
+        logits = adapter.model.lm_head(hidden).float().cpu().split(sizes)  # [n_i, V] each, float32 on the CPU
         windows = [Window(ids, rows, keys, values, length=state.length)
                    for ids, rows, (keys, values), state in zip(ids_list, logits, new_keys_values(layout), states,
                                                                strict=True)]
@@ -238,7 +245,8 @@ def prefill_batch(adapter: CachedDecoderAdapter, inputs: list[PrefillInputs]) ->
     with torch.inference_mode():
         hidden = packed_pass(adapter, layout, torch.cat([x.embeds for x in inputs]),
                              torch.cat([x.positions for x in inputs], dim=-1))  # [sum T, d]
-        logits = adapter.model.lm_head(hidden[ends - 1]).float()  # [B, V]: each prompt's last position
+        # [B, V]: each prompt's last position, float32 on the CPU
+        logits = adapter.model.lm_head(hidden[(ends - 1).to(hidden.device)]).float().cpu()
     results = []
     for i, (x, (keys, values)) in enumerate(zip(inputs, new_keys_values(layout), strict=True)):
         state = DecodeState(cache=adapter.new_cache(), length=sizes[i], extra=dict(x.extra))

@@ -42,6 +42,7 @@ from covspec.edge_runtime.session import SessionError, TargetSession
 from covspec.edge_runtime.settings import EdgeSettings
 from covspec.edge_runtime.stats import EdgeCounters, cost_timings
 from covspec.edge_runtime.table import SessionTable
+from covspec.edge_runtime.target import place_target
 from covspec.errors import CovspecError, ImageError, PromptError
 from covspec.models.base import VLMAdapter
 from covspec.transport import protocol as wire
@@ -56,8 +57,9 @@ class EdgeServer:
     HANDLERS = HANDLERS  # message type -> handler(server, ctx, msg) (edge_runtime.handlers)
 
     def __init__(self, adapter: VLMAdapter, settings: EdgeSettings, name: str = "target"):
+        """Serves `adapter`, moved first to settings.device in settings.dtype where it is not there."""
         settings.check()
-        self.adapter = adapter
+        self.adapter = place_target(adapter, settings.device, settings.dtype)
         self.step_s: float | None = None  # the target's last measured streaming time per token
         self.verify_sums = [0.0] * 5  # decayed fit of verify time on window size, all sessions (OPENED tells it)
         self.settings = settings

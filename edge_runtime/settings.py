@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from covspec.transport import protocol as wire
 from covspec.transport.channel import ServerKeys
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # covspec.models.placement.DTYPES, named without torch
+DEVICE_NAME = re.compile(r"cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -25,6 +29,10 @@ class EdgeSettings:
     # its target pass (0: off); at most max_batch requests are gathered into one round
     batch_wait_ms: float = 2.0
     max_batch: int = 8
+    # where the target runs: its weights, caches, masks and batched passes (logits come back to the CPU
+    # in float32 for verification); CUDA asked for where none is present is refused when loading
+    device: str = "cpu"
+    dtype: str = "float32"
 
     def check(self) -> None:
         """Raises ValueError naming a setting that makes no sense."""
@@ -36,5 +44,9 @@ class EdgeSettings:
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if not DEVICE_NAME.fullmatch(self.device):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if not 0 <= self.batch_wait_ms <= 1000:
             raise ValueError(f"batch_wait_ms must lie in [0, 1000], got {self.batch_wait_ms}")

@@ -15,14 +15,33 @@ from covspec.bundles.bundle import BundleError, load_bundle
 from covspec.errors import CovspecError
 from covspec.export.manifest import MANIFEST
 from covspec.models import load_adapter
-from covspec.models.base import VLMAdapter
+from covspec.models.base import CachedDecoderAdapter, VLMAdapter
+from covspec.models.placement import dtype_name, resolve_device, resolve_dtype
 
 
-def load_target(path: str | Path, threads: int | None = None) -> tuple[VLMAdapter, str]:
-    """(adapter, what was loaded and why)."""
+def place_target(adapter: VLMAdapter, device: str = "cpu", dtype: str = "float32") -> VLMAdapter:
+    """Puts a loaded target on `device` in `dtype` (a no-op where it is there already). Only the PyTorch
+    decoders move: an exported program (ONNX) runs where and as it was exported, so anything but
+    cpu/float32 is refused for it."""
+    where, kind = resolve_device(device), resolve_dtype(dtype)
+    if isinstance(adapter, CachedDecoderAdapter):
+        if adapter.device != where or adapter.dtype != kind:
+            adapter.place(where, kind)
+        return adapter
+    if where.type != "cpu" or kind != resolve_dtype("float32"):
+        raise CovspecError(f"a {type(adapter).__name__} target runs on the CPU in float32 only; "
+                           f"--device {device} --dtype {dtype} need a PyTorch checkpoint")
+    return adapter
+
+
+def load_target(path: str | Path, threads: int | None = None, device: str = "cpu",
+                dtype: str = "float32") -> tuple[VLMAdapter, str]:
+    """(adapter, what was loaded and why), the PyTorch target on `device` in `dtype`."""
     path = Path(path)
+    where, kind = resolve_device(device), resolve_dtype(dtype)
+    placed = f"{where}, {dtype_name(kind)}"
     if not (path / MANIFEST).is_file():
-        return load_adapter(path), f"checkpoint {path} (PyTorch)"
+        return load_adapter(path, dtype=kind, device=str(where)), f"checkpoint {path} (PyTorch, {placed})"
     try:
         bundle = load_bundle(path)
     except BundleError as err:
@@ -36,7 +55,8 @@ def load_target(path: str | Path, threads: int | None = None) -> tuple[VLMAdapte
     if backend == "onnx":
         from covspec.bundles.adapter import BundleAdapter
 
-        return BundleAdapter(bundle, backend="onnx", threads=threads), f"edge bundle {path}: ONNX Runtime"
+        adapter = place_target(BundleAdapter(bundle, backend="onnx", threads=threads), device, dtype)
+        return adapter, f"edge bundle {path}: ONNX Runtime"
     if backend == "tensorrt":
         from covspec.export.tensorrt_engine import tensorrt_unavailable
 
@@ -45,7 +65,8 @@ def load_target(path: str | Path, threads: int | None = None) -> tuple[VLMAdapte
             from covspec.bundles.adapter import BundleAdapter
 
             return BundleAdapter(bundle, backend="tensorrt", threads=threads), f"edge bundle {path}: TensorRT engine"
-        return load_adapter(checkpoint), f"edge bundle {path}: its checkpoint with PyTorch (TensorRT engine not usable here: {missing})"
+        return (load_adapter(checkpoint, dtype=kind, device=str(where)),
+                f"edge bundle {path}: its checkpoint with PyTorch, {placed} (TensorRT engine not usable here: {missing})")
     if backend != "pytorch":
         raise CovspecError(f"bundle {path}: unknown edge backend {backend!r} in {MANIFEST}")
-    return load_adapter(checkpoint), f"edge bundle {path}: checkpoint with PyTorch"
+    return load_adapter(checkpoint, dtype=kind, device=str(where)), f"edge bundle {path}: checkpoint with PyTorch, {placed}"

@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--model", required=True, help="target checkpoint folder, or an edge bundle (covspec export's OUT/edge)")
     q.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
     add_threads_arg(q)
+    add_placement_args(q)
     g = q.add_argument_group("authentication (ZeroMQ CURVE)")
     g.add_argument("--auth", choices=["curve", "none"], default="curve",
                    help="curve (the default) admits only devices whose public keys are in --allow, and refuses "
@@ -56,6 +57,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_client_key_args(q, "this device's secret key file, for an edge with --auth curve")
     q.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply")
     q.set_defaults(handler=run_stats)
+
+
+def add_placement_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """--device/--dtype (--edge-device/--edge-dtype with prefix "edge-"): where the target runs."""
+    from covspec.edge_runtime.settings import DTYPE_NAMES
+
+    g = parser.add_argument_group("placement of the target")
+    g.add_argument(f"--{prefix}device", default="cpu",
+                   help="where the target, its caches and its batched passes run: cpu, cuda or cuda:N "
+                        "(refused where CUDA is not available)")
+    g.add_argument(f"--{prefix}dtype", default="float32", choices=DTYPE_NAMES,
+                   help="the target's weights and caches (logits are compared in float32 whatever the dtype)")
 
 
 def server_keys(args: argparse.Namespace):
@@ -95,12 +108,13 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = EdgeSettings(bind=args.bind, max_sessions=args.max_sessions,
                             max_sessions_per_device=args.max_sessions_per_device, idle_timeout_s=args.idle_timeout,
                             max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
-                            limits=limits, keys=keys, batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch)
+                            limits=limits, keys=keys, batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch,
+                            device=args.device, dtype=args.dtype)
     try:
         settings.check()
     except ValueError as err:
         raise CovspecError(f"edge settings: {err}") from err
-    target, loaded = load_target(args.model, threads=args.threads)
+    target, loaded = load_target(args.model, threads=args.threads, device=args.device, dtype=args.dtype)
     print(f"edge target: {loaded}", flush=True)
     server = EdgeServer(target, settings, name=Path(args.model).name)
     auth = "no authentication (--auth none)" if keys is None else f"CURVE, devices allowed from {keys.allow_dir}"

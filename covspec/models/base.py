@@ -60,7 +60,8 @@ class PrefillInputs:
 
 
 class VLMAdapter(ABC):
-    """A loaded VLM behind the interface the runtimes drive."""
+    """A loaded VLM behind the interface the runtimes drive. Logits come back float32 on the CPU,
+    whatever device and dtype the model runs in."""
 
     family: ClassVar[str]
     # the `model_type` values in config.json this adapter accepts
@@ -368,13 +369,24 @@ class CachedDecoderAdapter(VLMAdapter):
         if limit is not None and n >= limit:
             raise PromptError(f"the prompt takes {n} tokens with the image, over the model's {limit} positions")
 
-    def run(self, embeds: torch.Tensor, positions: torch.Tensor, cache: Any) -> torch.Tensor:
-        """embeds [T, d] at positions ([1, T], or [3, 1, T] for M-RoPE) appended to cache -> logits [T, V]."""
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    def place(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Moves the model to this device and dtype (caches made afterwards follow it)."""
+        self.model.to(device=device, dtype=dtype)
+
+    def run(self, embeds: torch.Tensor, positions: torch.Tensor, cache: Any, last_only: bool = False) -> torch.Tensor:
+        """embeds [T, d] at positions ([1, T], or [3, 1, T] for M-RoPE) appended to cache -> logits [T, V]
+        ([1, V] with last_only), float32 on the CPU whatever the model's device and dtype: verification
+        and sampling read them there, the same code for every placement."""
         with torch.inference_mode():
-            out = self.language_model(inputs_embeds=embeds[None].to(self.model.dtype),
+            out = self.language_model(inputs_embeds=embeds[None].to(self.device, self.model.dtype),
                                       position_ids=positions.to(self.device),
                                       past_key_values=cache, use_cache=True)
-            return self.model.lm_head(out.last_hidden_state[0]).float()
+            hidden = out.last_hidden_state[0]  # [T, d]
+            return self.model.lm_head(hidden[-1:] if last_only else hidden).float().cpu()
 
     def prefill(self, visual: VisualTokens, prompt: str,
                 kept: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeState]:
@@ -389,7 +401,7 @@ class CachedDecoderAdapter(VLMAdapter):
         """Prefills a fresh cache with the whole prompt: its last position's logits [V] and the state."""
         self.check_length(int(inputs.embeds.shape[0]))
         state = DecodeState(cache=self.new_cache(), length=0, extra=dict(inputs.extra))
-        logits = self.run(inputs.embeds, inputs.positions, state.cache)
+        logits = self.run(inputs.embeds, inputs.positions, state.cache, last_only=True)
         state.length = int(inputs.embeds.shape[0])
         return logits[-1], state
 

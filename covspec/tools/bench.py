@@ -43,7 +43,8 @@ def run_bench(args: argparse.Namespace) -> Path:
     env = one_thread_env()
     edge_port = free_port()
     edge_endpoint = f"tcp://127.0.0.1:{edge_port}"
-    edge = start_edge(args.target, edge_endpoint, out / "edge.log")
+    edge = start_edge(args.target, edge_endpoint, out / "edge.log", "--device", args.edge_device,
+                      "--dtype", args.edge_dtype)
     link_stats: dict[str, dict] = {}
     try:
         for link_name in args.links.split(","):
@@ -221,6 +222,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "processes against one edge (no link emulator), every device asking --prompts prompts in "
                         "each mode; per-device and aggregate tokens/s, p50/p99 request latency, the edge's batches "
                         "and peak RSS (see covspec/tools/load.py) (default: none, the link bench)")
+    p.add_argument("--edge-device", default="cpu", help="the edge's --device (cpu, cuda, cuda:N)")
+    p.add_argument("--edge-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="the edge's --dtype")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="the edge's batch_wait_ms (0: no batching)")
     p.add_argument("--edge-threads", type=int, default=1,
                    help="with --devices: the edge's torch threads (1: devices running the draft on this machine "

@@ -174,7 +174,8 @@ def run_load(args: argparse.Namespace) -> Path:
     edge_port = free_port()
     endpoint = f"tcp://127.0.0.1:{edge_port}"
     edge = start_edge(args.target, endpoint, out / "edge.log", "--max-sessions-per-device", "64",
-                      "--batch-wait-ms", str(args.batch_wait_ms), threads=args.edge_threads)
+                      "--batch-wait-ms", str(args.batch_wait_ms), "--device", getattr(args, "edge_device", "cpu"),
+                      "--dtype", getattr(args, "edge_dtype", "float32"), threads=args.edge_threads)
     summary, all_rows = [], []
     link = None
     try:
