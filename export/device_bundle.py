@@ -3,10 +3,11 @@ programs (quantized per `quant`), its tokenizer and preprocessor config, and man
 
     device/
       manifest.json
-      vision.pte   decoder.pte      (ExecuTorch, XNNPACK delegate)
+      model.pte                     (ExecuTorch multimodal layout, XNNPACK delegate: export/multimodal.py)
       vision.onnx  decoder.onnx     (ONNX Runtime)
       embeddings.f16.npy            (input embedding table, for the pruner's query)
       tokenizer.json tokenizer_config.json ... preprocessor_config.json
+      runner_tokenizer.json         (the tokenizer as ExecuTorch's C++ runners read it: BPE, same ids)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from covspec.export import quant as q
 from covspec.export.manifest import write_manifest
 from covspec.export.programs import Step, check_exportable, copy_tokenizer, describe_model, write_programs
+from covspec.export.runner_tokenizer import write_runner_tokenizer
 from covspec.models import load_adapter
 from covspec.models.llava import LlavaAdapter
 
@@ -50,9 +52,11 @@ def build_device_bundle(draft: Path, out: Path, quant: str = "int8", formats: tu
     if not programs:
         raise RuntimeError(f"device bundle {out}: no format could be exported ({unsupported})")
     tokenizer_files = copy_tokenizer(Path(draft), out)
+    runner_tokenizer = write_runner_tokenizer(Path(draft), out) if "tokenizer.json" in tokenizer_files else None
     embeddings = write_embeddings(adapter, out)
     step("manifest")
     write_manifest(out, {"kind": "device", "source": Path(draft).name, **info, "quant": q.describe(quant),
                          "programs": programs, "embeddings": embeddings, "unsupported": unsupported, "tokenizer_files": tokenizer_files,
+                         "runner_tokenizer": runner_tokenizer,
                          "calibration": calibration})
     return out

@@ -32,6 +32,31 @@ def to_pte(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Pat
     return {"delegate": "XnnpackBackend", "delegated_subgraphs": delegated, "portable_ops": portable}
 
 
+def to_multimethod_pte(programs: dict[str, torch.export.ExportedProgram], constants: dict[str, Any],
+                       path: Path) -> dict[str, Any]:
+    """Writes `path`: one .pte with every program of `programs` as a method (XNNPACK-delegated where
+    XNNPACK takes the operator) and `constants` as constant methods; the methods share their mutable
+    buffers (one KV cache). Returns, per method, which operators run outside the delegate."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()], constant_methods=constants)
+    lowering = {name: _lowering(edge.exported_program(name).graph) for name in programs}
+    config = ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False,
+                                                                             share_mutable_buffers=True))
+    path.write_bytes(edge.to_executorch(config).buffer)
+    return lowering
+
+
+def _lowering(graph: torch.fx.Graph) -> dict[str, Any]:
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    portable = sorted({getattr(n.target, "__name__", str(n.target)).split(":")[0] for n in calls
+                       if "call_delegate" not in str(n.target) and "getitem" not in str(n.target)
+                       and "sym_size" not in str(n.target)})
+    return {"delegated_subgraphs": sum(1 for n in calls if "call_delegate" in str(n.target)), "portable_ops": portable}
+
+
 def to_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
             output_names: list[str], dynamic_shapes: Any = None) -> None:
     """Writes `path` (.onnx, weights inline) with torch.onnx's dynamo exporter."""

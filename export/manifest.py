@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the .pte in ExecuTorch's multimodal layout (one model.pte); 1: vision.pte + decoder.pte
 MANIFEST = "manifest.json"
 TOOLS = ("covspec", "torch", "transformers", "executorch", "torchao", "onnx", "onnxscript", "onnxruntime",
          "tokenizers")

@@ -1,6 +1,8 @@
-"""One model's exported programs: the vision graph and the static-cache decoder, written as
-ExecuTorch `.pte` files and/or ONNX files in a bundle folder, with the model's description for the
-manifest. Shared by the device bundle (the draft) and the edge bundle's ONNX option (the target)."""
+"""One model's exported programs, written in a bundle folder with the model's description for the
+manifest: for ExecuTorch ONE `model.pte` in ExecuTorch's multimodal layout (export/multimodal.py:
+vision_encoder, token_embedding, text_decoder, covspec_decoder over one in-program KV cache, and the
+runners' metadata methods); for ONNX `vision.onnx` and `decoder.onnx` (the static cache an input and
+an output). Shared by the device bundle (the draft) and the edge bundle's ONNX option (the target)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 
 from covspec.export import quant as q
+from covspec.export.cached_decoder import CachedDecoder
 from covspec.export.graphs import (
     DECODER_INPUTS,
     DECODER_OUTPUTS,
@@ -26,10 +29,12 @@ from covspec.export.graphs import (
     decoder_shape,
     vision_outputs,
 )
+from covspec.export.multimodal import LAYOUT, METHODS, method_programs, runner_metadata
 from covspec.models.base import VLMAdapter
 from covspec.models.llava import PROMPT_TEMPLATE, LlavaAdapter
 
 FORMATS = ("pte", "onnx")
+PTE_FILE = "model.pte"
 EXPORTABLE_FAMILIES = ("llava",)
 # files copied from the checkpoint folder when present
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -102,6 +107,31 @@ def _graphs(adapter: LlavaAdapter, info: dict[str, Any], scheme: str,
     return vision, decoder
 
 
+def _pte_graphs(adapter: LlavaAdapter, info: dict[str, Any], scheme: str) -> tuple[VisionGraph, CachedDecoder]:
+    """The vision graph and the cached decoder of the .pte, quantized as `_graphs` does for ExecuTorch."""
+    model = adapter if scheme == "none" else copy.deepcopy(adapter)
+    vision = VisionGraph(model).eval()
+    core = CachedDecoder(model, decoder_shape(model, info["decoder"]["max_len"])).eval()
+    if scheme != "none":
+        q.prepare_for_quantization(vision.tower, core)
+        q.quantize_module(vision, scheme)
+        q.quantize_module(core, scheme)
+    return vision, core
+
+
+def write_pte(adapter: LlavaAdapter, out: Path, info: dict[str, Any], scheme: str) -> dict[str, Any]:
+    """Writes out/model.pte (the multimodal layout); returns the manifest's programs["pte"] entry."""
+    from covspec.export.lower import to_multimethod_pte
+
+    vision, core = _pte_graphs(adapter, info, scheme)
+    pixels = torch.zeros(*info["vision"]["pixels"])
+    programs = method_programs(vision, core, pixels, info["decoder"]["max_chunk"])
+    constants = runner_metadata(core.shape, adapter.tokenizer.bos_token_id, info["eos_token_ids"])
+    lowering = to_multimethod_pte(programs, constants, out / PTE_FILE)
+    return {"model": PTE_FILE, "layout": LAYOUT, "runtime": "executorch", "delegate": "XnnpackBackend",
+            "methods": list(METHODS), "constants": constants, "lowering": lowering}
+
+
 def write_programs(adapter: LlavaAdapter, out: Path, info: dict[str, Any], scheme: str,
                    formats: tuple[str, ...], step: Step) -> tuple[dict[str, Any], dict[str, Any]]:
     """Writes vision.<fmt> and decoder.<fmt> for each format. Returns (programs, unsupported):
@@ -116,14 +146,8 @@ def write_programs(adapter: LlavaAdapter, out: Path, info: dict[str, Any], schem
             raise ValueError(f"unknown format {fmt!r} (formats: {', '.join(FORMATS)})")
         try:
             if fmt == "pte":
-                vision, decoder = _graphs(adapter, info, scheme, for_pte=True)
-                step(f"vision.pte ({scheme})")
-                v_info = lower_pte(vision, (pixels,), out / "vision.pte")
-                step(f"decoder.pte ({scheme}, static cache {shape.max_len}, k<={max_chunk})")
-                d_info = lower_pte(decoder, decoder_example(shape), out / "decoder.pte",
-                                   decoder_dynamic_shapes(max_chunk))
-                programs["pte"] = {"vision": "vision.pte", "decoder": "decoder.pte", "runtime": "executorch",
-                                   "vision_lowering": v_info, "decoder_lowering": d_info}
+                step(f"{PTE_FILE} ({scheme}, ExecuTorch multimodal layout, KV cache {shape.max_len}, k<={max_chunk})")
+                programs["pte"] = write_pte(adapter, out, info, scheme)
             else:
                 vision, decoder = _graphs(adapter, info, scheme, for_pte=False)
                 step(f"vision.onnx ({scheme})")
@@ -135,7 +159,7 @@ def write_programs(adapter: LlavaAdapter, out: Path, info: dict[str, Any], schem
         except ExportUnsupported:
             raise
         except Exception as err:  # an exporter failure is reported per format, never hidden
-            for name in (f"vision.{fmt}", f"decoder.{fmt}"):
+            for name in (f"vision.{fmt}", f"decoder.{fmt}", *((PTE_FILE,) if fmt == "pte" else ())):
                 (out / name).unlink(missing_ok=True)
             unsupported[fmt] = {"error": f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}",
                                 "operator": operator_named(err), "fallback": FALLBACK}

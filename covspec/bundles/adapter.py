@@ -1,13 +1,13 @@
 """`BundleAdapter`: the VLMAdapter interface on an exported device bundle, so the device runtime runs
 the draft without the Hugging Face model (only the tokenizer is loaded, as PreTrainedTokenizerFast).
 
-The decode state's cache is the static cache tensor [L, 2, kvH, S, hd]; `length` is how many of its
-slots are valid. forward(ids[k]) writes slots length..length+k-1 in chunks of at most `max_chunk`;
-truncate only moves `length` back (later writes overwrite the stale slots, which no query sees first).
-As in the Hugging Face adapter, a pruned prefill keeps every token's unpruned RoPE position, and
-decoding continues at slot + `position_offset` (the number of visual tokens left out).
-The cache tensor is never modified in place (each call returns a new one), so copies of a state
-(`DecodeState(state.cache, state.length, dict(state.extra))`) are independent branches.
+A decode state's `length` is how many cache slots are valid; its cache is what the backend keeps
+(covspec/bundles/programs.py: ExecuTorch's in-program cache, resident for one state at a time; ONNX's
+explicit cache tensor [L, 2, kvH, S, hd]). forward(ids[k]) writes slots length..length+k-1 in chunks
+of at most `max_chunk`; truncate only moves `length` back (later writes overwrite the stale slots,
+which no query sees first). As in the Hugging Face adapter, a pruned prefill keeps every token's
+unpruned RoPE position, and decoding continues at slot + `position_offset` (the number of visual
+tokens left out). fork_state gives an independent branch (the backend copies the cache out).
 """
 
 from __future__ import annotations
@@ -55,9 +55,7 @@ class BundleAdapter(VLMAdapter):
         if tokenizer_fingerprint(self.tokenizer) != m["tokenizer_fingerprint"]:
             raise BundleError(f"bundle {self.path}: tokenizer.json does not match the manifest's tokenizer "
                               "fingerprint (the tokenizer files belong to another model)")
-        fmt = BACKENDS[backend]
-        self.programs = open_programs(backend, self.bundle.program(fmt, "vision"),
-                                      self.bundle.program(fmt, "decoder"), threads)
+        self.programs = open_programs(backend, self.bundle, threads)
         self.decoder_info = m["decoder"]
         self.max_len = int(self.decoder_info["max_len"])
         self.max_chunk = int(self.decoder_info["max_chunk"])
@@ -115,8 +113,10 @@ class BundleAdapter(VLMAdapter):
         return llava_prompt_ids(self.tokenizer, self.check_prompt(prompt), n_image_tokens, self.image_token_id)
 
     def new_state(self) -> DecodeState:
-        shape = tuple(self.decoder_info["cache"])
-        return DecodeState(cache=torch.zeros(shape, dtype=torch.float32), length=0)
+        return DecodeState(cache=self.programs.new_cache(), length=0)
+
+    def fork_state(self, state: DecodeState) -> DecodeState:
+        return DecodeState(cache=self.programs.fork(state), length=state.length, extra=dict(state.extra))
 
     def prefill(self, visual: VisualTokens, prompt: str,
                 kept: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeState]:
@@ -159,11 +159,10 @@ class BundleAdapter(VLMAdapter):
         chunks = []
         for start in range(0, total, self.max_chunk):
             end = min(start + self.max_chunk, total)
-            slots = torch.arange(state.length, state.length + end - start)  # [k]
-            logits, state.cache = self.programs.decoder(ids[None, start:end].contiguous(),
-                                                        image_embeds[None, start:end].contiguous(),
-                                                        is_image[None, start:end].contiguous(),
-                                                        positions[start:end].contiguous(), slots, state.cache)
+            logits = self.programs.decoder(state, ids[None, start:end].contiguous(),
+                                           image_embeds[None, start:end].contiguous(),
+                                           is_image[None, start:end].contiguous(),
+                                           positions[start:end].contiguous(), state.length)
             state.length += end - start
             chunks.append(logits[0])  # [k, V]
         return torch.cat(chunks).float()

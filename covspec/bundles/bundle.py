@@ -11,6 +11,10 @@ from typing import Any
 
 from covspec.export.manifest import FORMAT_VERSION, MANIFEST, sha256_file
 
+PROGRAM_PARTS = ("model", "vision", "decoder")  # the keys of a manifest's programs[fmt] that name files
+REEXPORT = ("re-export it with this version of covspec: covspec export --draft DRAFT --target TARGET "
+            "--out OUT, then use OUT/device or OUT/edge")
+
 
 class BundleError(Exception):
     """A bundle folder that cannot be used as it is."""
@@ -25,13 +29,17 @@ class Bundle:
         return self.folder / name
 
     def program(self, backend_format: str, part: str) -> Path:
-        """The file of `part` ("vision" or "decoder") in format "pte" or "onnx"."""
+        """The file of `part` in format "pte" ("model": the one multimodal .pte) or "onnx"/"tensorrt"
+        ("vision" or "decoder")."""
         programs = self.manifest.get("programs", {})
         if backend_format not in programs:
             have = ", ".join(programs) or "none"
             why = self.manifest.get("unsupported", {}).get(backend_format)
             raise BundleError(f"bundle {self.folder}: has no {backend_format} programs (it has: {have})"
                               + (f"; export failed: {why['error']}" if why else ""))
+        if part not in programs[backend_format]:
+            raise BundleError(f"bundle {self.folder}: its {backend_format} programs have no {part!r} "
+                              f"(they have: {', '.join(k for k in PROGRAM_PARTS if k in programs[backend_format])})")
         return self.folder / programs[backend_format][part]
 
 
@@ -50,8 +58,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise BundleError(f"bundle {folder}: {MANIFEST} lists no files")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise BundleError(f"bundle {folder}: {MANIFEST} has format version {version!r}, this runtime reads "
-                          f"version {FORMAT_VERSION} (re-export the bundle with this version of covspec)")
+        old = " (version 1: vision.pte + decoder.pte, before the ExecuTorch multimodal layout)" if version == 1 else ""
+        raise BundleError(f"bundle {folder}: {MANIFEST} has format version {version!r}{old}, this runtime reads "
+                          f"version {FORMAT_VERSION}; {REEXPORT}")
     return manifest
 
 
@@ -79,7 +88,7 @@ def verify_files(folder: Path, manifest: dict[str, Any], checksum: bool = True) 
         if problem:
             problems.append(problem)
     for fmt, parts in manifest.get("programs", {}).items():
-        for part in ("vision", "decoder"):
+        for part in PROGRAM_PARTS:
             name = parts.get(part)
             if name and name not in manifest["files"]:
                 problems.append(f"{name}: the {fmt} {part} program is not among the listed files")
