@@ -12,6 +12,9 @@ the edge, in one of the modes:
                  device corrects)
     covspec_no_prune / _no_adaptive / _no_branch / _no_ahead / _no_decoupled: one mechanism off each
 
+This module owns the socket: what to draft and send in a speculative answer, and what a RESULT
+means, is `speculation.Speculation`'s (socket-free); the answer and its rounds are `records`'.
+
 Every request goes through `transport.channel.Client`, which counts the bytes of every frame sent
 and received on the socket: those are the bytes per token the bench reports.
 
@@ -55,7 +58,7 @@ class DeviceRuntime:
     """A device: its draft model (or only its tokenizer, for target_only) and a link to one edge."""
 
     def __init__(self, draft: VLMAdapter, edge: str, timeout_s: float = 30.0, retries: int = 2,
-                 keys: ClientKeys | None = None, profile: CalibrationProfile | None = None):
+                 keys: ClientKeys | None = None, profile: CalibrationProfile | None = None) -> None:
         """`keys`: CURVE keys (this device's pair and the edge's public key) for an edge that
         authenticates; None for one that runs with --auth none. `profile`: what `covspec calibrate`
         measured for this device, edge and link, the drafting policy's starting estimates."""

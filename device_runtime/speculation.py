@@ -79,7 +79,7 @@ class Speculation:
 
     def __init__(self, draft: VLMAdapter, state: DecodeState, params: SamplingParams, options: SpecOptions,
                  stats: OnlineStats, sid: int, max_new_tokens: int, window: int, vocab: int,
-                 ready: Callable[[], bool]):
+                 ready: Callable[[], bool]) -> None:
         """`state`: the draft's prefilled prompt; `stats`: the drafting policy's estimates (updated
         here); `window`: the fixed window without the adaptive policy; `vocab`: the target's
         vocabulary width; `ready()`: whether a reply is waiting."""
@@ -123,9 +123,7 @@ class Speculation:
         drafted on the draft's guess of the target's first token, when it is sent before OPENED."""
         stats, options = self.stats, self.options
         self.informed = informed
-        self.streams = bool(options.adaptive and edge_step_s and (
-            speculation_loses(stats, [], options.k_max, edge_step_s) if informed
-            else not speculation_could_pay(stats, edge_step_s, options.k_max)))
+        self.streams = self._streaming_wins(edge_step_s)
         if not (options.ahead and self.max_new_tokens > 1 and (
                 not options.adaptive or (self.streams and self.params.greedy)
                 or (stats.rounds > 0 and not self.streams))):
@@ -163,13 +161,8 @@ class Speculation:
             self.streamed_rest = True
             self.current, self.in_flight = self.in_flight, None
             return self.current if self.current is not None else STREAM
-        if self.in_flight is None and self.options.adaptive and edge_step_s and (
-                speculation_loses(self.stats, [], self.options.k_max, edge_step_s) if self.informed
-                else not speculation_could_pay(self.stats, edge_step_s, self.options.k_max)):
-            # the link is too slow for drafts to beat the edge's own streaming: do not start speculating.
-            # Uninformed (generic priors), only when not even a fully accepted window could win: on the
-            # priors' acceptance a device would stream every answer and, never measuring a round,
-            # never learn otherwise
+        if self.in_flight is None and self._streaming_wins(edge_step_s):
+            # the link is too slow for drafts to beat the edge's own streaming: do not start speculating
             self.streamed_rest = True
             return STREAM
         return self._next_window()
@@ -239,6 +232,17 @@ class Speculation:
         return self._next_window()
 
     # --- steps ---------------------------------------------------------------------------------
+    def _streaming_wins(self, edge_step_s: float | None) -> bool:
+        """Whether the edge streaming the answer alone beats speculating on this link, before any round
+        of this answer (adaptive only; `edge_step_s`: the target's streaming time per token, when
+        known). Uninformed (generic priors), only when not even a fully accepted window could win: on
+        the priors' acceptance a device would stream every answer and, never measuring a round, never
+        learn otherwise."""
+        stats, k_max = self.stats, self.options.k_max
+        return bool(self.options.adaptive and edge_step_s and (
+            speculation_loses(stats, [], k_max, edge_step_s) if self.informed
+            else not speculation_could_pay(stats, edge_step_s, k_max)))
+
     def _limit(self, room: int) -> int:
         return choose_window(self.stats, self.options.k_max, room) if self.options.adaptive else self.window
 
