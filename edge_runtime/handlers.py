@@ -19,6 +19,7 @@ from covspec.edge_runtime.planning import Outcome, VerifyPlan, plan_verify
 from covspec.edge_runtime.session import RoundAnswer, SessionError, TargetSession
 from covspec.edge_runtime.stats import SessionUsage
 from covspec.edge_runtime.visual import encode, kept_indices
+from covspec.modes import MODES
 from covspec.policy import add_point
 from covspec.sampling import SamplingParams
 from covspec.transport import protocol as wire
@@ -81,6 +82,9 @@ def _start(server: EdgeServer, ctx: RequestContext, msg: wire.Open, prefix: list
 
 
 def on_open(server: EdgeServer, ctx: RequestContext, msg: wire.Open):
+    if msg.mode not in MODES:
+        raise wire.ProtocolError(wire.ErrorCode.BAD_MESSAGE,
+                                 f"OPEN.mode: unknown mode {msg.mode!r} (modes: {', '.join(MODES)})")
     retried = server.table.admit(msg, ctx.device)
     if retried is not None:
         yield retried.opened  # a retried OPEN

@@ -46,7 +46,7 @@ from covspec.edge_runtime.target import place_target
 from covspec.errors import CovspecError, ImageError, PromptError
 from covspec.models.base import VLMAdapter
 from covspec.transport import protocol as wire
-from covspec.transport.channel import MeteredSocket, Request, make_socket, start_authenticator
+from covspec.transport.channel import MeteredSocket, Request, bind, make_socket, start_authenticator
 
 __all__ = ["EdgeServer", "EdgeSettings"]
 
@@ -71,10 +71,14 @@ class EdgeServer:
         keys = settings.keys
         # the ZAP handler is per context: an authenticating edge gets a context of its own
         self.ctx = zmq.Context.instance() if keys is None else zmq.Context()
-        self.auth = None if keys is None else start_authenticator(self.ctx, keys)
+        self.auth = None if keys is None else start_authenticator(self.ctx, keys, self._refused)
         self.sock = MeteredSocket(make_socket(self.ctx, zmq.ROUTER, max_msg_bytes=settings.limits.max_total_bytes,
                                               server_keys=keys))
-        self.sock.sock.bind(settings.bind)
+        try:
+            bind(self.sock.sock, settings.bind)  # a bad address or a port in use: one line naming it
+        except CovspecError:
+            self.close()
+            raise
         self.endpoint = self.sock.sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     @property
@@ -96,6 +100,12 @@ class EdgeServer:
     def _cost_timings(self) -> dict[str, float]:
         """What the devices' drafting policies price windows with (stats.cost_timings)."""
         return cost_timings(self.step_s, self.verify_sums)
+
+    def _refused(self, key: str) -> None:
+        """A device's CURVE handshake refused (called on the authenticator's thread)."""
+        self.counters.refused_handshakes += 1
+        log.warning("refused a device whose CURVE public key %s is not in %s (to admit it, copy its NAME.key "
+                    "there and restart the edge)", key, self.settings.keys.allow_dir)
 
     def close(self) -> None:
         self.sock.close()

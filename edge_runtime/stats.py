@@ -82,6 +82,7 @@ class EdgeCounters:
     batched_prefills: int = 0  # prompts prefilled in those passes
     windows_ahead: int = 0  # windows sent before the previous RESULT (pipelined) and verified
     windows_dropped: int = 0  # windows sent ahead on an outcome that did not happen, dropped unverified
+    refused_handshakes: int = 0  # CURVE handshakes refused: devices whose public key is not allowed
 
     def snapshot(self, sessions_open: int, wire: ByteCounters) -> dict[str, int | float]:
         out: dict[str, int | float] = {
@@ -94,6 +95,7 @@ class EdgeCounters:
             "batches": self.batches, "batched_windows": self.batched_windows, "batch_max": self.batch_max,
             "prefill_batches": self.prefill_batches, "batched_prefills": self.batched_prefills,
             "windows_ahead": self.windows_ahead, "windows_dropped": self.windows_dropped,
+            "refused_handshakes": self.refused_handshakes,
             "bytes_in": wire.bytes_recv, "bytes_out": wire.bytes_sent,
             "messages_in": wire.msgs_recv, "messages_out": wire.msgs_sent,
         }

@@ -11,16 +11,20 @@
     bench                    covspec/tools/bench.py (add_arguments, run)
     fuzz                     covspec/tools/fuzz.py (add_arguments, run)
 
-Heavy imports (torch, transformers) happen inside the handlers so that `covspec --help` is quick.
+Heavy imports (torch, transformers) happen inside the handlers so that `covspec --help` is quick;
+logging (covspec/logs.py: --log-level, --verbose) is set up before any handler runs, so the
+libraries' import-time noise is silenced unless --verbose.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import shlex
 import sys
 
-from covspec.cli.common import HelpFormatter, add_command
+from covspec.cli.common import HelpFormatter, add_command, add_logging_args, every_parser
 from covspec.errors import CovspecError
 
 # (name, summary, module): tools with their own add_arguments(parser) and run(args) handler
@@ -46,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = add_command(sub, name, summary)
         module.add_arguments(p)
         p.set_defaults(handler=module.run)
+    for each in every_parser(parser):  # last, so that they close every help page
+        add_logging_args(each, top=each is parser)
     return parser
 
 
@@ -53,13 +59,31 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["covspec", *argv])  # recorded with the results of bench and fuzz
+    with command_logging(args.log_level, args.verbose):
+        try:
+            return args.handler(args)
+        except CovspecError as err:
+            print(f"covspec {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+
+
+@contextlib.contextmanager
+def command_logging(level: str, verbose: bool):
+    """covspec/logs.py's setup for one command; our loggers as they were afterwards, so that main()
+    called in-process (tests, notebooks) leaves the caller's logging alone."""
+    from covspec import logs
+
+    loggers = [logging.getLogger(name) for name in ("covspec", "covspec.edge.requests")]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    logs.setup(level, verbose)
     try:
-        return args.handler(args)
-    except CovspecError as err:
-        print(f"covspec {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        yield
+    finally:
+        for lg, (handlers, lvl, propagate) in zip(loggers, saved, strict=True):
+            lg.handlers[:], lg.propagate = handlers, propagate
+            lg.setLevel(lvl)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -20,9 +21,31 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def add_logging_args(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    """--log-level and --verbose, accepted before the subcommand (`top`: with their defaults) and after
+    it (no default there, so that one given before is kept)."""
+    from covspec.logs import LEVELS
+
+    g = parser.add_argument_group("output")
+    g.add_argument("--log-level", choices=LEVELS, default="info" if top else argparse.SUPPRESS,
+                   help="covspec's own messages on stderr at this level and above (default: info)")
+    g.add_argument("--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="let the libraries (torch, torchao, transformers, ExecuTorch, ONNX) print their warnings "
+                        "and progress bars too (default: off, they are silenced)")
+
+
 def add_command(sub: argparse._SubParsersAction, name: str, help: str, **kwargs) -> argparse.ArgumentParser:
     """A subcommand's parser, its summary as both the list entry and the description."""
     return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter, **kwargs)
+
+
+def every_parser(parser: argparse.ArgumentParser):
+    """`parser` and every subcommand's and action's parser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from every_parser(child)
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -43,8 +66,48 @@ def sampling_params(args: argparse.Namespace):
         raise CovspecError(f"sampling: {err}") from err
 
 
-def add_threads_arg(parser: argparse.ArgumentParser, default: int = 2) -> None:
-    parser.add_argument("--threads", type=int, default=default, help="torch threads")
+def cores() -> int:
+    """CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_threads() -> int:
+    """Half this machine's cores: an edge and a device started side by side on one machine, each with
+    its default, then do not fight over the cores (2 threads each on 2 cores ran 15x slower than 1)."""
+    return max(1, cores() // 2)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=positive_int, default=auto_threads(),
+                        help=f"torch threads (default: half this machine's {cores()} cores, {auto_threads()}, so "
+                             "that an edge and a device on one machine share it; give the whole machine to a "
+                             "process that runs alone)")
+
+
+def warn_threads(threads: int, shared_with: str | None = None) -> None:
+    """A warning naming the fix when `threads` oversubscribe this machine's cores, alone or with a
+    process it shares the machine with (`shared_with`, e.g. "the edge at tcp://127.0.0.1:5555")."""
+    import logging
+
+    log = logging.getLogger("covspec.cli")
+    n = cores()
+    if threads > n:
+        log.warning("--threads %d is more than this machine's %d cores: expect a slowdown (use --threads %d "
+                    "or fewer)", threads, n, n)
+    elif shared_with and 2 * threads > n:
+        log.warning("%s runs on this machine too: --threads %d here and as many there is more than its %d cores, "
+                    "which slows both down many times over; give each --threads %d", shared_with, threads, n,
+                    max(1, n // 2))
 
 
 def add_client_key_args(parser: argparse.ArgumentParser, key_help: str) -> None:

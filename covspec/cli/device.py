@@ -13,6 +13,7 @@ from covspec.cli.common import (
     add_threads_arg,
     client_keys,
     sampling_params,
+    warn_threads,
 )
 from covspec.errors import CovspecError
 from covspec.modes import MODES
@@ -22,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "device", "the device runtime (draft VLM)")
     device_sub = p.add_subparsers(dest="device_command", required=True, metavar="ACTION")
     q = add_command(device_sub, "run", "answer an image + question through an edge")
-    q.add_argument("--model", help="draft checkpoint folder (or --bundle)")
+    q.add_argument("--model", help="draft checkpoint folder, run on PyTorch (or --bundle)")
     q.add_argument("--bundle", help="exported device bundle folder (covspec export), run without transformers' model")
     q.add_argument("--backend", default="executorch", choices=["executorch", "onnx"], help="runtime for --bundle")
     q.add_argument("--edge", required=True, help="edge endpoint, e.g. tcp://127.0.0.1:5555")
@@ -41,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_client_key_args(q, "this device's secret key file (NAME.key_secret), for an edge with --auth curve")
     q.add_argument("--profile", help="calibration profile (covspec calibrate): the drafting policy's starting estimates")
     add_sampling_args(q)
+    q.add_argument("--json", action="store_true",
+                   help="print the answer and its figures as one JSON object on stdout (nothing else there)")
     q.set_defaults(handler=run)
 
     q = add_command(device_sub, "flash", "copy a device bundle to a folder, ssh:// or adb:// target and verify it")
@@ -50,9 +53,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
+
+    from covspec.transport.channel import check_endpoint
+
+    check_endpoint(args.edge, "--edge")  # the quick checks first, before torch loads
+    image = Path(args.image)
+    if not image.is_file():
+        raise CovspecError(f"image {image}: no such file")
+    keys = client_keys(args)
+    warn_threads(args.threads, local_edge(args.edge))
+
     import torch
 
-    from covspec.device_runtime.client import DeviceRuntime
+    from covspec import api
     from covspec.modes import pruning_options
 
     params = sampling_params(args)
@@ -61,48 +75,35 @@ def run(args: argparse.Namespace) -> int:
         options = pruning_options(args.mode, args.keep, args.merge)
     except (TypeError, ValueError) as err:
         raise CovspecError(f"--keep: {err}") from err
-    image = Path(args.image)
-    if not image.is_file():
-        raise CovspecError(f"image {image}: no such file")
-    keys = client_keys(args)
     profile = None
     if args.profile:
         from covspec.calibration.profile import load_profile
 
         profile = load_profile(args.profile)
-    device = DeviceRuntime(draft_adapter(args), args.edge, timeout_s=args.timeout, retries=args.retries,
-                           keys=keys, profile=profile)
-    try:
-        answer = device.answer(image.read_bytes(), args.prompt, args.mode, params, args.max_new_tokens,
-                               window=args.window, options=options)
-    finally:
-        device.close()
+    draft = api.load_draft(args.model, args.bundle, args.backend, args.threads)
+    answer = api.answer(args.edge, image, args.prompt, draft=draft, mode=args.mode, params=params,
+                        max_new_tokens=args.max_new_tokens, window=args.window, options=options, keys=keys,
+                        timeout_s=args.timeout, retries=args.retries, profile=profile)
+    record = api.answer_record(answer, draft=draft_name(args), edge=args.edge)
+    if args.json:
+        print(json.dumps(record))
+        return 0
     print(answer.text)
-    n = max(len(answer.ids), 1)
-    figures = [f"{len(answer.ids)} tokens", f"first token {answer.ttft_s * 1000:.0f} ms",
-               f"latency {answer.latency_s * 1000:.0f} ms", f"decode {answer.decode_tokens_per_s:.1f} tokens/s",
-               f"up {answer.bytes_up / n:.0f} B/token", f"down {answer.bytes_down / n:.0f} B/token"]
-    if answer.rounds:
-        figures.append(f"mean accepted {answer.mean_accepted:.2f} of {args.window}")
-    print("[" + ", ".join(figures) + "]", file=sys.stderr)
+    print(api.describe_answer(record), file=sys.stderr)
     return 0
 
 
-def draft_adapter(args: argparse.Namespace):
-    """The device's draft: an exported bundle (ExecuTorch or ONNX Runtime) or a checkpoint folder."""
-    if bool(args.model) == bool(args.bundle):
-        raise CovspecError("give the draft as --bundle DIR (an exported device bundle) or --model PATH (a checkpoint)")
+def draft_name(args: argparse.Namespace) -> str:
+    """Which draft ran, in words: the bundle and its backend, or the checkpoint (PyTorch)."""
     if args.bundle:
-        from covspec.bundles.adapter import BundleAdapter
-        from covspec.bundles.bundle import BundleError
+        return f"{args.bundle} on {'ExecuTorch' if args.backend == 'executorch' else 'ONNX Runtime'}"
+    return f"{args.model} on PyTorch"
 
-        try:
-            return BundleAdapter(args.bundle, backend=args.backend, threads=args.threads)
-        except BundleError as err:
-            raise CovspecError(f"bundle {args.bundle}: {err}") from err
-    from covspec.models import load_adapter
 
-    return load_adapter(args.model)
+def local_edge(endpoint: str) -> str | None:
+    """"the edge at ENDPOINT" when it is on this machine (loopback), else None."""
+    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
+    return f"the edge at {endpoint}" if host in ("127.0.0.1", "localhost", "[::1]") else None
 
 
 def run_flash(args: argparse.Namespace) -> int:
@@ -113,6 +114,11 @@ def run_flash(args: argparse.Namespace) -> int:
         report = flash(args.bundle, args.to)
     except (BundleError, FlashError, ValueError) as err:
         raise CovspecError(f"flash: {err}") from err
+    except FileNotFoundError as err:  # the copying tool itself (adb, ssh) is not installed
+        tool = Path(str(err.filename)).name if err.filename else "the copying tool"
+        fix = ("install Android's platform-tools (apt install adb) and put adb on PATH" if tool == "adb"
+               else f"install {tool} and put it on PATH")
+        raise CovspecError(f"flash to {args.to}: {tool} is not installed here: {fix}") from None
     print(f"{report.target}: {len(report.copied)} files copied, {len(report.skipped)} already there, "
           f"{report.verified} checksums verified on the target")
     return 0

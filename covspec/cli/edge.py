@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from covspec.cli.common import add_client_key_args, add_command, add_threads_arg, client_keys
+from covspec.cli.common import add_client_key_args, add_command, add_threads_arg, client_keys, warn_threads
 from covspec.errors import CovspecError
 
 
@@ -19,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = add_command(edge_sub, "serve", "serve a target checkpoint over ZeroMQ (ROUTER)")
     q.add_argument("--model", required=True, help="target checkpoint folder, or an edge bundle (covspec export's OUT/edge)")
     q.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
+    q.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                   help="serve the edge's counters for Prometheus at http://HOST:PORT/metrics (default: off)")
     add_threads_arg(q)
     add_placement_args(q)
     g = q.add_argument_group("authentication (ZeroMQ CURVE)")
@@ -89,20 +90,19 @@ def run_serve(args: argparse.Namespace) -> int:
     import logging
     from dataclasses import replace
 
-    import torch
-
-    from covspec.edge_runtime.server import EdgeServer, EdgeSettings
-    from covspec.edge_runtime.target import load_target
+    from covspec import api
+    from covspec.edge_runtime.settings import EdgeSettings
+    from covspec.transport.channel import check_endpoint
     from covspec.transport.protocol import DEFAULT_LIMITS
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     requests = logging.getLogger("covspec.edge.requests")  # one JSON object per line, nothing else
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
-    requests.addHandler(handler)
+    requests.handlers[:] = [handler]
     requests.propagate = False
+    check_endpoint(args.bind, "--bind")
     keys = server_keys(args)
-    torch.set_num_threads(args.threads)
+    warn_threads(args.threads)
     limits = replace(DEFAULT_LIMITS, max_total_bytes=args.max_message_bytes, max_image_bytes=args.max_image_bytes,
                      max_window=args.max_window)
     settings = EdgeSettings(bind=args.bind, max_sessions=args.max_sessions,
@@ -110,19 +110,17 @@ def run_serve(args: argparse.Namespace) -> int:
                             max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
                             limits=limits, keys=keys, batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch,
                             device=args.device, dtype=args.dtype)
+
+    def ready(server, metrics: str | None) -> None:
+        auth = "no authentication (--auth none)" if keys is None else f"CURVE, devices allowed from {keys.allow_dir}"
+        print(f"edge serving {args.model} on {server.endpoint} ({args.threads} threads), {auth}", flush=True)
+        if metrics:
+            print(f"edge metrics on http://{metrics}/metrics", flush=True)
+
     try:
-        settings.check()
-    except ValueError as err:
-        raise CovspecError(f"edge settings: {err}") from err
-    target, loaded = load_target(args.model, threads=args.threads, device=args.device, dtype=args.dtype)
-    print(f"edge target: {loaded}", flush=True)
-    server = EdgeServer(target, settings, name=Path(args.model).name)
-    auth = "no authentication (--auth none)" if keys is None else f"CURVE, devices allowed from {keys.allow_dir}"
-    print(f"edge serving {args.model} on {server.endpoint}, {auth}", flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.close()
+        api.serve_edge(args.model, settings, threads=args.threads, metrics=args.metrics, on_ready=ready)
+    except KeyboardInterrupt:
+        print("edge stopped", flush=True)
     return 0
 
 

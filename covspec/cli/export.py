@@ -23,19 +23,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-len", type=int, default=None, help="static KV-cache length (default: from the config)")
     p.add_argument("--calibration", default=None,
                    help="calibration profile JSON to record in the manifest (default: none)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep an intact export already in --out that is newer than both checkpoints")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from covspec.export import build_bundles
-    from covspec.export.programs import ExportUnsupported
+    from covspec import api
 
-    try:
-        device_dir, edge_dir = build_bundles(args.draft, args.target, args.out, quant=args.quant,
-                                             formats=tuple(f for f in args.formats.split(",") if f),
-                                             edge_backend=args.edge_backend, max_len=args.max_len,
-                                             calibration=args.calibration)
-    except ExportUnsupported as err:
-        raise CovspecError(f"export: {err}") from err
+    formats = tuple(f for f in args.formats.split(",") if f)
+    unknown = set(formats) - {"pte", "onnx"}
+    if unknown or not formats:
+        raise CovspecError(f"--formats {args.formats!r}: choose pte, onnx or both (pte,onnx)")
+    device_dir, edge_dir = api.export(args.draft, args.target, args.out, quant=args.quant, formats=formats,
+                                      edge_backend=args.edge_backend, max_len=args.max_len,
+                                      calibration=args.calibration, reuse=args.reuse)
     print(f"device bundle: {device_dir}\nedge bundle:   {edge_dir}")
     return 0

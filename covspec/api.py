@@ -1,0 +1,247 @@
+"""CoVSpec's Python API: the main jobs as plain functions, the ones the `covspec` CLI itself calls.
+
+    import covspec
+
+    device_dir, edge_dir = covspec.export("weights/draft", "weights/target", "runs/export", reuse=True)
+    covspec.serve_edge(edge_dir, bind="tcp://127.0.0.1:5555")            # blocks; Ctrl-C stops it
+    answer = covspec.answer("tcp://127.0.0.1:5555", "photo.png", "describe the image .",
+                            bundle=device_dir, backend="onnx", mode="covspec")
+    print(answer.text, covspec.answer_record(answer)["decode_tokens_per_s"])
+    out = covspec.bench(links="loopback", modes=("target_only", "covspec"), prompts=4)
+
+Each imports torch and the rest only when called, so `import covspec` stays quick.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from covspec.errors import CovspecError
+
+if TYPE_CHECKING:
+    from covspec.calibration.profile import CalibrationProfile
+    from covspec.device_runtime.client import DeviceRuntime
+    from covspec.device_runtime.records import Answer
+    from covspec.edge_runtime.server import EdgeServer
+    from covspec.edge_runtime.settings import EdgeSettings
+    from covspec.models.base import VLMAdapter
+    from covspec.modes import SpecOptions
+    from covspec.sampling import SamplingParams
+    from covspec.transport.channel import ClientKeys
+
+__all__ = ["answer", "answer_record", "bench", "export", "exported", "load_draft", "open_device", "serve_edge"]
+
+
+# --- export ------------------------------------------------------------------------------------
+def exported(draft: str | Path, target: str | Path, out: str | Path) -> bool:
+    """Whether `out` holds an intact export (device and edge manifests, the device bundle's files
+    checked) newer than every file of `draft` and `target`."""
+    from covspec.bundles.bundle import BundleError, load_bundle
+
+    out = Path(out)
+    manifests = [out / "device" / "manifest.json", out / "edge" / "manifest.json"]
+    if not all(m.is_file() for m in manifests):
+        return False
+    try:
+        load_bundle(out / "device")
+    except BundleError:
+        return False
+    made = min(m.stat().st_mtime for m in manifests)
+    sources = [f for folder in (Path(draft), Path(target)) for f in folder.rglob("*") if f.is_file()]
+    return all(f.stat().st_mtime <= made for f in sources)
+
+
+def export(draft: str | Path, target: str | Path, out: str | Path, *, quant: str = "int8",
+           formats: tuple[str, ...] = ("pte", "onnx"), edge_backend: str = "auto", max_len: int | None = None,
+           calibration: str | Path | None = None, reuse: bool = False, quiet: bool = False) -> tuple[Path, Path]:
+    """Exports the draft to a device bundle (ExecuTorch .pte and/or ONNX, `quant`: none, int8, int4)
+    and the target to an edge bundle, into out/device and out/edge; returns both folders. `reuse`:
+    keep an intact export already in `out` that is newer than both checkpoints (see `exported`)."""
+    out = Path(out)
+    if reuse and exported(draft, target, out):
+        return out / "device", out / "edge"
+    from covspec.export import build_bundles
+    from covspec.export.programs import ExportUnsupported
+
+    try:
+        return build_bundles(draft, target, out, quant=quant, formats=formats, edge_backend=edge_backend,
+                             max_len=max_len, calibration=calibration, quiet=quiet)
+    except ExportUnsupported as err:
+        raise CovspecError(f"export: {err}") from err
+
+
+# --- the edge ----------------------------------------------------------------------------------
+def serve_edge(model: str | Path, settings: EdgeSettings | None = None, *, threads: int = 1,
+               metrics: str | None = None, stop_after_s: float | None = None,
+               on_ready: Callable[[EdgeServer, str | None], None] | None = None) -> None:
+    """Serves the target checkpoint (or edge bundle) `model` with `settings` (EdgeSettings: bind
+    address, keys, limits, placement; default: tcp://127.0.0.1:5555 with no authentication) until
+    interrupted or `stop_after_s`. `metrics`: HOST:PORT for a Prometheus GET /metrics of the edge's
+    counters (off by default). `on_ready(server, metrics address or None)` is called once it listens."""
+    from covspec.edge_runtime.server import EdgeServer
+    from covspec.edge_runtime.settings import EdgeSettings
+    from covspec.edge_runtime.target import load_target
+    from covspec.transport.channel import check_endpoint
+
+    settings = settings or EdgeSettings()
+    check_endpoint(settings.bind, "bind address")  # before the target loads, not after
+    try:
+        settings.check()
+    except ValueError as err:
+        raise CovspecError(f"edge settings: {err}") from err
+    import torch
+
+    torch.set_num_threads(threads)
+    target, loaded = load_target(model, threads=threads, device=settings.device, dtype=settings.dtype)
+    logging.getLogger("covspec.edge").info("target: %s", loaded)
+    server = EdgeServer(target, settings, name=Path(model).name)
+    exporter = None
+    try:
+        if metrics:
+            from covspec.edge_runtime.metrics import MetricsServer
+
+            exporter = MetricsServer(metrics, server.stats)
+        if on_ready is not None:
+            on_ready(server, None if exporter is None else exporter.address)
+        server.serve_forever(stop_after_s)
+    finally:
+        if exporter is not None:
+            exporter.close()
+        server.close()
+
+
+# --- the device --------------------------------------------------------------------------------
+def load_draft(model: str | Path | None = None, bundle: str | Path | None = None, backend: str = "executorch",
+               threads: int | None = None) -> VLMAdapter:
+    """The device's draft: an exported device bundle run by `backend` (executorch or onnx), or a
+    Hugging Face checkpoint folder (`model`). Exactly one of the two."""
+    if (model is None) == (bundle is None):
+        raise CovspecError("give the draft as --bundle DIR (an exported device bundle) or --model PATH (a checkpoint)")
+    if bundle is not None:
+        from covspec.bundles.adapter import BundleAdapter
+        from covspec.bundles.bundle import BundleError
+
+        try:
+            return BundleAdapter(bundle, backend=backend, threads=threads)
+        except BundleError as err:  # its message names the bundle already
+            raise CovspecError(str(err)) from err
+        except ValueError as err:
+            raise CovspecError(f"--backend: {err}") from err
+    from covspec.models import load_adapter
+
+    return load_adapter(model)
+
+
+def open_device(edge: str, draft: VLMAdapter, *, keys: ClientKeys | None = None, timeout_s: float = 30.0,
+                retries: int = 2, profile: CalibrationProfile | None = None) -> DeviceRuntime:
+    """A device connected to the edge at `edge` (HELLO answered): call .answer(...) on it, then .close().
+    Raises PeerUnavailable (HandshakeRefused for a refused CURVE key) within about 10 s when the edge
+    cannot be reached."""
+    from covspec.device_runtime.client import DeviceRuntime, EdgeRefused
+
+    try:
+        return DeviceRuntime(draft, edge, timeout_s=timeout_s, retries=retries, keys=keys, profile=profile)
+    except EdgeRefused as err:
+        raise CovspecError(f"the edge at {edge}: {err}") from err
+
+
+def answer(edge: str, image: str | Path | bytes, prompt: str, *, draft: VLMAdapter | None = None,
+           model: str | Path | None = None, bundle: str | Path | None = None, backend: str = "executorch",
+           mode: str = "covspec", params: SamplingParams | None = None, max_new_tokens: int = 64, window: int = 4,
+           options: SpecOptions | None = None, keys: ClientKeys | None = None, timeout_s: float = 30.0,
+           retries: int = 2, profile: CalibrationProfile | None = None) -> Answer:
+    """One answer to `prompt` about `image` (a file or its bytes) through the edge at `edge`, in
+    `mode` (covspec/modes.py). The draft: `draft` (an adapter), or `model` (a checkpoint), or `bundle`
+    run by `backend`. Greedy unless `params` says otherwise."""
+    from covspec.device_runtime.client import EdgeRefused
+    from covspec.sampling import SamplingParams
+
+    if isinstance(image, str | Path):
+        path = Path(image)
+        if not path.is_file():
+            raise CovspecError(f"image {path}: no such file")
+        image = path.read_bytes()
+    draft = draft or load_draft(model, bundle, backend)
+    device = open_device(edge, draft, keys=keys, timeout_s=timeout_s, retries=retries, profile=profile)
+    try:
+        return device.answer(image, prompt, mode, params or SamplingParams(), max_new_tokens, window=window,
+                             options=options)
+    except EdgeRefused as err:
+        raise CovspecError(f"the edge at {edge}: {err}") from err
+    finally:
+        device.close()
+
+
+def _figure(value: float, digits: int = 3) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(value, digits)
+
+
+def answer_record(answer: Answer, draft: str = "", edge: str = "") -> dict[str, Any]:
+    """An answer and its figures as one JSON-able dict (what `covspec device run --json` prints).
+    `mean_accepted` of `mean_drafted` per round: windows are adaptive, so the drafted length varies."""
+    n = len(answer.ids)
+    drafted = sum(r.drafted for r in answer.rounds)
+    accepted = sum(r.accepted for r in answer.rounds)
+    rounds = len(answer.rounds)
+    return {
+        "text": answer.text, "ids": answer.ids, "mode": answer.mode, "draft": draft, "edge": edge,
+        "tokens": n, "ttft_ms": _figure(answer.ttft_s * 1000, 1), "latency_ms": _figure(answer.latency_s * 1000, 1),
+        "decode_tokens_per_s": _figure(answer.decode_tokens_per_s, 1),
+        "bytes_up": answer.bytes_up, "bytes_down": answer.bytes_down,
+        "up_per_token": _figure(answer.bytes_up / max(n, 1), 1),
+        "down_per_token": _figure(answer.bytes_down / max(n, 1), 1),
+        "rounds": rounds, "drafted": drafted, "accepted": accepted,
+        "mean_drafted": _figure(drafted / rounds) if rounds else None,
+        "mean_accepted": _figure(accepted / rounds) if rounds else None,
+        "acceptance": _figure(answer.acceptance_rate),
+        "kept_visual_tokens": answer.kept, "edge_streamed_rest": answer.streamed_rest, "reopens": answer.reopens,
+    }
+
+
+def describe_answer(record: dict[str, Any]) -> str:
+    """answer_record's figures as one line for people."""
+    figures = [f"{record['tokens']} tokens", f"first token {record['ttft_ms']:.0f} ms",
+               f"latency {record['latency_ms']:.0f} ms"]
+    if record["decode_tokens_per_s"] is not None:
+        figures.append(f"decode {record['decode_tokens_per_s']:.1f} tokens/s")
+    figures += [f"up {record['up_per_token']:.0f} B/token", f"down {record['down_per_token']:.0f} B/token"]
+    mode = record["mode"]
+    if mode == "target_only":
+        how = "the edge generated every token (target_only)"
+    elif mode == "draft_only":
+        how = f"the draft alone ({record['draft']}), no edge"
+    else:
+        how = f"draft {record['draft']}, "
+        if record["rounds"]:
+            how += (f"{record['rounds']} rounds, mean accepted {record['mean_accepted']:.2f} of "
+                    f"{record['mean_drafted']:.2f} drafted per round")
+        else:
+            how += "no verified rounds"
+        if record["edge_streamed_rest"]:
+            how += ", then the edge streamed the rest (speculation did not pay on this link)"
+    return "[" + ", ".join(figures) + "; " + how + "]"
+
+
+# --- the bench ---------------------------------------------------------------------------------
+def bench(**options: Any) -> Path:
+    """`covspec bench` with `options` named as its flags (links="loopback,4g", modes=("target_only",
+    "covspec"), prompts=4, bundle="runs/export/device", backend="onnx", out="runs/bench", ...); the
+    others keep the CLI's defaults. Returns the output folder (summary.md, results.jsonl, plots)."""
+    import shlex
+
+    from covspec.cli import build_parser
+    from covspec.tools import bench as bench_tool
+
+    args = build_parser().parse_args(["bench"])
+    unknown = sorted(set(options) - set(vars(args)))
+    if unknown:
+        raise TypeError(f"bench: unknown options {', '.join(unknown)}")
+    for name, value in options.items():
+        setattr(args, name, tuple(value.split(",")) if name == "modes" and isinstance(value, str) else value)
+    args.command_line = "covspec.bench(" + ", ".join(f"{k}={shlex.quote(repr(v))}" for k, v in options.items()) + ")"
+    bench_tool.run(args)
+    return Path(args.out)
