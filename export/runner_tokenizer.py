@@ -6,7 +6,8 @@ same vocabulary in BPE form with no merges: every word token becomes its byte-le
 leading space (`Ġword`), pieces come from `Split`s on spaces (removed) and punctuation (isolated) followed by
 `ByteLevel(add_prefix_space)`, and a piece found whole in the vocabulary is one token (BPE's
 whole-piece lookup; `ignore_merges`), so in-vocabulary text gets the same ids as the original and
-decoding prints the words separated by spaces. Ids are unchanged; special tokens stay added tokens.
+decoding prints the words separated by spaces; an out-of-vocabulary word is one <unk> (fuse_unk), as
+in WordLevel, unless it begins with a one-letter word of the vocabulary. Ids are unchanged; special tokens stay added tokens.
 A checkpoint whose tokenizer.json already has a BPE model is copied as it is.
 """
 
@@ -40,7 +41,7 @@ def bpe_from_word_level(spec: dict[str, Any]) -> dict[str, Any]:
                 {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": False}]},
             "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": False},
             "model": {"type": "BPE", "dropout": None, "unk_token": model.get("unk_token"),
-                      "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False,
+                      "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
                       "byte_fallback": False, "ignore_merges": True, "vocab": vocab, "merges": []}}
 
 

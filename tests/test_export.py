@@ -201,7 +201,9 @@ def test_fp32_manifests(fp32_bundles: tuple[Path, Path], tiny: Path) -> None:
     assert set(device["programs"]) == {"pte", "onnx"} and device["unsupported"] == {}
     assert device["decoder"]["cache"] == [2, 2, 2, 96, 8] and device["vision"]["tokens"] == 16
     assert device["calibration"] is None and device["tools"]["executorch"]
-    assert {"tokenizer.json", "vision.pte", "decoder.onnx", "embeddings.f16.npy"} <= set(device["files"])
+    assert {"tokenizer.json", "runner_tokenizer.json", "model.pte", "decoder.onnx",
+            "embeddings.f16.npy"} <= set(device["files"])
+    assert device["programs"]["pte"]["layout"] == "executorch-multimodal"
     edge = load_bundle(fp32_bundles[1]).manifest
     assert edge["kind"] == "edge" and edge["backend"] in ("pytorch", "tensorrt") and edge["reason"]
     assert "checkpoint/model.safetensors" in edge["files"]
