@@ -217,3 +217,15 @@ def test_corrupt_program_consistent_with_its_manifest_is_refused(exported: tuple
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert child.returncode == 3, (child.returncode, child.stdout[-2000:], child.stderr[-2000:])
     assert f"{name}:" in child.stdout and "re-export the bundle" in child.stdout
+
+
+def test_an_old_format_bundle_is_refused_with_the_fix(tmp_path: Path) -> None:
+    from covspec.bundles.bundle import load_bundle
+
+    (tmp_path / "vision.pte").write_bytes(b"old")
+    write_manifest(tmp_path, {"kind": "device", "programs": {"pte": {"vision": "vision.pte"}}})
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(BundleError, match=r"format version 1 \(version 1: vision\.pte \+ decoder\.pte.*"
+                                          r"covspec export --draft DRAFT --target TARGET --out OUT"):
+        load_bundle(tmp_path)
