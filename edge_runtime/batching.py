@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from covspec.edge_runtime.static_cache import StaticSlot
 from covspec.models.base import CachedDecoderAdapter, DecodeState, PrefillInputs, VLMAdapter
 
 
@@ -219,6 +220,9 @@ def commit(state: DecodeState, window: Window, n: int) -> None:
     if not 0 <= n <= window.size:
         raise ValueError(f"cannot commit {n} of a window of {window.size} positions")
     if n == 0:
+        return
+    if isinstance(state.cache, StaticSlot):  # a static pass wrote the window into the slot already
+        state.length += n
         return
     for layer, keys, values in zip(state.cache.layers, window.keys, window.values, strict=True):
         layer.update(keys[:, :, :n], values[:, :, :n])

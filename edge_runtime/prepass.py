@@ -18,6 +18,7 @@ import torch
 from covspec.edge_runtime.batching import Window, can_batch, can_prefill_batch, prefill_batch, run_batch
 from covspec.edge_runtime.context import Incoming, Prefilled, Prepared
 from covspec.edge_runtime.planning import Outcome, plan_verify
+from covspec.edge_runtime.static_target import StaticTarget
 from covspec.edge_runtime.stats import EdgeCounters
 from covspec.edge_runtime.table import SessionTable
 from covspec.edge_runtime.visual import encode, kept_indices
@@ -84,12 +85,15 @@ class Prepass:
             if len(planned) < 2:
                 return {}
             states = [table.sessions[sid].state for sid in planned]
-            if not can_batch(self.adapter, states):
+            if isinstance(self.adapter, StaticTarget):  # one bucketed pass on the static cache
+                windows = self.adapter.run_batch(states, list(planned.values()))
+            elif not can_batch(self.adapter, states):
                 if not self.batching_refused:
                     log.info("batched verification: not possible for this target's caches; each session verifies on its own")
                 self.batching_refused = True
                 return {}
-            windows = run_batch(self.adapter, states, list(planned.values()))
+            else:
+                windows = run_batch(self.adapter, states, list(planned.values()))
         except Exception:
             log.exception("batched verification failed; the windows are verified one by one")
             return {}

@@ -42,7 +42,7 @@ from covspec.edge_runtime.session import SessionError, TargetSession
 from covspec.edge_runtime.settings import EdgeSettings
 from covspec.edge_runtime.stats import EdgeCounters, cost_timings
 from covspec.edge_runtime.table import SessionTable
-from covspec.edge_runtime.target import place_target
+from covspec.edge_runtime.target import place_target, static_target
 from covspec.errors import CovspecError, ImageError, PromptError
 from covspec.models.base import VLMAdapter
 from covspec.transport import protocol as wire
@@ -59,15 +59,15 @@ class EdgeServer:
     def __init__(self, adapter: VLMAdapter, settings: EdgeSettings, name: str = "target"):
         """Serves `adapter`, moved first to settings.device in settings.dtype where it is not there."""
         settings.check()
-        self.adapter = place_target(adapter, settings.device, settings.dtype)
+        self.adapter = static_target(place_target(adapter, settings.device, settings.dtype), settings)
         self.step_s: float | None = None  # the target's last measured streaming time per token
         self.verify_sums = [0.0] * 5  # decayed fit of verify time on window size, all sessions (OPENED tells it)
         self.settings = settings
         self.name = name
-        self.fingerprint = adapter.fingerprint()
+        self.fingerprint = self.adapter.fingerprint()
         self.table = SessionTable(settings)
         self.counters = EdgeCounters()
-        self.prepass = Prepass(adapter, self.counters, settings.max_image_pixels)
+        self.prepass = Prepass(self.adapter, self.counters, settings.max_image_pixels)
         keys = settings.keys
         # the ZAP handler is per context: an authenticating edge gets a context of its own
         self.ctx = zmq.Context.instance() if keys is None else zmq.Context()

@@ -33,6 +33,12 @@ class EdgeSettings:
     # in float32 for verification); CUDA asked for where none is present is refused when loading
     device: str = "cpu"
     dtype: str = "float32"
+    # the static verify path (edge_runtime.static_target): windows padded to buckets, each session's keys
+    # and values in a slot of a static cache of static_len positions; cuda_graphs (which implies it)
+    # replays each bucket's captured pass on CUDA, and runs the same passes eagerly elsewhere
+    static_cache: bool = False
+    cuda_graphs: bool = False
+    static_len: int = 2048
 
     def check(self) -> None:
         """Raises ValueError naming a setting that makes no sense."""
@@ -40,7 +46,7 @@ class EdgeSettings:
                     "idle_timeout_s": self.idle_timeout_s, "max_new_tokens": self.max_new_tokens,
                     "max_image_pixels": self.max_image_pixels, "max_total_bytes": self.limits.max_total_bytes,
                     "max_image_bytes": self.limits.max_image_bytes, "max_window": self.limits.max_window,
-                    "max_batch": self.max_batch}
+                    "max_batch": self.max_batch, "static_len": self.static_len}
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}")

@@ -9,7 +9,9 @@ manifest is verified (checksums, format version) and whose recorded backend is r
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from covspec.bundles.bundle import BundleError, load_bundle
 from covspec.errors import CovspecError
@@ -17,6 +19,11 @@ from covspec.export.manifest import MANIFEST
 from covspec.models import load_adapter
 from covspec.models.base import CachedDecoderAdapter, VLMAdapter
 from covspec.models.placement import dtype_name, resolve_device, resolve_dtype
+
+if TYPE_CHECKING:
+    from covspec.edge_runtime.settings import EdgeSettings
+
+log = logging.getLogger("covspec.edge")
 
 
 def place_target(adapter: VLMAdapter, device: str = "cpu", dtype: str = "float32") -> VLMAdapter:
@@ -32,6 +39,25 @@ def place_target(adapter: VLMAdapter, device: str = "cpu", dtype: str = "float32
         raise CovspecError(f"a {type(adapter).__name__} target runs on the CPU in float32 only; "
                            f"--device {device} --dtype {dtype} need a PyTorch checkpoint")
     return adapter
+
+
+def static_target(adapter: VLMAdapter, settings: EdgeSettings) -> VLMAdapter:
+    """The adapter on the static verify path when the settings ask for it (a slot per session, one spare)."""
+    if not (settings.static_cache or settings.cuda_graphs):
+        return adapter
+    if not isinstance(adapter, CachedDecoderAdapter):
+        raise CovspecError(f"--static-cache/--cuda-graphs need a PyTorch checkpoint, not a {type(adapter).__name__}")
+    from covspec.edge_runtime.static_target import StaticTarget
+
+    target = StaticTarget.create(adapter, slots=settings.max_sessions + 1, max_len=settings.static_len,
+                                 cuda_graphs=settings.cuda_graphs)
+    graphs = "CUDA graphs" if target.verifier.cuda_graphs else "eager passes"
+    if settings.cuda_graphs and not target.verifier.cuda_graphs:
+        graphs += f" (CUDA graphs need CUDA; the target is on {adapter.device})"
+    log.info("static verify path: %d slots x %d positions (%.1f MiB), windows padded to %s, %s",
+             settings.max_sessions + 1, target.verifier.pool.max_len, target.verifier.pool.bytes / 2**20,
+             ",".join(map(str, target.verifier.buckets)), graphs)
+    return target
 
 
 def load_target(path: str | Path, threads: int | None = None, device: str = "cpu",

@@ -117,9 +117,11 @@ class RunningEdge:
         self.server.close()
 
 
-def answers_by_mode(dtype: str, modes: tuple[str, ...], n: int, max_new_tokens: int = 24) -> dict[str, list]:
-    """mode -> the demo pair's answers (device.answer) to n held-out prompts, the edge in `dtype`."""
-    edge = RunningEdge(dtype=dtype)
+def answers_by_mode(dtype: str, modes: tuple[str, ...], n: int, max_new_tokens: int = 24,
+                    **settings) -> dict[str, list]:
+    """mode -> the demo pair's answers (device.answer) to n held-out prompts, the edge in `dtype` (and
+    other EdgeSettings)."""
+    edge = RunningEdge(dtype=dtype, **settings)
     device = DeviceRuntime(load_adapter(default_draft_path()), edge.server.endpoint, timeout_s=60)
     try:
         out: dict[str, list] = {mode: [] for mode in modes}

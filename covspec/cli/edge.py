@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="serve the edge's counters for Prometheus at http://HOST:PORT/metrics (default: off)")
     add_threads_arg(q)
     add_placement_args(q)
+    add_static_args(q)
     g = q.add_argument_group("authentication (ZeroMQ CURVE)")
     g.add_argument("--auth", choices=["curve", "none"], default="curve",
                    help="curve (the default) admits only devices whose public keys are in --allow, and refuses "
@@ -72,6 +73,20 @@ def add_placement_args(parser: argparse.ArgumentParser, prefix: str = "") -> Non
                    help="the target's weights and caches (logits are compared in float32 whatever the dtype)")
 
 
+def add_static_args(parser: argparse.ArgumentParser) -> None:
+    from covspec.edge_runtime.settings import EdgeSettings
+
+    g = parser.add_argument_group("static verify path")
+    g.add_argument("--static-cache", action="store_true",
+                   help="verify on a static KV cache (a slot per session) with windows padded to 1,2,4,8,16,32 "
+                        "tokens and batches to 1,2,4,8 sessions: static shapes")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="the static path with each shape's pass captured as a CUDA graph (implies --static-cache; "
+                        "on CUDA only, elsewhere the same passes run eagerly)")
+    g.add_argument("--static-len", type=int, default=EdgeSettings().static_len,
+                   help="positions per session in the static cache (capped at the model's)")
+
+
 def server_keys(args: argparse.Namespace):
     from covspec.transport.channel import load_server_keys
 
@@ -109,7 +124,8 @@ def run_serve(args: argparse.Namespace) -> int:
                             max_sessions_per_device=args.max_sessions_per_device, idle_timeout_s=args.idle_timeout,
                             max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
                             limits=limits, keys=keys, batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch,
-                            device=args.device, dtype=args.dtype)
+                            device=args.device, dtype=args.dtype, static_cache=args.static_cache,
+                            cuda_graphs=args.cuda_graphs, static_len=args.static_len)
 
     def ready(server, metrics: str | None) -> None:
         auth = "no authentication (--auth none)" if keys is None else f"CURVE, devices allowed from {keys.allow_dir}"
