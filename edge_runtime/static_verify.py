@@ -13,6 +13,7 @@ the length back. The logits of the real positions come back float32 on the CPU, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +87,8 @@ class StaticVerifier:
     cuda_graphs: bool = False
     graphs: dict[tuple[int, int], CapturedPass] = field(default_factory=dict)
     memory: object = None  # the graphs' shared memory pool
+    runner: Callable[[CachedDecoderAdapter, StaticPool, PassInputs], torch.Tensor] | None = None  # replaces
+    # eager_pass when set (e.g. torch.compile(eager_pass, mode="reduce-overhead"), measured by gpu_check)
 
     @classmethod
     def create(cls, adapter: CachedDecoderAdapter, slots: int, max_len: int, cuda_graphs: bool = False,
@@ -133,7 +136,7 @@ class StaticVerifier:
     def run(self, inputs: PassInputs) -> torch.Tensor:
         """logits [B', b, V]: the captured graph of this shape (captured on first use), or the eager pass."""
         if not self.cuda_graphs:
-            return eager_pass(self.adapter, self.pool, inputs)
+            return (self.runner or eager_pass)(self.adapter, self.pool, inputs)
         key = tuple(inputs.embeds.shape[:2])
         if key not in self.graphs:
             if self.memory is None:

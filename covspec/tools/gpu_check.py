@@ -1,0 +1,310 @@
+"""The edge on a GPU, measured in one run (scripts/gpu_check.sh; at most --budget-s seconds):
+
+1. a random target with the text shapes of Qwen2.5-VL-7B (28 layers x 3584, 28 heads / 4 KV heads,
+   MLP 18944, vocab 152064; a 1-block vision tower, unused) in --dtype on --device;
+2. verify time per window of 1..16 tokens after a --context-token prompt, for 1 session and for 8
+   batched sessions: the DynamicCache paths the edge runs by default (adapter.forward; the packed
+   batched pass), the static bucketed path eager, with CUDA graphs, and with torch.compile
+   (reduce-overhead); each time the logits included, back on the CPU in float32, as the edge uses them;
+3. target-only decode tokens/s (1 session, and 8 sessions batched);
+4. the demo pair's greedy answers in float32 and bfloat16 on --device (how many differ);
+5. the demo pair end to end (`covspec bench`, the edge on --device in --dtype): covspec vs
+   target_only over loopback and wifi.
+
+`--cpu-smoke` shrinks everything (2 layers x 64, 2 reps, 1 prompt) to check the script end to end on
+a CPU in seconds; `--shape small` is the CPU figures' shape. Rows go to OUT/verify.json, tables to
+OUT/summary.md, the command to OUT/command.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from covspec.edge_runtime.batching import commit, run_batch
+from covspec.edge_runtime.static_verify import StaticVerifier, eager_pass
+from covspec.models.base import PrefillInputs
+from covspec.models.placement import resolve_device, resolve_dtype
+
+# text model shapes: (layers, hidden, heads, kv heads, MLP, vocab, M-RoPE sections of head_dim / 2)
+SHAPES = {"qwen7b": (28, 3584, 28, 4, 18944, 152064, [16, 24, 24]),
+          "small": (4, 512, 8, 2, 1408, 8192, [8, 12, 12]),
+          "smoke": (2, 64, 4, 2, 128, 1000, [2, 3, 3])}
+WINDOWS = tuple(range(1, 17))  # window lengths measured (root + drafts)
+BATCH = 8
+
+
+@dataclass
+class Clock:
+    """The run's deadline; `left()` seconds remain."""
+
+    budget_s: float
+    start: float = field(default_factory=time.monotonic)
+
+    def left(self) -> float:
+        return self.budget_s - (time.monotonic() - self.start)
+
+
+def build_target(shape: str, device: torch.device, dtype: torch.dtype):
+    """A randomly initialised Qwen2.5-VL adapter of `shape` on device in dtype (no tokenizer)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from covspec.models.qwen2_5_vl import Qwen25VLAdapter
+
+    layers, hidden, heads, kv, mlp, vocab, sections = SHAPES[shape]
+    text = {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": mlp, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv, "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "bos_token_id": None, "eos_token_id": None,
+            "rope_parameters": {"rope_type": "default", "mrope_section": sections, "rope_theta": 1e6}}
+    vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": hidden,
+              "fullatt_block_indexes": [0]}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=vocab - 4,
+                              video_token_id=vocab - 3, vision_start_token_id=vocab - 2, vision_end_token_id=vocab - 1)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model.to(dtype=dtype).eval()
+    return Qwen25VLAdapter(model, tokenizer=None)
+
+
+def prefilled(adapter, length: int, seed: int = 0):
+    """A DecodeState after `length` random prompt tokens (M-RoPE positions 0..length-1 on every axis)."""
+    ids = torch.randint(0, adapter.vocab_size - 8, (length,), generator=torch.Generator().manual_seed(seed))
+    positions = torch.arange(length).view(1, 1, length).expand(3, 1, length)
+    with torch.inference_mode():
+        return adapter.start(PrefillInputs(adapter.embed(ids), positions, {"rope_delta": 0}))[1]
+
+
+def median_ms(fn, reps: int, sync, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def verify_paths(adapter, states: list, clock: Clock, args) -> dict:
+    """path -> a function(windows) running one verify of these windows on `states`, caches unchanged."""
+    cuda = adapter.device.type == "cuda"
+    paths = {}
+
+    def dynamic(windows):
+        if len(windows) == 1:
+            adapter.forward(states[0], windows[0])
+            adapter.truncate(states[0], states[0].length - windows[0].numel())
+        else:
+            run_batch(adapter, states, windows)
+
+    paths["dynamic"] = dynamic
+    variants = {"static_eager": {}}
+    if cuda:
+        variants["static_graphs"] = {"cuda_graphs": True}
+        if args.compile:
+            variants["static_compile"] = {"runner": torch.compile(eager_pass, mode="reduce-overhead", dynamic=False)}
+    for name, options in variants.items():
+        verifier = StaticVerifier.create(adapter, slots=len(states), max_len=args.context + 64,
+                                         cuda_graphs=options.get("cuda_graphs", False))
+        verifier.runner = options.get("runner")
+        static = [verifier.open(s) for s in states]
+        paths[name] = lambda windows, v=verifier, st=static: v.verify(st, windows)
+    return paths
+
+
+def measure_verify(adapter, sessions: int, clock: Clock, args, sync) -> list[dict]:
+    """Rows {sessions, path, window, ms}: verify time per window length, every path."""
+    states = [prefilled(adapter, args.context, seed=i) for i in range(sessions)]
+    rows = []
+    for path, run in verify_paths(adapter, states, clock, args).items():
+        for n in args.windows:
+            if clock.left() < args.reserve_s:
+                rows.append({"sessions": sessions, "path": path, "window": n, "skipped": "out of time"})
+                continue
+            windows = [torch.arange(5, 5 + n) for _ in states]
+            try:
+                ms = median_ms(lambda run=run, windows=windows: run(windows), args.reps, sync)
+                rows.append({"sessions": sessions, "path": path, "window": n, "ms": round(ms, 3)})
+            except Exception as err:  # a path that fails here is reported, the others still measured
+                rows.append({"sessions": sessions, "path": path, "window": n, "error": f"{type(err).__name__}: {err}"[:300]})
+                break
+        print(f"verify {sessions} session(s) {path}: done ({clock.left():.0f} s left)", flush=True)
+    return rows
+
+
+def measure_decode(adapter, sessions: int, args, sync) -> list[dict]:
+    """Rows {sessions, path, tokens_per_s}: target-only decoding, one token per pass per session."""
+    rows = []
+    steps = args.decode_steps
+    states = [prefilled(adapter, args.context, seed=i) for i in range(sessions)]
+    dyn = [copy.deepcopy(s) for s in states]
+    token = [torch.tensor([7])] * sessions
+
+    def dynamic():
+        if sessions == 1:
+            adapter.forward(dyn[0], token[0])
+        else:
+            for state, window in zip(dyn, run_batch(adapter, dyn, token), strict=True):
+                commit(state, window, 1)
+
+    runs = {"dynamic": dynamic}
+    for name, graphs in (("static_eager", False), ("static_graphs", True)):
+        if graphs and adapter.device.type != "cuda":
+            continue
+        verifier = StaticVerifier.create(adapter, slots=sessions, max_len=args.context + steps * 4 + 64, cuda_graphs=graphs)
+        static = [verifier.open(s) for s in states]
+
+        def step(v=verifier, st=static):
+            v.verify(st, token)
+            for s in st:
+                v.commit(s, 1)
+
+        runs[name] = step
+    for name, run in runs.items():
+        try:
+            ms = median_ms(run, steps, sync)
+            rows.append({"sessions": sessions, "path": name, "tokens_per_s": round(sessions * 1000 / ms, 2)})
+        except Exception as err:
+            rows.append({"sessions": sessions, "path": name, "error": f"{type(err).__name__}: {err}"[:300]})
+    return rows
+
+
+def demo_dtype_answers(device: str, prompts: int, max_new_tokens: int = 48) -> dict:
+    """The demo target's greedy answers to held-out prompts in float32 and bfloat16 on `device`: how many differ."""
+    from covspec.demo import default_target_path
+    from covspec.demo.task import sample_split
+    from covspec.edge_runtime.target import load_target
+    from covspec.generation import generate
+
+    answers = {}
+    for dtype in ("float32", "bfloat16"):
+        adapter, _ = load_target(default_target_path(), device=device, dtype=dtype)
+        answers[dtype] = [generate(adapter, item.image, item.question, max_new_tokens=max_new_tokens).ids
+                          for item in sample_split("heldout", prompts, seed=0)]
+    differ = [i for i, (a, b) in enumerate(zip(answers["float32"], answers["bfloat16"], strict=True)) if a != b]
+    return {"prompts": prompts, "differ": len(differ), "differing_items": differ}
+
+
+def run_bench(args, out: Path, clock: Clock) -> list[dict]:
+    """`covspec bench` with the edge on --device in --dtype: covspec vs target_only over loopback and wifi."""
+    command = [sys.executable, "-m", "covspec.cli", "bench", "--modes", "target_only,covspec", "--links", args.links,
+               "--prompts", str(args.bench_prompts), "--edge-device", args.device, "--edge-dtype", args.dtype,
+               "--out", str(out / f"bench-{args.dtype}")]
+    timeout = max(30.0, clock.left() - 5)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        return [{"command": " ".join(command[2:]), "rc": done.returncode, "stdout_tail": done.stdout[-3000:],
+                 "stderr_tail": done.stderr[-1500:]}]
+    except subprocess.TimeoutExpired:
+        return [{"command": " ".join(command[2:]), "error": f"timed out after {timeout:.0f} s"}]
+
+
+def summary(report: dict) -> str:
+    """The report as markdown tables: verify ms per window length, decode tokens/s, dtype answers, bench."""
+    lines = [f"# gpu_check: {report['shape']} target, {report['dtype']} on {report['device_name']}", "",
+             f"`{report['command']}`", "", f"torch {report['torch']}, context {report['context']} tokens, "
+             f"median of {report['reps']} runs, logits included (float32, to the CPU)", ""]
+    windows = report["windows"]
+    for sessions in (1, BATCH):
+        rows = [r for r in report["verify"] if r["sessions"] == sessions]
+        if not rows:
+            continue
+        lines += [f"## verify ms per window, {sessions} session(s)", "",
+                  "| path | " + " | ".join(map(str, windows)) + " |", "|---" * (len(windows) + 1) + "|"]
+        for path in dict.fromkeys(r["path"] for r in rows):
+            cells = {r["window"]: (f"{r['ms']:.2f}" if "ms" in r else r.get("error", r.get("skipped", ""))[:24])
+                     for r in rows if r["path"] == path}
+            lines.append(f"| {path} | " + " | ".join(cells.get(n, "") for n in windows) + " |")
+        lines.append("")
+    lines += ["## target-only decode tokens/s", "", "| sessions | path | tokens/s |", "|---|---|---|"]
+    lines += [f"| {r['sessions']} | {r['path']} | {r.get('tokens_per_s', r.get('error', ''))} |" for r in report["decode"]]
+    if report.get("dtype_answers"):
+        d = report["dtype_answers"]
+        lines += ["", f"## demo pair: float32 vs bfloat16 greedy answers on {report['device']}", "",
+                  f"{d['differ']} of {d['prompts']} answers differ (items {d['differing_items']})"]
+    for bench in report.get("bench", []):
+        lines += ["", "## end to end", "", f"`covspec {bench['command']}`", "", "```",
+                  bench.get("stdout_tail", bench.get("error", "")), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gpu_check", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cuda", help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"), help="the target's dtype")
+    p.add_argument("--shape", default="qwen7b", choices=list(SHAPES), help="the random target's text shapes")
+    p.add_argument("--context", type=int, default=512, help="prompt tokens before the windows")
+    p.add_argument("--windows", type=lambda text: tuple(int(n) for n in text.split(",")), default=WINDOWS,
+                   help="window lengths to time, comma-separated (default: 1..16)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--reps", type=int, default=10, help="timed runs per measurement (median)")
+    p.add_argument("--decode-steps", type=int, default=32, help="timed tokens of target-only decoding")
+    p.add_argument("--budget-s", type=float, default=450.0, help="the whole run's time at most")
+    p.add_argument("--reserve-s", type=float, default=150.0, help="time kept for the demo pair (answers, bench)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile (reduce-overhead)")
+    p.add_argument("--links", default="loopback,wifi", help="the bench's links")
+    p.add_argument("--bench-prompts", type=int, default=8, help="held-out prompts per link in the bench")
+    p.add_argument("--dtype-prompts", type=int, default=20, help="held-out prompts for float32 vs bfloat16 answers")
+    p.add_argument("--no-demo", dest="demo", action="store_false", help="skip the demo pair (answers and bench)")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="a check of the script on the CPU in seconds: smoke shape, 2 reps, 1 bench prompt over loopback")
+    p.add_argument("--out", default="results/gpu", help="output folder")
+    args = p.parse_args(argv)
+    if args.cpu_smoke:
+        args.device, args.shape, args.reps, args.decode_steps, args.context = "cpu", "smoke", 2, 4, 32
+        args.windows = (1, 5, 16)
+        args.compile, args.links, args.bench_prompts, args.dtype_prompts = False, "loopback", 1, 2
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    clock = Clock(args.budget_s)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m covspec.tools.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv)
+    (out / "command.txt").write_text(command + "\n")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    report = {"command": command, "shape": args.shape, "dtype": args.dtype, "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "context": args.context, "reps": args.reps, "windows": list(args.windows),
+              "threads": torch.get_num_threads(), "verify": [], "decode": []}
+    adapter = build_target(args.shape, device, dtype)
+    print(f"target {args.shape} built ({sum(p.numel() for p in adapter.model.parameters()) / 1e9:.2f} B params), "
+          f"{clock.left():.0f} s left", flush=True)
+    for sessions in (1, BATCH):
+        report["verify"] += measure_verify(adapter, sessions, clock, args, sync)
+    for sessions in (1, BATCH):
+        report["decode"] += measure_decode(adapter, sessions, args, sync)
+    del adapter
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    (out / "verify.json").write_text(json.dumps(report, indent=1))
+    if args.demo:
+        report["dtype_answers"] = demo_dtype_answers(str(device), args.dtype_prompts)
+        report["bench"] = run_bench(args, out, clock)
+    (out / "verify.json").write_text(json.dumps(report, indent=1))
+    (out / "summary.md").write_text(summary(report))
+    print(summary(report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

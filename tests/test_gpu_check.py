@@ -1,0 +1,39 @@
+"""scripts/gpu_check.sh's Python side (covspec/tools/gpu_check.py) end to end on the CPU, shrunk
+(--cpu-smoke, without the demo pair): every path's verify time per window and decode rate measured,
+the report and its tables written. The GPU paths (CUDA graphs, torch.compile) are not run here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from covspec.tools.gpu_check import BATCH, build_target, main, prefilled
+
+
+def test_the_smoke_run_measures_every_cpu_path(tmp_path) -> None:
+    assert main(["--cpu-smoke", "--no-demo", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "verify.json").read_text())
+    windows = report["windows"]
+    for sessions in (1, BATCH):
+        for path in ("dynamic", "static_eager"):
+            rows = [r for r in report["verify"] if r["sessions"] == sessions and r["path"] == path]
+            assert [r["window"] for r in rows] == windows and all(r["ms"] > 0 for r in rows), rows
+    assert {(r["sessions"], r["path"]) for r in report["decode"]} == {
+        (s, p) for s in (1, BATCH) for p in ("dynamic", "static_eager")}
+    assert all(r["tokens_per_s"] > 0 for r in report["decode"]), report["decode"]
+    text = (tmp_path / "summary.md").read_text()
+    assert "verify ms per window, 8 session(s)" in text and "| static_eager |" in text
+    assert (tmp_path / "command.txt").read_text().startswith("python -m covspec.tools.gpu_check --cpu-smoke")
+
+
+def test_the_random_target_has_the_shape_asked_for() -> None:
+    import torch
+
+    adapter = build_target("smoke", torch.device("cpu"), torch.bfloat16)
+    config = adapter.text_config
+    assert (config.num_hidden_layers, config.hidden_size, config.num_key_value_heads) == (2, 64, 2)
+    state = prefilled(adapter, 16)
+    assert state.length == 16 and state.cache.layers[0].keys.dtype == torch.bfloat16
+    with pytest.raises(KeyError):
+        build_target("qwen72b", torch.device("cpu"), torch.float32)
