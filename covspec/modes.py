@@ -3,6 +3,8 @@
 all read it.
 
     target_only  the edge generates and streams (the device only tokenizes and shows)
+    edge_sd      the edge drafts with its own draft and verifies, and streams (server-side speculative
+                 decoding: `covspec edge serve --draft`; the device only tokenizes and shows)
     draft_only   the device alone
     vanilla_sd   fixed window k, stop-and-wait; sampling uploads the draft's full distribution
     covspec      pruning, adaptive windows, branches with windows in flight, decoupled verification
@@ -51,7 +53,8 @@ MODE_OPTIONS: dict[str, SpecOptions] = {
     "covspec_no_ahead": replace(COVSPEC, ahead=False),
     "covspec_no_decoupled": replace(COVSPEC, decoupled=False),
 }
-MODES = ("target_only", "draft_only", *MODE_OPTIONS)
+MODES = ("target_only", "draft_only", "edge_sd", *MODE_OPTIONS)
+STREAMING_MODES = ("target_only", "edge_sd")  # the device only opens and streams (no draft runs on it)
 
 
 def pruning_options(mode: str, keep: float | None, merge: bool) -> SpecOptions | None:

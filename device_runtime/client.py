@@ -2,6 +2,7 @@
 the edge, in one of the modes:
 
     target_only  the edge generates and streams (the device only tokenizes and shows)
+    edge_sd      the edge drafts with its own draft and verifies, and streams (the device as in target_only)
     draft_only   the device alone
     vanilla_sd   fixed window k, stop-and-wait; sampling uploads the draft's full distribution
                  of every drafted token (the conventional scheme)
@@ -38,7 +39,7 @@ from covspec.device_runtime.speculation import STREAM, Flight, Speculation
 from covspec.generation import generate
 from covspec.images import load_image
 from covspec.models.base import DecodeState, VLMAdapter
-from covspec.modes import MODE_OPTIONS, MODES, SpecOptions
+from covspec.modes import MODE_OPTIONS, MODES, STREAMING_MODES, SpecOptions
 from covspec.policy import OnlineStats
 from covspec.pruning import merged_visual, score_and_select
 from covspec.sampling import SamplingParams
@@ -116,7 +117,7 @@ class DeviceRuntime:
             open_msg = wire.Open(sid=sid, image=image_bytes, prompt=prompt, mode=mode,
                                  temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                                  seed=params.seed, max_new_tokens=max_new_tokens)
-            if mode == "target_only":
+            if mode in STREAMING_MODES:
                 answer = self._target_only(open_msg, max_new_tokens, start)
             else:
                 answer = self._speculative(open_msg, image_bytes, prompt, params, max_new_tokens, window, start,
@@ -143,7 +144,7 @@ class DeviceRuntime:
         ttft = time.perf_counter() - start
         tokens = [opened.token] + ([] if opened.done else self._stream_rest(open_msg, [opened.token], stream=stream))
         ids = final_answer(tokens, self.draft.eos_token_ids, max_new_tokens)
-        return Answer("target_only", ids, self.draft.decode(ids), ttft_s=ttft,
+        return Answer(open_msg.mode, ids, self.draft.decode(ids), ttft_s=ttft,
                       latency_s=time.perf_counter() - start)
 
     def _send_stream(self, open_msg: wire.Open) -> tuple[wire.Message, float]:

@@ -15,6 +15,7 @@ import torch
 
 from covspec.edge_runtime.batching import Window
 from covspec.edge_runtime.context import RequestContext
+from covspec.edge_runtime.drafting import EdgeDraft, speculate
 from covspec.edge_runtime.planning import Outcome, VerifyPlan, plan_verify
 from covspec.edge_runtime.session import RoundAnswer, SessionError, TargetSession
 from covspec.edge_runtime.stats import SessionUsage
@@ -89,8 +90,12 @@ def on_open(server: EdgeServer, ctx: RequestContext, msg: wire.Open):
     if retried is not None:
         yield retried.opened  # a retried OPEN
         return
+    if msg.mode == "edge_sd" and server.drafting is None:
+        raise wire.ProtocolError(wire.ErrorCode.BAD_STATE, "OPEN.mode edge_sd: this edge has no draft to run "
+                                 "(start it with covspec edge serve --draft PATH)")
     prefix = _prefix(server, msg)
     session, visual_count = _start(server, ctx, msg, prefix)
+    _attach_draft(server, session, msg)
     server.table.add(msg.sid, session)
     server.counters.sessions_opened += 1
     server.counters.sessions_reopened += bool(prefix)
@@ -98,6 +103,19 @@ def on_open(server: EdgeServer, ctx: RequestContext, msg: wire.Open):
              visual_count, "" if msg.kept is None else f" ({len(msg.kept)} kept)",
              f", resumed after {len(prefix)} tokens" if prefix else "", session.usage.prefill_s * 1000)
     yield session.opened
+
+
+def _attach_draft(server: EdgeServer, session: TargetSession, msg: wire.Open) -> None:
+    """With a draft on the edge: the session's edge draft (prefilled now for edge_sd, on the first
+    edge-drafted STREAM otherwise) and what the device's placement rule reads, in OPENED."""
+    if server.drafting is None or msg.mode in ("target_only", "draft_only"):
+        return
+    session.edge_draft = EdgeDraft(msg)
+    if msg.mode == "edge_sd" and not session.done:
+        start = time.perf_counter()
+        session.edge_draft.synced(server.drafting.adapter, session.committed, server.settings.max_image_pixels)
+        session.usage.prefill_s += time.perf_counter() - start
+    session.opened.timings.update(server.draft_timings())
 
 
 def _verified(server: EdgeServer, session: TargetSession, msg: wire.Verify, plan: VerifyPlan,
@@ -137,12 +155,24 @@ def on_verify(server: EdgeServer, ctx: RequestContext, msg: wire.Verify):
     cand_probs = None if v.support_probs is None else v.support_probs.numpy().astype(np.float32)
     yield wire.Result(sid=msg.sid, seq=msg.seq, round=answer.round, accepted=v.accepted,
                       token=v.next_token, done=answer.done,
-                      cand_ids=cand_ids, cand_probs=cand_probs, timings={"verify_s": answer.verify_s})
+                      cand_ids=cand_ids, cand_probs=cand_probs,
+                      timings={"verify_s": answer.verify_s, **server.draft_timings()})
 
 
 def _streamed(msg: wire.Stream, index: int, chunk: list[int], done: bool, start: float) -> wire.Streamed:
     return wire.Streamed(sid=msg.sid, seq=msg.seq, index=index, tokens=np.asarray(chunk, dtype=np.int32),
                          done=done, timings={"elapsed_s": time.perf_counter() - start})
+
+
+def _rounds(server: EdgeServer, session: TargetSession, msg: wire.Stream):
+    """The rest of the answer as lists of new tokens, and whether the edge drafts them: speculation with
+    the edge's draft for an edge_sd session or a STREAM that asks for it (when the edge has a draft),
+    else the target alone, a token at a time."""
+    if session.edge_draft is not None and (session.usage.mode == "edge_sd" or msg.draft):
+        return speculate(session, session.edge_draft, server.drafting, server.settings.max_image_pixels), True
+    tokens = session.stream()
+    next(tokens)  # the first token went out in OPENED
+    return ([token] for token in tokens), False
 
 
 def on_stream(server: EdgeServer, ctx: RequestContext, msg: wire.Stream):
@@ -153,19 +183,22 @@ def on_stream(server: EdgeServer, ctx: RequestContext, msg: wire.Stream):
     session.stream_seqs.add(msg.seq)
     start = time.perf_counter()
     chunk: list[int] = []
-    index = 0
-    tokens = session.stream()
-    next(tokens)  # the first token went out in OPENED
-    for token in tokens:
-        chunk.append(token)
-        session.usage.streamed += 1
-        server.counters.tokens_streamed += 1
+    index, streamed = 0, 0
+    rounds, drafted = _rounds(server, session, msg)
+    for new in rounds:
+        chunk.extend(new)
+        streamed += len(new)
         if len(chunk) >= msg.chunk:
             yield _streamed(msg, index, chunk, False, start)
             index, chunk = index + 1, []
     elapsed = time.perf_counter() - start
+    session.usage.streamed += streamed
+    server.counters.tokens_streamed += streamed
     session.usage.stream_s += elapsed
-    if session.usage.streamed:  # per streamed token, sending included: what a device weighs drafting against
+    if drafted:
+        server.counters.tokens_edge_drafted += streamed
+        server.drafting.observe(elapsed, streamed)
+    elif session.usage.streamed:  # per streamed token, sending included: what a device weighs drafting against
         server.step_s = elapsed / session.usage.streamed
     session.last_active = time.monotonic()
     yield _streamed(msg, index, chunk, True, start)

@@ -36,6 +36,7 @@ import time
 import zmq
 
 from covspec.edge_runtime.context import Incoming, Prepared, RequestContext
+from covspec.edge_runtime.drafting import EdgeDrafting
 from covspec.edge_runtime.handlers import HANDLERS
 from covspec.edge_runtime.prepass import Prepass
 from covspec.edge_runtime.session import SessionError, TargetSession
@@ -56,15 +57,23 @@ log = logging.getLogger("covspec.edge")
 class EdgeServer:
     HANDLERS = HANDLERS  # message type -> handler(server, ctx, msg) (edge_runtime.handlers)
 
-    def __init__(self, adapter: VLMAdapter, settings: EdgeSettings, name: str = "target"):
-        """Serves `adapter`, moved first to settings.device in settings.dtype where it is not there."""
+    def __init__(self, adapter: VLMAdapter, settings: EdgeSettings, name: str = "target",
+                 draft: VLMAdapter | None = None):
+        """Serves `adapter`, moved first to settings.device in settings.dtype where it is not there.
+        `draft`: a draft of the same tokenizer run beside the target (edge-side speculation: mode
+        edge_sd, and covspec devices that hand drafting to the edge), placed as the target is."""
         settings.check()
         self.adapter = static_target(place_target(adapter, settings.device, settings.dtype), settings)
+        self.drafting = None if draft is None else EdgeDrafting(place_target(draft, settings.device, settings.dtype),
+                                                                settings.draft_sessions)
         self.step_s: float | None = None  # the target's last measured streaming time per token
         self.verify_sums = [0.0] * 5  # decayed fit of verify time on window size, all sessions (OPENED tells it)
         self.settings = settings
         self.name = name
         self.fingerprint = self.adapter.fingerprint()
+        if draft is not None and draft.fingerprint() != self.fingerprint:
+            raise CovspecError("the edge's draft tokenizes differently from its target: a draft must share "
+                               "the target's tokenizer")
         self.table = SessionTable(settings)
         self.counters = EdgeCounters()
         self.prepass = Prepass(self.adapter, self.counters, settings.max_image_pixels)
@@ -100,6 +109,12 @@ class EdgeServer:
     def _cost_timings(self) -> dict[str, float]:
         """What the devices' drafting policies price windows with (stats.cost_timings)."""
         return cost_timings(self.step_s, self.verify_sums)
+
+    def draft_timings(self) -> dict[str, float]:
+        """What a device's draft placement reads (edge_runtime.drafting): none without a draft here."""
+        if self.drafting is None:
+            return {}
+        return self.drafting.timings(sum(1 for s in self.table.sessions.values() if not s.done))
 
     def _refused(self, key: str) -> None:
         """A device's CURVE handshake refused (called on the authenticator's thread)."""

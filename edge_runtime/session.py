@@ -64,6 +64,7 @@ class TargetSession:
     opened: object = None
     usage: SessionUsage | None = None  # what the session cost, for the edge's request log
     stream_seqs: set[int] = field(default_factory=set)  # STREAM requests served (a repeat is a duplicate)
+    edge_draft: object = None  # the edge's own draft for this session (edge_runtime.drafting.EdgeDraft), if any
 
     @classmethod
     def open(cls, adapter: VLMAdapter, visual, prompt: str, kept: torch.Tensor | None,

@@ -39,6 +39,10 @@ class EdgeSettings:
     static_cache: bool = False
     cuda_graphs: bool = False
     static_len: int = 2048
+    # edge-side speculation (edge_runtime.drafting, with a draft given to `covspec edge serve --draft`): the
+    # edge offers to draft for devices that could draft themselves while it holds at most this many
+    # unfinished sessions (0: never; edge_sd sessions are always served)
+    draft_sessions: int = 1
 
     def check(self) -> None:
         """Raises ValueError naming a setting that makes no sense."""
@@ -54,5 +58,7 @@ class EdgeSettings:
             raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
+        if self.draft_sessions < 0:
+            raise ValueError(f"draft_sessions must be at least 0, got {self.draft_sessions}")
         if not 0 <= self.batch_wait_ms <= 1000:
             raise ValueError(f"batch_wait_ms must lie in [0, 1000], got {self.batch_wait_ms}")

@@ -63,7 +63,7 @@ def test_modes_table_margin_default_is_the_policys():
     from covspec.policy import MARGIN_THRESHOLD
 
     assert SpecOptions().margin_threshold == MARGIN_THRESHOLD
-    assert MODES == ("target_only", "draft_only", *MODE_OPTIONS)
+    assert MODES == ("target_only", "draft_only", "edge_sd", *MODE_OPTIONS)
 
 
 def test_bench_modes_are_checked_against_the_table(capsys):

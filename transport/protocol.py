@@ -186,6 +186,7 @@ class Result(Message):
 class Stream(Message):
     TYPE: ClassVar[str] = "STREAM"
     chunk: int = 1  # at most this many tokens per STREAMED
+    draft: bool | None = None  # True: the edge drafts with its own draft and verifies (edge-side speculation)
 
 
 @dataclass(kw_only=True, eq=False)
@@ -350,7 +351,7 @@ _FIELDS: dict[type[Message], dict[str, Check]] = {
     Opened: {"token": _ID, "done": _bool, "timings": _timings},
     Verify: {"round": _ID, "pos": _opt(_ID), "root": _opt(_ID)},
     Result: {"round": _ID, "accepted": _ID, "token": _opt(_ID), "done": _bool, "timings": _timings},
-    Stream: {"chunk": _int(1, U31)},
+    Stream: {"chunk": _int(1, U31), "draft": _opt(_bool)},
     Streamed: {"index": _ID, "done": _bool, "timings": _timings},
     Close: {},
     Closed: {},

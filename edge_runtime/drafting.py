@@ -1,0 +1,147 @@
+"""Speculative decoding on the edge itself (mode edge_sd, and covspec's edge placement): the edge runs
+a draft beside its target and produces the answer by draft-then-verify rounds with no round trip per
+window, what a server-side engine's draft-model mode does for a device that only streams text.
+
+`EdgeDrafting` is the edge's draft (`covspec edge serve --draft PATH`) and what it learned of it across
+sessions: acceptance, draft step and verify times (an `OnlineStats` with no round trip), the same
+window policy as the device's (margin gate + cost model, covspec.policy). `EdgeDraft` is one session's
+draft state: the OPEN it prefills from (lazily, for a covspec session that may never ask the edge to
+draft) and its `Drafter`. `speculate` runs the rounds on a `TargetSession`, each verified exactly as
+a device's window is (`TargetSession.verify`: greedy, or the full-distribution scheme when sampling,
+since the edge holds the draft's whole q), so the answer is the target's: identical when greedy,
+distributed as the target's samples when sampling.
+
+The edge's draft may start anywhere in an answer (a covspec device hands drafting over mid-answer):
+`EdgeDraft.synced` brings the draft's cache to the committed tokens, keeping what it shares with them.
+
+Load: the edge offers to draft for a device that drafts for itself only while it holds at most
+`EdgeSettings.draft_sessions` unfinished sessions (`offers`); an edge_sd device, which has no draft,
+is always served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from covspec.drafter import Drafter, Window
+from covspec.edge_runtime.session import SessionError, TargetSession
+from covspec.edge_runtime.visual import encode
+from covspec.models.base import VLMAdapter
+from covspec.modes import COVSPEC
+from covspec.policy import MarginGate, OnlineStats, choose_window
+from covspec.sampling import SamplingParams
+from covspec.transport import protocol as wire
+
+RATE_WEIGHT = 0.2  # EWMA weight of an edge-drafted stream's seconds per token
+
+
+def pad_vocab(q: torch.Tensor, width: int) -> torch.Tensor:
+    """q [k, V_draft] zero-padded (or cut) to the target's vocabulary width [k, width]."""
+    v = q.shape[-1]
+    if v >= width:
+        return q[..., :width]
+    return torch.nn.functional.pad(q, (0, width - v))
+
+
+@dataclass
+class EdgeDraft:
+    """One session's draft on the edge: the OPEN it prefills from, and its Drafter once prefilled."""
+
+    msg: wire.Open
+    drafter: Drafter | None = None
+
+    def synced(self, adapter: VLMAdapter, committed: list[int], max_pixels: int) -> Drafter:
+        """The Drafter, prefilled (once) and holding `committed` as its answer so far: the draft's cache
+        keeps the longest fed prefix it shares with `committed`, the rest is fed with the next window."""
+        if self.drafter is None:
+            with torch.inference_mode():
+                visual = encode(adapter, self.msg, max_pixels)
+                _, state = adapter.prefill(visual, self.msg.prompt)
+            params = self.drafter_params()
+            self.drafter = Drafter(adapter, state, committed[0], params, None if params.greedy else params.generator())
+        d = self.drafter
+        common, limit = 0, min(d.fed, len(committed) - 1)  # the last committed token is never fed
+        while common < limit and d.committed[common] == committed[common]:
+            common += 1
+        if common < d.fed:
+            adapter.truncate(d.state, d.prompt_length + common)
+            d.fed = common
+        d.committed = list(committed)
+        return d
+
+    def drafter_params(self) -> SamplingParams:
+        """The OPEN's sampling, on a seed of the draft's own (the target's generator is the session's)."""
+        m = self.msg
+        return SamplingParams(temperature=m.temperature, top_k=m.top_k, top_p=m.top_p,
+                              seed=None if m.seed is None else (m.seed + 1) % 2**63)
+
+
+@dataclass
+class EdgeDrafting:
+    """The edge's draft model and its window policy's estimates (shared by all sessions)."""
+
+    adapter: VLMAdapter
+    draft_sessions: int = 1  # offer drafting to devices that can draft while at most this many sessions are unfinished
+    k_max: int = COVSPEC.k_max
+    margin_threshold: float = COVSPEC.margin_threshold
+    stats: dict[bool, OnlineStats] = field(default_factory=dict)  # greedy or sampled -> estimates
+    s_per_token: float | None = None  # measured: an edge-drafted stream's seconds per token (EWMA)
+
+    def policy(self, greedy: bool) -> OnlineStats:
+        """The estimates for greedy or sampled sessions: no round trip on the edge."""
+        if greedy not in self.stats:
+            self.stats[greedy] = OnlineStats(t_draft=0.001, rtt=0.0, prior_v0=0.005, prior_v1=0.001)
+        return self.stats[greedy]
+
+    def offers(self, unfinished: int) -> bool:
+        """Whether the edge drafts for a device that could draft for itself, with `unfinished` sessions open."""
+        return unfinished <= self.draft_sessions
+
+    def timings(self, unfinished: int) -> dict[str, float]:
+        """What a device's placement rule reads (sent in OPENED and RESULT): whether the edge offers
+        to draft, and what its drafting measured (draft step, per-token acceptance, s per token)."""
+        out = {"edge_draft": 1.0 if self.offers(unfinished) else 0.0, "edge_sessions": float(unfinished)}
+        stats = self.stats.get(True) or self.stats.get(False)
+        if stats is not None and stats.rounds:
+            out["edge_draft_step_s"], out["edge_acceptance"] = stats.t_draft, stats.acceptance
+        if self.s_per_token:
+            out["edge_sd_s_per_token"] = self.s_per_token
+        return out
+
+    def observe(self, elapsed_s: float, tokens: int) -> None:
+        if tokens > 0:
+            rate = elapsed_s / tokens
+            self.s_per_token = rate if self.s_per_token is None else (
+                (1 - RATE_WEIGHT) * self.s_per_token + RATE_WEIGHT * rate)
+
+
+def speculate(session: TargetSession, draft: EdgeDraft, drafting: EdgeDrafting,
+              max_pixels: int) -> Iterator[list[int]]:
+    """Draft-then-verify rounds on the edge until the answer is complete: yields each round's new
+    committed tokens. Refuses (SessionError) a session whose last token is a correction the device
+    drew and has not sent (decoupled sampling): the edge does not know it."""
+    if not session.root_known:
+        raise SessionError("the edge cannot draft from here: the device drew the last correction (send it in a VERIFY)")
+    drafter = draft.synced(drafting.adapter, session.committed, max_pixels)
+    greedy = session.params.greedy
+    stats = drafting.policy(greedy)
+    gate = MarginGate(drafting.margin_threshold)
+    vocab = session.adapter.vocab_size
+    while not session.done:
+        room = session.max_new_tokens - len(session.committed)
+        window = drafter.draft(choose_window(stats, drafting.k_max, room), stop=lambda w: gate.stop(float(w.margins[-1]), len(w)))
+        before = len(session.committed)
+        answer = _verify(session, window, greedy, vocab)
+        drafter.commit(window, answer.verdict.accepted, answer.verdict.next_token)
+        stats.update(len(window), answer.verdict.accepted, window.step_s, verify_s=answer.verify_s, margins=window.margins)
+        yield session.committed[before:]
+
+
+def _verify(session: TargetSession, window: Window, greedy: bool, vocab: int):
+    """The target's verdict on an edge-drafted window, as the session's next round."""
+    round_no = 0 if session.last is None else session.last.round + 1
+    q_full = None if greedy else pad_vocab(window.q, vocab)  # [k, V]
+    return session.verify(round_no, session.committed[-1], window.ids, "greedy" if greedy else "full", q_full=q_full)
