@@ -77,7 +77,8 @@ def export(draft: str | Path, target: str | Path, out: str | Path, *, quant: str
 # --- the edge ----------------------------------------------------------------------------------
 def serve_edge(model: str | Path, settings: EdgeSettings | None = None, *, threads: int = 1,
                metrics: str | None = None, stop_after_s: float | None = None,
-               on_ready: Callable[[EdgeServer, str | None], None] | None = None) -> None:
+               on_ready: Callable[[EdgeServer, str | None], None] | None = None,
+               draft: str | Path | None = None) -> None:
     """Serves the target checkpoint (or edge bundle) `model` with `settings` (EdgeSettings: bind
     address, keys, limits, placement; default: tcp://127.0.0.1:5555 with no authentication) until
     interrupted or `stop_after_s`. `metrics`: HOST:PORT for a Prometheus GET /metrics of the edge's
@@ -98,7 +99,11 @@ def serve_edge(model: str | Path, settings: EdgeSettings | None = None, *, threa
     torch.set_num_threads(threads)
     target, loaded = load_target(model, threads=threads, device=settings.device, dtype=settings.dtype)
     logging.getLogger("covspec.edge").info("target: %s", loaded)
-    server = EdgeServer(target, settings, name=Path(model).name)
+    draft_adapter = None
+    if draft is not None:  # edge-side speculation (mode edge_sd; covspec devices may hand drafting over)
+        draft_adapter, loaded = load_target(draft, threads=threads, device=settings.device, dtype=settings.dtype)
+        logging.getLogger("covspec.edge").info("draft: %s", loaded)
+    server = EdgeServer(target, settings, name=Path(model).name, draft=draft_adapter)
     exporter = None
     try:
         if metrics:

@@ -18,6 +18,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = add_command(edge_sub, "serve", "serve a target checkpoint over ZeroMQ (ROUTER)")
     q.add_argument("--model", required=True, help="target checkpoint folder, or an edge bundle (covspec export's OUT/edge)")
     q.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
+    q.add_argument("--draft", default=None,
+                   help="a draft checkpoint (or edge bundle) of the target's tokenizer, run beside it: serves mode "
+                        "edge_sd (the edge drafts and verifies) and covspec devices that hand drafting over "
+                        "(default: none)")
+    q.add_argument("--draft-sessions", type=int, default=defaults.draft_sessions,
+                   help="offer to draft for devices that can draft themselves while at most this many sessions "
+                        "are unfinished (0: never; edge_sd is always served)")
     q.add_argument("--metrics", default=None, metavar="HOST:PORT",
                    help="serve the edge's counters for Prometheus at http://HOST:PORT/metrics (default: off)")
     add_threads_arg(q)
@@ -125,7 +132,8 @@ def run_serve(args: argparse.Namespace) -> int:
                             max_new_tokens=args.max_new_tokens, max_image_pixels=args.max_image_pixels,
                             limits=limits, keys=keys, batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch,
                             device=args.device, dtype=args.dtype, static_cache=args.static_cache,
-                            cuda_graphs=args.cuda_graphs, static_len=args.static_len)
+                            cuda_graphs=args.cuda_graphs, static_len=args.static_len,
+                            draft_sessions=args.draft_sessions)
 
     def ready(server, metrics: str | None) -> None:
         auth = "no authentication (--auth none)" if keys is None else f"CURVE, devices allowed from {keys.allow_dir}"
@@ -134,7 +142,8 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"edge metrics on http://{metrics}/metrics", flush=True)
 
     try:
-        api.serve_edge(args.model, settings, threads=args.threads, metrics=args.metrics, on_ready=ready)
+        api.serve_edge(args.model, settings, threads=args.threads, metrics=args.metrics, on_ready=ready,
+                       draft=args.draft)
     except KeyboardInterrupt:
         print("edge stopped", flush=True)
     return 0
