@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from covspec.sampling import SamplingParams
     from covspec.transport.channel import ClientKeys
 
-__all__ = ["answer", "answer_record", "bench", "export", "exported", "load_draft", "open_device", "serve_edge"]
+__all__ = ["answer", "answer_record", "bench", "bundle_backend", "draft_name", "export", "exported", "load_draft",
+           "open_device", "serve_edge"]
 
 
 # --- export ------------------------------------------------------------------------------------
@@ -120,16 +121,17 @@ def serve_edge(model: str | Path, settings: EdgeSettings | None = None, *, threa
 
 
 # --- the device --------------------------------------------------------------------------------
-def load_draft(model: str | Path | None = None, bundle: str | Path | None = None, backend: str = "executorch",
+def load_draft(model: str | Path | None = None, bundle: str | Path | None = None, backend: str = "auto",
                threads: int | None = None) -> VLMAdapter:
-    """The device's draft: an exported device bundle run by `backend` (executorch or onnx), or a
-    Hugging Face checkpoint folder (`model`). Exactly one of the two."""
+    """The device's draft: an exported device bundle run by `backend` (executorch, onnx, or auto: see
+    bundle_backend), or a Hugging Face checkpoint folder (`model`). Exactly one of the two."""
     if (model is None) == (bundle is None):
         raise CovspecError("give the draft as --bundle DIR (an exported device bundle) or --model PATH (a checkpoint)")
     if bundle is not None:
         from covspec.bundles.adapter import BundleAdapter
         from covspec.bundles.bundle import BundleError
 
+        backend = bundle_backend(bundle, backend)
         try:
             return BundleAdapter(bundle, backend=backend, threads=threads)
         except BundleError as err:  # its message names the bundle already
@@ -139,6 +141,23 @@ def load_draft(model: str | Path | None = None, bundle: str | Path | None = None
     from covspec.models import load_adapter
 
     return load_adapter(model)
+
+
+def bundle_backend(bundle: str | Path, backend: str = "auto") -> str:
+    """`backend`, or for "auto" the one the device bundle has programs for: executorch (its .pte)
+    when present, else onnx."""
+    if backend != "auto":
+        return backend
+    from covspec.bundles.bundle import BundleError, load_bundle
+
+    try:
+        programs = load_bundle(bundle).manifest.get("programs", {})
+    except BundleError as err:
+        raise CovspecError(str(err)) from err
+    for name, fmt in (("executorch", "pte"), ("onnx", "onnx")):
+        if fmt in programs:
+            return name
+    raise CovspecError(f"bundle {bundle}: has neither ExecuTorch nor ONNX programs (re-export it with covspec export)")
 
 
 def open_device(edge: str, draft: VLMAdapter, *, keys: ClientKeys | None = None, timeout_s: float = 30.0,
@@ -155,7 +174,7 @@ def open_device(edge: str, draft: VLMAdapter, *, keys: ClientKeys | None = None,
 
 
 def answer(edge: str, image: str | Path | bytes, prompt: str, *, draft: VLMAdapter | None = None,
-           model: str | Path | None = None, bundle: str | Path | None = None, backend: str = "executorch",
+           model: str | Path | None = None, bundle: str | Path | None = None, backend: str = "auto",
            mode: str = "covspec", params: SamplingParams | None = None, max_new_tokens: int = 64, window: int = 4,
            options: SpecOptions | None = None, keys: ClientKeys | None = None, timeout_s: float = 30.0,
            retries: int = 2, profile: CalibrationProfile | None = None) -> Answer:
@@ -183,6 +202,13 @@ def answer(edge: str, image: str | Path | bytes, prompt: str, *, draft: VLMAdapt
 
 def _figure(value: float, digits: int = 3) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(value, digits)
+
+
+def draft_name(draft: VLMAdapter) -> str:
+    """Which draft runs, in words: "FOLDER on ExecuTorch|ONNX Runtime" or "FOLDER on PyTorch"."""
+    backend = getattr(draft, "backend", None)
+    runtime = {"executorch": "ExecuTorch", "onnx": "ONNX Runtime"}.get(backend, "PyTorch")
+    return f"{draft.path} on {runtime}"
 
 
 def answer_record(answer: Answer, draft: str = "", edge: str = "") -> dict[str, Any]:

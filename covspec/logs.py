@@ -32,6 +32,8 @@ def setup(level: str = "info", verbose: bool = False) -> None:
         return
     for name in NOISY:  # a filter, not a level: torch resets its loggers' levels when it is imported
         logging.getLogger(name).addFilter(_errors_only)
+    logging.getLogger().addFilter(_errors_only)  # libraries that log on the root logger (onnxruntime's quantizer)
+    os.environ.setdefault("TORCH_LOGS", "-all")  # torch's own handlers (its submodules' warnings): errors only
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = add_command(device_sub, "run", "answer an image + question through an edge")
     q.add_argument("--model", help="draft checkpoint folder, run on PyTorch (or --bundle)")
     q.add_argument("--bundle", help="exported device bundle folder (covspec export), run without transformers' model")
-    q.add_argument("--backend", default="executorch", choices=["executorch", "onnx"], help="runtime for --bundle")
+    q.add_argument("--backend", default="auto", choices=["auto", "executorch", "onnx"],
+                   help="runtime for --bundle (auto: ExecuTorch when the bundle has its .pte, else ONNX Runtime)")
     q.add_argument("--edge", required=True, help="edge endpoint, e.g. tcp://127.0.0.1:5555")
     q.add_argument("--image", required=True, help="image file")
     q.add_argument("--prompt", required=True, help="question or instruction")
@@ -84,20 +85,13 @@ def run(args: argparse.Namespace) -> int:
     answer = api.answer(args.edge, image, args.prompt, draft=draft, mode=args.mode, params=params,
                         max_new_tokens=args.max_new_tokens, window=args.window, options=options, keys=keys,
                         timeout_s=args.timeout, retries=args.retries, profile=profile)
-    record = api.answer_record(answer, draft=draft_name(args), edge=args.edge)
+    record = api.answer_record(answer, draft=api.draft_name(draft), edge=args.edge)
     if args.json:
         print(json.dumps(record))
         return 0
     print(answer.text)
     print(api.describe_answer(record), file=sys.stderr)
     return 0
-
-
-def draft_name(args: argparse.Namespace) -> str:
-    """Which draft ran, in words: the bundle and its backend, or the checkpoint (PyTorch)."""
-    if args.bundle:
-        return f"{args.bundle} on {'ExecuTorch' if args.backend == 'executorch' else 'ONNX Runtime'}"
-    return f"{args.model} on PyTorch"
 
 
 def local_edge(endpoint: str) -> str | None:

@@ -67,6 +67,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply")
     q.set_defaults(handler=run_stats)
 
+    q = add_command(edge_sub, "ping", "wait until an edge answers (at most --timeout seconds), print its round trip")
+    q.add_argument("--edge", required=True, help="edge endpoint, e.g. tcp://127.0.0.1:5555")
+    add_client_key_args(q, "this device's secret key file, for an edge with --auth curve")
+    q.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for the edge to come up and answer (an edge still loading its target)")
+    q.set_defaults(handler=run_ping)
+
 
 def add_placement_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     """--device/--dtype (--edge-device/--edge-dtype with prefix "edge-"): where the target runs."""
@@ -160,4 +167,24 @@ def run_stats(args: argparse.Namespace) -> int:
     if not isinstance(reply, wire.StatsReply):
         raise CovspecError(f"the edge answered STATS with {reply.TYPE}")
     print(json.dumps(reply.counters, indent=1, sort_keys=True))
+    return 0
+
+
+def run_ping(args: argparse.Namespace) -> int:
+    import time
+
+    from covspec.transport import protocol as wire
+    from covspec.transport.channel import Client
+
+    start = time.perf_counter()
+    with Client(args.edge, timeout_s=args.timeout, retries=0, keys=client_keys(args),
+                connect_timeout_s=args.timeout) as client:
+        client.request(wire.Ping(t=0.0))
+        waited = time.perf_counter() - start
+        sent = time.perf_counter()
+        reply = client.request(wire.Ping(t=0.0))
+        rtt = time.perf_counter() - sent
+    if not isinstance(reply, wire.Pong):
+        raise CovspecError(f"the edge answered PING with {reply.TYPE}")
+    print(f"{args.edge}: up (answered after {waited:.1f} s), round trip {rtt * 1000:.1f} ms")
     return 0

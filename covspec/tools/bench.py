@@ -8,7 +8,9 @@ The device worker (covspec/tools/worker.py) gets its settings as one JSON file i
 and writes one JSON row per request (answer ids, time to first token, latency, decode tokens/s,
 bytes up/down counted on its socket, rounds, accepted lengths, score on the task); this process
 gathers the rows, the emulator's own byte counts, and writes results.jsonl,
-results.csv and summary.md (with the command that made them) into the output folder.
+results.csv and summary.md (with the command that made them) into the output folder, and prints a
+short table (latency, tokens/s, speed-up over target_only, bytes up per token, same answers).
+`--bundle DIR --backend executorch|onnx`: the devices run the exported draft instead of the checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -23,9 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from covspec.errors import CovspecError
 from covspec.tools.procs import free_port, one_thread_env, start_edge, start_link, stop_edge, stop_link
 from covspec.tools.worker import WorkerSettings
 
+QUESTION_TYPES = ("describe", "mixed", "color", "shape", "count", "position", "existence", "relation")
 ROW_FIELDS = ("link", "mode", "index", "qtype", "tokens", "ttft_s", "latency_s", "decode_tps", "bytes_up",
               "bytes_down", "up_per_token", "down_per_token", "decode_up_per_token", "rounds", "mean_accepted",
               "acceptance", "branch_hits", "kept", "streamed_rest", "score", "matches_target")
@@ -36,6 +41,8 @@ def run_bench(args: argparse.Namespace) -> Path:
     from rich.console import Console
 
     console = Console()
+    if not console.is_terminal:  # output to a file or a pipe: room for the whole table
+        console = Console(width=120)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_file = out / "results.jsonl"
@@ -51,9 +58,13 @@ def run_bench(args: argparse.Namespace) -> Path:
             stats_file = out / f"link-{link_name}.json"
             link, link_endpoint = start_link(link_name, edge_port, stats_file)
             try:
-                console.print(f"[bold]link {link_name}[/]: {args.prompts} prompts x modes {','.join(args.modes)}")
+                draft = (f"{args.bundle} on {'ExecuTorch' if args.backend == 'executorch' else 'ONNX Runtime'}"
+                         if args.bundle else f"{args.draft} on PyTorch")
+                console.print(f"[bold]link {link_name}[/]: {args.prompts} prompts x modes {','.join(args.modes)}, "
+                              f"draft {draft}, edge {args.target}")
                 settings = WorkerSettings.from_bench(args, edge=link_endpoint, link=link_name, rows=str(rows_file))
-                subprocess.run(settings.save(out / f"worker-{link_name}.json"), env=env, check=True)
+                run_worker(settings.save(out / f"worker-{link_name}.json"), env, out / f"worker-{link_name}.log",
+                           verbose=getattr(args, "verbose", False))
             finally:
                 stop_link(link)
             if stats_file.exists():
@@ -62,8 +73,42 @@ def run_bench(args: argparse.Namespace) -> Path:
         stop_edge(edge)
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     write_results(out, rows, link_stats, command=args.command_line)
-    console.print((out / "summary.md").read_text())
+    console.print(short_table(summarise(rows)))
+    console.print(f"full table: {out / 'summary.md'}\nplots: {out / 'tokens_per_s.png'}, "
+                  f"{out / 'bytes_per_token.png'}, {out / 'accepted_length.png'}")
     return out
+
+
+def short_table(summary: list[dict]):
+    """The figures a first look wants, per link and mode: latency, decode tokens/s, speed-up over
+    target_only on the same link (its latency over this mode's), bytes up per token, same answers."""
+    from rich.table import Table
+
+    table = Table(title="covspec bench: means per request (speed-up: target_only's latency over the mode's)")
+    for name in ("link", "mode", "latency ms", "decode tok/s", "speed-up", "up B/token", "same as target"):
+        table.add_column(name, justify="left" if name in ("link", "mode") else "right", no_wrap=True)
+    for s in summary:
+        speedup = "" if np.isnan(s["speedup"]) else f"{s['speedup']:.2f}x"
+        table.add_row(s["link"], s["mode"], f"{s['latency_ms']:.0f}", f"{s['decode_tps']:.1f}", speedup,
+                      f"{s['up_per_token']:.0f}", s["same_as_target"])
+    return table
+
+
+NATIVE_LOG = re.compile(r"^\[[\w.]+:\d+\] ")  # the C++ runtimes' own log lines ("[cpuinfo_utils.cpp:71] ...")
+
+
+def run_worker(command: list[str], env: dict[str, str], log: Path, verbose: bool = False) -> None:
+    """Runs a device worker, its rows and answers shown as they come; the native runtimes' log lines
+    (ExecuTorch's CPU probing) go only to `log` unless `verbose`."""
+    with open(log, "w") as saved, subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                                   stderr=subprocess.STDOUT, text=True) as worker:
+        for line in worker.stdout:
+            saved.write(line)
+            if verbose or not NATIVE_LOG.match(line):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+    if worker.returncode:
+        raise CovspecError(f"a device worker failed (exit {worker.returncode}); its output: {log}")
 
 
 def _mean(values: list) -> float:
@@ -104,6 +149,10 @@ def summarise(rows: list[dict]) -> list[dict]:
             "score": _mean([r["score"] for r in group]),
             "same_as_target": f"{sum(matches)}/{len(matches)}" if matches else "",
         })
+    reference = {s["link"]: s["latency_ms"] for s in summary if s["mode"] == "target_only"}
+    for s in summary:  # end-to-end: target_only's mean latency on the link over this mode's
+        base = reference.get(s["link"], float("nan"))
+        s["speedup"] = base / s["latency_ms"] if s["latency_ms"] > 0 else float("nan")
     return summary
 
 
@@ -118,12 +167,12 @@ def write_results(out: Path, rows: list[dict], link_stats: dict[str, dict], comm
              "Per link and mode, means over requests. Bytes are counted on the device's socket (payload of every "
              "frame); tokens/s is decode rate after the first token; `same as target` counts answers identical "
              "token for token to target_only's on the same prompt.", "",
-             "| link | mode | requests | decode tok/s | TTFT ms | latency ms | up B/tok | decode up B/tok | "
+             "| link | mode | requests | decode tok/s | TTFT ms | latency ms | speed-up | up B/tok | decode up B/tok | "
              "down B/tok | mean accepted | acceptance | per-token acceptance | branch hits | task score | same as target |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['link']} | {s['mode']} | {s['requests']} | {s['decode_tps']:.1f} | {s['ttft_ms']:.0f} | "
-                     f"{s['latency_ms']:.0f} | {s['up_per_token']:.0f} | {s['decode_up_per_token']:.1f} | "
+                     f"{s['latency_ms']:.0f} | {s['speedup']:.2f} | {s['up_per_token']:.0f} | {s['decode_up_per_token']:.1f} | "
                      f"{s['down_per_token']:.0f} | {s['mean_accepted']:.2f} | {s['acceptance']:.2f} | "
                      f"{s['token_acceptance']:.3f} | "
                      f"{s['branch_hits']:.2f} | {s['score']:.3f} | {s['same_as_target']} |")
@@ -194,8 +243,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from covspec.modes import MODES, mode_labels
     from covspec.transport.link import PROFILES
 
-    p.add_argument("--target", default=None, help="target checkpoint (default: the demo target)")
+    p.add_argument("--target", default=None,
+                   help="target checkpoint, or an edge bundle (covspec export's OUT/edge) (default: the demo target)")
     p.add_argument("--draft", default=None, help="draft checkpoint (default: the demo draft)")
+    p.add_argument("--bundle", default=None,
+                   help="the devices run this exported device bundle (covspec export's OUT/device) instead of "
+                        "--draft (default: none, the draft checkpoint on PyTorch)")
+    p.add_argument("--backend", default="auto", choices=("auto", "executorch", "onnx"),
+                   help="what runs --bundle on the devices (auto: ExecuTorch when the bundle has its .pte, "
+                        "else ONNX Runtime)")
+    p.add_argument("--show-answers", action="store_true", help="print every answer's text under its row")
     p.add_argument("--modes", type=mode_labels, default=mode_labels("target_only,vanilla_sd,covspec,draft_only"),
                    metavar="MODE[@K],...",
                    help=f"comma-separated, target_only first (the reference answer): {', '.join(MODES)}; MODE@K "
@@ -203,8 +260,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--links", default="loopback,4g", help=f"link profiles, comma-separated: {', '.join(PROFILES)}")
     p.add_argument("--prompts", type=int, default=10, help="held-out demo prompts per link")
     p.add_argument("--start", type=int, default=0, help="index of the first held-out prompt")
-    p.add_argument("--question-type", default=None,
-                   help="ask every scene this kind of question (e.g. describe, for long answers); default: mixed")
+    p.add_argument("--question-type", default="describe", choices=QUESTION_TYPES,
+                   help="ask every scene this kind of question: describe gives long answers, so decode tokens/s "
+                        "means something; mixed: the task's mix, mostly one-word answers")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer at most")
     p.add_argument("--window", type=int, default=4, help="drafted tokens per verification (modes without @K)")
     p.add_argument("--keep", type=float, default=None,
@@ -244,6 +302,10 @@ def run(args: argparse.Namespace) -> int:
 
     args.target = args.target or str(demo.default_target_path())
     args.draft = args.draft or str(demo.default_draft_path())
+    if args.bundle:
+        from covspec.api import bundle_backend
+
+        args.backend = bundle_backend(args.bundle, args.backend)
     if args.devices:
         from covspec.tools.load import run_load
 

@@ -20,14 +20,14 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    draft: str  # draft checkpoint folder
+    draft: str  # draft checkpoint folder (run on PyTorch unless `bundle`)
     edge: str  # endpoint the worker connects to (the edge, or a link emulator in front of it)
     link: str  # the rows' link label
     modes: tuple[str, ...]  # mode labels (MODE or MODE@K), asked in turn on every prompt
     rows: str  # JSON-lines file the rows are appended to
     prompts: int = 10
     start: int = 0  # index of the first held-out prompt
-    question_type: str | None = None  # every scene asked this kind of question (None: mixed)
+    question_type: str | None = None  # every scene asked this kind of question (None or "mixed": mixed)
     max_new_tokens: int = 48
     window: int = 4
     keep: float | None = None
@@ -40,6 +40,9 @@ class WorkerSettings:
     go: str | None = None  # a load run: wait for this file before starting
     record: str | None = None  # a load run's recording pass: append every request's messages here
     replay_file: str | None = None  # a load generator: replay these recorded messages, no draft
+    bundle: str | None = None  # the draft as an exported device bundle (covspec export's OUT/device) instead
+    backend: str = "executorch"  # what runs the bundle: executorch or onnx
+    show_answers: bool = False  # print each answer's text under its row line
 
     @classmethod
     def from_bench(cls, args: argparse.Namespace, **settings) -> WorkerSettings:
@@ -62,17 +65,18 @@ class WorkerSettings:
 def run_worker(s: WorkerSettings) -> int:
     import torch
 
+    from covspec import api
     from covspec.demo.evaluate import score_answer
     from covspec.demo.task import make_item, sample_split
     from covspec.device_runtime.client import DeviceRuntime
     from covspec.images import png_bytes
-    from covspec.models import load_adapter
     from covspec.modes import pruning_options, split_label
     from covspec.sampling import SamplingParams
 
     torch.set_num_threads(1)
     params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
-    device = DeviceRuntime(load_adapter(s.draft), s.edge, timeout_s=120.0)
+    draft = api.load_draft(None if s.bundle else s.draft, s.bundle, s.backend, threads=1)
+    device = DeviceRuntime(draft, s.edge, timeout_s=120.0)
     if s.go:  # a load run: start with the other devices
         from covspec.tools.replay import wait_for_go
 
@@ -84,7 +88,7 @@ def run_worker(s: WorkerSettings) -> int:
         recorder = Recorder(device.client)
     out = open(s.rows, "a")
     items = sample_split("heldout", s.prompts, seed=0, start=s.start)
-    if s.question_type:  # the same scenes, all asked this kind of question
+    if s.question_type and s.question_type != "mixed":  # the same scenes, all asked this kind of question
         items = (make_item("heldout", i, 0, qtype=s.question_type) for i in range(s.start, s.start + s.prompts))
     for index, item in enumerate(items):
         image = png_bytes(item.image)
@@ -118,8 +122,11 @@ def run_worker(s: WorkerSettings) -> int:
                    "device": s.device, "t_start": t_start, "t_end": time.time()}
             out.write(json.dumps(row) + "\n")
             out.flush()
+            same = {None: "", True: "  same as target", False: "  DIFFERS from target"}[row["matches_target"]]
             print(f"[{s.link}] #{index + s.start} {label:20s} {len(answer.ids):3d} tokens "
-                  f"{answer.latency_s * 1000:7.0f} ms  up {row['up_per_token']:8.0f} B/token", flush=True)
+                  f"{answer.latency_s * 1000:7.0f} ms  up {row['up_per_token']:8.0f} B/token{same}", flush=True)
+            if s.show_answers:
+                print(f"    {answer.text}", flush=True)
     out.close()
     device.close()
     return 0
@@ -134,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m covspec.tools.worker SETTINGS.json (written by covspec bench)", file=sys.stderr)
         return 2
+    from covspec import logs
+
+    logs.setup()
     settings = WorkerSettings.load(argv[0])
     if settings.replay_file:
         from covspec.tools.replay import run_replay_worker
