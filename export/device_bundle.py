@@ -8,6 +8,7 @@ programs (quantized per `quant`), its tokenizer and preprocessor config, and man
       embeddings.f16.npy            (input embedding table, for the pruner's query)
       tokenizer.json tokenizer_config.json ... preprocessor_config.json
       runner_tokenizer.json         (the tokenizer as ExecuTorch's C++ runners read it: BPE, same ids)
+      decoder.genai.onnx genai_config.json  (the text decoder as onnxruntime-genai loads it, with onnx)
 """
 
 from __future__ import annotations
@@ -37,6 +38,20 @@ def write_embeddings(adapter: LlavaAdapter, out: Path) -> dict[str, Any]:
     return {"file": EMBEDDINGS_FILE, "dtype": "float16", "shape": list(table.shape)}
 
 
+def write_genai(adapter: LlavaAdapter, out: Path, info: dict[str, Any], unsupported: dict[str, Any],
+                step: Step) -> dict[str, Any] | None:
+    """The text decoder in onnxruntime-genai's convention (export/genai.py), fp32; a failure is recorded."""
+    from covspec.export.genai import write_genai_decoder
+    from covspec.export.graphs import decoder_shape
+
+    step("decoder.genai.onnx + genai_config.json (onnxruntime-genai, fp32)")
+    try:
+        return write_genai_decoder(adapter, decoder_shape(adapter, info["decoder"]["max_len"]), out)
+    except Exception as err:  # reported, never hidden
+        unsupported["genai"] = {"error": f"{type(err).__name__}: {str(err).strip()[:300]}"}
+        return None
+
+
 def build_device_bundle(draft: Path, out: Path, quant: str = "int8", formats: tuple[str, ...] = ("pte", "onnx"),
                         max_len: int | None = None, max_chunk: int = DEFAULT_MAX_CHUNK,
                         calibration: dict[str, Any] | None = None, step: Step = lambda _: None) -> Path:
@@ -51,6 +66,8 @@ def build_device_bundle(draft: Path, out: Path, quant: str = "int8", formats: tu
     programs, unsupported = write_programs(adapter, out, info, quant, tuple(formats), step)
     if not programs:
         raise RuntimeError(f"device bundle {out}: no format could be exported ({unsupported})")
+    if "onnx" in programs:
+        programs["onnx"]["genai"] = write_genai(adapter, out, info, unsupported, step)
     tokenizer_files = copy_tokenizer(Path(draft), out)
     runner_tokenizer = write_runner_tokenizer(Path(draft), out) if "tokenizer.json" in tokenizer_files else None
     embeddings = write_embeddings(adapter, out)
