@@ -118,6 +118,7 @@ def runner_text(runner, adapter, image: Image.Image, prompt: str, max_new_tokens
     ids = adapter.prompt_ids(prompt, n)
     first = ids.index(adapter.image_token_id)
     inputs = [make_token_input(ids[:first]), make_image_input(pixels), make_token_input(ids[first + n:])]
+    runner.reset()  # a new conversation: the runner's position back to 0
     return runner.generate_text(inputs, GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=0.0))
 
 
@@ -229,3 +230,26 @@ def test_an_old_format_bundle_is_refused_with_the_fix(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match=r"format version 1 \(version 1: vision\.pte \+ decoder\.pte.*"
                                           r"covspec export --draft DRAFT --target TARGET --out OUT"):
         load_bundle(tmp_path)
+
+
+@pytest.mark.slow
+def test_onnxruntime_genai_loads_the_text_decoder(exported: tuple[Path, Path]) -> None:
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (optional)")
+    from covspec.models import load_adapter
+
+    eager = load_adapter(exported[0])
+    model = og.Model(str(exported[1]))
+    for prompt in PROMPTS[:4]:
+        ids = eager.tokenizer(prompt)["input_ids"]
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 10, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(ids)
+        got = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            got.append(int(generator.get_next_tokens()[0]))
+        with torch.no_grad():
+            reference = eager.model.generate(input_ids=torch.tensor([ids]), max_length=len(ids) + 10, do_sample=False,
+                                             eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        assert got == reference[: len(got)] and got, prompt
