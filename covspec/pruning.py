@@ -33,6 +33,11 @@ The greedy MAP is Chen, Zhang & Zhou 2018 ("Fast greedy MAP inference for DPP"):
 pivoted Cholesky of L that keeps each candidate's conditional gain d_i^2 = L_ii - |c_i|^2 and
 adds the argmax, O(N k^2) after the O(N k d) kernel rows it reads (L is never built whole).
 
+CoVSpec grounded ("covspec_grounded"): the same greedy MAP, its (theta, w_rel) chosen per prompt:
+(GROUNDED_THETA, GROUNDED_REL_WEIGHT) when query_grounding (the largest token-to-word cosine) is at
+least GROUNDING_THRESHOLD, else (COVER_THETA, COVER_REL_WEIGHT), coverage for prompts that name
+nothing in the image. Chosen on the val split only (covspec.tools.prune_tune).
+
 Baselines for comparison, same signature:
     "random"     k uniformly random tokens (a torch.Generator makes it reproducible)
     "relevance"  top-k by rel (FastV-like: text-to-image attention only)
@@ -53,7 +58,7 @@ from scipy.linalg.lapack import dpstrf
 
 from covspec.models.base import VisualTokens
 
-METHODS = ("covspec", "random", "relevance", "attention", "activity", "diversity")
+METHODS = ("covspec", "random", "relevance", "attention", "activity", "diversity", "covspec_grounded")
 
 # Defaults from a short proxy sweep (100 val scenes, a draft with a trained vision tower and aligned
 # projector): share of the question's objects with at least one kept token, at 10% / 25% kept:
@@ -68,6 +73,13 @@ KERNEL_EPS = 1e-3  # jitter on the similarity kernel: keeps it positive definite
 # least this): it names a colour, shape or place there. On 300 val items of the 36-token draft, every
 # "describe the image ." read 0.05-0.16 and every other question 0.18-0.77 (count questions lowest).
 GROUNDING_THRESHOLD = 0.17
+# "covspec_grounded": the CoVSpec score with its settings chosen by the prompt's grounding, on val only
+# (covspec.tools.prune_tune, 1,000 val items per draft at 25% kept, results/prune-report/val): a grounded
+# question keeps the tokens it names (relevance-led quality, a little diversity); a prompt that names
+# nothing (describe, count all) keeps the most different tokens (theta 0: the DPP's volume alone,
+# coverage of every object), where relevance is noise.
+GROUNDED_THETA, GROUNDED_REL_WEIGHT = 0.9, 1.0
+COVER_THETA, COVER_REL_WEIGHT = 0.0, 0.0
 
 
 def keep_count(keep: float | int, n: int) -> int:
@@ -235,6 +247,10 @@ def score_and_select(visual: VisualTokens, query: torch.Tensor, keep: float | in
         chosen = top_k(visual.activity.detach().float().cpu(), k)
     elif method == "diversity":
         chosen = max_min_diversity(unit_rows(embeds), k)
+    elif method == "covspec_grounded":
+        grounded = query_grounding(visual, query) >= GROUNDING_THRESHOLD
+        t, w = (GROUNDED_THETA, GROUNDED_REL_WEIGHT) if grounded else (COVER_THETA, COVER_REL_WEIGHT)
+        chosen = covspec_order(visual, query, k, t, w, tau, eps)
     else:
         chosen = covspec_order(visual, query, k, theta, rel_weight, tau, eps)
     return torch.tensor(sorted(chosen), dtype=torch.long)

@@ -278,3 +278,18 @@ def test_settings_are_searched_on_val_only():
     for split in ("report", "heldout", "train"):
         with pytest.raises(ValueError, match="val"):
             tune("unused", split=split)
+
+
+def test_grounded_covspec_switches_its_settings_on_whether_the_prompt_names_something():
+    from covspec import pruning
+
+    visual = random_visual(n=12, d=32, seed=4)
+    vague = torch.linalg.svd(visual.embeds, full_matrices=True).Vh[12:15]  # words unlike every token
+    named = torch.cat([vague, visual.embeds[7:8]])  # one word is exactly like token 7
+    assert pruning.query_grounding(visual, vague) < pruning.GROUNDING_THRESHOLD <= pruning.query_grounding(visual, named)
+    kept = score_and_select(visual, named, 4, "covspec_grounded").tolist()
+    assert kept == sorted(covspec_order(visual, named, 4, pruning.GROUNDED_THETA, pruning.GROUNDED_REL_WEIGHT))
+    assert 7 in kept  # the token the prompt names
+    cover = score_and_select(visual, vague, 4, "covspec_grounded").tolist()
+    assert cover == sorted(covspec_order(visual, vague, 4, pruning.COVER_THETA, pruning.COVER_REL_WEIGHT))
+    assert cover == sorted(covspec_order(visual, named, 4, theta=0.0))  # theta 0: the query plays no part
