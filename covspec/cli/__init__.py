@@ -32,6 +32,7 @@ TOOLS = (
     ("link", "user-space TCP link emulator (RTT, bandwidth) between device and edge", "covspec.transport.link"),
     ("bench", "end-to-end latency, throughput and bytes per token: edge, link, device processes", "covspec.tools.bench"),
     ("fuzz", "property-based fuzz of the protocol decoder and of a running edge (RSS checked)", "covspec.tools.fuzz"),
+    ("conformance", "checks of a running edge against transport/PROTOCOL.md (exit 1 on a failure)", "covspec.tools.conformance"),
 )
 
 
