@@ -20,7 +20,7 @@ import torch
 
 from covspec.edge_runtime.batching import attention_implementation, no_mask
 from covspec.edge_runtime.buckets import BATCH_BUCKETS, BUCKETS, bucket_for, check_buckets, pad_ids
-from covspec.edge_runtime.static_cache import SCRATCH, STATIC_ATTENTION, StaticLayout, StaticPool
+from covspec.edge_runtime.static_cache import SCRATCH, STATIC_ATTENTION, StaticLayout, StaticPool, StaticSlot
 from covspec.models.base import CachedDecoderAdapter, DecodeState
 
 
@@ -143,6 +143,22 @@ class StaticVerifier:
                 self.memory = torch.cuda.graph_pool_handle()
             self.graphs[key] = capture(self.adapter, self.pool, inputs, self.memory)
         return self.graphs[key](inputs)
+
+    def shapes(self):
+        """Every (rows, bucket) shape's inputs, all rows on the scratch slot at length 0."""
+        scratch = DecodeState(cache=StaticSlot(SCRATCH), length=0, extra={"rope_delta": 0})
+        for rows in self.batch_buckets:
+            for b in self.buckets:
+                yield self.inputs([scratch], [torch.ones(b, dtype=torch.long)], b, rows)
+
+    def warm(self) -> int:
+        """Captures every shape's graph now (CUDA graphs only), so that no request waits for a capture;
+        touches no session's slot. Returns the number of graphs held."""
+        if self.cuda_graphs:
+            with torch.inference_mode():
+                for inputs in self.shapes():
+                    self.run(inputs)
+        return len(self.graphs)
 
     def verify(self, states: list[DecodeState], ids_list: list[torch.Tensor]) -> list[torch.Tensor]:
         """One static pass over each states[i]'s window ids_list[i] ([n_i], root first): logits [n_i, V]

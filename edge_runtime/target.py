@@ -51,7 +51,7 @@ def static_target(adapter: VLMAdapter, settings: EdgeSettings) -> VLMAdapter:
 
     target = StaticTarget.create(adapter, slots=settings.max_sessions + 1, max_len=settings.static_len,
                                  cuda_graphs=settings.cuda_graphs)
-    graphs = "CUDA graphs" if target.verifier.cuda_graphs else "eager passes"
+    graphs = f"{target.verifier.warm()} CUDA graphs" if target.verifier.cuda_graphs else "eager passes"
     if settings.cuda_graphs and not target.verifier.cuda_graphs:
         graphs += f" (CUDA graphs need CUDA; the target is on {adapter.device})"
     log.info("static verify path: %d slots x %d positions (%.1f MiB), windows padded to %s, %s",

@@ -117,6 +117,27 @@ def test_single_session_forward_and_bounds() -> None:
     verifier.open(copy.deepcopy(state))  # its slot was given back
 
 
+def test_the_warm_up_shapes_run_on_the_scratch_slot_only() -> None:
+    """What `warm` captures on CUDA, run eagerly here: every (rows, bucket) shape, no session touched."""
+    from covspec.edge_runtime.static_verify import eager_pass
+
+    adapter = load_adapter(default_target_path())
+    item = next(sample_split("heldout", 1, seed=0))
+    (state,) = prefilled(adapter, [item.question], [item.image])
+    verifier = StaticVerifier.create(adapter, slots=2, max_len=64)
+    static = verifier.open(state)
+    before = [k[1:].clone() for k in verifier.pool.keys]
+    shapes = [tuple(inputs.embeds.shape[:2]) for inputs in verifier.shapes()]
+    assert shapes == [(r, b) for r in BATCH_BUCKETS for b in BUCKETS]
+    with torch.inference_mode():
+        for inputs in verifier.shapes():
+            assert eager_pass(adapter, verifier.pool, inputs).shape[:2] == inputs.embeds.shape[:2]
+        eager_pass(adapter, verifier.pool, next(verifier.shapes()))  # one row: its write is not undone by padded rows
+    assert all(torch.equal(k[1:], b) for k, b in zip(verifier.pool.keys, before, strict=True))
+    assert verifier.pool.keys[0][0, :, 0].abs().sum() > 0, "the scratch slot took the writes"
+    assert verifier.warm() == 0 and static.length == state.length  # no graphs off CUDA
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA here: the captured graphs cannot run "
                     "(their bucketing, padding and cache logic is tested eagerly above)")
 def test_cuda_graphs_replay_what_the_eager_pass_computes() -> None:
@@ -134,3 +155,4 @@ def test_cuda_graphs_replay_what_the_eager_pass_computes() -> None:
         for s, t in zip(a + b, sizes + sizes, strict=True):
             eager.commit(s, t)
     assert sorted(graphs.graphs) == [(4, 1), (4, 8), (4, 16)]  # each shape captured once
+    assert graphs.warm() == len(BATCH_BUCKETS) * len(BUCKETS)
