@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from covspec.export.graphs import DecoderShape, rotate_half
-from covspec.models.llava import LlavaAdapter
+from covspec.models.base import CachedDecoderAdapter
 
 
 def load_custom_ops() -> None:
@@ -34,7 +34,7 @@ class CachedDecoder(nn.Module):
     Writes the k keys/values at cache slots start..start+k-1 (buffers k_cache_i / v_cache_i
     [1, S, kvH, hd]) and attends slots 0..start+i with RoPE at input_pos."""
 
-    def __init__(self, adapter: LlavaAdapter, shape: DecoderShape):
+    def __init__(self, adapter: CachedDecoderAdapter, shape: DecoderShape):
         super().__init__()
         load_custom_ops()
         lm = adapter.language_model

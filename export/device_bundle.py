@@ -24,13 +24,13 @@ from covspec.export.manifest import write_manifest
 from covspec.export.programs import Step, check_exportable, copy_tokenizer, describe_model, write_programs
 from covspec.export.runner_tokenizer import write_runner_tokenizer
 from covspec.models import load_adapter
-from covspec.models.llava import LlavaAdapter
+from covspec.models.base import CachedDecoderAdapter
 
 DEFAULT_MAX_CHUNK = 64
 EMBEDDINGS_FILE = "embeddings.f16.npy"
 
 
-def write_embeddings(adapter: LlavaAdapter, out: Path) -> dict[str, Any]:
+def write_embeddings(adapter: CachedDecoderAdapter, out: Path) -> dict[str, Any]:
     """The input embedding table [V, d] as float16 .npy: the pruner's query embeddings
     (adapter.prompt_embeddings) on the device without the decoder."""
     table = adapter.model.get_input_embeddings().weight.detach().float().numpy().astype(np.float16)
@@ -38,7 +38,7 @@ def write_embeddings(adapter: LlavaAdapter, out: Path) -> dict[str, Any]:
     return {"file": EMBEDDINGS_FILE, "dtype": "float16", "shape": list(table.shape)}
 
 
-def write_genai(adapter: LlavaAdapter, out: Path, info: dict[str, Any], unsupported: dict[str, Any],
+def write_genai(adapter: CachedDecoderAdapter, out: Path, info: dict[str, Any], unsupported: dict[str, Any],
                 step: Step) -> dict[str, Any] | None:
     """The text decoder in onnxruntime-genai's convention (export/genai.py), fp32; a failure is recorded."""
     from covspec.export.genai import write_genai_decoder

@@ -51,7 +51,7 @@ def build_edge_bundle(target: Path, out: Path, backend: str = "auto", max_len: i
                             "checkpoint": CHECKPOINT_DIR, "tokenizer_dir": CHECKPOINT_DIR, "backend": chosen, "reason": reason}
     if chosen in ("onnx", "tensorrt"):
         try:
-            llava = check_exportable(adapter)
+            llava = check_exportable(adapter, ("llava",))  # the runtime of ONNX edge bundles
         except ExportUnsupported as err:
             body.update(backend="pytorch", reason=f"{reason}; {err}")
         else:

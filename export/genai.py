@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from covspec.export.graphs import DecoderShape, rotate_half
-from covspec.models.llava import LlavaAdapter
+from covspec.models.base import CachedDecoderAdapter
 
 GENAI_DECODER = "decoder.genai.onnx"
 GENAI_LIMITS = [
@@ -35,7 +35,7 @@ GENAI_LIMITS = [
 
 
 class GenaiDecoder(nn.Module):
-    def __init__(self, adapter: LlavaAdapter, shape: DecoderShape):
+    def __init__(self, adapter: CachedDecoderAdapter, shape: DecoderShape):
         super().__init__()
         lm = adapter.language_model
         self.embed_tokens = adapter.model.get_input_embeddings()
@@ -82,7 +82,7 @@ class GenaiDecoder(nn.Module):
         return (self.lm_head(self.norm(x)).float(), *present)
 
 
-def write_genai_decoder(adapter: LlavaAdapter, shape: DecoderShape, out: Path) -> dict[str, Any]:
+def write_genai_decoder(adapter: CachedDecoderAdapter, shape: DecoderShape, out: Path) -> dict[str, Any]:
     """Writes out/decoder.genai.onnx and out/genai_config.json; returns the manifest entry."""
     from covspec.export.lower import strip_onnx, to_onnx
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from covspec.models.llava import LlavaAdapter
+from covspec.models.base import CachedDecoderAdapter
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class DecoderShape:
         return (self.layers, 2, self.kv_heads, self.max_len, self.head_dim)
 
 
-def decoder_shape(adapter: LlavaAdapter, max_len: int | None = None) -> DecoderShape:
+def decoder_shape(adapter: CachedDecoderAdapter, max_len: int | None = None) -> DecoderShape:
     text = adapter.text_config
     attn = adapter.language_model.layers[0].self_attn
     heads = int(text.num_attention_heads)
@@ -61,7 +61,7 @@ class StaticDecoderGraph(nn.Module):
     Token i's input embedding is image_embeds[0, i] where is_image[0, i], else the embedding of ids[0, i];
     its RoPE position is input_pos[i], its cache slot slots[i] (increasing)."""
 
-    def __init__(self, adapter: LlavaAdapter, shape: DecoderShape):
+    def __init__(self, adapter: CachedDecoderAdapter, shape: DecoderShape):
         super().__init__()
         lm = adapter.language_model
         self.embed_tokens = adapter.model.get_input_embeddings()
@@ -117,7 +117,7 @@ class VisionGraph(nn.Module):
     """forward(pixels [1, 3, H, W]) -> (embeds [N, d], activity [N]) or, with attention, also
     attention [N]: `LlavaAdapter.encode_image` as one graph."""
 
-    def __init__(self, adapter: LlavaAdapter):
+    def __init__(self, adapter: CachedDecoderAdapter):
         super().__init__()
         self.adapter = adapter
         self.tower = adapter.model.model.vision_tower

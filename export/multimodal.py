@@ -25,14 +25,14 @@ import torch
 from torch import nn
 
 from covspec.export.cached_decoder import CachedDecoder
-from covspec.export.graphs import DecoderShape, VisionGraph
+from covspec.export.graphs import DecoderShape
 
 METHODS = ("vision_encoder", "token_embedding", "text_decoder", "covspec_decoder", "read_cache", "write_cache")
 LAYOUT = "executorch-multimodal"
 
 
 class VisionEncoder(nn.Module):
-    def __init__(self, graph: VisionGraph):
+    def __init__(self, graph: nn.Module):
         super().__init__()
         self.vision = graph
 
@@ -91,7 +91,7 @@ class WriteCache(nn.Module):
         return torch.zeros(1)
 
 
-def method_programs(vision: VisionGraph, core: CachedDecoder, pixels: torch.Tensor,
+def method_programs(vision: nn.Module, core: CachedDecoder, pixels: torch.Tensor,
                     max_chunk: int) -> dict[str, torch.export.ExportedProgram]:
     """torch.export of every method (k symbolic in [1, max_chunk] for the decoder methods)."""
     s = core.shape

@@ -18,24 +18,21 @@ import torch
 
 from covspec.export import quant as q
 from covspec.export.cached_decoder import CachedDecoder
+from covspec.export.families import EXPORTABLE_FAMILIES, prompt_entry, vision_graph, vision_outputs
 from covspec.export.graphs import (
     DECODER_INPUTS,
     DECODER_OUTPUTS,
     VISION_INPUTS,
     StaticDecoderGraph,
-    VisionGraph,
     decoder_dynamic_shapes,
     decoder_example,
     decoder_shape,
-    vision_outputs,
 )
 from covspec.export.multimodal import LAYOUT, METHODS, method_programs, runner_metadata
-from covspec.models.base import VLMAdapter
-from covspec.models.llava import PROMPT_TEMPLATE, LlavaAdapter
+from covspec.models.base import CachedDecoderAdapter, VLMAdapter
 
 FORMATS = ("pte", "onnx")
 PTE_FILE = "model.pte"
-EXPORTABLE_FAMILIES = ("llava",)
 # files copied from the checkpoint folder when present
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "preprocessor_config.json", "generation_config.json")
@@ -51,16 +48,14 @@ FAMILY_LIMITS = {
     "qwen2_5_vl": ("vision tower: transformers.vision_utils.get_vision_window_index calls grid_thw.tolist() "
                    "(aten._local_scalar_dense: data-dependent, torch.export raises GuardOnDataDependentSymNode); "
                    "decoder: M-RoPE's 3-row position ids must be computed outside the graph; not exported yet"),
-    "idefics3": ("vision tower + pixel shuffle export (torch.export and ONNX, checked on the tiny model), but "
-                 "pruned prefill keeps the unpruned RoPE positions, so the static-cache decoder needs a cache-slot "
-                 "input apart from its position input, and the bundle runtime needs Idefics3's prompt; "
-                 "not exported yet"),
+    "idefics3": "exported (device bundle), but the bundle runtime (BundleAdapter) runs LLaVA bundles only",
 }
 FALLBACK = "ship the Hugging Face checkpoint and run it with the PyTorch adapter (covspec.models.load_adapter)"
 
 
-def check_exportable(adapter: VLMAdapter) -> LlavaAdapter:
-    if adapter.family not in EXPORTABLE_FAMILIES or not isinstance(adapter, LlavaAdapter):
+def check_exportable(adapter: VLMAdapter, families: tuple[str, ...] = EXPORTABLE_FAMILIES) -> CachedDecoderAdapter:
+    """The adapter, when its family exports (`families`: those the caller can use)."""
+    if adapter.family not in families or not isinstance(adapter, CachedDecoderAdapter):
         reason = FAMILY_LIMITS.get(adapter.family, "no exporter for this family")
         raise ExportUnsupported(f"{adapter.family}: cannot export to pte/onnx ({reason}); fallback: {FALLBACK}")
     return adapter
@@ -72,10 +67,10 @@ def operator_named(err: BaseException) -> str | None:
     return found.group(1) if found else None
 
 
-def describe_model(adapter: LlavaAdapter, max_len: int | None, max_chunk: int) -> dict[str, Any]:
+def describe_model(adapter: CachedDecoderAdapter, max_len: int | None, max_chunk: int) -> dict[str, Any]:
     shape = decoder_shape(adapter, max_len)
     size = int(adapter.model.config.vision_config.image_size)
-    vision = VisionGraph(adapter)
+    vision = vision_graph(adapter)
     n_tokens = int(adapter.encode_image({"pixel_values": torch.zeros(1, 3, size, size)}).count)
     return {
         "family": adapter.family,
@@ -84,7 +79,7 @@ def describe_model(adapter: LlavaAdapter, max_len: int | None, max_chunk: int) -
         "tokenizer_fingerprint": adapter.fingerprint(),
         "vocab_size": adapter.vocab_size,
         "eos_token_ids": sorted(adapter.eos_token_ids),
-        "prompt": {"template": PROMPT_TEMPLATE, "image_token_id": adapter.image_token_id},
+        "prompt": prompt_entry(adapter),
         "vision": {"pixels": [1, 3, size, size], "tokens": n_tokens, "hidden": shape.hidden,
                    "outputs": vision_outputs(vision)},
         "decoder": {**asdict(shape), "cache": list(shape.cache_shape), "max_chunk": min(max_chunk, shape.max_len),
@@ -92,13 +87,13 @@ def describe_model(adapter: LlavaAdapter, max_len: int | None, max_chunk: int) -
     }
 
 
-def _graphs(adapter: LlavaAdapter, info: dict[str, Any], scheme: str,
-            for_pte: bool) -> tuple[VisionGraph, StaticDecoderGraph]:
+def _graphs(adapter: CachedDecoderAdapter, info: dict[str, Any], scheme: str,
+            for_pte: bool) -> tuple[torch.nn.Module, StaticDecoderGraph]:
     """Fresh graphs; quantized schemes work on a copy of the model, with the patch convolution as a
     Linear and int8 embedding rows (both formats), and torchao-quantized Linear layers (ExecuTorch)."""
     model = adapter if scheme == "none" else copy.deepcopy(adapter)
     shape = decoder_shape(model, info["decoder"]["max_len"])
-    vision, decoder = VisionGraph(model).eval(), StaticDecoderGraph(model, shape).eval()
+    vision, decoder = vision_graph(model).eval(), StaticDecoderGraph(model, shape).eval()
     if scheme != "none":
         q.prepare_for_quantization(vision.tower, decoder)
         if for_pte:
@@ -107,10 +102,11 @@ def _graphs(adapter: LlavaAdapter, info: dict[str, Any], scheme: str,
     return vision, decoder
 
 
-def _pte_graphs(adapter: LlavaAdapter, info: dict[str, Any], scheme: str) -> tuple[VisionGraph, CachedDecoder]:
+def _pte_graphs(adapter: CachedDecoderAdapter, info: dict[str, Any],
+                scheme: str) -> tuple[torch.nn.Module, CachedDecoder]:
     """The vision graph and the cached decoder of the .pte, quantized as `_graphs` does for ExecuTorch."""
     model = adapter if scheme == "none" else copy.deepcopy(adapter)
-    vision = VisionGraph(model).eval()
+    vision = vision_graph(model).eval()
     core = CachedDecoder(model, decoder_shape(model, info["decoder"]["max_len"])).eval()
     if scheme != "none":
         q.prepare_for_quantization(vision.tower, core)
@@ -119,7 +115,7 @@ def _pte_graphs(adapter: LlavaAdapter, info: dict[str, Any], scheme: str) -> tup
     return vision, core
 
 
-def write_pte(adapter: LlavaAdapter, out: Path, info: dict[str, Any], scheme: str) -> dict[str, Any]:
+def write_pte(adapter: CachedDecoderAdapter, out: Path, info: dict[str, Any], scheme: str) -> dict[str, Any]:
     """Writes out/model.pte (the multimodal layout); returns the manifest's programs["pte"] entry."""
     from covspec.export.lower import to_multimethod_pte
 
@@ -132,7 +128,7 @@ def write_pte(adapter: LlavaAdapter, out: Path, info: dict[str, Any], scheme: st
             "methods": list(METHODS), "constants": constants, "lowering": lowering}
 
 
-def write_programs(adapter: LlavaAdapter, out: Path, info: dict[str, Any], scheme: str,
+def write_programs(adapter: CachedDecoderAdapter, out: Path, info: dict[str, Any], scheme: str,
                    formats: tuple[str, ...], step: Step) -> tuple[dict[str, Any], dict[str, Any]]:
     """Writes vision.<fmt> and decoder.<fmt> for each format. Returns (programs, unsupported):
     programs[fmt] = {"vision": file, "decoder": file, ...}; unsupported[fmt] = what failed and the fallback."""
