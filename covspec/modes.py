@@ -8,7 +8,8 @@ all read it.
     draft_only   the device alone
     vanilla_sd   fixed window k, stop-and-wait; sampling uploads the draft's full distribution
     covspec      pruning, adaptive windows, branches with windows in flight, decoupled verification
-    covspec_no_prune / _no_adaptive / _no_branch / _no_ahead / _no_decoupled: one mechanism off each
+    covspec_no_prune / _no_adaptive / _no_branch / _no_ahead / _no_decoupled / _no_placement: one mechanism
+                 off each (placement: the device hands drafting to an edge that drafts faster, policy.place_drafting)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class SpecOptions:
     branches: int = 1  # rejection branches besides the all-accepted one
     ahead: bool = False  # with branching: send the all-accepted branch's window before the RESULT arrives
     decoupled: bool = False  # sampling: upload q(x_i) only, correct on the device
+    placement: bool = False  # hand drafting to the edge (STREAM with draft) when its drafting wins (policy.place_drafting)
 
 
 # The demo pair's settings, chosen by side-by-side bench runs (README, "Measured"): on its flat verify
@@ -43,7 +45,7 @@ class SpecOptions:
 # point of acceptance, so it keeps 90% of the visual tokens (describe, 16 prompts, loopback / wifi
 # tok/s: 90% kept 479 / 351, 75% 396 / 309, 50% 399 / 288, unpruned 452 / 343; vanilla_sd@8 342 / 251)
 COVSPEC = SpecOptions(keep=0.9, adaptive=True, branching=True, ahead=True, decoupled=True, margin_threshold=0.1,
-                      k_max=16)
+                      k_max=16, placement=True)
 MODE_OPTIONS: dict[str, SpecOptions] = {
     "vanilla_sd": SpecOptions(),
     "covspec": COVSPEC,
@@ -52,6 +54,7 @@ MODE_OPTIONS: dict[str, SpecOptions] = {
     "covspec_no_branch": replace(COVSPEC, branching=False, ahead=False),
     "covspec_no_ahead": replace(COVSPEC, ahead=False),
     "covspec_no_decoupled": replace(COVSPEC, decoupled=False),
+    "covspec_no_placement": replace(COVSPEC, placement=False),
 }
 MODES = ("target_only", "draft_only", "edge_sd", *MODE_OPTIONS)
 STREAMING_MODES = ("target_only", "edge_sd")  # the device only opens and streams (no draft runs on it)

@@ -336,3 +336,53 @@ def branch_roots(window_ids: torch.Tensor, margins: torch.Tensor, runner_up: tor
         if len(roots) == max_branches:
             break
     return roots
+
+
+# --- where drafting happens ----------------------------------------------------------------------
+
+DEVICE, EDGE = "device", "edge"
+
+
+@dataclass(frozen=True)
+class EdgeOffer:
+    """What the edge says of its own drafting in OPENED and RESULT timings (edge_runtime.drafting):
+    whether it offers to draft for this device now (it has a draft and is not loaded), how many
+    unfinished sessions it holds, and its draft step and per-token acceptance once it measured them."""
+
+    offers: bool
+    sessions: int = 0
+    draft_step_s: float | None = None
+    acceptance: float | None = None
+
+    @classmethod
+    def from_timings(cls, timings: dict[str, float]) -> EdgeOffer | None:
+        """The offer in a reply's timings; None from an edge without a draft (it says nothing)."""
+        if "edge_draft" not in timings:
+            return None
+        return cls(offers=timings["edge_draft"] > 0, sessions=int(timings.get("edge_sessions", 0)),
+                   draft_step_s=timings.get("edge_draft_step_s"), acceptance=timings.get("edge_acceptance"))
+
+
+def edge_drafting_rate(stats: OnlineStats, offer: EdgeOffer, k_max: int = 16) -> float:
+    """Expected tokens/s of the edge drafting and verifying itself: the cost model with no round trip
+    and no branches, the edge's draft step and acceptance (this device's own until the edge measured
+    them: the same draft, as a rule) and the verify line the device knows."""
+    a = stats.acceptance if offer.acceptance is None else offer.acceptance
+    t_draft = stats.t_draft if offer.draft_step_s is None else offer.draft_step_s
+    v0, v1 = stats.verify_line()
+    return best_window(a, LinkCosts(t_draft=t_draft, rtt=0.0, v0=v0, v1=v1), k_max)[1]
+
+
+def place_drafting(stats: OnlineStats, offer: EdgeOffer | None, target_step_s: float | None,
+                   k_max: int = 16) -> str:
+    """Where the rest of the answer is drafted: EDGE when the edge offers (it has a draft and is not
+    loaded: a loaded edge declines, and every device that can draft does so) and its drafting beats
+    both this device's speculation over the link (windows, round trips, branches: `best_window` on
+    the device's estimates) and the target streaming alone; else DEVICE (whose own rule then decides
+    between speculating and the target's streaming, `speculation_pays`)."""
+    if offer is None or not offer.offers:
+        return DEVICE
+    edge = edge_drafting_rate(stats, offer, k_max)
+    device = best_window(stats.acceptance, stats.costs(), k_max)[1]
+    target = 1.0 / target_step_s if target_step_s else 0.0
+    return EDGE if edge > max(device, target) else DEVICE

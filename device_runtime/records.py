@@ -33,6 +33,7 @@ class Answer:
     kept: int | None = None  # visual tokens the draft prefilled with, when pruned
     decode_bytes_up: int = 0  # bytes sent after OPEN: the drafted windows (what the schemes differ in)
     streamed_rest: bool = False  # the adaptive policy found speculation not paying and switched to STREAM
+    edge_drafted: bool = False  # that STREAM asked the edge to draft the rest itself (draft placement)
     reopens: int = 0  # times the session was re-OPENed with the answer so far (the edge had lost it)
 
     @property

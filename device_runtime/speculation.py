@@ -33,10 +33,13 @@ from covspec.drafter import Drafter, Window
 from covspec.models.base import DecodeState, VLMAdapter
 from covspec.modes import SpecOptions
 from covspec.policy import (
+    EDGE,
+    EdgeOffer,
     MarginGate,
     OnlineStats,
     branch_roots,
     choose_window,
+    place_drafting,
     speculation_could_pay,
     speculation_pays,
 )
@@ -79,10 +82,11 @@ class Speculation:
 
     def __init__(self, draft: VLMAdapter, state: DecodeState, params: SamplingParams, options: SpecOptions,
                  stats: OnlineStats, sid: int, max_new_tokens: int, window: int, vocab: int,
-                 ready: Callable[[], bool]) -> None:
+                 ready: Callable[[], bool], edge_offer: EdgeOffer | None = None) -> None:
         """`state`: the draft's prefilled prompt; `stats`: the drafting policy's estimates (updated
         here); `window`: the fixed window without the adaptive policy; `vocab`: the target's
-        vocabulary width; `ready()`: whether a reply is waiting."""
+        vocabulary width; `ready()`: whether a reply is waiting; `edge_offer`: what the edge last said
+        of drafting itself (updated from OPENED and each RESULT)."""
         self.draft, self.state, self.params, self.options, self.stats = draft, state, params, options, stats
         self.sid, self.max_new_tokens, self.window, self.vocab, self.ready = sid, max_new_tokens, window, vocab, ready
         self.generator = None if params.greedy else params.generator()
@@ -105,6 +109,8 @@ class Speculation:
         self.ahead = False  # this round's window was sent before the last RESULT
         self.branches: list[Branch] = []
         self.sent_ahead: tuple[Flight, Drafter] | None = None  # the window sent ahead, and its branch
+        self.edge_offer = edge_offer
+        self.edge_drafts = False  # the STREAM asks the edge to draft the rest itself (placement)
 
     @property
     def committed(self) -> list[int]:
@@ -123,7 +129,8 @@ class Speculation:
         drafted on the draft's guess of the target's first token, when it is sent before OPENED."""
         stats, options = self.stats, self.options
         self.informed = informed
-        self.streams = self._streaming_wins(edge_step_s)
+        self.edge_drafts = self._edge_drafting_wins(edge_step_s)
+        self.streams = self.edge_drafts or self._streaming_wins(edge_step_s)
         if not (options.ahead and self.max_new_tokens > 1 and (
                 not options.adaptive or (self.streams and self.params.greedy)
                 or (stats.rounds > 0 and not self.streams))):
@@ -157,6 +164,9 @@ class Speculation:
             self.stats.prior_v0, self.stats.prior_v1 = opened.timings["verify_v0_s"], opened.timings["verify_v1_s"]
         if opened.done:
             return None
+        self.edge_offer = EdgeOffer.from_timings(opened.timings) or self.edge_offer
+        if not self.streams and self.in_flight is None and self._edge_drafting_wins(edge_step_s):
+            self.streams = self.edge_drafts = True  # the edge drafts faster than this device over this link
         if self.streams:  # the first window's verdict, if the edge verifies it, then the streaming
             self.streamed_rest = True
             self.current, self.in_flight = self.in_flight, None
@@ -224,6 +234,10 @@ class Speculation:
         self._record(drafted, result, wait_s, reopened, None if not self.branches else hit is not None)
         if result.done or self.committed[-1] in self.eos or len(self.committed) >= self.max_new_tokens:
             return None
+        self.edge_offer = EdgeOffer.from_timings(result.timings) or self.edge_offer
+        if self.in_flight is None and not self.device_root and self._edge_drafting_wins(self.edge_step_s):
+            self.streamed_rest = self.edge_drafts = True  # the edge drafts the rest faster than this device
+            return STREAM
         if self.in_flight is None and self.options.adaptive and not self.device_root and speculation_loses(
                 self.stats, self.rounds, self.options.k_max, self.edge_step_s):
             # on this link speculation loses to the target alone: let the edge stream the rest
@@ -232,6 +246,12 @@ class Speculation:
         return self._next_window()
 
     # --- steps ---------------------------------------------------------------------------------
+    def _edge_drafting_wins(self, edge_step_s: float | None) -> bool:
+        """Whether the edge drafting the rest itself beats this device (policy.place_drafting), for a
+        mode with placement and an edge that offers."""
+        return bool(self.options.placement and place_drafting(self.stats, self.edge_offer, edge_step_s,
+                                                              self.options.k_max) == EDGE)
+
     def _streaming_wins(self, edge_step_s: float | None) -> bool:
         """Whether the edge streaming the answer alone beats speculating on this link, before any round
         of this answer (adaptive only; `edge_step_s`: the target's streaming time per token, when

@@ -95,8 +95,8 @@ def on_open(server: EdgeServer, ctx: RequestContext, msg: wire.Open):
                                  "(start it with covspec edge serve --draft PATH)")
     prefix = _prefix(server, msg)
     session, visual_count = _start(server, ctx, msg, prefix)
-    _attach_draft(server, session, msg)
     server.table.add(msg.sid, session)
+    _attach_draft(server, session, msg)  # after: the edge's load counts this session
     server.counters.sessions_opened += 1
     server.counters.sessions_reopened += bool(prefix)
     log.info("session %d opened: mode %s, %d visual tokens%s%s, prefill %.1f ms", msg.sid, msg.mode,

@@ -1,0 +1,161 @@
+"""Draft placement (covspec.policy.place_drafting): the rule on constructed estimates, a covspec device
+handing drafting to an edge that drafts faster (and not to a loaded one) with the target's greedy
+answer, and sampling that stays the target's distribution when drafting moves to the edge mid-answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tiny_models
+import torch
+from PIL import Image
+from test_edge_sd import DraftingEdge, reference
+from test_lossless_sampling import DRAWS, PROMPT, SETTINGS, assert_follows, exact_marginals
+from test_runtimes import PROMPTS, png
+
+from covspec.device_runtime.client import DeviceRuntime
+from covspec.drafter import Drafter
+from covspec.edge_runtime.drafting import EdgeDraft, EdgeDrafting, speculate
+from covspec.edge_runtime.session import TargetSession
+from covspec.models import load_adapter
+from covspec.modes import COVSPEC, MODE_OPTIONS
+from covspec.policy import DEVICE, EDGE, EdgeOffer, OnlineStats, place_drafting
+from covspec.sampling import SamplingParams
+from covspec.speculative import correct_decoupled
+
+
+def estimates(rtt: float, acceptance: float = 0.85, branch_hit: float = 0.7) -> OnlineStats:
+    """A device's estimates after many rounds: draft step 2 ms, verify 20 ms + 0.5 ms per token."""
+    stats = OnlineStats(t_draft=0.002, rtt=rtt, prior_v0=0.02, prior_v1=0.0005, prior_n=1e6,
+                        prior_acceptance=acceptance, branch_hit=branch_hit)
+    return stats
+
+
+OFFER = EdgeOffer(offers=True, sessions=1)
+
+
+def test_placement_follows_the_link():
+    assert place_drafting(estimates(rtt=0.001), OFFER, target_step_s=0.025) == DEVICE  # loopback: branches hide the wait
+    assert place_drafting(estimates(rtt=0.15), OFFER, target_step_s=0.025) == EDGE  # 4g: a round trip per window
+    assert place_drafting(estimates(rtt=0.15), None, target_step_s=0.025) == DEVICE  # no draft on the edge
+
+
+def test_a_loaded_edge_is_not_asked_to_draft():
+    assert place_drafting(estimates(rtt=0.15), EdgeOffer(offers=False, sessions=6), 0.025) == DEVICE
+
+
+def test_an_edge_whose_drafting_loses_to_streaming_is_not_asked():
+    poor = EdgeOffer(offers=True, sessions=1, draft_step_s=0.02, acceptance=0.05)  # a slow, poor edge draft
+    assert place_drafting(estimates(rtt=0.15), poor, target_step_s=0.025) == DEVICE
+    # the edge's own measurements are read: its slow draft makes the device's drafting the better one
+    slow = EdgeOffer(offers=True, sessions=1, draft_step_s=0.05)
+    assert place_drafting(estimates(rtt=0.03), slow, target_step_s=0.025) == DEVICE
+    assert place_drafting(estimates(rtt=0.03), OFFER, target_step_s=0.025) == EDGE
+
+
+def test_offer_read_from_timings():
+    assert EdgeOffer.from_timings({"verify_s": 0.01}) is None
+    offer = EdgeOffer.from_timings({"edge_draft": 1.0, "edge_sessions": 2.0, "edge_acceptance": 0.8})
+    assert offer == EdgeOffer(offers=True, sessions=2, acceptance=0.8)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("placement")
+    target = tiny_models.build_llava(root / "target", seed=0)
+    draft = tiny_models.build_llava(root / "draft", seed=1)
+    return target, draft
+
+
+def slow_link_device(draft, endpoint) -> DeviceRuntime:
+    """A device whose estimates say every round trip costs 1 s (a long link), covspec's and the
+    no-placement ablation's."""
+    device = DeviceRuntime(load_adapter(draft), endpoint, timeout_s=20)
+    for mode in ("covspec", "covspec_no_placement"):
+        stats = OnlineStats(t_draft=0.001, rtt=1.0, prior_v0=0.005, prior_v1=0.001)
+        device.learned[(MODE_OPTIONS[mode], True)] = stats
+    return device
+
+
+@pytest.mark.parametrize("draft_sessions", [1, 0], ids=["offers", "declines"])
+def test_covspec_hands_drafting_to_the_edge_on_a_long_link(pair, draft_sessions):
+    target, _ = pair
+    draft = target  # a draft the target always accepts: drafting on the edge beats its streaming alone
+    edge = DraftingEdge(target, draft, draft_sessions=draft_sessions)
+    device = slow_link_device(draft, edge.endpoint)
+    try:
+        for i, prompt in enumerate(PROMPTS):
+            image = png(i)
+            expected = reference(target, image, prompt, 16)
+            answer = device.answer(image, prompt, "covspec", SamplingParams(), max_new_tokens=16)
+            assert answer.ids == expected, prompt
+            if len(expected) > 1:
+                assert answer.edge_drafted == bool(draft_sessions), prompt
+            ablation = device.answer(image, prompt, "covspec_no_placement", SamplingParams(), max_new_tokens=16)
+            assert ablation.ids == expected and not ablation.edge_drafted
+        drafted = edge.server.stats()["tokens_edge_drafted"]
+        assert (drafted > 0) == bool(draft_sessions)
+    finally:
+        device.close()
+        edge.close()
+
+
+def picture() -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8))
+
+
+@torch.inference_mode()
+def switching_draws(target, draft, params: SamplingParams, first: int, decoupled: bool) -> np.ndarray:
+    """DRAWS answers whose position 1 is drafted on the device (a window of 1, verified decoupled or with
+    the full q) and whose position 2 on is drafted by the edge (`speculate`) from there."""
+    image = picture()
+    t_visual, d_visual = target.encode_image(target.preprocess(image)), draft.encode_image(draft.preprocess(image))
+    _, t_state = target.prefill(t_visual, PROMPT)
+    _, d_state = draft.prefill(d_visual, PROMPT)
+    _, e_state = draft.prefill(d_visual, PROMPT)  # the edge's own copy of the draft
+    t_len, d_len = t_state.length, d_state.length
+    generator = torch.Generator().manual_seed(99)
+    drafting = EdgeDrafting(draft)
+    out = np.zeros((DRAWS, 2), dtype=np.int64)
+    for n in range(DRAWS):
+        for adapter, state, length in ((target, t_state, t_len), (draft, d_state, d_len), (draft, e_state, d_len)):
+            adapter.truncate(state, length)
+        session = TargetSession(adapter=target, state=t_state, params=params, max_new_tokens=64,
+                                generator=generator, committed=[first], prompt_length=t_len)
+        device = Drafter(draft, d_state, first, params, generator)
+        window = device.draft(1)
+        if decoupled:
+            answer = session.verify(0, first, window.ids, "decoupled", q_of_draft=window.q_of_drafted())
+        else:
+            answer = session.verify(0, first, window.ids, "full", q_full=window.q)
+        token = answer.verdict.next_token
+        if token is None and answer.verdict.support_ids is not None:  # the device's correction, sent as root
+            token = correct_decoupled(answer.verdict.support_ids, answer.verdict.support_probs,
+                                      window.q[answer.verdict.accepted], generator)
+            session.committed.append(token)
+            session.root_known = True
+        device.commit(window, answer.verdict.accepted, token)
+        if not session.done:  # the edge takes over drafting here
+            edge = EdgeDraft(msg=None, drafter=Drafter(draft, e_state, first, params, generator))
+            next(speculate(session, edge, drafting, max_pixels=0), None)
+        committed = session.committed
+        ended = committed[1] in target.eos_token_ids
+        out[n] = (committed[1], target.vocab_size if ended else committed[2])
+    return out
+
+
+@pytest.mark.parametrize("decoupled", [True, False], ids=["decoupled", "full"])
+@pytest.mark.parametrize("params", SETTINGS, ids=["t1", "topk_topp"])
+def test_sampling_follows_target_when_the_edge_takes_over_mid_answer(pair, params, decoupled):
+    target_path, draft_path = pair
+    target, draft = load_adapter(target_path), load_adapter(draft_path)
+    first = 5
+    p1, p2 = exact_marginals(target, target.encode_image(target.preprocess(picture())), first, params)
+    samples = switching_draws(target, draft, params, first, decoupled)
+    assert_follows(samples[:, 0], p1)
+    assert_follows(samples[:, 1], p2)
+
+
+def test_covspec_options_carry_placement():
+    assert COVSPEC.placement and not MODE_OPTIONS["covspec_no_placement"].placement
+    assert not MODE_OPTIONS["vanilla_sd"].placement
