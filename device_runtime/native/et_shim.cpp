@@ -48,7 +48,8 @@ extern "C" {
 
 int et_abi_version() { return 1; }
 
-// Loads the program at `path` (flatbuffer verifier on). NULL on failure, with the reason in `err`.
+// Loads the program at `path` (flatbuffer verifier on) and each of its methods. NULL on failure, with the
+// reason in `err`.
 void* et_load(const char* path, char* err, size_t errlen) {
   auto h = std::make_unique<Handle>();
   h->module = std::make_unique<Module>(std::string(path), Module::LoadMode::File);
@@ -63,6 +64,13 @@ void* et_load(const char* path, char* err, size_t errlen) {
     return nullptr;
   }
   h->names.assign(names->begin(), names->end());
+  for (const auto& name : h->names) {  // every method now: a broken one fails here, not at its first run
+    Error m = h->module->load_method(name);
+    if (m != Error::Ok) {
+      say(err, errlen, "cannot load its method " + name + ": " + why(m));
+      return nullptr;
+    }
+  }
   return h.release();
 }
 
