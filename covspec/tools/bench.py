@@ -27,7 +27,15 @@ from pathlib import Path
 import numpy as np
 
 from covspec.errors import CovspecError
-from covspec.tools.procs import free_port, one_thread_env, start_edge, start_link, stop_edge, stop_link
+from covspec.tools.procs import (
+    edge_draft_options,
+    free_port,
+    one_thread_env,
+    start_edge,
+    start_link,
+    stop_edge,
+    stop_link,
+)
 from covspec.tools.worker import WorkerSettings
 
 QUESTION_TYPES = ("describe", "mixed", "color", "shape", "count", "position", "existence", "relation")
@@ -51,7 +59,7 @@ def run_bench(args: argparse.Namespace) -> Path:
     edge_port = free_port()
     edge_endpoint = f"tcp://127.0.0.1:{edge_port}"
     edge = start_edge(args.target, edge_endpoint, out / "edge.log", "--device", args.edge_device,
-                      "--dtype", args.edge_dtype)
+                      "--dtype", args.edge_dtype, *edge_draft_options(args))
     link_stats: dict[str, dict] = {}
     try:
         for link_name in args.links.split(","):
@@ -62,7 +70,8 @@ def run_bench(args: argparse.Namespace) -> Path:
                          if args.bundle else f"{args.draft} on PyTorch")
                 console.print(f"[bold]link {link_name}[/]: {args.prompts} prompts x modes {','.join(args.modes)}, "
                               f"draft {draft}, edge {args.target}")
-                settings = WorkerSettings.from_bench(args, edge=link_endpoint, link=link_name, rows=str(rows_file))
+                settings = WorkerSettings.from_bench(args, edge=link_endpoint, link=link_name, rows=str(rows_file),
+                                                     edge_pid=edge.pid)
                 run_worker(settings.save(out / f"worker-{link_name}.json"), env, out / f"worker-{link_name}.log",
                            verbose=getattr(args, "verbose", False))
             finally:
@@ -148,6 +157,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             "token_acceptance": token_acceptance(group),
             "score": _mean([r["score"] for r in group]),
             "same_as_target": f"{sum(matches)}/{len(matches)}" if matches else "",
+            "edge_cpu_ms": _mean([r.get("edge_cpu_ms") for r in group]),
+            "edge_drafted": _mean([r.get("edge_drafted") for r in group]),
         })
     reference = {s["link"]: s["latency_ms"] for s in summary if s["mode"] == "target_only"}
     for s in summary:  # end-to-end: target_only's mean latency on the link over this mode's
@@ -168,14 +179,16 @@ def write_results(out: Path, rows: list[dict], link_stats: dict[str, dict], comm
              "frame); tokens/s is decode rate after the first token; `same as target` counts answers identical "
              "token for token to target_only's on the same prompt.", "",
              "| link | mode | requests | decode tok/s | TTFT ms | latency ms | speed-up | up B/tok | decode up B/tok | "
-             "down B/tok | mean accepted | acceptance | per-token acceptance | branch hits | task score | same as target |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "down B/tok | mean accepted | acceptance | per-token acceptance | branch hits | task score | same as target | "
+             "edge CPU ms/answer | edge drafted |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['link']} | {s['mode']} | {s['requests']} | {s['decode_tps']:.1f} | {s['ttft_ms']:.0f} | "
                      f"{s['latency_ms']:.0f} | {s['speedup']:.2f} | {s['up_per_token']:.0f} | {s['decode_up_per_token']:.1f} | "
                      f"{s['down_per_token']:.0f} | {s['mean_accepted']:.2f} | {s['acceptance']:.2f} | "
                      f"{s['token_acceptance']:.3f} | "
-                     f"{s['branch_hits']:.2f} | {s['score']:.3f} | {s['same_as_target']} |")
+                     f"{s['branch_hits']:.2f} | {s['score']:.3f} | {s['same_as_target']} | "
+                     f"{s['edge_cpu_ms']:.0f} | {s['edge_drafted']:.2f} |")
     lines += ["", "`up B/tok` includes the OPEN message (the image); `decode up B/tok` counts only what is sent "
               "after it (the drafted windows), where the verification schemes differ. `acceptance` is accepted / "
               "drafted per request (it falls as windows get longer); `per-token acceptance` is accepted / (accepted "
@@ -211,6 +224,7 @@ def plot_results(out: Path, rows: list[dict], summary: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(out / "tokens_per_s.png", dpi=120)
     plt.close(fig)
+    plot_latency(out, summary, links, modes)
 
     fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(modes), 4))
     spec = [m for m in modes if m not in ("draft_only",)]
@@ -236,6 +250,25 @@ def plot_results(out: Path, rows: list[dict], summary: list[dict]) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "accepted_length.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_latency(out: Path, summary: list[dict], links: list[str], modes: list[str]) -> None:
+    """latency.png: mean request latency by link and mode (edge_sd, covspec and target_only side by side)."""
+    import matplotlib.pyplot as plt
+
+    by = {(s["link"], s["mode"]): s for s in summary}
+    width = 0.8 / max(len(modes), 1)
+    fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(links) * max(1, len(modes) / 3), 4))
+    for i, mode in enumerate(modes):
+        ax.bar([x + i * width for x in range(len(links))],
+               [by[(link, mode)]["latency_ms"] if (link, mode) in by else 0 for link in links], width, label=mode)
+    ax.set_xticks([x + width * (len(modes) - 1) / 2 for x in range(len(links))], links)
+    ax.set_ylabel("request latency, ms (mean)")
+    ax.set_title("Latency by link profile and mode")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=120)
     plt.close(fig)
 
 
@@ -283,6 +316,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edge-device", default="cpu", help="the edge's --device (cpu, cuda, cuda:N)")
     p.add_argument("--edge-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="the edge's --dtype")
+    p.add_argument("--edge-draft", default=None,
+                   help="the draft the edge runs beside its target for edge_sd and covspec's placement ('none': "
+                        "no draft on the edge) (default: --draft, when a mode drafts there)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="the edge's batch_wait_ms (0: no batching)")
     p.add_argument("--edge-threads", type=int, default=1,
                    help="with --devices: the edge's torch threads (1: devices running the draft on this machine "

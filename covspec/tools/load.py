@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
 
+from covspec.tools.procs import process_cpu_s
 from covspec.tools.replay import release
 from covspec.tools.worker import WorkerSettings
 
@@ -43,15 +43,6 @@ def edge_peak_rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
-
-
-def process_cpu_s(pid: int) -> float | None:
-    """CPU seconds a process has used so far (user + system, all its threads)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def edge_stats(endpoint: str) -> dict[str, float]:
@@ -166,7 +157,14 @@ def record(args: argparse.Namespace, out: Path, endpoint: str, devices: int) -> 
 
 
 def run_load(args: argparse.Namespace) -> Path:
-    from covspec.tools.procs import free_port, start_edge, start_link, stop_edge, stop_link
+    from covspec.tools.procs import (
+        edge_draft_options,
+        free_port,
+        start_edge,
+        start_link,
+        stop_edge,
+        stop_link,
+    )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +173,8 @@ def run_load(args: argparse.Namespace) -> Path:
     endpoint = f"tcp://127.0.0.1:{edge_port}"
     edge = start_edge(args.target, endpoint, out / "edge.log", "--max-sessions-per-device", "64",
                       "--batch-wait-ms", str(args.batch_wait_ms), "--device", getattr(args, "edge_device", "cpu"),
-                      "--dtype", getattr(args, "edge_dtype", "float32"), threads=args.edge_threads)
+                      "--dtype", getattr(args, "edge_dtype", "float32"), *edge_draft_options(args),
+                      threads=args.edge_threads)
     summary, all_rows = [], []
     link = None
     try:

@@ -24,6 +24,15 @@ def one_thread_env() -> dict[str, str]:
     return env
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds a process has used so far (user + system, all its threads); None where unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def stop_edge(edge: subprocess.Popen) -> None:
     """Stops an edge process as Ctrl-C would, killing it if it does not exit within 30 s."""
     edge.send_signal(signal.SIGINT)
@@ -46,6 +55,19 @@ def wait_for_edge(endpoint: str, timeout_s: float = 120.0) -> None:
         except PeerUnavailable:
             continue
     raise RuntimeError(f"the edge at {endpoint} did not answer within {timeout_s:.0f} s")
+
+
+def edge_draft_options(args) -> list[str]:
+    """`covspec edge serve --draft` for a bench whose modes draft on the edge (edge_sd, and the covspec
+    modes that may hand drafting over): `--edge-draft PATH`, else the devices' draft; none for
+    `--edge-draft none` or modes that never draft there."""
+    from covspec.modes import MODE_OPTIONS, split_label
+
+    path = getattr(args, "edge_draft", None) or args.draft
+    modes = [split_label(label)[0] for label in args.modes]
+    if path == "none" or not any(m == "edge_sd" or (m in MODE_OPTIONS and MODE_OPTIONS[m].placement) for m in modes):
+        return []
+    return ["--draft", str(path)]
 
 
 def start_edge(model: str | Path, endpoint: str, log: Path, *options: str, threads: int = 1) -> subprocess.Popen:

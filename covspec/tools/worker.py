@@ -43,6 +43,7 @@ class WorkerSettings:
     bundle: str | None = None  # the draft as an exported device bundle (covspec export's OUT/device) instead
     backend: str = "executorch"  # what runs the bundle: executorch or onnx
     show_answers: bool = False  # print each answer's text under its row line
+    edge_pid: int | None = None  # the edge process on this machine: its CPU time per answer goes in the rows
 
     @classmethod
     def from_bench(cls, args: argparse.Namespace, **settings) -> WorkerSettings:
@@ -72,6 +73,7 @@ def run_worker(s: WorkerSettings) -> int:
     from covspec.images import png_bytes
     from covspec.modes import pruning_options, split_label
     from covspec.sampling import SamplingParams
+    from covspec.tools.procs import process_cpu_s
 
     torch.set_num_threads(1)
     params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
@@ -99,8 +101,10 @@ def run_worker(s: WorkerSettings) -> int:
             t_start = time.time()
             if recorder is not None:
                 recorder.start()
+            cpu0 = None if s.edge_pid is None else process_cpu_s(s.edge_pid)
             answer = device.answer(image, item.question, mode, params, s.max_new_tokens, window=window,
                                    options=pruning_options(mode, s.keep, s.merge))
+            cpu1 = None if cpu0 is None else process_cpu_s(s.edge_pid)
             if recorder is not None:
                 recorder.save(Path(s.record), index + s.start, label, len(answer.ids))
             if mode == "target_only":
@@ -112,6 +116,8 @@ def run_worker(s: WorkerSettings) -> int:
                    "bytes_down": answer.bytes_down, "up_per_token": answer.bytes_up / n,
                    "down_per_token": answer.bytes_down / n, "decode_up_per_token": answer.decode_bytes_up / n,
                    "rounds": len(answer.rounds), "kept": answer.kept, "streamed_rest": answer.streamed_rest,
+                   "edge_drafted": answer.edge_drafted or mode == "edge_sd",
+                   "edge_cpu_ms": None if cpu1 is None else 1000 * (cpu1 - cpu0),
                    "branch_hits": _rate([r.branch_hit for r in answer.rounds if r.branch_hit is not None]),
                    "mean_accepted": answer.mean_accepted, "acceptance": answer.acceptance_rate,
                    "score": score_answer(item, answer.text),
