@@ -98,24 +98,25 @@ def median_ms(fn, reps: int, sync, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def verify_paths(adapter, states: list, clock: Clock, args) -> dict:
-    """path -> a function(windows) running one verify of these windows on `states`, caches unchanged."""
-    cuda = adapter.device.type == "cuda"
-    paths = {}
-
-    def dynamic(windows):
-        if len(windows) == 1:
-            adapter.forward(states[0], windows[0])
-            adapter.truncate(states[0], states[0].length - windows[0].numel())
-        else:
-            run_batch(adapter, states, windows)
-
-    paths["dynamic"] = dynamic
+def verify_paths(adapter, states: list, args, compiled: bool = False) -> dict:
+    """path -> a function(windows) running one verify of these windows on `states`, caches unchanged:
+    the DynamicCache path, the static bucketed path eager and (on CUDA) with CUDA graphs; with
+    `compiled`, only the static path under torch.compile (reduce-overhead)."""
     variants = {"static_eager": {}}
-    if cuda:
+    if adapter.device.type == "cuda":
         variants["static_graphs"] = {"cuda_graphs": True}
-        if args.compile:
-            variants["static_compile"] = {"runner": torch.compile(eager_pass, mode="reduce-overhead", dynamic=False)}
+    paths = {}
+    if compiled:
+        variants = {"static_compile": {"runner": torch.compile(eager_pass, mode="reduce-overhead", dynamic=False)}}
+    else:
+        def dynamic(windows):
+            if len(windows) == 1:
+                adapter.forward(states[0], windows[0])
+                adapter.truncate(states[0], states[0].length - windows[0].numel())
+            else:
+                run_batch(adapter, states, windows)
+
+        paths["dynamic"] = dynamic
     for name, options in variants.items():
         verifier = StaticVerifier.create(adapter, slots=len(states), max_len=args.context + 64,
                                          cuda_graphs=options.get("cuda_graphs", False))
@@ -128,13 +129,15 @@ def verify_paths(adapter, states: list, clock: Clock, args) -> dict:
     return paths
 
 
-def measure_verify(adapter, sessions: int, clock: Clock, args, sync) -> list[dict]:
-    """Rows {sessions, path, window, ms}: verify time per window length, every path."""
+def measure_verify(adapter, sessions: int, clock: Clock, args, sync, compiled: bool = False,
+                   windows: tuple[int, ...] | None = None, margin_s: float = 0.0) -> list[dict]:
+    """Rows {sessions, path, window, ms}: verify time per window length, every path (`verify_paths`);
+    a window is skipped when less than reserve_s + margin_s is left."""
     states = [prefilled(adapter, args.context, seed=i) for i in range(sessions)]
     rows = []
-    for path, run in verify_paths(adapter, states, clock, args).items():
-        for n in args.windows:
-            if clock.left() < args.reserve_s:
+    for path, run in verify_paths(adapter, states, args, compiled).items():
+        for n in windows or args.windows:
+            if clock.left() < args.reserve_s + margin_s:
                 rows.append({"sessions": sessions, "path": path, "window": n, "skipped": "out of time"})
                 continue
             windows = [torch.arange(5, 5 + n) for _ in states]
@@ -297,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         report["verify"] += measure_verify(adapter, sessions, clock, args, sync)
     for sessions in (1, BATCH):
         report["decode"] += measure_decode(adapter, sessions, args, sync)
+    if args.compile and device.type == "cuda":  # last: each new shape compiles for a minute or so
+        report["verify"] += measure_verify(adapter, 1, clock, args, sync, compiled=True, windows=(1, 8, 16), margin_s=90)
     del adapter
     if device.type == "cuda":
         torch.cuda.empty_cache()
