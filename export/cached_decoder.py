@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from covspec.export.graphs import DecoderShape, rotate_half
+from covspec.export.graphs import DecoderShape, Rope, rotate_half
 from covspec.models.base import CachedDecoderAdapter
 
 
@@ -27,7 +27,7 @@ def load_custom_ops() -> None:
 
 
 class CachedDecoder(nn.Module):
-    """Holds the input embedding (`embed_tokens`, read by the methods around it) and the output head.
+    """input_pos: [k] (1-D RoPE) or [3, k] (M-RoPE). Holds the input embedding (`embed_tokens`, read by the methods around it) and the output head.
 
     forward(embeds [1, k, d] f32, input_pos [k] int64, start [1] int64) -> logits [1, k, V] f32.
 
@@ -43,9 +43,7 @@ class CachedDecoder(nn.Module):
         self.norm = lm.norm
         self.lm_head = adapter.model.lm_head
         self.shape = shape
-        rotary = lm.rotary_emb
-        self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
-        self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+        self.rope = Rope(adapter, shape.head_dim)
         for i in range(shape.layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(1, shape.max_len, shape.kv_heads, shape.head_dim))
             self.register_buffer(f"v_cache_{i}", torch.zeros(1, shape.max_len, shape.kv_heads, shape.head_dim))
@@ -62,10 +60,8 @@ class CachedDecoder(nn.Module):
         pos = start[0].item()
         torch._check_is_size(pos)
         torch._check(pos + k <= s.max_len)
-        freqs = input_pos.float()[:, None] * self.inv_freq[None, :]  # [k, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scale)[None, :, None, :]  # [1, k, 1, hd]
-        sin = (emb.sin() * self.rope_scale)[None, :, None, :]
+        cos, sin = self.rope(input_pos)  # [k, hd]
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # [1, k, 1, hd]
         x = embeds
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn

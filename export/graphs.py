@@ -49,6 +49,35 @@ def decoder_shape(adapter: CachedDecoderAdapter, max_len: int | None = None) -> 
                         max_len=min(max_len or limit, limit))
 
 
+def rope_rows(adapter: CachedDecoderAdapter, head_dim: int) -> torch.Tensor:
+    """Which row of the positions each rotary frequency reads [hd/2]: all 0 for 1-D RoPE; for
+    M-RoPE (Qwen2.5-VL, `mrope_section` [t, h, w] in frequencies) rows 0, 1, 2 section by section."""
+    params = getattr(adapter.text_config, "rope_parameters", None) or {}
+    sections = params.get("mrope_section") if isinstance(params, dict) else None
+    if not sections:
+        return torch.zeros(head_dim // 2, dtype=torch.long)
+    return torch.cat([torch.full((int(n),), i % 3, dtype=torch.long) for i, n in enumerate(sections)])
+
+
+class Rope(nn.Module):
+    """cos, sin [k, hd] of positions [k] (1-D RoPE) or [R, k] (M-RoPE rows: temporal, height, width)."""
+
+    def __init__(self, adapter: CachedDecoderAdapter, head_dim: int):
+        super().__init__()
+        rotary = adapter.language_model.rotary_emb
+        self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
+        self.register_buffer("rows", rope_rows(adapter, head_dim), persistent=False)
+        self.scale = float(getattr(rotary, "attention_scaling", 1.0))
+        self.n_rows = int(self.rows.max()) + 1
+
+    def forward(self, input_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = input_pos.shape[-1]
+        pos = input_pos.reshape(-1, k).expand(self.n_rows, k).float()  # [R, k]
+        freqs = pos[self.rows].t() * self.inv_freq[None, :]  # [k, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.scale, emb.sin() * self.scale
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -69,9 +98,7 @@ class StaticDecoderGraph(nn.Module):
         self.norm = lm.norm
         self.lm_head = adapter.model.lm_head
         self.shape = shape
-        rotary = lm.rotary_emb
-        self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
-        self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
+        self.rope = Rope(adapter, shape.head_dim)
         self.register_buffer("slot_ids", torch.arange(shape.max_len), persistent=False)
 
     def forward(self, ids: torch.Tensor, image_embeds: torch.Tensor, is_image: torch.Tensor,
@@ -79,9 +106,7 @@ class StaticDecoderGraph(nn.Module):
         s = self.shape
         k = ids.shape[1]
         x = torch.where(is_image[..., None], image_embeds, self.embed_tokens(ids))  # [1, k, d]
-        freqs = input_pos.float()[:, None] * self.inv_freq[None, :]  # [k, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos() * self.rope_scale, emb.sin() * self.rope_scale  # [k, hd]
+        cos, sin = self.rope(input_pos)  # [k, hd]
         visible = self.slot_ids[None, :] <= slots[:, None]  # [k, S]
         bias = torch.where(visible, 0.0, torch.finfo(torch.float32).min)  # [k, S]
         onehot = (self.slot_ids[None, :] == slots[:, None]).float()  # [k, S]
