@@ -36,7 +36,7 @@ LIBRARY_NAME = "libcovspec_et.so"
 DEFAULT_LIBRARY = HERE / "build" / LIBRARY_NAME
 LIBRARY_ENV = "COVSPEC_ET_NATIVE"  # overrides where the shim is looked for
 BUILD_FIX = "build it with `python -m covspec.device_runtime.et_native build` (needs g++ and the executorch wheel)"
-ABI_VERSION = 1
+ABI_VERSION = 2
 ET_LIBS = ("executorch", "executorch_kernels_optimized", "executorch_backend_xnnpack", "executorch_threadpool")
 
 # numpy dtype <-> ExecuTorch ScalarType code (c10 numbering)
@@ -117,6 +117,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "et_run": ([p, s, i, ctypes.POINTER(i), ctypes.POINTER(i), ctypes.POINTER(i64), ctypes.POINTER(p), s, sz], i),
         "et_output_kind": ([p, i], i), "et_output_dtype": ([p, i], i),
         "et_output_shape": ([p, i, ctypes.POINTER(i64), i], i), "et_output_copy": ([p, i, p, sz], i),
+        "et_outputs_info": ([p, ctypes.POINTER(i), ctypes.POINTER(i), ctypes.POINTER(i), ctypes.POINTER(i64), i, i], i),
         "et_output_int": ([p, i], i64), "et_output_double": ([p, i], ctypes.c_double), "et_free": ([p], None),
     }
     for name, (args, result) in signatures.items():
@@ -139,6 +140,19 @@ def probe_in_child(path: Path, library: Path) -> None:
 
 PROBE_REFUSED = 3
 _ERR_BYTES = 1024
+MAX_IO, MAX_DIMS = 64, 16  # inputs or outputs of one method; dimensions of one tensor
+
+
+class _Buffers:
+    """The ctypes arrays a run passes, made once per program (building them per call cost more than the run)."""
+
+    def __init__(self) -> None:
+        self.dtypes, self.ndims = (ctypes.c_int * MAX_IO)(), (ctypes.c_int * MAX_IO)()
+        self.sizes = (ctypes.c_int64 * (MAX_IO * MAX_DIMS))()
+        self.data = (ctypes.c_void_p * MAX_IO)()
+        self.err = ctypes.create_string_buffer(_ERR_BYTES)
+        self.kinds, self.out_dtypes, self.out_ndims = ((ctypes.c_int * MAX_IO)() for _ in range(3))
+        self.shapes = (ctypes.c_int64 * (MAX_IO * MAX_DIMS))()
 
 
 class NativeProgram:
@@ -162,47 +176,56 @@ class NativeProgram:
         if not self._handle:
             raise NativeProgramError(f"{self.path}: {err.value.decode(errors='replace')}; the file is corrupt or "
                                      f"not a program of this kind ({REEXPORT_FIX})")
+        self._io = _Buffers()
         count = self._lib.et_method_count(self._handle)
         self.method_names = frozenset(self._lib.et_method_name(self._handle, i).decode() for i in range(count))
 
     def run_method(self, name: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
         if name not in self.method_names:
             raise NativeProgramError(f"{self.path}: no method {name!r} (methods: {sorted(self.method_names)})")
-        arrays = [np.ascontiguousarray(a) for a in inputs]
-        for i, a in enumerate(arrays):
-            if a.dtype not in DTYPES:
+        n = len(inputs)
+        if n > MAX_IO:
+            raise ValueError(f"{name}: {n} inputs, the native runtime takes at most {MAX_IO}")
+        io, at = self._io, 0
+        arrays = []  # kept alive during the call
+        for i, given in enumerate(inputs):
+            a = np.ascontiguousarray(given)
+            code = DTYPES.get(a.dtype)
+            if code is None:
                 raise TypeError(f"{name} input {i}: dtype {a.dtype} is not one the native runtime takes "
                                 f"({', '.join(str(d) for d in DTYPES)})")
-        n = len(arrays)
-        dtypes = (ctypes.c_int * n)(*(DTYPES[a.dtype] for a in arrays))
-        ndims = (ctypes.c_int * n)(*(a.ndim for a in arrays))
-        sizes = [d for a in arrays for d in a.shape]
-        sizes_c = (ctypes.c_int64 * max(len(sizes), 1))(*sizes)
-        data = (ctypes.c_void_p * n)(*(a.ctypes.data for a in arrays))
-        err = ctypes.create_string_buffer(_ERR_BYTES)
-        count = self._lib.et_run(self._handle, name.encode(), n, dtypes, ndims, sizes_c, data, err, _ERR_BYTES)
+            io.dtypes[i], io.ndims[i], io.data[i] = code, a.ndim, a.__array_interface__["data"][0]
+            io.sizes[at:at + a.ndim] = a.shape
+            at += a.ndim
+            arrays.append(a)
+        count = self._lib.et_run(self._handle, name.encode(), n, io.dtypes, io.ndims, io.sizes, io.data, io.err, _ERR_BYTES)
         if count < 0:
-            raise NativeProgramError(f"{self.path}: {err.value.decode(errors='replace')}")
-        return [self._output(i) for i in range(count)]
+            raise NativeProgramError(f"{self.path}: {io.err.value.decode(errors='replace')}")
+        return self._outputs()
 
-    def _output(self, i: int) -> np.ndarray:
-        lib, h = self._lib, self._handle
-        kind = lib.et_output_kind(h, i)
-        if kind == 1 or kind == 3:
-            return np.asarray(lib.et_output_int(h, i), dtype=np.int64 if kind == 1 else np.bool_)
-        if kind == 2:
-            return np.asarray(lib.et_output_double(h, i), dtype=np.float64)
-        if kind != 0:
-            raise NativeProgramError(f"{self.path}: output {i} is neither a tensor nor a scalar")
-        code = lib.et_output_dtype(h, i)
-        if code not in CODES:
-            raise NativeProgramError(f"{self.path}: output {i} has ExecuTorch dtype code {code}, not mapped to numpy")
-        shape = (ctypes.c_int64 * 16)()
-        ndim = lib.et_output_shape(h, i, shape, 16)
-        out = np.empty(tuple(shape[:ndim]), dtype=CODES[code])
-        if lib.et_output_copy(h, i, out.ctypes.data, out.nbytes) != 0:
-            raise NativeProgramError(f"{self.path}: output {i}: size mismatch copying it out")
-        return out
+    def _outputs(self) -> list[np.ndarray]:
+        """Copies of the last run's outputs (two C calls for the metadata and one copy per tensor)."""
+        lib, h, io = self._lib, self._handle, self._io
+        count = lib.et_outputs_info(h, io.kinds, io.out_dtypes, io.out_ndims, io.shapes, MAX_IO, MAX_DIMS)
+        if count < 0:
+            raise NativeProgramError(f"{self.path}: over {MAX_IO} outputs or {MAX_DIMS} dimensions")
+        outputs = []
+        for i in range(count):
+            kind = io.kinds[i]
+            if kind in (1, 3):
+                outputs.append(np.asarray(lib.et_output_int(h, i), dtype=np.int64 if kind == 1 else np.bool_))
+                continue
+            if kind == 2:
+                outputs.append(np.asarray(lib.et_output_double(h, i), dtype=np.float64))
+                continue
+            dtype = CODES.get(io.out_dtypes[i]) if kind == 0 else None
+            if dtype is None:
+                raise NativeProgramError(f"{self.path}: output {i} is not a tensor of a dtype numpy takes, nor a scalar")
+            out = np.empty(tuple(io.shapes[i * MAX_DIMS:i * MAX_DIMS + io.out_ndims[i]]), dtype=dtype)
+            if lib.et_output_copy(h, i, out.__array_interface__["data"][0], out.nbytes) != 0:
+                raise NativeProgramError(f"{self.path}: output {i}: size mismatch copying it out")
+            outputs.append(out)
+        return outputs
 
     def close(self) -> None:
         if getattr(self, "_handle", None):

@@ -188,9 +188,9 @@ def on_stream(server: EdgeServer, ctx: RequestContext, msg: wire.Stream):
     for new in rounds:
         chunk.extend(new)
         streamed += len(new)
-        if len(chunk) >= msg.chunk:
-            yield _streamed(msg, index, chunk, False, start)
-            index, chunk = index + 1, []
+        while len(chunk) >= msg.chunk:  # a drafted round's tokens in chunks of msg.chunk, as the target's
+            yield _streamed(msg, index, chunk[:msg.chunk], False, start)
+            index, chunk = index + 1, chunk[msg.chunk:]
     elapsed = time.perf_counter() - start
     session.usage.streamed += streamed
     server.counters.tokens_streamed += streamed

@@ -152,4 +152,6 @@ def test_load_bench_device_settings(tmp_path):
     s = load.worker_settings(args, "tcp://127.0.0.1:1", "covspec", 2, 1, tmp_path / "rows.jsonl", tmp_path / "go")
     assert s.modes == ("covspec",) and s.link == "2dev" and s.device == 1
     assert s.start == 14  # after device 0's four prompts
-    assert s.go == str(tmp_path / "go") and s.replay_file == str(tmp_path / "recorded.msgpack")
+    assert s.go == str(tmp_path / "go") and s.replay_file == str(tmp_path / "recorded-loaded.msgpack")
+    alone = load.worker_settings(args, "tcp://127.0.0.1:1", "covspec", 1, 0, tmp_path / "rows.jsonl", tmp_path / "go")
+    assert alone.replay_file == str(tmp_path / "recorded.msgpack")  # a lone device: the edge may draft for it

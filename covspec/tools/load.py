@@ -58,7 +58,14 @@ def worker_settings(args: argparse.Namespace, endpoint: str, mode: str, n: int, 
     """Device `device` of `n` in `mode`: its own --prompts prompts, after those of the devices before it."""
     return WorkerSettings.from_bench(
         args, edge=endpoint, link=f"{n}dev", modes=(mode,), start=args.start + device * args.prompts, rows=str(rows),
-        device=device, go=str(go), replay_file=str(Path(args.out) / "recorded.msgpack") if args.replay else None)
+        device=device, go=str(go), replay_file=str(recording(Path(args.out), n)) if args.replay else None)
+
+
+def recording(out: Path, n: int) -> Path:
+    """The recorded run N devices replay: with one device the edge offers to draft for it (covspec may hand
+    drafting over), with more it declines (edge_runtime.drafting), so those replay a recording whose
+    device drafted every window itself."""
+    return out / ("recorded.msgpack" if n == 1 else "recorded-loaded.msgpack")
 
 
 def run_devices(args: argparse.Namespace, out: Path, endpoint: str, mode: str, n: int) -> list[dict]:
@@ -140,19 +147,43 @@ def write_load(out: Path, summary: list[dict], args: argparse.Namespace) -> None
                      f"{s['latency_p99_ms']:.0f} | {s['edge_batches']} | {s['windows_per_batch']:.2f} | {cpu} | "
                      f"{busy} | {rss} | {equal} |")
     (out / "load.md").write_text("\n".join(lines) + "\n")
+    plot_load(out, summary)
+
+
+def plot_load(out: Path, summary: list[dict]) -> None:
+    """aggregate_tps.png: aggregate tokens/s by number of devices, a line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in dict.fromkeys(s["mode"] for s in summary):
+        points = sorted((s["devices"], s["aggregate_tps"]) for s in summary if s["mode"] == mode)
+        ax.plot([n for n, _ in points], [t for _, t in points], marker="o", label=mode)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("devices")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_title("Aggregate throughput by number of devices")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "aggregate_tps.png", dpi=120)
+    plt.close(fig)
 
 
 def record(args: argparse.Namespace, out: Path, endpoint: str, devices: int) -> None:
-    """The recording pass: one real device answers the prompts of `devices` devices in every mode."""
+    """The recording pass: one real device answers the prompts of `devices` devices in every mode (for more
+    than one device, as on a loaded edge: no hand-over of drafting)."""
     from covspec.tools.procs import one_thread_env
 
-    recorded = out / "recorded.msgpack"
+    recorded = recording(out, devices)
     recorded.unlink(missing_ok=True)
-    (out / "recorded.jsonl").unlink(missing_ok=True)
+    rows = out / f"{recorded.stem}.jsonl"
+    rows.unlink(missing_ok=True)
     settings = WorkerSettings.from_bench(args, edge=endpoint, link="recording", prompts=devices * args.prompts,
-                                         rows=str(out / "recorded.jsonl"), record=str(recorded))
-    command = settings.save(out / "worker-recording.json")
-    with open(out / "recording.log", "w") as log:
+                                         rows=str(rows), record=str(recorded), hand_over=devices == 1)
+    command = settings.save(out / f"worker-{recorded.stem}.json")
+    with open(out / f"{recorded.stem}.log", "w") as log:
         subprocess.run(command, env=one_thread_env(), stdout=log, stderr=subprocess.STDOUT, check=True)
 
 
@@ -181,8 +212,9 @@ def run_load(args: argparse.Namespace) -> Path:
         devices_endpoint = endpoint  # loopback: the devices talk to the edge straight
         if args.load_link != "loopback":  # each device's connection through the emulated link
             link, devices_endpoint = start_link(args.load_link, edge_port)
-        if args.replay:
-            record(args, out, devices_endpoint, max(counts))
+        if args.replay:  # one recording for a lone device, one for devices on a loaded edge
+            for devices in ([1] if 1 in counts else []) + ([max(counts)] if max(counts) > 1 else []):
+                record(args, out, devices_endpoint, devices)
         for mode in args.modes:
             for n in counts:
                 before, cpu_before = edge_stats(endpoint), process_cpu_s(edge.pid)

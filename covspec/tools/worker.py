@@ -44,6 +44,7 @@ class WorkerSettings:
     backend: str = "executorch"  # what runs the bundle: executorch or onnx
     show_answers: bool = False  # print each answer's text under its row line
     edge_pid: int | None = None  # the edge process on this machine: its CPU time per answer goes in the rows
+    hand_over: bool = True  # False: covspec never hands drafting to the edge (a recording of devices on a loaded edge)
 
     @classmethod
     def from_bench(cls, args: argparse.Namespace, **settings) -> WorkerSettings:
@@ -63,6 +64,18 @@ class WorkerSettings:
         return cls(**{**data, "modes": tuple(data["modes"])})
 
 
+def mode_options(mode: str, s: WorkerSettings):
+    """The mode's mechanisms as the settings change them (pruning; no hand-over of drafting), or None."""
+    from dataclasses import replace
+
+    from covspec.modes import MODE_OPTIONS, pruning_options
+
+    options = pruning_options(mode, s.keep, s.merge)
+    if not s.hand_over and MODE_OPTIONS.get(mode) is not None and MODE_OPTIONS[mode].placement:
+        options = replace(options or MODE_OPTIONS[mode], placement=False)
+    return options
+
+
 def run_worker(s: WorkerSettings) -> int:
     import torch
 
@@ -71,7 +84,7 @@ def run_worker(s: WorkerSettings) -> int:
     from covspec.demo.task import make_item, sample_split
     from covspec.device_runtime.client import DeviceRuntime
     from covspec.images import png_bytes
-    from covspec.modes import pruning_options, split_label
+    from covspec.modes import split_label
     from covspec.sampling import SamplingParams
     from covspec.tools.procs import process_cpu_s
 
@@ -103,7 +116,7 @@ def run_worker(s: WorkerSettings) -> int:
                 recorder.start()
             cpu0 = None if s.edge_pid is None else process_cpu_s(s.edge_pid)
             answer = device.answer(image, item.question, mode, params, s.max_new_tokens, window=window,
-                                   options=pruning_options(mode, s.keep, s.merge))
+                                   options=mode_options(mode, s))
             cpu1 = None if cpu0 is None else process_cpu_s(s.edge_pid)
             if recorder is not None:
                 recorder.save(Path(s.record), index + s.start, label, len(answer.ids))

@@ -46,7 +46,7 @@ std::string why(Error e) {
 
 extern "C" {
 
-int et_abi_version() { return 1; }
+int et_abi_version() { return 2; }
 
 // Loads the program at `path` (flatbuffer verifier on) and each of its methods. NULL on failure, with the
 // reason in `err`.
@@ -133,6 +133,27 @@ int et_output_copy(void* handle, int i, void* dst, size_t nbytes) {
   if (t.nbytes() != nbytes) return -1;
   std::memcpy(dst, t.const_data_ptr(), nbytes);
   return 0;
+}
+
+// All outputs of the last run at once (one call instead of four per output): kinds[i], dtypes[i] (tensors;
+// -1 otherwise), ndims[i], and sizes in shapes[i * max_dims ...]. Returns the number of outputs, or -1 when
+// there are more than `max_outputs` or a tensor has more than `max_dims` dimensions.
+int et_outputs_info(void* handle, int* kinds, int* dtypes, int* ndims, int64_t* shapes, int max_outputs,
+                    int max_dims) {
+  const auto& outputs = static_cast<Handle*>(handle)->outputs;
+  if (static_cast<int>(outputs.size()) > max_outputs) return -1;
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    kinds[i] = et_output_kind(handle, static_cast<int>(i));
+    dtypes[i] = -1;
+    ndims[i] = 0;
+    if (kinds[i] != 0) continue;
+    const auto& t = outputs[i].toTensor();
+    if (t.dim() > max_dims) return -1;
+    dtypes[i] = static_cast<int>(t.scalar_type());
+    ndims[i] = static_cast<int>(t.dim());
+    for (int d = 0; d < t.dim(); ++d) shapes[i * max_dims + d] = t.size(d);
+  }
+  return static_cast<int>(outputs.size());
 }
 
 int64_t et_output_int(void* handle, int i) {
