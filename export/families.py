@@ -7,6 +7,9 @@ The decoder is the same for every family whose text model is Llama/Qwen2-like wi
   pixel shuffle and connector inside the graph; activity and received attention as the eager adapter.
   Position ids are a buffer (0..P-1): the tower's embeddings compute them with aten.bucketize, which
   ExecuTorch does not lower (not in the Core ATen opset).
+- qwen2_5_vl: `QwenVisionGraph` (export/qwen_vision.py) for one fixed grid (a QWEN_IMAGE_SIDE square
+  image): rotary positions, window index and window mask precomputed; the decoder takes M-RoPE
+  positions [3, k] as an input.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch import nn
 from covspec.export.graphs import VisionGraph
 from covspec.models.base import VLMAdapter, received_attention
 
-EXPORTABLE_FAMILIES = ("llava", "idefics3")
+EXPORTABLE_FAMILIES = ("llava", "idefics3", "qwen2_5_vl")
 
 
 class Idefics3VisionGraph(nn.Module):
@@ -62,7 +65,34 @@ class Idefics3VisionGraph(nn.Module):
 def vision_graph(adapter: VLMAdapter) -> nn.Module:
     if adapter.family == "idefics3":
         return Idefics3VisionGraph(adapter)
+    if adapter.family == "qwen2_5_vl":
+        from covspec.export.qwen_vision import QwenVisionGraph, fixed_grid
+
+        return QwenVisionGraph(adapter, fixed_grid(adapter))
     return VisionGraph(adapter)
+
+
+def vision_example(adapter: Any) -> torch.Tensor:
+    """The pixels the vision graph takes (its fixed shape)."""
+    if adapter.family == "qwen2_5_vl":
+        from PIL import Image
+
+        from covspec.export.qwen_vision import QWEN_IMAGE_SIDE
+
+        return adapter.preprocess(Image.new("RGB", (QWEN_IMAGE_SIDE, QWEN_IMAGE_SIDE)))["pixel_values"]  # [P, C*t*p*p]
+    size = int(adapter.model.config.vision_config.image_size)
+    return torch.zeros(1, 3, size, size)
+
+
+def vision_extra(graph: nn.Module) -> dict[str, Any]:
+    grid = getattr(graph, "grid", None)
+    return {} if grid is None else {"grid_thw": [1, *grid], "image_side": _qwen_side()}
+
+
+def _qwen_side() -> int:
+    from covspec.export.qwen_vision import QWEN_IMAGE_SIDE
+
+    return QWEN_IMAGE_SIDE
 
 
 def vision_outputs(graph: nn.Module) -> list[str]:
@@ -71,10 +101,11 @@ def vision_outputs(graph: nn.Module) -> list[str]:
 
 def prompt_entry(adapter: Any) -> dict[str, Any]:
     """How the runtime builds the prompt around the visual tokens."""
-    if adapter.family == "idefics3":
-        from covspec.models.idefics3 import PROMPT_AFTER_IMAGE, PROMPT_BEFORE_IMAGE
+    if adapter.family in ("idefics3", "qwen2_5_vl"):
+        import importlib
 
-        return {"before_image": PROMPT_BEFORE_IMAGE, "after_image": PROMPT_AFTER_IMAGE,
+        module = importlib.import_module(f"covspec.models.{adapter.family}")
+        return {"before_image": module.PROMPT_BEFORE_IMAGE, "after_image": module.PROMPT_AFTER_IMAGE,
                 "image_token_id": adapter.image_token_id}
     from covspec.models.llava import PROMPT_TEMPLATE
 

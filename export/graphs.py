@@ -32,6 +32,7 @@ class DecoderShape:
     hidden: int
     vocab: int
     max_len: int  # S: cache slots
+    rope_rows: int = 1  # rows of a position: 1 (RoPE) or 3 (M-RoPE: temporal, height, width)
 
     @property
     def cache_shape(self) -> tuple[int, int, int, int, int]:
@@ -46,7 +47,8 @@ def decoder_shape(adapter: CachedDecoderAdapter, max_len: int | None = None) -> 
     return DecoderShape(layers=len(adapter.language_model.layers),
                         kv_heads=int(getattr(text, "num_key_value_heads", None) or heads), heads=heads,
                         head_dim=int(attn.head_dim), hidden=int(text.hidden_size), vocab=adapter.vocab_size,
-                        max_len=min(max_len or limit, limit))
+                        max_len=min(max_len or limit, limit),
+                        rope_rows=int(rope_rows(adapter, int(attn.head_dim)).max()) + 1)
 
 
 def rope_rows(adapter: CachedDecoderAdapter, head_dim: int) -> torch.Tensor:
@@ -173,13 +175,23 @@ VISION_INPUTS = ["pixels"]
 def decoder_example(shape: DecoderShape, k: int = 4) -> tuple[torch.Tensor, ...]:
     """Example inputs for k tokens (k >= 2, so that export keeps k symbolic)."""
     return (torch.zeros(1, k, dtype=torch.long), torch.zeros(1, k, shape.hidden),
-            torch.zeros(1, k, dtype=torch.bool), torch.arange(k), torch.arange(k), torch.zeros(shape.cache_shape))
+            torch.zeros(1, k, dtype=torch.bool), position_example(shape, k), torch.arange(k),
+            torch.zeros(shape.cache_shape))
 
 
-def decoder_dynamic_shapes(max_chunk: int) -> tuple[dict[int, object] | None, ...]:
+def position_example(shape: DecoderShape, k: int) -> torch.Tensor:
+    """input_pos for k tokens: [k], or [3, k] for M-RoPE."""
+    return torch.arange(k) if shape.rope_rows == 1 else torch.arange(k).expand(shape.rope_rows, k).contiguous()
+
+
+def position_dims(shape: DecoderShape, k: object) -> dict[int, object]:
+    return {0: k} if shape.rope_rows == 1 else {1: k}
+
+
+def decoder_dynamic_shapes(max_chunk: int, shape: DecoderShape | None = None) -> tuple[dict[int, object] | None, ...]:
     """k symbolic in [1, max_chunk]: one graph serves single steps, draft windows and prefill chunks."""
     k = torch.export.Dim("k", min=1, max=max_chunk)
-    return ({1: k}, {1: k}, {1: k}, {0: k}, {0: k}, None)
+    return ({1: k}, {1: k}, {1: k}, {0: k} if shape is None else position_dims(shape, k), {0: k}, None)
 
 
 def vision_outputs(graph: VisionGraph) -> list[str]:

@@ -5,7 +5,8 @@
 - `token_embedding(ids [1, T] int64) -> embeds [1, T, d]`;
 - `text_decoder(embeds [1, T, d], cache_position [T] int64) -> logits [1, T, V]`: the runners'
   convention (RoPE position = cache slot);
-- `covspec_decoder(ids [1, k], image_embeds [1, k, d], is_image [1, k] bool, input_pos [k], start [1])
+- `covspec_decoder(ids [1, k], image_embeds [1, k, d], is_image [1, k] bool, input_pos [k] (or [3, k]
+  M-RoPE), start [1])
   -> logits [1, k, V]`: CoVSpec's step (RoPE positions apart from the cache slots start..start+k-1,
   logits for every token, rollback by writing at an earlier start);
 - `read_cache() -> cache [L, 2, S, kvH, hd]` and `write_cache(cache) -> [1]`: move the cache out and
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from covspec.export.cached_decoder import CachedDecoder
-from covspec.export.graphs import DecoderShape
+from covspec.export.graphs import DecoderShape, position_dims, position_example
 
 METHODS = ("vision_encoder", "token_embedding", "text_decoder", "covspec_decoder", "read_cache", "write_cache")
 LAYOUT = "executorch-multimodal"
@@ -104,9 +105,9 @@ def method_programs(vision: nn.Module, core: CachedDecoder, pixels: torch.Tensor
         "vision_encoder": (VisionEncoder(vision), (pixels,), None),
         "token_embedding": (TokenEmbedding(core), (ids,), ({1: k},)),
         "text_decoder": (TextDecoder(core), (embeds, torch.arange(n)), ({1: k}, {0: k})),
-        "covspec_decoder": (CovspecDecoder(core), (ids, embeds, torch.zeros(1, n, dtype=torch.bool), torch.arange(n),
-                                                   torch.zeros(1, dtype=torch.long)),
-                            ({1: k}, {1: k}, {1: k}, {0: k}, None)),
+        "covspec_decoder": (CovspecDecoder(core), (ids, embeds, torch.zeros(1, n, dtype=torch.bool),
+                                                   position_example(s, n), torch.zeros(1, dtype=torch.long)),
+                            ({1: k}, {1: k}, {1: k}, position_dims(s, k), None)),
         "read_cache": (ReadCache(core), (), None),
         "write_cache": (WriteCache(core), (cache,), None),
     }

@@ -18,7 +18,14 @@ import torch
 
 from covspec.export import quant as q
 from covspec.export.cached_decoder import CachedDecoder
-from covspec.export.families import EXPORTABLE_FAMILIES, prompt_entry, vision_graph, vision_outputs
+from covspec.export.families import (
+    EXPORTABLE_FAMILIES,
+    prompt_entry,
+    vision_example,
+    vision_extra,
+    vision_graph,
+    vision_outputs,
+)
 from covspec.export.graphs import (
     DECODER_INPUTS,
     DECODER_OUTPUTS,
@@ -45,10 +52,8 @@ class ExportUnsupported(Exception):
 
 # why each known family is not exported yet, and what to run instead
 FAMILY_LIMITS = {
-    "qwen2_5_vl": ("vision tower: transformers.vision_utils.get_vision_window_index calls grid_thw.tolist() "
-                   "(aten._local_scalar_dense: data-dependent, torch.export raises GuardOnDataDependentSymNode); "
-                   "decoder: M-RoPE's 3-row position ids must be computed outside the graph; not exported yet"),
     "idefics3": "exported (device bundle), but the bundle runtime (BundleAdapter) runs LLaVA bundles only",
+    "qwen2_5_vl": "exported (device bundle) for one fixed grid, but the bundle runtime runs LLaVA bundles only",
 }
 FALLBACK = "ship the Hugging Face checkpoint and run it with the PyTorch adapter (covspec.models.load_adapter)"
 
@@ -69,9 +74,9 @@ def operator_named(err: BaseException) -> str | None:
 
 def describe_model(adapter: CachedDecoderAdapter, max_len: int | None, max_chunk: int) -> dict[str, Any]:
     shape = decoder_shape(adapter, max_len)
-    size = int(adapter.model.config.vision_config.image_size)
     vision = vision_graph(adapter)
-    n_tokens = int(adapter.encode_image({"pixel_values": torch.zeros(1, 3, size, size)}).count)
+    pixels = vision_example(adapter)
+    n_tokens = int(vision(pixels)[0].shape[0])
     return {
         "family": adapter.family,
         "model_type": adapter.model.config.model_type,
@@ -80,8 +85,8 @@ def describe_model(adapter: CachedDecoderAdapter, max_len: int | None, max_chunk
         "vocab_size": adapter.vocab_size,
         "eos_token_ids": sorted(adapter.eos_token_ids),
         "prompt": prompt_entry(adapter),
-        "vision": {"pixels": [1, 3, size, size], "tokens": n_tokens, "hidden": shape.hidden,
-                   "outputs": vision_outputs(vision)},
+        "vision": {"pixels": list(pixels.shape), "tokens": n_tokens, "hidden": shape.hidden,
+                   "outputs": vision_outputs(vision), **vision_extra(vision)},
         "decoder": {**asdict(shape), "cache": list(shape.cache_shape), "max_chunk": min(max_chunk, shape.max_len),
                     "inputs": DECODER_INPUTS, "outputs": DECODER_OUTPUTS},
     }
@@ -95,7 +100,7 @@ def _graphs(adapter: CachedDecoderAdapter, info: dict[str, Any], scheme: str,
     shape = decoder_shape(model, info["decoder"]["max_len"])
     vision, decoder = vision_graph(model).eval(), StaticDecoderGraph(model, shape).eval()
     if scheme != "none":
-        q.prepare_for_quantization(vision.tower, decoder)
+        q.prepare_for_quantization(getattr(vision, "tower", vision), decoder)
         if for_pte:
             q.quantize_module(vision, scheme)
             q.quantize_module(decoder, scheme)
@@ -109,7 +114,7 @@ def _pte_graphs(adapter: CachedDecoderAdapter, info: dict[str, Any],
     vision = vision_graph(model).eval()
     core = CachedDecoder(model, decoder_shape(model, info["decoder"]["max_len"])).eval()
     if scheme != "none":
-        q.prepare_for_quantization(vision.tower, core)
+        q.prepare_for_quantization(getattr(vision, "tower", vision), core)
         q.quantize_module(vision, scheme)
         q.quantize_module(core, scheme)
     return vision, core
@@ -150,7 +155,7 @@ def write_programs(adapter: CachedDecoderAdapter, out: Path, info: dict[str, Any
                 write_onnx(vision, (pixels,), out / "vision.onnx", VISION_INPUTS, vision_outputs(vision), None, scheme)
                 step(f"decoder.onnx ({scheme}, static cache {shape.max_len}, k<={max_chunk})")
                 write_onnx(decoder, decoder_example(shape), out / "decoder.onnx", DECODER_INPUTS, DECODER_OUTPUTS,
-                           decoder_dynamic_shapes(max_chunk), scheme)
+                           decoder_dynamic_shapes(max_chunk, shape), scheme)
                 programs["onnx"] = {"vision": "vision.onnx", "decoder": "decoder.onnx", "runtime": "onnxruntime"}
         except ExportUnsupported:
             raise
