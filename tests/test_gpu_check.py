@@ -37,3 +37,20 @@ def test_the_random_target_has_the_shape_asked_for() -> None:
     assert state.length == 16 and state.cache.layers[0].keys.dtype == torch.bfloat16
     with pytest.raises(KeyError):
         build_target("qwen72b", torch.device("cpu"), torch.float32)
+
+
+def test_the_compiled_path_runs_the_static_pass_through_its_runner(monkeypatch) -> None:
+    """torch.compile itself is left out (minutes on a CPU); what the script hands it must run."""
+    import torch
+
+    from covspec.tools import gpu_check
+
+    compiled = []
+    monkeypatch.setattr(gpu_check.torch, "compile", lambda fn, **options: compiled.append(options) or fn)
+    args = gpu_check.parse(["--cpu-smoke"])
+    adapter = build_target("smoke", torch.device("cpu"), torch.float32)
+    rows = gpu_check.measure_verify(adapter, 1, gpu_check.Clock(600), args, lambda: None, compiled=True,
+                                    windows=(1, 8), margin_s=0)
+    assert compiled == [{"mode": "reduce-overhead", "dynamic": False}]
+    assert [(r["path"], r["window"]) for r in rows] == [("static_compile", 1), ("static_compile", 8)]
+    assert all(r["ms"] > 0 for r in rows), rows

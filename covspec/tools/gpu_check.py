@@ -134,15 +134,15 @@ def measure_verify(adapter, sessions: int, clock: Clock, args, sync, compiled: b
     """Rows {sessions, path, window, ms}: verify time per window length, every path (`verify_paths`);
     a window is skipped when less than reserve_s + margin_s is left."""
     states = [prefilled(adapter, args.context, seed=i) for i in range(sessions)]
-    rows = []
+    rows, lengths = [], windows or args.windows
     for path, run in verify_paths(adapter, states, args, compiled).items():
-        for n in windows or args.windows:
+        for n in lengths:
             if clock.left() < args.reserve_s + margin_s:
                 rows.append({"sessions": sessions, "path": path, "window": n, "skipped": "out of time"})
                 continue
-            windows = [torch.arange(5, 5 + n) for _ in states]
+            ids = [torch.arange(5, 5 + n) for _ in states]
             try:
-                ms = median_ms(lambda run=run, windows=windows: run(windows), args.reps, sync)
+                ms = median_ms(lambda run=run, ids=ids: run(ids), args.reps, sync)
                 rows.append({"sessions": sessions, "path": path, "window": n, "ms": round(ms, 3)})
             except Exception as err:  # a path that fails here is reported, the others still measured
                 rows.append({"sessions": sessions, "path": path, "window": n, "error": f"{type(err).__name__}: {err}"[:300]})
