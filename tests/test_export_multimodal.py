@@ -131,6 +131,10 @@ def visible_words(text: str, specials: list[str]) -> list[str]:
 
 @pytest.mark.slow
 def test_executorch_multimodal_runner_gives_our_greedy_text(exported: tuple[Path, Path]) -> None:
+    """The runner decodes through token_embedding + text_decoder, we through covspec_decoder. The runner
+    samples among the tokenizer's ids only, while the tiny models' logits also cover padded embedding
+    rows (vocab_size = tokenizer + 8) that random weights sometimes rank first: texts are compared up to
+    our first such token (or EOS)."""
     from executorch.extension.llm.runner import MultimodalRunner
 
     from covspec.bundles.adapter import BundleAdapter
@@ -139,13 +143,18 @@ def test_executorch_multimodal_runner_gives_our_greedy_text(exported: tuple[Path
     ours = BundleAdapter(exported[1], backend="executorch")
     runner = MultimodalRunner(str(exported[1] / "model.pte"), str(exported[1] / "runner_tokenizer.json"))
     specials = list(ours.tokenizer.all_special_tokens)
+    compared = 0
     for image in images():
         for prompt in PROMPTS[:3]:
-            result = generate(ours, image, prompt, max_new_tokens=12)
-            if result.ids and result.ids[-1] in ours.eos_token_ids:
-                pytest.fail("an answer ended by EOS: the runner's text would not be comparable")
-            theirs = runner_text(runner, ours, image, prompt, max_new_tokens=len(result.ids))
-            assert visible_words(theirs, specials) == ours.decode(result.ids).split(), (prompt, theirs)
+            ids = generate(ours, image, prompt, max_new_tokens=12).ids
+            n = next((i for i, t in enumerate(ids) if t >= len(ours.tokenizer) or t in ours.eos_token_ids), len(ids))
+            if n == 0:
+                continue
+            theirs = runner_text(runner, ours, image, prompt, max_new_tokens=n)
+            assert visible_words(theirs, specials) == ours.decode(ids[:n]).split(), (prompt, theirs)
+            compared += n
+    print(f"{exported[0].parent.name}: {compared} greedy tokens of the C++ MultimodalRunner equal ours")
+    assert compared >= 30
 
 
 @pytest.mark.slow
