@@ -99,7 +99,8 @@ HANDSHAKE_FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the edge does not admit this device's CURVE key (add its public key "
                                      "NAME.key to the edge's --allow folder and restart the edge)",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the security handshake failed (is --edge-key the edge's own public key, "
-                                          "and does the edge use --auth curve?)",
+                                          "and does the edge use --auth curve? through a link emulator: is the "
+                                          "edge behind it up?)",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the security mechanisms differ (does the edge run --auth none while "
                                          "this device sends keys?)",
 }
@@ -378,6 +379,9 @@ class Client:
         while self._monitor.poll(0):
             self._watch.on_event(recv_monitor_message(self._monitor)["event"], now)
         watch = self._watch
+        if watch.refused == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self.keys is None:
+            watch.refused = None  # not a refusal: a CURVE edge answers a keyless device with FAILED_PROTOCOL;
+            watch.tcp = True  # this is a connection dropped mid-handshake (a link emulator whose edge is not up)
         if watch.refused is not None:
             reason = HANDSHAKE_FAILURES[watch.refused]
             if self.keys is None:
