@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ LIBRARY_NAME = "libcovspec_et.so"
 DEFAULT_LIBRARY = HERE / "build" / LIBRARY_NAME
 LIBRARY_ENV = "COVSPEC_ET_NATIVE"  # overrides where the shim is looked for
 BUILD_FIX = "build it with `python -m covspec.device_runtime.et_native build` (needs g++ and the executorch wheel)"
-ABI_VERSION = 2
+ABI_VERSION = 3
 ET_LIBS = ("executorch", "executorch_kernels_optimized", "executorch_backend_xnnpack", "executorch_threadpool")
 
 # numpy dtype <-> ExecuTorch ScalarType code (c10 numbering)
@@ -114,6 +115,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i, i64, sz, s = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_size_t, ctypes.c_char_p
     signatures = {
         "et_load": ([s, s, sz], p), "et_method_count": ([p], i), "et_method_name": ([p, i], s),
+        "et_method_status": ([p, i], i),
         "et_run": ([p, s, i, ctypes.POINTER(i), ctypes.POINTER(i), ctypes.POINTER(i64), ctypes.POINTER(p), s, sz], i),
         "et_output_kind": ([p, i], i), "et_output_dtype": ([p, i], i),
         "et_output_shape": ([p, i, ctypes.POINTER(i64), i], i), "et_output_copy": ([p, i, p, sz], i),
@@ -125,12 +127,13 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.argtypes, fn.restype = args, result
 
 
-def probe_in_child(path: Path, library: Path) -> None:
-    """Loads `path` in a child process first: a file that aborts the runtime aborts the child only."""
+def probe_in_child(path: Path, library: Path) -> list[str]:
+    """Loads `path` in a child process first: a file that aborts the runtime aborts the child only.
+    Returns the kernels the child's runtime reported missing (ExecuTorch logs them by name)."""
     done = subprocess.run([sys.executable, "-m", "covspec.device_runtime.et_native", "probe", str(path), str(library)],
                           capture_output=True, text=True, check=False, timeout=300)
     if done.returncode == 0:
-        return
+        return sorted(set(MISSING_KERNEL.findall(done.stderr)))
     if done.returncode == PROBE_REFUSED:  # the child's NativeProgramError, as it is
         raise NativeProgramError(done.stderr.strip().splitlines()[-1])
     how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit status {done.returncode}"
@@ -138,6 +141,11 @@ def probe_in_child(path: Path, library: Path) -> None:
                              f"or not a program of this kind ({REEXPORT_FIX})")
 
 
+MISSING_KERNEL = re.compile(r"kernel '([^']+)' not found")
+OPERATOR_MISSING = 20  # ExecuTorch's Error::OperatorMissing
+KERNELS_FIX = ("link the kernels into the shim: the llama:: custom ops (update_cache, custom_sdpa) ship in the "
+               "executorch wheel only inside libcustom_ops_aot_lib.so, which links libtorch, so a torch-free "
+               "runtime needs them built from ExecuTorch's source (extension/llm/custom_ops)")
 PROBE_REFUSED = 3
 _ERR_BYTES = 1024
 MAX_IO, MAX_DIMS = 64, 16  # inputs or outputs of one method; dimensions of one tensor
@@ -169,8 +177,7 @@ class NativeProgram:
             check_pte_file(self.path)
         except ProgramFileError as err:
             raise NativeProgramError(str(err)) from None
-        if probe:
-            probe_in_child(self.path, lib_path)
+        self.missing_kernels = probe_in_child(self.path, lib_path) if probe else []
         err = ctypes.create_string_buffer(_ERR_BYTES)
         self._handle = self._lib.et_load(str(self.path).encode(), err, _ERR_BYTES)
         if not self._handle:
@@ -178,11 +185,19 @@ class NativeProgram:
                                      f"not a program of this kind ({REEXPORT_FIX})")
         self._io = _Buffers()
         count = self._lib.et_method_count(self._handle)
-        self.method_names = frozenset(self._lib.et_method_name(self._handle, i).decode() for i in range(count))
+        names = [self._lib.et_method_name(self._handle, i).decode() for i in range(count)]
+        self.method_names = frozenset(names)
+        # methods that did not load for want of a kernel (the others are refused at load): name -> why
+        self.unavailable = {name: "a kernel this runtime lacks" for i, name in enumerate(names)
+                            if self._lib.et_method_status(self._handle, i) == OPERATOR_MISSING}
 
     def run_method(self, name: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
         if name not in self.method_names:
             raise NativeProgramError(f"{self.path}: no method {name!r} (methods: {sorted(self.method_names)})")
+        if name in self.unavailable:
+            kernels = f" ({', '.join(self.missing_kernels)} missing)" if self.missing_kernels else ""
+            raise NativeProgramError(f"{self.path}: method {name} needs kernels this runtime lacks{kernels}; "
+                                     f"{KERNELS_FIX}")
         n = len(inputs)
         if n > MAX_IO:
             raise ValueError(f"{name}: {n} inputs, the native runtime takes at most {MAX_IO}")

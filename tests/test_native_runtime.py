@@ -6,6 +6,7 @@ an error naming the file and the fix, never an abort."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -22,13 +23,36 @@ CHILD = """
 import json, sys
 import numpy as np
 from covspec.device_runtime.et_native import NativeProgram
-program = NativeProgram(sys.argv[1], sys.argv[2])
-inputs = np.load(sys.argv[3])
-outputs = program.run_method("forward", [inputs["x"], inputs["ids"]])
-np.savez(sys.argv[4], *outputs)
+pte, library, given, plan, out = sys.argv[1:6]
+program = NativeProgram(pte, library)
+inputs = np.load(given)
+outputs = {}
+for step, (method, names) in enumerate(json.loads(plan)):
+    for j, value in enumerate(program.run_method(method, [inputs[n] for n in names])):
+        outputs[f"{step}_{j}"] = value
+np.savez(out, **outputs)
+refusals = {}
+for method in sorted(program.unavailable):
+    try:
+        program.run_method(method, [])
+    except Exception as err:
+        refusals[method] = str(err)
 print(json.dumps({"torch": [m for m in sys.modules if m == "torch" or m.startswith("torch.")],
-                  "methods": sorted(program.method_names)}))
+                  "methods": sorted(program.method_names), "unavailable": sorted(program.unavailable),
+                  "refusals": refusals}))
 """
+
+
+def run_without_torch(pte: Path, library: Path, inputs: dict[str, np.ndarray], plan: list[tuple[str, list[str]]],
+                      tmp: Path) -> tuple[dict, list[list[np.ndarray]]]:
+    """Runs `plan` (method, input names) through the shim in a child process; (its report, outputs per step)."""
+    np.savez(tmp / "in.npz", **inputs)
+    done = subprocess.run([sys.executable, "-c", CHILD, str(pte), str(library), str(tmp / "in.npz"), json.dumps(plan),
+                           str(tmp / "out.npz")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = np.load(tmp / "out.npz")
+    steps = [[got[f"{i}_{j}"] for j in range(sum(k.startswith(f"{i}_") for k in got.files))] for i in range(len(plan))]
+    return json.loads(done.stdout.strip().splitlines()[-1]), steps
 
 
 def _have_toolchain() -> str | None:
@@ -80,14 +104,8 @@ def _inputs() -> dict[str, np.ndarray]:
 
 def test_outputs_without_torch_equal_the_python_bindings(library, program, tmp_path):
     inputs = _inputs()
-    np.savez(tmp_path / "in.npz", **inputs)
-    done = subprocess.run([sys.executable, "-c", CHILD, str(program), str(library), str(tmp_path / "in.npz"),
-                           str(tmp_path / "out.npz")], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report == {"torch": [], "methods": ["forward"]}
-    native = np.load(tmp_path / "out.npz")
-    native = [native[f"arr_{i}"] for i in range(len(native.files))]
+    report, (native,) = run_without_torch(program, library, inputs, [("forward", ["x", "ids"])], tmp_path)
+    assert report == {"torch": [], "methods": ["forward"], "unavailable": [], "refusals": {}}
 
     import torch
     from executorch.runtime import Runtime
@@ -159,3 +177,49 @@ def test_wrong_method_and_dtype_are_clear(library, program):
         native.run_method("forward", [np.zeros((3, 8), dtype=np.complex128), np.zeros(3, dtype=np.int64)])
     with pytest.raises(NativeProgramError, match="method forward failed"):
         native.run_method("forward", [np.zeros((3, 8), dtype=np.float32)])  # one input missing
+
+
+BUNDLE_PLAN = [("vision_encoder", ["pixels"]), ("token_embedding", ["ids"]), ("get_vocab_size", []),
+               ("get_max_seq_len", []), ("get_eos_ids", []), ("write_cache", ["cache"]), ("read_cache", [])]
+
+
+def compare_bundle_methods(model: Path, library: Path, tmp: Path) -> dict:
+    """The device bundle's model.pte: each method the shim can run, in a torch-free child, against the
+    Python bindings (with the llama:: custom ops loaded) on the same inputs; the decoders need kernels
+    the wheel ships only in torch-linked libraries, and must be reported unavailable, naming them."""
+    import torch
+    from executorch.runtime import Runtime
+
+    from covspec.export.cached_decoder import load_custom_ops
+
+    load_custom_ops()
+    bindings = Runtime.get().load_program(model)
+    shape = lambda name, i: list(bindings.load_method(name).metadata.input_tensor_meta(i).sizes())  # noqa: E731
+    rng = np.random.default_rng(0)
+    inputs = {"pixels": rng.standard_normal(shape("vision_encoder", 0)).astype(np.float32),
+              "ids": rng.integers(0, 40, (1, 5)).astype(np.int64),
+              "cache": rng.standard_normal(shape("write_cache", 0)).astype(np.float32)}
+    report, native = run_without_torch(model, library, inputs, BUNDLE_PLAN, tmp)
+    assert report["torch"] == [] and report["unavailable"] == ["covspec_decoder", "text_decoder"], report
+    for (method, names), got in zip(BUNDLE_PLAN, native, strict=True):
+        want = [np.asarray(t.numpy() if isinstance(t, torch.Tensor) else t)
+                for t in bindings.load_method(method).execute([torch.from_numpy(inputs[n]) for n in names])]
+        assert len(got) == len(want), method
+        for a, b in zip(got, want, strict=True):
+            assert a.shape == b.shape, (method, a.shape, b.shape)
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=method)
+    np.testing.assert_array_equal(native[-1][0], inputs["cache"])  # read_cache gives back what write_cache wrote
+    for method in ("covspec_decoder", "text_decoder"):
+        assert re.search(r"llama::custom_sdpa.*update_cache.*extension/llm/custom_ops", report["refusals"][method])
+    return report
+
+
+@pytest.mark.slow
+def test_the_demo_bundle_methods_without_torch(library, tmp_path):
+    """Exports the demo pair's int8 device bundle (minutes), then compare_bundle_methods."""
+    from covspec.demo import default_draft_path, default_target_path
+    from covspec.export import build_bundles
+
+    device, _ = build_bundles(default_draft_path(), default_target_path(), tmp_path / "ex", quant="int8",
+                              formats=("pte",), edge_backend="pytorch", quiet=True)
+    compare_bundle_methods(device / "model.pte", library, tmp_path)

@@ -27,6 +27,7 @@ namespace {
 struct Handle {
   std::unique_ptr<Module> module;
   std::vector<std::string> names;
+  std::vector<int> status;  // per method: 0 loaded, else the ExecuTorch error (OperatorMissing: a kernel lacking)
   std::vector<EValue> outputs;
   std::vector<int64_t> scalars;  // storage for non-tensor outputs (int, bool as int64; double bits)
 };
@@ -46,13 +47,16 @@ std::string why(Error e) {
 
 extern "C" {
 
-int et_abi_version() { return 2; }
+int et_abi_version() { return 3; }
 
 // Loads the program at `path` (flatbuffer verifier on) and each of its methods. NULL on failure, with the
 // reason in `err`.
 void* et_load(const char* path, char* err, size_t errlen) {
   auto h = std::make_unique<Handle>();
-  h->module = std::make_unique<Module>(std::string(path), Module::LoadMode::File);
+  // share_memory_arenas: the methods of one program share its mutable buffers (the bundle's KV cache,
+  // which write_cache/read_cache and the decoders use); outputs are copied out before the next run.
+  h->module = std::make_unique<Module>(std::string(path), Module::LoadMode::File, nullptr, nullptr, nullptr,
+                                       /*share_memory_arenas=*/true);
   Error e = h->module->load(Program::Verification::InternalConsistency);
   if (e != Error::Ok) {
     say(err, errlen, "cannot load the program: " + why(e));
@@ -66,7 +70,8 @@ void* et_load(const char* path, char* err, size_t errlen) {
   h->names.assign(names->begin(), names->end());
   for (const auto& name : h->names) {  // every method now: a broken one fails here, not at its first run
     Error m = h->module->load_method(name);
-    if (m != Error::Ok) {
+    h->status.push_back(static_cast<int>(m));
+    if (m != Error::Ok && m != Error::OperatorMissing) {  // a kernel this runtime lacks: that method only
       say(err, errlen, "cannot load its method " + name + ": " + why(m));
       return nullptr;
     }
@@ -77,6 +82,9 @@ void* et_load(const char* path, char* err, size_t errlen) {
 int et_method_count(void* handle) { return static_cast<int>(static_cast<Handle*>(handle)->names.size()); }
 
 const char* et_method_name(void* handle, int i) { return static_cast<Handle*>(handle)->names.at(i).c_str(); }
+
+// 0 when method i loaded; otherwise its ExecuTorch error code (20: OperatorMissing, a kernel not linked in).
+int et_method_status(void* handle, int i) { return static_cast<Handle*>(handle)->status.at(i); }
 
 // Runs `method` on n tensors (dtypes: ExecuTorch ScalarType codes; shapes: ndims[i] sizes each, all
 // concatenated in `sizes`; data: C-contiguous buffers the caller keeps alive during the call).
