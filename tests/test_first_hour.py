@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import urllib.error
 import urllib.request
@@ -241,3 +242,64 @@ def test_import_covspec_is_cheap_and_exposes_the_api():
     assert covspec.answer is api.answer and callable(covspec.bench) and callable(covspec.serve_edge)
     with pytest.raises(AttributeError):
         covspec.no_such_thing  # noqa: B018
+
+
+def test_a_bad_bundle_is_named_once(tmp_path):
+    with pytest.raises(CovspecError) as err:
+        api.load_draft(bundle=tmp_path / "nowhere")
+    assert str(err.value).count(f"bundle {tmp_path / 'nowhere'}") == 1, str(err.value)
+    with pytest.raises(CovspecError, match="--bundle DIR .* or --model PATH"):
+        api.load_draft()
+
+
+def test_export_reuse_needs_both_manifests_newer_than_the_checkpoints(tmp_path, monkeypatch):
+    import os
+
+    from covspec.bundles import bundle
+
+    monkeypatch.setattr(bundle, "load_bundle", lambda folder: None)  # the files' checksums: bundle's own tests
+    draft, target, out = tmp_path / "draft", tmp_path / "target", tmp_path / "out"
+    for folder in (draft, target, out / "device", out / "edge"):
+        folder.mkdir(parents=True)
+    (draft / "model.safetensors").write_bytes(b"d")
+    (target / "model.safetensors").write_bytes(b"t")
+    assert not api.exported(draft, target, out)  # no manifests
+    for kind in ("device", "edge"):
+        (out / kind / "manifest.json").write_text("{}")
+    assert api.exported(draft, target, out)
+    later = (out / "edge" / "manifest.json").stat().st_mtime + 10
+    os.utime(draft / "model.safetensors", (later, later))  # the draft changed after the export
+    assert not api.exported(draft, target, out)
+
+
+def test_bench_defaults_ask_for_long_answers_and_report_speed_up():
+    from covspec.cli import build_parser
+    from covspec.tools import bench
+
+    args = build_parser().parse_args(["bench"])
+    assert args.question_type == "describe" and args.backend == "auto" and args.bundle is None
+    row = {"tokens": 10, "ttft_s": 0.1, "decode_tps": 50.0, "bytes_up": 100, "bytes_down": 100, "score": 1.0,
+           "mean_accepted": float("nan"), "acceptance": float("nan"), "matches_target": None, "rounds": 0}
+    rows = [{**row, "link": "4g", "mode": "target_only", "latency_s": 0.6},
+            {**row, "link": "4g", "mode": "covspec", "latency_s": 0.2, "matches_target": True},
+            {**row, "link": "wifi", "mode": "covspec", "latency_s": 0.3, "matches_target": True}]
+    by = {(s["link"], s["mode"]): s for s in bench.summarise(rows)}
+    assert by[("4g", "target_only")]["speedup"] == pytest.approx(1.0)
+    assert by[("4g", "covspec")]["speedup"] == pytest.approx(3.0)
+    assert by[("wifi", "covspec")]["speedup"] != by[("wifi", "covspec")]["speedup"]  # nan: no target_only there
+    with pytest.raises(TypeError, match="no_such_option"):
+        api.bench(no_such_option=1)
+
+
+def test_bench_workers_native_log_lines_go_to_their_log_only(tmp_path, capsys):
+    import sys
+
+    from covspec.tools.bench import run_worker
+
+    code = "print('[cpuinfo_utils.cpp:71] Reading file x'); print('[loopback] #0 covspec 42 tokens')"
+    run_worker([sys.executable, "-c", code], dict(os.environ), tmp_path / "w.log")
+    shown = capsys.readouterr().out
+    assert "[loopback] #0 covspec" in shown and "cpuinfo" not in shown
+    assert "cpuinfo" in (tmp_path / "w.log").read_text()
+    with pytest.raises(CovspecError, match="a device worker failed .*w.log"):
+        run_worker([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), tmp_path / "w.log")
