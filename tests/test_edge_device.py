@@ -14,7 +14,7 @@ import torch
 from covspec.demo import default_draft_path, default_target_path
 from covspec.demo.task import sample_split
 from covspec.device_runtime.client import DeviceRuntime
-from covspec.edge_runtime.batching import forward_batch
+from covspec.edge_runtime.batching import forward_batch, prefill_batch
 from covspec.edge_runtime.server import EdgeServer, EdgeSettings
 from covspec.edge_runtime.settings import DTYPE_NAMES
 from covspec.edge_runtime.target import load_target, place_target
@@ -73,14 +73,19 @@ def test_a_bf16_target_keeps_weights_and_caches_in_bf16_and_gives_float32_logits
 @pytest.mark.parametrize("build", [tiny_models.build_llava, tiny_models.build_qwen2_5_vl, tiny_models.build_idefics3],
                          ids=["llava", "qwen2_5_vl", "idefics3"])
 def test_every_family_batches_in_bf16_as_it_decodes_alone(build, tmp_path) -> None:
-    """The batched pass (our attention function, its masks) of a bf16 target: the logits of each
-    window match that session's own bf16 forward to bf16 rounding, and the caches stay bf16."""
+    """The batched passes (our attention function, its masks) of a bf16 target: the prefills' and each
+    window's logits match that session's own bf16 passes to bf16 rounding, and the caches stay bf16."""
     adapter = place_target(load_adapter(build(tmp_path / "m")), dtype="bfloat16")
     image = tiny_models_image()
     visual = adapter.encode_image(adapter.preprocess(image))
     prompts = ["what is the color of the circle ?", "describe this image ."]
-    alone = [adapter.prefill(visual, p)[1] for p in prompts]
-    batched = [adapter.prefill(visual, p)[1] for p in prompts]
+    prefills = [adapter.prefill(visual, p) for p in prompts]
+    alone = [state for _, state in prefills]
+    batched = [state for _, state in prefill_batch(adapter, [adapter.prefill_inputs(visual, p) for p in prompts])]
+    for (logits, _), (batched_logits, _) in zip(prefills, prefill_batch(adapter, [adapter.prefill_inputs(visual, p)
+                                                                                for p in prompts]), strict=True):
+        assert batched_logits.dtype == torch.float32 and batched_logits.device.type == "cpu"
+        torch.testing.assert_close(batched_logits, logits, atol=0.05 * float(logits.abs().max()) + 1e-3, rtol=0.05)
     windows = [torch.tensor([5, 6, 7]), torch.tensor([8, 9])]
     expected = [adapter.forward(state, ids) for state, ids in zip(alone, windows, strict=True)]
     got = forward_batch(adapter, batched, windows)
