@@ -21,19 +21,27 @@ is always served.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from covspec.drafter import Drafter, Window
+from covspec.edge_runtime.batching import Window as BatchWindow
+from covspec.edge_runtime.batching import can_batch, run_batch
 from covspec.edge_runtime.session import SessionError, TargetSession
+from covspec.edge_runtime.static_target import StaticTarget
 from covspec.edge_runtime.visual import encode
 from covspec.models.base import VLMAdapter
 from covspec.modes import COVSPEC
 from covspec.policy import MarginGate, OnlineStats, choose_window
 from covspec.sampling import SamplingParams
 from covspec.transport import protocol as wire
+
+log = logging.getLogger("covspec.edge")
 
 RATE_WEIGHT = 0.2  # EWMA weight of an edge-drafted stream's seconds per token
 
@@ -118,30 +126,108 @@ class EdgeDrafting:
                 (1 - RATE_WEIGHT) * self.s_per_token + RATE_WEIGHT * rate)
 
 
-def speculate(session: TargetSession, draft: EdgeDraft, drafting: EdgeDrafting,
-              max_pixels: int) -> Iterator[list[int]]:
-    """Draft-then-verify rounds on the edge until the answer is complete: yields each round's new
-    committed tokens. Refuses (SessionError) a session whose last token is a correction the device
-    drew and has not sent (decoupled sampling): the edge does not know it."""
+def start_drafting(session: TargetSession, draft: EdgeDraft, drafting: EdgeDrafting, max_pixels: int) -> Drafter:
+    """The session's edge draft, ready to draft after its committed tokens. Refuses (SessionError) a
+    session whose last token is a correction the device drew and has not sent (decoupled sampling)."""
     if not session.root_known:
         raise SessionError("the edge cannot draft from here: the device drew the last correction (send it in a VERIFY)")
-    drafter = draft.synced(drafting.adapter, session.committed, max_pixels)
-    greedy = session.params.greedy
-    stats = drafting.policy(greedy)
+    return draft.synced(drafting.adapter, session.committed, max_pixels)
+
+
+def draft_window(session: TargetSession, drafter: Drafter, drafting: EdgeDrafting) -> Window:
+    """The next window, as long as the window policy says (margin gate, cost model with no round trip)."""
+    stats = drafting.policy(session.params.greedy)
     gate = MarginGate(drafting.margin_threshold)
-    vocab = session.adapter.vocab_size
-    while not session.done:
-        room = session.max_new_tokens - len(session.committed)
-        window = drafter.draft(choose_window(stats, drafting.k_max, room), stop=lambda w: gate.stop(float(w.margins[-1]), len(w)))
-        before = len(session.committed)
-        answer = _verify(session, window, greedy, vocab)
-        drafter.commit(window, answer.verdict.accepted, answer.verdict.next_token)
-        stats.update(len(window), answer.verdict.accepted, window.step_s, verify_s=answer.verify_s, margins=window.margins)
-        yield session.committed[before:]
+    room = session.max_new_tokens - len(session.committed)
+    return drafter.draft(choose_window(stats, drafting.k_max, room), stop=lambda w: gate.stop(float(w.margins[-1]), len(w)))
 
 
-def _verify(session: TargetSession, window: Window, greedy: bool, vocab: int):
-    """The target's verdict on an edge-drafted window, as the session's next round."""
+def target_passes(adapter: VLMAdapter, sessions: list[TargetSession], windows: list[Window]) -> list[BatchWindow | None]:
+    """The target's passes over several sessions' windows in one batch (as VERIFYs are batched), or
+    None for each where they cannot share one (a single session, caches that do not pack, a failure)."""
+    if len(sessions) < 2:
+        return [None] * len(sessions)
+    states = [s.state for s in sessions]
+    ids = [s.feed_ids(s.committed[-1], w.ids) for s, w in zip(sessions, windows, strict=True)]  # [k_i + 1] each
+    try:
+        if isinstance(adapter, StaticTarget):
+            return list(adapter.run_batch(states, ids))
+        if can_batch(adapter, states):
+            return list(run_batch(adapter, states, ids))
+    except Exception:
+        log.exception("batched edge-drafted verification failed; each session verifies on its own")
+    return [None] * len(sessions)
+
+
+def finish_round(session: TargetSession, drafter: Drafter, drafting: EdgeDrafting, window: Window,
+                 batched: BatchWindow | None = None) -> list[int]:
+    """Verifies an edge-drafted window as the session's next round (with the batched pass, when there
+    is one) and commits it on both sides: the new committed tokens."""
+    greedy = session.params.greedy
     round_no = 0 if session.last is None else session.last.round + 1
-    q_full = None if greedy else pad_vocab(window.q, vocab)  # [k, V]
-    return session.verify(round_no, session.committed[-1], window.ids, "greedy" if greedy else "full", q_full=q_full)
+    q_full = None if greedy else pad_vocab(window.q, session.adapter.vocab_size)  # [k, V]
+    before = len(session.committed)
+    answer = session.verify(round_no, session.committed[-1], window.ids, "greedy" if greedy else "full",
+                            q_full=q_full, window=batched)
+    drafter.commit(window, answer.verdict.accepted, answer.verdict.next_token)
+    drafting.policy(greedy).update(len(window), answer.verdict.accepted, window.step_s, verify_s=answer.verify_s,
+                                   margins=window.margins)
+    return session.committed[before:]
+
+
+def speculate(session: TargetSession, draft: EdgeDraft, drafting: EdgeDrafting,
+              max_pixels: int) -> Iterator[list[int]]:
+    """Draft-then-verify rounds on the edge until the answer is complete, one session on its own:
+    yields each round's new committed tokens."""
+    drafter = start_drafting(session, draft, drafting, max_pixels)
+    while not session.done:
+        yield finish_round(session, drafter, drafting, draft_window(session, drafter, drafting))
+
+
+@dataclass
+class DraftedStream:
+    """An edge-drafted STREAM in progress: the server advances every such stream a round at a time
+    between requests (`advance`), their windows verified in one batched target pass."""
+
+    sid: int
+    session: TargetSession
+    drafter: Drafter
+    msg: wire.Stream
+    start: float = field(default_factory=time.perf_counter)
+    peer: bytes | None = None  # the device's connection, set by the server
+    index: int = 0  # next chunk number
+    pending: list[int] = field(default_factory=list)  # tokens not sent yet
+    streamed: int = 0
+
+    def chunks(self) -> list[wire.Streamed]:
+        """The STREAMED replies the tokens so far fill (msg.chunk tokens each), and the last one, done,
+        once the answer is complete."""
+        out = []
+        while len(self.pending) >= self.msg.chunk:
+            out.append(self._streamed(self.pending[:self.msg.chunk], False))
+            self.pending = self.pending[self.msg.chunk:]
+        if self.session.done:
+            out.append(self._streamed(self.pending, True))
+            self.pending = []
+        return out
+
+    def _streamed(self, tokens: list[int], done: bool) -> wire.Streamed:
+        reply = wire.Streamed(sid=self.sid, seq=self.msg.seq, index=self.index, tokens=np.asarray(tokens, dtype=np.int32),
+                              done=done, timings={"elapsed_s": time.perf_counter() - self.start})
+        self.index += 1
+        return reply
+
+
+def advance(streams: list[DraftedStream], drafting: EdgeDrafting, adapter: VLMAdapter) -> int:
+    """One round of every unfinished stream: each session's draft drafts its window, the target verifies
+    them all in one batched pass where it can, each stream's new tokens wait in `pending`. Returns how
+    many windows shared a pass (0: none)."""
+    live = [s for s in streams if not s.session.done]
+    windows = [draft_window(s.session, s.drafter, drafting) for s in live]
+    passes = target_passes(adapter, [s.session for s in live], windows)
+    for stream, window, batched in zip(live, windows, passes, strict=True):
+        new = finish_round(stream.session, stream.drafter, drafting, window, batched)
+        stream.pending += new
+        stream.streamed += len(new)
+        stream.session.last_active = time.monotonic()
+    return sum(p is not None for p in passes)

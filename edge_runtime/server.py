@@ -36,7 +36,7 @@ import time
 import zmq
 
 from covspec.edge_runtime.context import Incoming, Prepared, RequestContext
-from covspec.edge_runtime.drafting import EdgeDrafting
+from covspec.edge_runtime.drafting import DraftedStream, EdgeDrafting, advance
 from covspec.edge_runtime.handlers import HANDLERS
 from covspec.edge_runtime.prepass import Prepass
 from covspec.edge_runtime.session import SessionError, TargetSession
@@ -64,6 +64,7 @@ class EdgeServer:
         edge_sd, and covspec devices that hand drafting to the edge), placed as the target is."""
         settings.check()
         self.adapter = static_target(place_target(adapter, settings.device, settings.dtype), settings)
+        self.streams: list[DraftedStream] = []  # edge-drafted STREAMs in progress, advanced between requests
         self.drafting = None if draft is None else EdgeDrafting(place_target(draft, settings.device, settings.dtype),
                                                                 settings.draft_sessions)
         self.step_s: float | None = None  # the target's last measured streaming time per token
@@ -135,16 +136,51 @@ class EdgeServer:
             self.serve_once(timeout_s=0.5)
 
     def serve_once(self, timeout_s: float) -> None:
-        got = self.sock.recv_request(timeout_s)
+        """Handles the next request (with those gathered behind it), waiting at most timeout_s for one
+        (not at all while edge-drafted streams are in progress), then advances those streams a round."""
+        got = self.sock.recv_request(0.0 if self.streams else timeout_s)
         self.free_idle_sessions()
-        if got is None:
+        if got is not None:
+            gathered = self._gather(Incoming(got, self._decode(got)))
+            prepared = self.prepass.run(gathered, self.table)
+            for incoming in gathered:
+                request = incoming.request
+                for reply in self.handle(request.frames, request.device, decoded=incoming.msg, prepared=prepared):
+                    if isinstance(reply, DraftedStream):  # advanced between requests from now on
+                        reply.peer = request.peer
+                        self.streams.append(reply)
+                    else:
+                        self._reply(reply, request.peer)
+        if self.streams:
+            self._advance_streams()
+
+    def _advance_streams(self) -> None:
+        """One round of every edge-drafted stream (edge_runtime.drafting.advance), its chunks sent; a
+        stream whose session was closed or expired is dropped, a finished one counted."""
+        self.streams = [s for s in self.streams if self.table.sessions.get(s.sid) is s.session]
+        try:
+            batched = advance(self.streams, self.drafting, self.adapter)
+        except Exception as err:  # a bug must not take the server down: the streams get an ERROR
+            log.exception("edge-drafted streams failed")
+            for s in self.streams:
+                self._reply(self._error(s.msg, wire.ErrorCode.INTERNAL, f"{type(err).__name__}: {err}"), s.peer)
+            self.streams = []
             return
-        gathered = self._gather(Incoming(got, self._decode(got)))
-        prepared = self.prepass.run(gathered, self.table)
-        for incoming in gathered:
-            request = incoming.request
-            for reply in self.handle(request.frames, request.device, decoded=incoming.msg, prepared=prepared):
-                self._reply(reply, request.peer)
+        if batched:
+            self.counters.batches += 1
+            self.counters.batched_windows += batched
+            self.counters.batch_max = max(self.counters.batch_max, batched)
+        for stream in self.streams:
+            for reply in stream.chunks():
+                self._reply(reply, stream.peer)
+            if stream.session.done:
+                elapsed = time.perf_counter() - stream.start
+                stream.session.usage.streamed += stream.streamed
+                stream.session.usage.stream_s += elapsed
+                self.counters.tokens_streamed += stream.streamed
+                self.counters.tokens_edge_drafted += stream.streamed
+                self.drafting.observe(elapsed, stream.streamed)
+        self.streams = [s for s in self.streams if not s.session.done]
 
     def free_idle_sessions(self) -> None:
         self.counters.sessions_idle_freed += self.table.free_idle()

@@ -116,3 +116,37 @@ def test_edge_drafts_from_mid_answer_on_a_stream_that_asks(pair):
         client.request(wire.Close(sid=77))
     eos = load_adapter(target).eos_token_ids
     assert [t for t in committed if t not in eos][:20] == expected
+
+
+def test_edge_sd_streams_interleave_and_share_target_passes(pair):
+    """Two edge_sd STREAMs at once: the edge advances both a round at a time, their windows verified in
+    one batched pass, and each answer is the target's."""
+    target, draft, edge = pair
+    jobs = [(31, png(7), PROMPTS[1]), (32, png(8), PROMPTS[2])]
+    expected = {sid: reference(target, image, prompt, 24) for sid, image, prompt in jobs}
+    before = edge.server.stats()["batched_windows"]
+    eos = load_adapter(target).eos_token_ids
+    with Client(edge.endpoint, timeout_s=10, retries=0) as client:
+        for sid, image, prompt in jobs:  # queued behind the first OPEN while the edge prefills it
+            client.send(wire.Open(sid=sid, image=image, prompt=prompt, mode="edge_sd", max_new_tokens=24))
+            client.send(wire.Stream(sid=sid, chunk=1))
+        tokens: dict[int, list[int]] = {sid: [] for sid, _, _ in jobs}
+        order, done = [], set()
+        while len(done) < 2:
+            got = client._sock.recv_frames(10.0)
+            assert got is not None, "the edge stopped replying"
+            reply = wire.decode(got[1])
+            if isinstance(reply, wire.Opened):
+                tokens[reply.sid].insert(0, reply.token)
+            elif isinstance(reply, wire.Streamed):
+                tokens[reply.sid] += [int(t) for t in reply.tokens]
+                order.append(reply.sid)
+                if reply.done:
+                    done.add(reply.sid)
+        for sid, _, _ in jobs:
+            client.request(wire.Close(sid=sid))
+    for sid, _, _ in jobs:
+        assert [t for t in tokens[sid] if t not in eos][:24] == expected[sid], sid
+    switches = sum(a != b for a, b in zip(order, order[1:], strict=False))
+    assert switches >= 2, "the two streams were not interleaved"
+    assert edge.server.stats()["batched_windows"] > before, "no round shared a target pass"

@@ -84,15 +84,18 @@ def test_covspec_hands_drafting_to_the_edge_on_a_long_link(pair, draft_sessions)
     edge = DraftingEdge(target, draft, draft_sessions=draft_sessions)
     device = slow_link_device(draft, edge.endpoint)
     try:
+        handed = []
         for i, prompt in enumerate(PROMPTS):
             image = png(i)
             expected = reference(target, image, prompt, 16)
             answer = device.answer(image, prompt, "covspec", SamplingParams(), max_new_tokens=16)
             assert answer.ids == expected, prompt
-            if len(expected) > 1:
-                assert answer.edge_drafted == bool(draft_sessions), prompt
+            handed.append(answer.edge_drafted)
             ablation = device.answer(image, prompt, "covspec_no_placement", SamplingParams(), max_new_tokens=16)
             assert ablation.ids == expected and not ablation.edge_drafted
+        # the first answer hands over on the priors; later ones weigh what the edge measured (here its
+        # draft is as slow as the target, so streaming may win as well)
+        assert handed[0] == bool(draft_sessions) and (any(handed) == bool(draft_sessions))
         drafted = edge.server.stats()["tokens_edge_drafted"]
         assert (drafted > 0) == bool(draft_sessions)
     finally:
