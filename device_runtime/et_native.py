@@ -32,12 +32,12 @@ from covspec.bundles.checks import REEXPORT_FIX, ProgramFileError, check_pte_fil
 from covspec.errors import CovspecError
 
 HERE = Path(__file__).resolve().parent / "native"
-SOURCE = HERE / "et_shim.cpp"
+SOURCES = (HERE / "et_shim.cpp", HERE / "llama_kernels.cpp")
 LIBRARY_NAME = "libcovspec_et.so"
 DEFAULT_LIBRARY = HERE / "build" / LIBRARY_NAME
 LIBRARY_ENV = "COVSPEC_ET_NATIVE"  # overrides where the shim is looked for
 BUILD_FIX = "build it with `python -m covspec.device_runtime.et_native build` (needs g++ and the executorch wheel)"
-ABI_VERSION = 3
+ABI_VERSION = 4
 ET_LIBS = ("executorch", "executorch_kernels_optimized", "executorch_backend_xnnpack", "executorch_threadpool")
 
 # numpy dtype <-> ExecuTorch ScalarType code (c10 numbering)
@@ -69,7 +69,7 @@ def compile_command(out: Path, root: Path | None = None) -> list[str]:
     """The g++ command that builds the shim into `out` against the wheel at `root`."""
     root = root or executorch_root()
     include = root / "include"
-    return ["g++", "-std=c++17", "-O2", "-fPIC", "-shared", "-w", str(SOURCE), "-o", str(out),
+    return ["g++", "-std=c++17", "-O2", "-fPIC", "-shared", "-w", *(str(src) for src in SOURCES), "-o", str(out),
             f"-I{include}", f"-I{include / 'executorch/runtime/core/portable_type/c10'}",
             "-DC10_USING_CUSTOM_GENERATED_MACROS", "-DET_EVENT_TRACER_ENABLED",
             f"-L{root / 'lib'}", f"-Wl,-rpath,{root / 'lib'}", "-Wl,--no-as-needed",
@@ -115,7 +115,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i, i64, sz, s = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_size_t, ctypes.c_char_p
     signatures = {
         "et_load": ([s, s, sz], p), "et_method_count": ([p], i), "et_method_name": ([p, i], s),
-        "et_method_status": ([p, i], i),
+        "et_method_status": ([p, i], i), "et_register_llama_kernels": ([], i),
         "et_run": ([p, s, i, ctypes.POINTER(i), ctypes.POINTER(i), ctypes.POINTER(i64), ctypes.POINTER(p), s, sz], i),
         "et_output_kind": ([p, i], i), "et_output_dtype": ([p, i], i),
         "et_output_shape": ([p, i, ctypes.POINTER(i64), i], i), "et_output_copy": ([p, i, p, sz], i),
@@ -127,11 +127,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.argtypes, fn.restype = args, result
 
 
-def probe_in_child(path: Path, library: Path) -> list[str]:
+def probe_in_child(path: Path, library: Path, llama_kernels: bool = True) -> list[str]:
     """Loads `path` in a child process first: a file that aborts the runtime aborts the child only.
     Returns the kernels the child's runtime reported missing (ExecuTorch logs them by name)."""
-    done = subprocess.run([sys.executable, "-m", "covspec.device_runtime.et_native", "probe", str(path), str(library)],
-                          capture_output=True, text=True, check=False, timeout=300)
+    command = [sys.executable, "-m", "covspec.device_runtime.et_native", "probe", str(path), str(library)]
+    done = subprocess.run(command + ([] if llama_kernels else ["--no-llama-kernels"]), capture_output=True, text=True,
+                          check=False, timeout=300)
     if done.returncode == 0:
         return sorted(set(MISSING_KERNEL.findall(done.stderr)))
     if done.returncode == PROBE_REFUSED:  # the child's NativeProgramError, as it is
@@ -143,9 +144,9 @@ def probe_in_child(path: Path, library: Path) -> list[str]:
 
 MISSING_KERNEL = re.compile(r"kernel '([^']+)' not found")
 OPERATOR_MISSING = 20  # ExecuTorch's Error::OperatorMissing
-KERNELS_FIX = ("link the kernels into the shim: the llama:: custom ops (update_cache, custom_sdpa) ship in the "
-               "executorch wheel only inside libcustom_ops_aot_lib.so, which links libtorch, so a torch-free "
-               "runtime needs them built from ExecuTorch's source (extension/llm/custom_ops)")
+KERNELS_FIX = ("link the kernels into the shim (the executorch wheel ships its llama:: custom ops only inside "
+               "libcustom_ops_aot_lib.so, which links libtorch; the shim's own reference llama::update_cache and "
+               "llama::custom_sdpa are registered unless llama_kernels=False)")
 PROBE_REFUSED = 3
 _ERR_BYTES = 1024
 MAX_IO, MAX_DIMS = 64, 16  # inputs or outputs of one method; dimensions of one tensor
@@ -167,7 +168,10 @@ class NativeProgram:
     """One .pte loaded by the shim. `run_method(name, inputs)` takes and returns numpy arrays (outputs
     are copies: the program's own buffers are reused by the next run)."""
 
-    def __init__(self, path: str | Path, library: str | Path | None = None, probe: bool = True) -> None:
+    def __init__(self, path: str | Path, library: str | Path | None = None, probe: bool = True,
+                 llama_kernels: bool = True) -> None:
+        """`llama_kernels`: register the shim's reference llama::update_cache / llama::custom_sdpa kernels
+        (native/llama_kernels.cpp) where none are registered, so that the bundle's decoders run."""
         self.path = Path(path)
         if not self.path.is_file():
             raise NativeProgramError(f"{self.path}: no such program file; export it with `covspec export`")
@@ -177,7 +181,9 @@ class NativeProgram:
             check_pte_file(self.path)
         except ProgramFileError as err:
             raise NativeProgramError(str(err)) from None
-        self.missing_kernels = probe_in_child(self.path, lib_path) if probe else []
+        if llama_kernels and self._lib.et_register_llama_kernels() < 0:
+            raise NativeRuntimeError(f"{lib_path}: registering the llama:: kernels failed")
+        self.missing_kernels = probe_in_child(self.path, lib_path, llama_kernels) if probe else []
         err = ctypes.create_string_buffer(_ERR_BYTES)
         self._handle = self._lib.et_load(str(self.path).encode(), err, _ERR_BYTES)
         if not self._handle:
@@ -260,9 +266,9 @@ def main(argv: list[str]) -> int:
             print(err, file=sys.stderr)
             return 1
         return 0
-    if argv[:1] == ["probe"] and len(argv) == 3:
+    if argv[:1] == ["probe"] and len(argv) in (3, 4):
         try:
-            NativeProgram(argv[1], argv[2], probe=False).close()
+            NativeProgram(argv[1], argv[2], probe=False, llama_kernels=argv[3:] != ["--no-llama-kernels"]).close()
         except (NativeProgramError, NativeRuntimeError) as err:
             print(str(err).replace("\n", " "), file=sys.stderr)
             return PROBE_REFUSED

@@ -47,7 +47,7 @@ std::string why(Error e) {
 
 extern "C" {
 
-int et_abi_version() { return 3; }
+int et_abi_version() { return 4; }
 
 // Loads the program at `path` (flatbuffer verifier on) and each of its methods. NULL on failure, with the
 // reason in `err`.
