@@ -374,13 +374,16 @@ def edge_drafting_rate(stats: OnlineStats, offer: EdgeOffer, k_max: int = 16) ->
 
 
 def place_drafting(stats: OnlineStats, offer: EdgeOffer | None, target_step_s: float | None,
-                   k_max: int = 16) -> str:
+                   k_max: int = 16, min_rounds: int = 3) -> str:
     """Where the rest of the answer is drafted: EDGE when the edge offers (it has a draft and is not
     loaded: a loaded edge declines, and every device that can draft does so) and its drafting beats
     both this device's speculation over the link (windows, round trips, branches: `best_window` on
     the device's estimates) and the target streaming alone; else DEVICE (whose own rule then decides
-    between speculating and the target's streaming, `speculation_pays`)."""
-    if offer is None or not offer.offers:
+    between speculating and the target's streaming, `speculation_pays`). Only once the device has
+    measured `min_rounds` rounds of its own (this answer's or earlier ones'): on priors alone the edge,
+    with no round trip, would always look faster, and a device that never drafted would never learn
+    that its branches and windows in flight hide a short link's round trips."""
+    if offer is None or not offer.offers or stats.rounds < min_rounds:
         return DEVICE
     edge = edge_drafting_rate(stats, offer, k_max)
     device = best_window(stats.acceptance, stats.costs(), k_max)[1]

@@ -28,6 +28,7 @@ def estimates(rtt: float, acceptance: float = 0.85, branch_hit: float = 0.7) -> 
     """A device's estimates after many rounds: draft step 2 ms, verify 20 ms + 0.5 ms per token."""
     stats = OnlineStats(t_draft=0.002, rtt=rtt, prior_v0=0.02, prior_v1=0.0005, prior_n=1e6,
                         prior_acceptance=acceptance, branch_hit=branch_hit)
+    stats.rounds = 20
     return stats
 
 
@@ -38,6 +39,14 @@ def test_placement_follows_the_link():
     assert place_drafting(estimates(rtt=0.001), OFFER, target_step_s=0.025) == DEVICE  # loopback: branches hide the wait
     assert place_drafting(estimates(rtt=0.15), OFFER, target_step_s=0.025) == EDGE  # 4g: a round trip per window
     assert place_drafting(estimates(rtt=0.15), None, target_step_s=0.025) == DEVICE  # no draft on the edge
+
+
+def test_a_device_that_has_not_drafted_yet_drafts_first():
+    fresh = estimates(rtt=0.15)
+    fresh.rounds = 2
+    assert place_drafting(fresh, OFFER, target_step_s=0.025) == DEVICE  # two rounds say little yet
+    fresh.rounds = 3
+    assert place_drafting(fresh, OFFER, target_step_s=0.025) == EDGE
 
 
 def test_a_loaded_edge_is_not_asked_to_draft():
@@ -73,6 +82,7 @@ def slow_link_device(draft, endpoint) -> DeviceRuntime:
     device = DeviceRuntime(load_adapter(draft), endpoint, timeout_s=20)
     for mode in ("covspec", "covspec_no_placement"):
         stats = OnlineStats(t_draft=0.001, rtt=1.0, prior_v0=0.005, prior_v1=0.001)
+        stats.rounds = 5  # as if it had drafted over this link before
         device.learned[(MODE_OPTIONS[mode], True)] = stats
     return device
 
