@@ -169,9 +169,13 @@ class NativeProgram:
     are copies: the program's own buffers are reused by the next run)."""
 
     def __init__(self, path: str | Path, library: str | Path | None = None, probe: bool = True,
-                 llama_kernels: bool = True) -> None:
+                 llama_kernels: bool | None = None) -> None:
         """`llama_kernels`: register the shim's reference llama::update_cache / llama::custom_sdpa kernels
-        (native/llama_kernels.cpp) where none are registered, so that the bundle's decoders run."""
+        (native/llama_kernels.cpp) where none are registered, so that the bundle's decoders run. Default:
+        only in a process without torch, because ExecuTorch aborts the process when its own custom ops
+        (executorch.extension.llm.custom_ops, which need torch) are loaded after ours: one registry."""
+        if llama_kernels is None:
+            llama_kernels = "torch" not in sys.modules
         self.path = Path(path)
         if not self.path.is_file():
             raise NativeProgramError(f"{self.path}: no such program file; export it with `covspec export`")
