@@ -1,6 +1,10 @@
 """ExecuTorch programs run through our C shim (device_runtime/native/et_shim.cpp) with ctypes: no torch
 in the process. The shim links only the C++ runtime the executorch wheel ships (libexecutorch,
-the optimized kernels, the XNNPACK backend, its threadpool), none of which depends on libtorch.
+the optimized kernels, the XNNPACK backend, its threadpool), none of which depends on libtorch, plus
+our reference float32 kernels for the two LLM custom ops the bundle's decoders call
+(native/llama_kernels.cpp: llama::update_cache, llama::custom_sdpa), which the wheel ships only inside
+a libtorch-linked library. A method whose kernels are still missing is listed in `unavailable` and
+refused by name; the program's other methods run.
 
     build(out_dir=None) -> Path                          compiles the shim (g++ against the wheel)
     NativeProgram(pte_path, library=None).run_method(name, [np.ndarray, ...]) -> [np.ndarray, ...]
