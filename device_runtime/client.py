@@ -40,7 +40,7 @@ from covspec.generation import generate
 from covspec.images import load_image
 from covspec.models.base import DecodeState, VLMAdapter
 from covspec.modes import MODE_OPTIONS, MODES, STREAMING_MODES, SpecOptions
-from covspec.policy import EdgeOffer, OnlineStats
+from covspec.policy import EDGE, EdgeOffer, OnlineStats, place_drafting
 from covspec.pruning import merged_visual, score_and_select
 from covspec.sampling import SamplingParams
 from covspec.transport import protocol as wire
@@ -118,11 +118,15 @@ class DeviceRuntime:
             open_msg = wire.Open(sid=sid, image=image_bytes, prompt=prompt, mode=mode,
                                  temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                                  seed=params.seed, max_new_tokens=max_new_tokens)
+            options = options or MODE_OPTIONS.get(mode)
+            stats = None if options is None else self.learned.get((options, params.greedy))
             if mode in STREAMING_MODES:
                 answer = self._target_only(open_msg, max_new_tokens, start)
+            elif self._hands_over(options, stats):  # the edge drafts this answer: no draft prefill here
+                answer = self._target_only(open_msg, max_new_tokens, start, stats=stats)
             else:
                 answer = self._speculative(open_msg, image_bytes, prompt, params, max_new_tokens, window, start,
-                                           options or MODE_OPTIONS[mode])
+                                           options)
             self.client.request(wire.Close(sid=sid))
         answer.bytes_up = self.client.counters.bytes_sent - up0
         answer.bytes_down = self.client.counters.bytes_recv - down0
@@ -138,15 +142,28 @@ class DeviceRuntime:
         return Answer("draft_only", result.ids, result.text, ttft_s=(first[0] if first else end) - start,
                       latency_s=end - start)
 
-    def _target_only(self, open_msg: wire.Open, max_new_tokens: int, start: float) -> Answer:
+    def _hands_over(self, options: SpecOptions | None, stats: OnlineStats | None) -> bool:
+        """Whether a speculative answer is drafted on the edge from its start (policy.place_drafting on
+        what earlier answers measured and what the edge last said); mid-answer, `Speculation` decides."""
+        return bool(options is not None and options.placement and stats is not None
+                    and place_drafting(stats, self.edge_offer, self.edge_step_s, options.k_max) == EDGE)
+
+    def _target_only(self, open_msg: wire.Open, max_new_tokens: int, start: float,
+                     stats: OnlineStats | None = None) -> Answer:
+        """The edge generates the answer and streams it: target_only, edge_sd, and a speculative mode
+        handing drafting to the edge (`stats`: its estimates, given the round trip the stream shows)."""
+        handed = open_msg.mode not in STREAMING_MODES
         sent_open = self.client.send(open_msg)
-        stream = self._send_stream(open_msg)  # right behind the OPEN: no round trip between the two
+        stream = self._send_stream(open_msg, handed)  # right behind the OPEN: no round trip between the two
         opened = self._expect(self._await(sent_open), wire.Opened)
         ttft = time.perf_counter() - start
-        tokens = [opened.token] + ([] if opened.done else self._stream_rest(open_msg, [opened.token], stream=stream))
+        if handed:
+            self.edge_offer = EdgeOffer.from_timings(opened.timings) or self.edge_offer
+        tokens = [opened.token] + ([] if opened.done else self._stream_rest(open_msg, [opened.token], stats,
+                                                                            stream=stream, draft=handed))
         ids = final_answer(tokens, self.draft.eos_token_ids, max_new_tokens)
-        return Answer(open_msg.mode, ids, self.draft.decode(ids), ttft_s=ttft,
-                      latency_s=time.perf_counter() - start)
+        return Answer(open_msg.mode, ids, self.draft.decode(ids), ttft_s=ttft, latency_s=time.perf_counter() - start,
+                      streamed_rest=handed, edge_drafted=handed)
 
     def _send_stream(self, open_msg: wire.Open, draft: bool = False) -> tuple[wire.Message, float]:
         """Asks the edge to generate the rest of the answer alone (`draft`: drafting with its own draft

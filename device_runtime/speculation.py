@@ -131,6 +131,8 @@ class Speculation:
         self.informed = informed
         self.edge_drafts = self._edge_drafting_wins(edge_step_s)
         self.streams = self.edge_drafts or self._streaming_wins(edge_step_s)
+        if self.edge_drafts:  # the edge drafts from its first token: nothing to draft here first
+            return None
         if not (options.ahead and self.max_new_tokens > 1 and (
                 not options.adaptive or (self.streams and self.params.greedy)
                 or (stats.rounds > 0 and not self.streams))):
