@@ -16,6 +16,7 @@ from covspec.demo import default_target_path
 from covspec.edge_runtime.planning import Outcome, VerifyPlan
 from covspec.edge_runtime.session import TargetSession
 from covspec.tools.conformance import CHECKS, run_suite
+from covspec.transport.channel import generate_keys, load_client_keys, load_server_keys
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +83,28 @@ def test_the_suite_imports_no_torch():
     code = ("import sys; import covspec.tools.conformance; "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_suite_over_curve_with_key_files(tmp_path):
+    """`covspec conformance --key/--edge-key` against a CURVE edge: the whole suite passes with an admitted
+    device key; with a key the edge does not admit, every check fails, saying the handshake was refused."""
+    generate_keys(tmp_path / "edge", "edge")
+    generate_keys(tmp_path / "allowed", "phone")
+    generate_keys(tmp_path / "intruder", "intruder")
+    running = RunningEdge(default_target_path(),
+                          keys=load_server_keys(tmp_path / "edge" / "edge.key_secret", tmp_path / "allowed"))
+    try:
+        edge_key = str(tmp_path / "edge" / "edge.key")
+        admitted = ["conformance", "--edge", running.endpoint, "--key", str(tmp_path / "allowed" / "phone.key_secret"),
+                    "--edge-key", edge_key, "--timeout", "60", "--json"]
+        assert main(admitted) == 0
+        refused = ["conformance", "--edge", running.endpoint, "--key",
+                   str(tmp_path / "intruder" / "intruder.key_secret"), "--edge-key", edge_key,
+                   "--check", "ping_pong", "--check", "open_opened"]
+        outcomes = run_suite(running.endpoint, load_client_keys(tmp_path / "intruder" / "intruder.key_secret", edge_key),
+                             only=["ping_pong", "open_opened"], timeout_s=10)
+        assert [o.status for o in outcomes] == ["fail", "fail"]
+        assert all("refused" in o.reason for o in outcomes), [o.reason for o in outcomes]
+        assert main(refused) == 1
+    finally:
+        running.close()
