@@ -229,8 +229,9 @@ def run_bench(args, out: Path, clock: Clock) -> list[dict]:
 def summary(report: dict) -> str:
     """The report as markdown tables: verify ms per window length, decode tokens/s, dtype answers, bench."""
     lines = [f"# gpu_check: {report['shape']} target, {report['dtype']} on {report['device_name']}", "",
-             f"`{report['command']}`", "", f"torch {report['torch']}, context {report['context']} tokens, "
-             f"median of {report['reps']} runs, logits included (float32, to the CPU)", ""]
+             f"`{report['command']}`", "", f"torch {report['torch']}, {report['threads']} threads, context "
+             f"{report['context']} tokens; ms: median / min of {report['reps']} runs, the paths taking turns; "
+             "logits included (float32, to the CPU)", ""]
     windows = report["windows"]
     for sessions in (1, BATCH):
         rows = [r for r in report["verify"] if r["sessions"] == sessions]
