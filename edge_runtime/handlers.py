@@ -172,6 +172,8 @@ def on_stream(server: EdgeServer, ctx: RequestContext, msg: wire.Stream):
     if msg.seq in session.stream_seqs:  # a duplicate: its chunks went out already, before this reply
         raise wire.ProtocolError(wire.ErrorCode.DUPLICATE,
                                  f"STREAM seq {msg.seq} of session {msg.sid} was served already (a duplicate)")
+    if any(stream.session is session for stream in server.streams):
+        raise wire.ProtocolError(wire.ErrorCode.BAD_STATE, f"session {msg.sid} is being streamed already")
     if session.edge_draft is not None and (session.usage.mode == "edge_sd" or msg.draft):
         drafter = start_drafting(session, session.edge_draft, server.drafting, server.settings.max_image_pixels)
         session.stream_seqs.add(msg.seq)

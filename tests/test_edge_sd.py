@@ -150,3 +150,18 @@ def test_edge_sd_streams_interleave_and_share_target_passes(pair):
     switches = sum(a != b for a, b in zip(order, order[1:], strict=False))
     assert switches >= 2, "the two streams were not interleaved"
     assert edge.server.stats()["batched_windows"] > before, "no round shared a target pass"
+
+
+def test_a_second_stream_of_a_session_being_streamed_is_refused(pair):
+    target, draft, edge = pair
+    with Client(edge.endpoint, timeout_s=10, retries=0) as client:
+        client.send(wire.Open(sid=41, image=png(9), prompt=PROMPTS[1], mode="edge_sd", max_new_tokens=40))
+        first = client.send(wire.Stream(sid=41, chunk=1))
+        second = client.send(wire.Stream(sid=41, chunk=1))
+        with pytest.raises(RemoteError) as err:
+            while client.recv(second.seq, timeout_s=10) is not None:
+                pass
+        assert err.value.code == wire.ErrorCode.BAD_STATE
+        while not client.recv(first.seq).done:  # the first stream carries on to the end
+            pass
+        client.request(wire.Close(sid=41))
