@@ -229,7 +229,8 @@ def answer_record(answer: Answer, draft: str = "", edge: str = "") -> dict[str, 
         "mean_drafted": _figure(drafted / rounds) if rounds else None,
         "mean_accepted": _figure(accepted / rounds) if rounds else None,
         "acceptance": _figure(answer.acceptance_rate),
-        "kept_visual_tokens": answer.kept, "edge_streamed_rest": answer.streamed_rest, "reopens": answer.reopens,
+        "kept_visual_tokens": answer.kept, "edge_streamed_rest": answer.streamed_rest,
+        "edge_drafted_rest": answer.edge_drafted, "reopens": answer.reopens,
     }
 
 
@@ -243,6 +244,8 @@ def describe_answer(record: dict[str, Any]) -> str:
     mode = record["mode"]
     if mode == "target_only":
         how = "the edge generated every token (target_only)"
+    elif mode == "edge_sd":
+        how = "the edge drafted with its own draft and verified (edge_sd)"
     elif mode == "draft_only":
         how = f"the draft alone ({record['draft']}), no edge"
     else:
@@ -252,7 +255,9 @@ def describe_answer(record: dict[str, Any]) -> str:
                     f"{record['mean_drafted']:.2f} drafted per round")
         else:
             how += "no verified rounds"
-        if record["edge_streamed_rest"]:
+        if record.get("edge_drafted_rest"):
+            how += ", then the edge drafted the rest itself (its drafting beat this device's over this link)"
+        elif record["edge_streamed_rest"]:
             how += ", then the edge streamed the rest (speculation did not pay on this link)"
     return "[" + ", ".join(figures) + "; " + how + "]"
 
