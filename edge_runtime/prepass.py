@@ -71,7 +71,8 @@ class Prepass:
     prefills_batch: bool = field(init=False)  # whether OPEN prefills can share a pass
 
     def __post_init__(self) -> None:
-        self.prefills_batch = can_prefill_batch(self.adapter)
+        static = isinstance(self.adapter, StaticTarget)
+        self.prefills_batch = can_prefill_batch(self.adapter.inner if static else self.adapter)
 
     def run(self, gathered: list[Incoming], table: SessionTable) -> Prepared:
         windows = self.windows(gathered, table)
@@ -130,7 +131,9 @@ class Prepass:
             return {}
         start = time.perf_counter()
         try:
-            results = prefill_batch(self.adapter, [inputs for _, _, inputs in prepared.values()])
+            inputs = [inputs for _, _, inputs in prepared.values()]
+            static = isinstance(self.adapter, StaticTarget)  # its states then go into their slots
+            results = self.adapter.prefill_batch(inputs) if static else prefill_batch(self.adapter, inputs)
         except Exception:
             log.exception("batched prefill failed; the sessions are prefilled one by one")
             return {}

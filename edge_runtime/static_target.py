@@ -4,7 +4,7 @@ sessions drive, with their caches in a StaticVerifier's pool instead of DynamicC
 Everything about images and prompts is the wrapped adapter's. A prefill runs on a DynamicCache as
 before and is then copied into a slot of the pool; `forward` and `truncate` are the verifier's (a
 window longer than the largest bucket runs in bucket-sized pieces); the round's batched VERIFYs run
-as one bucketed pass (`run_batch`, Windows whose keys and values are already in the slots: `commit`
+as one bucketed pass, its batched OPENs as one packed prefill copied into their slots (`run_batch`, Windows whose keys and values are already in the slots: `commit`
 only moves the length). A slot goes back to the pool when its state is dropped (the session freed).
 """
 
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from covspec.edge_runtime.batching import Window
+from covspec.edge_runtime.batching import Window, prefill_batch
 from covspec.edge_runtime.static_verify import StaticVerifier
-from covspec.models.base import CachedDecoderAdapter, DecodeState, VisualTokens, VLMAdapter
+from covspec.models.base import CachedDecoderAdapter, DecodeState, PrefillInputs, VisualTokens, VLMAdapter
 
 
 class StaticTarget(VLMAdapter):
@@ -62,6 +62,13 @@ class StaticTarget(VLMAdapter):
     def prefill(self, visual: VisualTokens, prompt: str, kept: torch.Tensor | None = None):
         logits, state = self.inner.prefill(visual, prompt, kept=kept)
         return logits, self._slot_state(state)
+
+    def prefill_inputs(self, visual: VisualTokens, prompt: str, kept: torch.Tensor | None = None) -> PrefillInputs:
+        return self.inner.prefill_inputs(visual, prompt, kept)
+
+    def prefill_batch(self, inputs: list[PrefillInputs]) -> list[tuple[torch.Tensor, DecodeState]]:
+        """`batching.prefill_batch` (one packed pass on DynamicCaches), each state then copied into a slot."""
+        return [(logits, self._slot_state(state)) for logits, state in prefill_batch(self.inner, inputs)]
 
     def forward(self, state: DecodeState, ids: torch.Tensor) -> torch.Tensor:
         """The window's logits [k, V], all k kept; in pieces of the largest bucket when longer."""

@@ -29,7 +29,7 @@ def llava(tmp_path_factory):
     return tiny_models.build_llava(root / "target", seed=0), tiny_models.build_llava(root / "draft", seed=1)
 
 
-def test_a_static_edge_replies_as_a_dynamic_one_and_batches_in_one_bucketed_pass(llava):
+def test_a_static_edge_replies_as_a_dynamic_one_and_batches_its_rounds(llava):
     target, _ = llava
     results, stats = {}, {}
     for static in (False, True):
@@ -43,6 +43,7 @@ def test_a_static_edge_replies_as_a_dynamic_one_and_batches_in_one_bucketed_pass
             edge.close()
     assert results[True] == results[False]
     assert stats[True]["batches"] == 1 and stats[True]["batched_windows"] == 3, stats[True]
+    assert stats[True]["prefill_batches"] == 1 and stats[True]["batched_prefills"] == 3, stats[True]
     gc.collect()
     assert len(pool.free) == len(pool.keys[0]) - 1, "every closed session's slot is back in the pool"
 
