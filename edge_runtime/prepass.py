@@ -131,9 +131,9 @@ class Prepass:
             return {}
         start = time.perf_counter()
         try:
-            inputs = [inputs for _, _, inputs in prepared.values()]
+            batch = [inputs for _, _, inputs in prepared.values()]
             static = isinstance(self.adapter, StaticTarget)  # its states then go into their slots
-            results = self.adapter.prefill_batch(inputs) if static else prefill_batch(self.adapter, inputs)
+            results = self.adapter.prefill_batch(batch) if static else prefill_batch(self.adapter, batch)
         except Exception:
             log.exception("batched prefill failed; the sessions are prefilled one by one")
             return {}
