@@ -15,7 +15,7 @@ from covspec.cli import main
 from covspec.demo import default_target_path
 from covspec.edge_runtime.planning import Outcome, VerifyPlan
 from covspec.edge_runtime.session import TargetSession
-from covspec.tools.conformance import CHECKS, run_suite
+from covspec.tools.conformance import CHECKS, EdgeUnreachable, run_suite
 from covspec.transport.channel import generate_keys, load_client_keys, load_server_keys
 
 
@@ -87,7 +87,7 @@ def test_the_suite_imports_no_torch():
 
 def test_the_suite_over_curve_with_key_files(tmp_path):
     """`covspec conformance --key/--edge-key` against a CURVE edge: the whole suite passes with an admitted
-    device key; with a key the edge does not admit, every check fails, saying the handshake was refused."""
+    device key; with a key the edge does not admit, the suite stops at once saying the handshake was refused."""
     generate_keys(tmp_path / "edge", "edge")
     generate_keys(tmp_path / "allowed", "phone")
     generate_keys(tmp_path / "intruder", "intruder")
@@ -101,10 +101,14 @@ def test_the_suite_over_curve_with_key_files(tmp_path):
         refused = ["conformance", "--edge", running.endpoint, "--key",
                    str(tmp_path / "intruder" / "intruder.key_secret"), "--edge-key", edge_key,
                    "--check", "ping_pong", "--check", "open_opened"]
-        outcomes = run_suite(running.endpoint, load_client_keys(tmp_path / "intruder" / "intruder.key_secret", edge_key),
-                             only=["ping_pong", "open_opened"], timeout_s=10)
-        assert [o.status for o in outcomes] == ["fail", "fail"]
-        assert all("refused" in o.reason for o in outcomes), [o.reason for o in outcomes]
-        assert main(refused) == 1
+        with pytest.raises(EdgeUnreachable, match="refused the connection"):
+            run_suite(running.endpoint, load_client_keys(tmp_path / "intruder" / "intruder.key_secret", edge_key),
+                      only=["ping_pong", "open_opened"], timeout_s=10)
+        assert main(refused) == 2  # the CLI's exit status for an error it names (CovspecError)
     finally:
         running.close()
+
+
+def test_no_edge_at_the_address_is_one_clear_error():
+    with pytest.raises(EdgeUnreachable, match="nothing accepts connections at tcp://127.0.0.1:9"):
+        run_suite("tcp://127.0.0.1:9", timeout_s=1)

@@ -3,7 +3,8 @@
 A suite of named checks a device implementation's author (or an edge's) runs against a running edge,
 speaking raw version-1 messages: requests through `transport.channel.Client`, and resends with the same
 `seq` or deliberately malformed frames through a second DEALER of the same keys. Each check passes,
-fails with the reason, or is skipped (saying why); the exit code is 1 when any fails. No torch, no
+fails with the reason, or is skipped (saying why); the exit code is 1 when any fails, 2 when no edge
+answers at the address or its CURVE handshake refuses this device (one error line). No torch, no
 transformers: it runs wherever pyzmq, msgpack, numpy and Pillow do.
 
 The checks open greedy sessions on a small generated image (`--prompt` must suit the edge's target),
@@ -23,10 +24,12 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import zmq
 
+from covspec.errors import CovspecError
 from covspec.transport import protocol as wire
 from covspec.transport.channel import (
     Client,
     ClientKeys,
+    HandshakeRefused,
     MeteredSocket,
     PeerUnavailable,
     RemoteError,
@@ -459,15 +462,34 @@ def run_check(edge: Edge, name: str, check: Callable[[Edge], str]) -> Outcome:
     return Outcome(name, status, reason, time.perf_counter() - start)
 
 
+class EdgeUnreachable(CovspecError):
+    """No edge to check at that address (nothing listening, a refused handshake): the suite does not run."""
+
+
+def reach(edge: Edge) -> None:
+    """One PING before the checks, so that an edge that is not there is one clear error, not every check failing."""
+    try:
+        edge.client.request(wire.Ping(t=0.0))
+    except HandshakeRefused as err:
+        raise EdgeUnreachable(f"{err} (pass --key and --edge-key for an edge with --auth curve)") from None
+    except PeerUnavailable as err:
+        if not edge.client.ever_up:  # a ZeroMQ peer that does not answer PING is for the checks to judge
+            raise EdgeUnreachable(f"no edge to check: {err}") from None
+    except (RemoteError, wire.ProtocolError):
+        pass  # something answers: the checks say what is wrong with it
+
+
 def run_suite(endpoint: str, keys: ClientKeys | None = None, *, fingerprint: str | None = None,
               prompt: str = DEFAULT_PROMPT, timeout_s: float = 30.0, only: list[str] | None = None) -> list[Outcome]:
-    """Runs the checks (all, or those named in `only`) against the edge at `endpoint`."""
+    """Runs the checks (all, or those named in `only`) against the edge at `endpoint`; EdgeUnreachable
+    when no edge answers there."""
     names = [name for name, _ in CHECKS]
     unknown = sorted(set(only or ()) - set(names))
     if unknown:
         raise ValueError(f"unknown check(s) {', '.join(unknown)} (checks: {', '.join(names)})")
     edge = Edge(endpoint, keys, timeout_s=timeout_s, prompt=prompt, fingerprint=fingerprint)
     try:
+        reach(edge)
         return [run_check(edge, name, check) for name, check in CHECKS if not only or name in only]
     finally:
         edge.close()
