@@ -422,6 +422,26 @@ def check_unknown_session(edge: Edge) -> str:
     return "VERIFY and STREAM get UNKNOWN_SESSION (addressed); CLOSE gets CLOSED"
 
 
+def check_limits(edge: Edge) -> str:
+    """WELCOME's bounds are enforced: a longer window, a longer answer; an OPEN of an unknown mode."""
+    mode = edge.request(wire.Open(sid=edge.rng.randrange(1, 2**63), image=edge.image, prompt=edge.prompt,
+                                  mode="no_such_mode", max_new_tokens=4))
+    expect_error(mode, wire.ErrorCode.BAD_MESSAGE, "OPEN of an unknown mode")
+    welcome = edge.welcome
+    if welcome is None:
+        raise CheckSkipped("an unknown mode gets BAD_MESSAGE; WELCOME's limits not checked (no --fingerprint)")
+    long = wire.Open(sid=edge.rng.randrange(1, 2**63), image=edge.image, prompt=edge.prompt, mode="vanilla_sd",
+                     max_new_tokens=welcome.max_new_tokens + 1)
+    expect_error(edge.request(long), wire.ErrorCode.LIMIT, f"OPEN of max_new_tokens {long.max_new_tokens}")
+    k = welcome.max_window + 1
+    if k > 1_000_000:
+        return f"unknown mode BAD_MESSAGE; max_new_tokens over {welcome.max_new_tokens} gets LIMIT (max_window too big to try)"
+    wide = wire.Verify(sid=edge.rng.randrange(1, 2**63), seq=edge.raw_seq(), round=0, tokens=np.zeros(k, np.int32))
+    frames = wire.encode(wide, wire.Limits(max_window=k))
+    expect_error(edge.send_frames(frames), wire.ErrorCode.LIMIT, f"VERIFY of {k} tokens (max_window {k - 1})")
+    return f"unknown mode BAD_MESSAGE; max_new_tokens over {welcome.max_new_tokens} and {k} tokens per VERIFY get LIMIT"
+
+
 def check_stats(edge: Edge) -> str:
     reply = expect(edge.request(wire.Stats()), wire.StatsReply, "STATS")
     if not reply.counters:
@@ -443,6 +463,7 @@ CHECKS: tuple[tuple[str, Callable[[Edge], str]], ...] = (
     ("close_then_verify", check_close),
     ("malformed_then_serving", check_malformed),
     ("unknown_session", check_unknown_session),
+    ("limits", check_limits),
     ("stats", check_stats),
 )
 
