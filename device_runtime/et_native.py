@@ -10,14 +10,14 @@ refused by name; the program's other methods run.
     NativeProgram(pte_path, library=None).run_method(name, [np.ndarray, ...]) -> [np.ndarray, ...]
     python -m covspec.device_runtime.et_native build     the install step
 
-Why ctypes and a C shim, not pybind11 or nanobind: the shim is six plain C functions over a handle,
+Why ctypes and a C shim, not pybind11 or nanobind: the shim is a dozen plain C functions over a handle,
 so the binding needs no Python headers and no per-Python-version build (one .so serves every
 interpreter), ctypes ships with Python, and the same `extern "C"` surface is what a Kotlin (JNI) or
 C++ device app calls, so the Python tests exercise the very entry points a native client uses.
 
-A program is checked before the shim sees it: the ExecuTorch header (covspec.bundles.checks), then
-a probe load in a child process (`probe=True`, the default: `probe_in_child`), then the load here with the flatbuffer
-verifier on. A file that would abort the runtime thus aborts the child, and the caller gets a
+A program is checked before the shim sees it: the ExecuTorch header (covspec.bundles.checks), then a
+probe load in a child process (`probe_in_child`; `probe=True` is the default), then the load here with
+the flatbuffer verifier on and every method loaded. A file that would abort the runtime thus aborts the child, and the caller gets a
 NativeProgramError naming the file and the fix instead of losing its process.
 """
 
