@@ -95,6 +95,7 @@ class SessionTable:
         return len(idle)
 
     def may_verify(self) -> int:
-        """Sessions that may send a VERIFY now: open, not finished, not streaming-only (target_only, edge_sd)."""
-        return sum(1 for s in self.sessions.values()
-                   if not s.done and s.usage is not None and s.usage.mode not in ("target_only", "edge_sd"))
+        """Sessions that may send a VERIFY now: open, not finished, not streaming-only (target_only, edge_sd)
+        and not streaming the rest (a device that sent STREAM sends no VERIFY after it)."""
+        return sum(1 for s in self.sessions.values() if not s.done and s.usage is not None and not s.stream_seqs
+                   and s.usage.mode not in ("target_only", "edge_sd"))
