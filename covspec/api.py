@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from covspec.sampling import SamplingParams
     from covspec.transport.channel import ClientKeys
 
-__all__ = ["answer", "answer_record", "bench", "bundle_backend", "draft_name", "export", "exported", "load_draft",
-           "open_device", "serve_edge"]
+__all__ = ["answer", "answer_record", "bench", "bundle_backend", "check_bind", "check_edge", "draft_name", "export",
+           "exported", "load_draft", "open_device", "serve_edge"]
 
 
 # --- export ------------------------------------------------------------------------------------
@@ -84,40 +84,80 @@ def serve_edge(model: str | Path, settings: EdgeSettings | None = None, *, threa
     address, keys, limits, placement; default: tcp://127.0.0.1:5555 with no authentication) until
     interrupted or `stop_after_s`. `metrics`: HOST:PORT for a Prometheus GET /metrics of the edge's
     counters (off by default). `on_ready(server, metrics address or None)` is called once it listens."""
-    from covspec.edge_runtime.server import EdgeServer
     from covspec.edge_runtime.settings import EdgeSettings
-    from covspec.edge_runtime.target import load_target
-    from covspec.transport.channel import check_endpoint
 
     settings = settings or EdgeSettings()
-    check_endpoint(settings.bind, "bind address")  # before the target loads, not after
+    check_bind(settings.bind)  # a bad address or a port in use: said before the target loads, not after
     try:
         settings.check()
     except ValueError as err:
         raise CovspecError(f"edge settings: {err}") from err
-    import torch
-
-    torch.set_num_threads(threads)
-    target, loaded = load_target(model, threads=threads, device=settings.device, dtype=settings.dtype)
-    logging.getLogger("covspec.edge").info("target: %s", loaded)
-    draft_adapter = None
-    if draft is not None:  # edge-side speculation (mode edge_sd; covspec devices may hand drafting over)
-        draft_adapter, loaded = load_target(draft, threads=threads, device=settings.device, dtype=settings.dtype)
-        logging.getLogger("covspec.edge").info("draft: %s", loaded)
-    server = EdgeServer(target, settings, name=Path(model).name, draft=draft_adapter)
+    serving: list[EdgeServer] = []  # the server once it is up (the metrics read it)
     exporter = None
-    try:
-        if metrics:
-            from covspec.edge_runtime.metrics import MetricsServer
+    if metrics:
+        from covspec.edge_runtime.metrics import MetricsServer
 
-            exporter = MetricsServer(metrics, server.stats)
+        exporter = MetricsServer(metrics, lambda: serving[0].stats() if serving else {})
+    try:
+        import torch
+
+        from covspec.edge_runtime.server import EdgeServer
+        from covspec.edge_runtime.target import load_target
+
+        torch.set_num_threads(threads)
+        target, loaded = load_target(model, threads=threads, device=settings.device, dtype=settings.dtype)
+        logging.getLogger("covspec.edge").info("target: %s", loaded)
+        draft_adapter = None
+        if draft is not None:  # edge-side speculation (mode edge_sd; covspec devices may hand drafting over)
+            draft_adapter, loaded = load_target(draft, threads=threads, device=settings.device, dtype=settings.dtype)
+            logging.getLogger("covspec.edge").info("draft: %s", loaded)
+        serving.append(EdgeServer(target, settings, name=Path(model).name, draft=draft_adapter))
         if on_ready is not None:
-            on_ready(server, None if exporter is None else exporter.address)
-        server.serve_forever(stop_after_s)
+            on_ready(serving[0], None if exporter is None else exporter.address)
+        serving[0].serve_forever(stop_after_s)
     finally:
         if exporter is not None:
             exporter.close()
-        server.close()
+        if serving:
+            serving[0].close()
+
+
+def check_bind(endpoint: str) -> None:
+    """Raises EndpointError now when the edge could not bind `endpoint` (not an address, a port in
+    use, a host that is not this machine's): binds a socket there and closes it again."""
+    import zmq
+
+    from covspec.transport.channel import bind, check_endpoint
+
+    check_endpoint(endpoint, "bind address")
+    if not endpoint.startswith("tcp://"):
+        return
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        bind(sock, endpoint)
+    finally:
+        sock.close(linger=0)
+
+
+def check_edge(edge: str, keys: ClientKeys | None = None, timeout_s: float = 10.0) -> float:
+    """Whether the edge at `edge` answers a PING within `timeout_s` (seconds to reach it and to
+    answer): its round trip in seconds, or PeerUnavailable (HandshakeRefused for a refused CURVE key),
+    with progress logged while it waits. Needs neither torch nor a model: the CLI asks it first."""
+    import time
+
+    from covspec.transport import protocol as wire
+    from covspec.transport.channel import Client
+
+    # the reply's wait outlasts the connection's, so an edge never reached is said as such
+    with Client(edge, timeout_s=timeout_s + 2, retries=0, keys=keys, connect_timeout_s=timeout_s) as client:
+        client.request(wire.Ping(t=0.0))
+        sent = time.perf_counter()
+        reply = client.request(wire.Ping(t=0.0))
+        rtt = time.perf_counter() - sent
+    if not isinstance(reply, wire.Pong):
+        raise CovspecError(f"the edge at {edge} answered PING with {reply.TYPE}")
+    return rtt
 
 
 # --- the device --------------------------------------------------------------------------------
@@ -185,10 +225,10 @@ def answer(edge: str, image: str | Path | bytes, prompt: str, *, draft: VLMAdapt
     from covspec.sampling import SamplingParams
 
     if isinstance(image, str | Path):
-        path = Path(image)
-        if not path.is_file():
-            raise CovspecError(f"image {path}: no such file")
-        image = path.read_bytes()
+        from covspec.images import load_image
+
+        load_image(image)  # unreadable, too large: an ImageError naming the file, before the edge sees it
+        image = Path(image).read_bytes()
     draft = draft or load_draft(model, bundle, backend)
     device = open_device(edge, draft, keys=keys, timeout_s=timeout_s, retries=retries, profile=profile)
     try:

@@ -170,17 +170,29 @@ class EdgeServer:
             self.counters.batches += 1
             self.counters.batched_windows += batched
             self.counters.batch_max = max(self.counters.batch_max, batched)
+        unfinished = sum(1 for s in self.table.sessions.values() if not s.done)
+        ended = []
         for stream in self.streams:
             for reply in stream.chunks():
                 self._reply(reply, stream.peer)
-            if stream.session.done:
-                elapsed = time.perf_counter() - stream.start
-                stream.session.usage.streamed += stream.streamed
-                stream.session.usage.stream_s += elapsed
-                self.counters.tokens_streamed += stream.streamed
-                self.counters.tokens_edge_drafted += stream.streamed
-                self.drafting.observe(elapsed, stream.streamed)
-        self.streams = [s for s in self.streams if not s.session.done]
+            if not stream.session.done and stream.session.usage.mode != "edge_sd" and not self.drafting.offers(unfinished):
+                self._reply(stream.give_back(), stream.peer)  # loaded: a device that can draft drafts again
+                self.counters.drafting_given_back += 1
+            elif not stream.session.done:
+                continue
+            ended.append(stream)
+            self._count_stream(stream)
+        self.streams = [s for s in self.streams if s not in ended]
+
+    def _count_stream(self, stream: DraftedStream) -> None:
+        """What an ended edge-drafted stream cost, in its session's usage and the edge's counters."""
+        elapsed = time.perf_counter() - stream.start
+        stream.session.usage.streamed += stream.streamed
+        stream.session.usage.stream_s += elapsed
+        self.counters.tokens_streamed += stream.streamed
+        self.counters.tokens_edge_drafted += stream.streamed
+        if stream.session.done:  # a whole drafted stream's rate: what OPENED tells devices
+            self.drafting.observe(elapsed, stream.streamed)
 
     def free_idle_sessions(self) -> None:
         self.counters.sessions_idle_freed += self.table.free_idle()
@@ -242,7 +254,7 @@ class EdgeServer:
             yield from handler(self, ctx, msg)
         except wire.ProtocolError as err:
             # an undecodable message is answered at the sid/seq decode could still read
-            yield self._error(msg or wire.Message(sid=err.sid, seq=err.seq), err.code, str(err))
+            yield self._error(msg or wire.Message(sid=err.sid, seq=err.seq), err.code, err.message)  # the code travels apart: not twice
         except (SessionError, PromptError, ImageError, ValueError) as err:
             yield self._error(msg, wire.ErrorCode.BAD_MESSAGE, str(err))
         except CovspecError as err:

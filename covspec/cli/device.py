@@ -56,18 +56,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from covspec import api
+    from covspec.images import load_image
     from covspec.transport.channel import check_endpoint
 
-    check_endpoint(args.edge, "--edge")  # the quick checks first, before torch loads
-    image = Path(args.image)
-    if not image.is_file():
-        raise CovspecError(f"image {image}: no such file")
+    check_endpoint(args.edge, "--edge")  # the quick checks first, before torch and the draft load
     keys = client_keys(args)
+    image = Path(args.image)
+    load_image(image)
+    for flag, folder in (("--bundle", args.bundle), ("--model", args.model)):
+        if folder and not Path(folder).is_dir():
+            raise CovspecError(f"{flag} {folder}: no such folder")
     warn_threads(args.threads, local_edge(args.edge))
+    api.check_edge(args.edge, keys)  # unreachable, refused: said in seconds, not after the draft loads
 
     import torch
 
-    from covspec import api
     from covspec.modes import pruning_options
 
     params = sampling_params(args)

@@ -173,18 +173,10 @@ def run_stats(args: argparse.Namespace) -> int:
 def run_ping(args: argparse.Namespace) -> int:
     import time
 
-    from covspec.transport import protocol as wire
-    from covspec.transport.channel import Client
+    from covspec import api
 
     start = time.perf_counter()
-    with Client(args.edge, timeout_s=args.timeout, retries=0, keys=client_keys(args),
-                connect_timeout_s=args.timeout) as client:
-        client.request(wire.Ping(t=0.0))
-        waited = time.perf_counter() - start
-        sent = time.perf_counter()
-        reply = client.request(wire.Ping(t=0.0))
-        rtt = time.perf_counter() - sent
-    if not isinstance(reply, wire.Pong):
-        raise CovspecError(f"the edge answered PING with {reply.TYPE}")
+    rtt = api.check_edge(args.edge, client_keys(args), timeout_s=args.timeout)
+    waited = time.perf_counter() - start - rtt
     print(f"{args.edge}: up (answered after {waited:.1f} s), round trip {rtt * 1000:.1f} ms")
     return 0
