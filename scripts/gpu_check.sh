@@ -2,8 +2,9 @@
 # The edge on a GPU in one run of at most 8 minutes (covspec/tools/gpu_check.py): a random
 # Qwen2.5-VL-7B-text-shaped target in bf16 on CUDA, verify ms per window 1..16 for 1 and 8 batched
 # sessions (DynamicCache paths, static bucketed eager, CUDA graphs, torch.compile reduce-overhead),
-# target-only decode tokens/s, the demo pair's fp32 vs bf16 answers, and `covspec bench` with the
-# edge on the GPU (covspec vs target_only over loopback and wifi). Results in results/gpu/.
+# target-only decode tokens/s, the demo pair's fp32 vs bf16 answers, the demo pair end to end with the
+# edge in process (default and static + CUDA graphs, loopback) and with `covspec bench` (the edge on
+# the GPU, covspec vs target_only over loopback and wifi). Results in results/gpu/.
 #   scripts/gpu_check.sh              on a GPU machine
 #   scripts/gpu_check.sh --cpu-smoke  the same steps, shrunk, on a CPU (a check of the script)
 set -euo pipefail

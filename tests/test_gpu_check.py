@@ -69,3 +69,15 @@ def test_a_failing_path_is_reported_and_the_others_still_timed() -> None:
     times = interleaved_ms({"ok": lambda: calls.append(1), "broken": broken}, reps=3, sync=lambda: None, failed=failed)
     assert list(times) == ["ok"] and len(times["ok"]) == 3 and len(calls) == 5  # 2 warm-up calls untimed
     assert failed == {"broken": "RuntimeError: capture failed"}
+
+
+def test_the_in_process_edges_answer_as_the_target(tmp_path) -> None:
+    """The demo pair end to end with the edge in process, default and static (eager here): covspec's
+    answers are target_only's."""
+    from covspec.tools import gpu_check
+
+    args = gpu_check.parse(["--cpu-smoke", "--dtype", "float32"])
+    for settings in ({}, {"cuda_graphs": True}):
+        row = gpu_check.edge_in_process(args, 2, **settings)
+        assert row["covspec_equals_target_only"] == 2, row
+        assert row["target_only_tokens_per_s"] > 0 and row["covspec_tokens_per_s"] > 0, row

@@ -8,8 +8,9 @@
    (reduce-overhead); each time the logits included, back on the CPU in float32, as the edge uses them;
 3. target-only decode tokens/s (1 session, and 8 sessions batched);
 4. the demo pair's greedy answers in float32 and bfloat16 on --device (how many differ);
-5. the demo pair end to end (`covspec bench`, the edge on --device in --dtype): covspec vs
-   target_only over loopback and wifi.
+5. the demo pair end to end with the edge in this process on --device in --dtype, default and on the
+   static path with CUDA graphs: covspec vs target_only over loopback (latency, tokens/s, equal answers);
+6. the same with `covspec bench` (the edge a process of its own): covspec vs target_only over loopback and wifi.
 
 `--cpu-smoke` shrinks everything (2 layers x 64, 2 reps, 1 prompt) to check the script end to end on
 a CPU in seconds; `--shape small` is the CPU figures' shape. Rows go to OUT/verify.json, tables to
@@ -212,6 +213,49 @@ def demo_dtype_answers(device: str, prompts: int, max_new_tokens: int = 48) -> d
     return {"prompts": prompts, "differ": len(differ), "differing_items": differ}
 
 
+def edge_in_process(args, prompts: int, **settings) -> dict:
+    """The demo pair end to end over loopback with the edge in this process on --device in --dtype
+    (`settings`: the static path, CUDA graphs): target_only and covspec on held-out describe prompts, mean
+    latency and decode tokens/s per mode, and how many covspec answers equal target_only's."""
+    import threading
+
+    from covspec.demo import default_draft_path, default_target_path
+    from covspec.demo.task import make_item
+    from covspec.device_runtime.client import DeviceRuntime
+    from covspec.edge_runtime.server import EdgeServer, EdgeSettings
+    from covspec.edge_runtime.target import load_target
+    from covspec.images import png_bytes
+    from covspec.models import load_adapter
+    from covspec.sampling import SamplingParams
+
+    target, _ = load_target(default_target_path(), device=args.device, dtype=args.dtype)
+    server = EdgeServer(target, EdgeSettings(bind="tcp://127.0.0.1:*", device=args.device, dtype=args.dtype, **settings))
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            server.serve_once(timeout_s=0.05)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    device = DeviceRuntime(load_adapter(default_draft_path()), server.endpoint, timeout_s=60)
+    answers: dict[str, list] = {"target_only": [], "covspec": []}
+    try:
+        for item in (make_item("heldout", i, 0, qtype="describe") for i in range(prompts)):  # long answers, as bench's
+            for mode, found in answers.items():
+                found.append(device.answer(png_bytes(item.image), item.question, mode, SamplingParams(), max_new_tokens=48))
+    finally:
+        device.close()
+        stop.set()
+        thread.join()
+        server.close()
+    same = sum(a.ids == b.ids for a, b in zip(answers["covspec"], answers["target_only"], strict=True))
+    return {"settings": settings, "prompts": prompts, "covspec_equals_target_only": same,
+            **{f"{mode}_latency_ms": round(1000 * statistics.mean(a.latency_s for a in found), 1) for mode, found in answers.items()},
+            **{f"{mode}_tokens_per_s": round(statistics.mean(a.decode_tokens_per_s for a in found), 1)
+               for mode, found in answers.items()}}
+
+
 def run_bench(args, out: Path, clock: Clock) -> list[dict]:
     """`covspec bench` with the edge on --device in --dtype: covspec vs target_only over loopback and wifi."""
     command = [sys.executable, "-m", "covspec.cli", "bench", "--modes", "target_only,covspec", "--links", args.links,
@@ -253,6 +297,13 @@ def summary(report: dict) -> str:
         d = report["dtype_answers"]
         lines += ["", f"## demo pair: float32 vs bfloat16 greedy answers on {report['device']}", "",
                   f"{d['differ']} of {d['prompts']} answers differ (items {d['differing_items']})"]
+    if report.get("edges"):
+        lines += ["", f"## demo pair, edge in process on {report['device']} ({report['dtype']}), loopback", "",
+                  "| edge | prompts | covspec = target_only | target_only ms | covspec ms | target_only tok/s | covspec tok/s |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {'static, CUDA graphs' if e['settings'] else 'default'} | {e['prompts']} | "
+                  f"{e['covspec_equals_target_only']} | {e['target_only_latency_ms']} | {e['covspec_latency_ms']} | "
+                  f"{e['target_only_tokens_per_s']} | {e['covspec_tokens_per_s']} |" for e in report["edges"]]
     for bench in report.get("bench", []):
         lines += ["", "## end to end", "", f"`covspec {bench['command']}`", "", "```",
                   bench.get("stdout_tail", bench.get("error", "")), "```"]
@@ -320,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "verify.json").write_text(json.dumps(report, indent=1))
     if args.demo:
         report["dtype_answers"] = demo_dtype_answers(str(device), args.dtype_prompts)
+        report["edges"] = [edge_in_process(args, args.bench_prompts, **settings)
+                           for settings in ({}, {"cuda_graphs": True})]
         report["bench"] = run_bench(args, out, clock) if args.bench else []
     (out / "verify.json").write_text(json.dumps(report, indent=1))
     (out / "summary.md").write_text(summary(report))
