@@ -323,7 +323,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=10, help="timed runs per measurement (median)")
     p.add_argument("--decode-steps", type=int, default=32, help="timed tokens of target-only decoding")
     p.add_argument("--budget-s", type=float, default=450.0, help="the whole run's time at most")
-    p.add_argument("--reserve-s", type=float, default=150.0, help="time kept for the demo pair (answers, bench)")
+    p.add_argument("--reserve-s", type=float, default=180.0, help="time kept for the demo pair (answers, edges, bench)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile (reduce-overhead)")
     p.add_argument("--links", default="loopback,wifi", help="the bench's links")
     p.add_argument("--bench-prompts", type=int, default=8, help="held-out prompts per link in the bench")
