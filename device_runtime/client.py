@@ -69,6 +69,7 @@ class DeviceRuntime:
         self.reopens = 0
         self.edge_step_s: float | None = None  # the target's streaming time per token, as the last OPENED said
         self.edge_offer: EdgeOffer | None = None  # what the edge last said of drafting itself (placement)
+        self.yielded_round: int | None = None  # the last stream ended early: the edge's next round (it gave drafting back)
         self.welcome = self._hello()
         # the drafting policy's estimates per set of mechanisms and greedy-or-sampled, carried from one
         # request to the next: acceptance, step, round-trip and verify times belong to this draft, edge
@@ -118,15 +119,11 @@ class DeviceRuntime:
             open_msg = wire.Open(sid=sid, image=image_bytes, prompt=prompt, mode=mode,
                                  temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                                  seed=params.seed, max_new_tokens=max_new_tokens)
-            options = options or MODE_OPTIONS.get(mode)
-            stats = None if options is None else self.learned.get((options, params.greedy))
             if mode in STREAMING_MODES:
                 answer = self._target_only(open_msg, max_new_tokens, start)
-            elif self._hands_over(options, stats):  # the edge drafts this answer: no draft prefill here
-                answer = self._target_only(open_msg, max_new_tokens, start, stats=stats)
             else:
                 answer = self._speculative(open_msg, image_bytes, prompt, params, max_new_tokens, window, start,
-                                           options)
+                                           options or MODE_OPTIONS[mode])
             self.client.request(wire.Close(sid=sid))
         answer.bytes_up = self.client.counters.bytes_sent - up0
         answer.bytes_down = self.client.counters.bytes_recv - down0
@@ -148,22 +145,15 @@ class DeviceRuntime:
         return bool(options is not None and options.placement and stats is not None
                     and place_drafting(stats, self.edge_offer, self.edge_step_s, options.k_max) == EDGE)
 
-    def _target_only(self, open_msg: wire.Open, max_new_tokens: int, start: float,
-                     stats: OnlineStats | None = None) -> Answer:
-        """The edge generates the answer and streams it: target_only, edge_sd, and a speculative mode
-        handing drafting to the edge (`stats`: its estimates, given the round trip the stream shows)."""
-        handed = open_msg.mode not in STREAMING_MODES
+    def _target_only(self, open_msg: wire.Open, max_new_tokens: int, start: float) -> Answer:
+        """The edge generates the answer and streams it (target_only; edge_sd, drafting on the edge)."""
         sent_open = self.client.send(open_msg)
-        stream = self._send_stream(open_msg, handed)  # right behind the OPEN: no round trip between the two
+        stream = self._send_stream(open_msg)  # right behind the OPEN: no round trip between the two
         opened = self._expect(self._await(sent_open), wire.Opened)
         ttft = time.perf_counter() - start
-        if handed:
-            self.edge_offer = EdgeOffer.from_timings(opened.timings) or self.edge_offer
-        tokens = [opened.token] + ([] if opened.done else self._stream_rest(open_msg, [opened.token], stats,
-                                                                            stream=stream, draft=handed))
+        tokens = [opened.token] + ([] if opened.done else self._stream_rest(open_msg, [opened.token], stream=stream))
         ids = final_answer(tokens, self.draft.eos_token_ids, max_new_tokens)
-        return Answer(open_msg.mode, ids, self.draft.decode(ids), ttft_s=ttft, latency_s=time.perf_counter() - start,
-                      streamed_rest=handed, edge_drafted=handed)
+        return Answer(open_msg.mode, ids, self.draft.decode(ids), ttft_s=ttft, latency_s=time.perf_counter() - start)
 
     def _send_stream(self, open_msg: wire.Open, draft: bool = False) -> tuple[wire.Message, float]:
         """Asks the edge to generate the rest of the answer alone (`draft`: drafting with its own draft
@@ -178,6 +168,7 @@ class DeviceRuntime:
         `known` + the tokens streamed so far, and asked for the rest. `stats`: the drafting policy's
         estimates, given the round trip the first chunk shows."""
         tokens: list[int] = []
+        self.yielded_round = None
         for attempt in range(MAX_REOPENS + 1):
             if attempt:
                 self._reopen(open_msg, known + tokens)
@@ -205,7 +196,9 @@ class DeviceRuntime:
                     chunk = early.pop(index)
                     index += 1
                     tokens.extend(int(t) for t in chunk.tokens)
-                    if chunk.done:
+                    if chunk.done:  # an edge that got loaded may give drafting back before the end
+                        yielded = chunk.timings.get("yielded_round")
+                        self.yielded_round = None if yielded is None else int(yielded)
                         return tokens
         raise EdgeRefused(f"the edge stopped streaming (no chunk within {self.client.timeout_s} s, "
                           f"{MAX_REOPENS} reopen(s) tried)")
@@ -236,19 +229,23 @@ class DeviceRuntime:
                      max_new_tokens: int, window: int, start: float, options: SpecOptions) -> Answer:
         """Speculative decoding against the edge (the rules: `speculation.Speculation`). This is the
         socket's side: every message the Speculation asks for is sent here, every reply fed back."""
-        # 1. OPEN (before the draft's prefill, or after it with the pruned indices) and the draft's prefill
-        sent_open, first_logits, state, kept = self._open_and_prefill(open_msg, image_bytes, prompt, options)
-        sent_before = self.client.counters.bytes_sent
+        # 1. OPEN (before the draft's prefill, or after it with the pruned indices), STREAM(draft) right behind it
+        # when the edge drafts this answer (policy.place_drafting), and the draft's prefill
         stats = self.learned.setdefault((options, params.greedy), self._new_stats())
+        hand_over = self._hands_over(options, stats)
+        sent_open, first_logits, state, kept, stream = self._open_and_prefill(open_msg, image_bytes, prompt, options,
+                                                                              hand_over)
+        sent_before = self.client.counters.bytes_sent
         spec = Speculation(self.draft, state, params, options, stats, open_msg.sid, max_new_tokens, window,
                            self.welcome.vocab_size, ready=lambda: self.client.poll(0.0), edge_offer=self.edge_offer)
         # 2. while the edge prefills: the first window on the draft's guess of its first token
         informed = stats.rounds > 0 or self.profile is not None  # estimates from measurements, not priors
-        first = spec.start(first_logits, informed, self.edge_step_s)
+        first = spec.start(first_logits, informed, self.edge_step_s, hand_over)
         if first is not None:
             self._send(first)
         # 3. a STREAM right behind OPEN (and the first window) when the edge's streaming wins on this link
-        stream = self._send_stream(open_msg, spec.edge_drafts) if spec.streams else None
+        if stream is None and spec.streams:
+            stream = self._send_stream(open_msg, spec.edge_drafts)
         # 4. OPENED: the target's first token; the edge's streaming time for the policy
         opened = self._expect(self._await(sent_open), wire.Opened)
         ttft = time.perf_counter() - start
@@ -257,30 +254,37 @@ class DeviceRuntime:
         step = spec.on_opened(opened, self.edge_step_s)
         # 5. rounds: send the window (unless sent ahead), draft branches (sending the window ahead) while
         # the edge verifies it, then its RESULT (re-OPENing the session if the edge restarted)
-        while isinstance(step, Flight):
-            if not step.sent:
-                self._send(step)
-            for ahead in spec.while_waiting():
-                self._send(ahead)
-            reply, reopened = self._await_resuming(step.msg, open_msg, spec.committed)
-            step = spec.on_result(self._expect(reply, wire.Result), reopened)
-        # 6. the edge generates the rest alone, when speculating does not pay
-        if step is STREAM:
-            spec.extend(self._stream_rest(open_msg, spec.committed, stats, stream=stream, draft=spec.edge_drafts))
+        while step is not None:
+            while isinstance(step, Flight):
+                if not step.sent:
+                    self._send(step)
+                for ahead in spec.while_waiting():
+                    self._send(ahead)
+                reply, reopened = self._await_resuming(step.msg, open_msg, spec.committed)
+                step = spec.on_result(self._expect(reply, wire.Result), reopened)
+            # 6. the edge generates the rest alone (drafting with its own draft or not), unless it gets
+            # loaded and gives drafting back: then the rounds go on from where it stopped
+            if step is STREAM:
+                spec.extend(self._stream_rest(open_msg, spec.committed, stats, stream=stream, draft=spec.edge_drafts))
+                step, stream = (None if self.yielded_round is None else spec.resume(self.yielded_round)), None
         self.edge_offer = spec.edge_offer
         ids = final_answer(spec.committed, self.draft.eos_token_ids, max_new_tokens)
         return Answer(open_msg.mode, ids, self.draft.decode(ids), ttft_s=ttft, latency_s=time.perf_counter() - start,
                       rounds=spec.rounds, kept=None if kept is None else len(kept),
                       decode_bytes_up=self.client.counters.bytes_sent - sent_before, streamed_rest=spec.streamed_rest,
-                      edge_drafted=spec.edge_drafts)
+                      edge_drafted=spec.edge_drafts or spec.gave_back > 0)
 
     def _open_and_prefill(self, open_msg: wire.Open, image_bytes: bytes, prompt: str, options: SpecOptions,
-                          ) -> tuple[wire.Message, torch.Tensor, DecodeState, torch.Tensor | None]:
+                          hand_over: bool = False) -> tuple[wire.Message, torch.Tensor, DecodeState,
+                                                            torch.Tensor | None, tuple[wire.Message, float] | None]:
         """Sends the OPEN (before the draft's own prefill, so the edge prefills meanwhile; after the
         pruning when the target prunes too) and prefills the draft: (OPEN sent, the draft's first
-        logits [V], its state, the kept visual tokens' indices or None)."""
+        logits [V], its state, the kept visual tokens' indices or None, the STREAM sent right behind the
+        OPEN when `hand_over`: the edge drafts this answer, the draft is prefilled for a hand-back only)."""
+        stream = None
         if not options.prune_target:
             sent_open = self.client.send(open_msg)  # the edge prefills while the device does
+            stream = self._send_stream(open_msg, True) if hand_over else None
         visual = self.draft.encode_image(self.draft.preprocess(load_image(image_bytes)))
         kept = None
         if options.keep < 1.0:
@@ -290,8 +294,9 @@ class DeviceRuntime:
         if options.prune_target:
             open_msg.kept = None if kept is None else kept.numpy().astype(np.int32)
             sent_open = self.client.send(open_msg)
+            stream = self._send_stream(open_msg, True) if hand_over else None
         first_logits, state = self.draft.prefill(visual, prompt, kept=kept)  # [V] the first token's
-        return sent_open, first_logits, state, kept
+        return sent_open, first_logits, state, kept, stream
 
     def _send(self, flight: Flight) -> None:
         """Sends a window's VERIFY now; the flight keeps the sent copy (its seq) and the time."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -111,6 +111,7 @@ class Speculation:
         self.sent_ahead: tuple[Flight, Drafter] | None = None  # the window sent ahead, and its branch
         self.edge_offer = edge_offer
         self.edge_drafts = False  # the STREAM asks the edge to draft the rest itself (placement)
+        self.gave_back = 0  # times the edge gave drafting back to this device mid-answer
 
     @property
     def committed(self) -> list[int]:
@@ -122,14 +123,16 @@ class Speculation:
         self.drafter.committed.extend(streamed)
 
     # --- events --------------------------------------------------------------------------------
-    def start(self, first_logits: torch.Tensor, informed: bool, edge_step_s: float | None) -> Flight | None:
+    def start(self, first_logits: torch.Tensor, informed: bool, edge_step_s: float | None,
+              hand_over: bool = False) -> Flight | None:
         """Before OPENED, on the draft's first logits [V]: decides whether the edge streams the
         answer from the start (the rule applied after OPENED, on what earlier answers showed and
         the edge's streaming time, `edge_step_s`, from the last OPENED); returns the first window,
-        drafted on the draft's guess of the target's first token, when it is sent before OPENED."""
+        drafted on the draft's guess of the target's first token, when it is sent before OPENED.
+        `hand_over`: the caller asked the edge to draft this answer (STREAM with draft, sent already)."""
         stats, options = self.stats, self.options
         self.informed = informed
-        self.edge_drafts = self._edge_drafting_wins(edge_step_s)
+        self.edge_drafts = hand_over or self._edge_drafting_wins(edge_step_s)
         self.streams = self.edge_drafts or self._streaming_wins(edge_step_s)
         if self.edge_drafts:  # the edge drafts from its first token: nothing to draft here first
             return None
@@ -245,6 +248,19 @@ class Speculation:
             # on this link speculation loses to the target alone: let the edge stream the rest
             self.streamed_rest = True
             return STREAM
+        return self._next_window()
+
+    def resume(self, next_round: int) -> Step:
+        """The edge got loaded and gave drafting back mid-answer (its stream ended early, `extend` given
+        what it streamed): drafting goes on here, the edge's next round being `next_round`; the edge is
+        not asked again until a RESULT says it offers."""
+        self.streams = self.edge_drafts = False
+        self.gave_back += 1
+        self.round_base = len(self.rounds) - next_round
+        if self.edge_offer is not None:
+            self.edge_offer = replace(self.edge_offer, offers=False)
+        if self.committed[-1] in self.eos or len(self.committed) >= self.max_new_tokens:
+            return None
         return self._next_window()
 
     # --- steps ---------------------------------------------------------------------------------

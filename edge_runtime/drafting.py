@@ -211,6 +211,16 @@ class DraftedStream:
             self.pending = []
         return out
 
+    def give_back(self) -> wire.Streamed:
+        """The last STREAMED of a stream the edge stops drafting before the answer ends (it got loaded and
+        the device can draft): the tokens not sent yet and, in its timings, the session's next round
+        (`yielded_round`), from which the device's windows go on."""
+        last = self.session.last
+        reply = self._streamed(self.pending, True)
+        reply.timings["yielded_round"] = float(0 if last is None else last.round + 1)
+        self.pending = []
+        return reply
+
     def _streamed(self, tokens: list[int], done: bool) -> wire.Streamed:
         reply = wire.Streamed(sid=self.sid, seq=self.msg.seq, index=self.index, tokens=np.asarray(tokens, dtype=np.int32),
                               done=done, timings={"elapsed_s": time.perf_counter() - self.start})

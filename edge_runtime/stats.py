@@ -76,6 +76,7 @@ class EdgeCounters:
     tokens_accepted: int = 0
     tokens_streamed: int = 0
     tokens_edge_drafted: int = 0  # streamed tokens the edge drafted and verified itself (edge-side speculation)
+    drafting_given_back: int = 0  # edge-drafted streams ended early: the edge got loaded, the device drafts again
     batches: int = 0  # target passes shared by several sessions' VERIFY windows
     batched_windows: int = 0  # windows verified in those passes
     batch_max: int = 0  # the most windows in one pass
@@ -93,7 +94,7 @@ class EdgeCounters:
             "sessions_reopened": self.sessions_reopened, "sessions_closed": self.sessions_closed,
             "sessions_idle_freed": self.sessions_idle_freed, "tokens_verified": self.tokens_verified,
             "tokens_accepted": self.tokens_accepted, "tokens_streamed": self.tokens_streamed,
-            "tokens_edge_drafted": self.tokens_edge_drafted,
+            "tokens_edge_drafted": self.tokens_edge_drafted, "drafting_given_back": self.drafting_given_back,
             "batches": self.batches, "batched_windows": self.batched_windows, "batch_max": self.batch_max,
             "prefill_batches": self.prefill_batches, "batched_prefills": self.batched_prefills,
             "windows_ahead": self.windows_ahead, "windows_dropped": self.windows_dropped,

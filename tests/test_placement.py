@@ -22,6 +22,8 @@ from covspec.modes import COVSPEC, MODE_OPTIONS
 from covspec.policy import DEVICE, EDGE, EdgeOffer, OnlineStats, place_drafting
 from covspec.sampling import SamplingParams
 from covspec.speculative import correct_decoupled
+from covspec.transport import protocol as wire
+from covspec.transport.channel import Client
 
 
 def estimates(rtt: float, acceptance: float = 0.85, branch_hit: float = 0.7) -> OnlineStats:
@@ -175,3 +177,29 @@ def test_sampling_follows_target_when_the_edge_takes_over_mid_answer(pair, param
 def test_covspec_options_carry_placement():
     assert COVSPEC.placement and not MODE_OPTIONS["covspec_no_placement"].placement
     assert not MODE_OPTIONS["vanilla_sd"].placement
+
+
+def test_a_loaded_edge_gives_drafting_back_mid_answer(pair):
+    """A device hands drafting over on what the edge said when alone; another session opens, so the edge
+    gives drafting back after a round; the device drafts the rest and the answer is the target's."""
+    target, _ = pair
+    edge = DraftingEdge(target, target, draft_sessions=1)
+    device = slow_link_device(target, edge.endpoint)
+    try:
+        image, prompt = next((png(i), p) for i in range(6) for p in PROMPTS
+                             if len(reference(target, png(i), p, 40)) >= 30)
+        expected = reference(target, image, prompt, 40)
+        alone = device.answer(image, prompt, "covspec", SamplingParams(), max_new_tokens=40)
+        assert alone.ids == expected and alone.edge_drafted and device.edge_offer.offers
+        with Client(edge.endpoint, timeout_s=10, retries=0) as other:
+            other.request(wire.Open(sid=99, image=png(1), prompt=PROMPTS[0], mode="covspec", max_new_tokens=40))
+            given_back = edge.server.stats()["drafting_given_back"]
+            loaded = device.answer(image, prompt, "covspec", SamplingParams(), max_new_tokens=40)
+            other.request(wire.Close(sid=99))
+        assert loaded.ids == expected
+        assert loaded.edge_drafted and loaded.rounds, "the device did not draft again"
+        assert edge.server.stats()["drafting_given_back"] == given_back + 1
+        assert not device.edge_offer.offers  # not asked again until a RESULT says it offers
+    finally:
+        device.close()
+        edge.close()
