@@ -191,9 +191,13 @@ def bundle_backend(bundle: str | Path, backend: str = "auto") -> str:
     from covspec.bundles.bundle import BundleError, load_bundle
 
     try:
-        programs = load_bundle(bundle).manifest.get("programs", {})
+        manifest = load_bundle(bundle).manifest
     except BundleError as err:
         raise CovspecError(str(err)) from err
+    if manifest.get("kind", "device") != "device":
+        raise CovspecError(f"bundle {bundle}: is an {manifest['kind']} bundle; a device runs the device bundle "
+                           "(covspec export's OUT/device)")
+    programs = manifest.get("programs", {})
     for name, fmt in (("executorch", "pte"), ("onnx", "onnx")):
         if fmt in programs:
             return name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -140,3 +141,21 @@ class TokenPrinter:
             sys.stdout.write("\r" + text)
         sys.stdout.flush()
         self.shown = text
+
+
+@contextlib.contextmanager
+def native_stderr_quiet(verbose: bool):
+    """Unless `verbose`, what C++ runtimes write straight to the stderr file (ExecuTorch's CPU probing
+    while a program loads) goes nowhere for the duration; Python's own errors come after, unharmed."""
+    if verbose:
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

@@ -12,6 +12,7 @@ from covspec.cli.common import (
     add_sampling_args,
     add_threads_arg,
     client_keys,
+    native_stderr_quiet,
     sampling_params,
     warn_threads,
 )
@@ -85,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         from covspec.calibration.profile import load_profile
 
         profile = load_profile(args.profile)
-    draft = api.load_draft(args.model, args.bundle, args.backend, args.threads)
+    with native_stderr_quiet(args.verbose):
+        draft = api.load_draft(args.model, args.bundle, args.backend, args.threads)
     answer = api.answer(args.edge, image, args.prompt, draft=draft, mode=args.mode, params=params,
                         max_new_tokens=args.max_new_tokens, window=args.window, options=options, keys=keys,
                         timeout_s=args.timeout, retries=args.retries, profile=profile)
