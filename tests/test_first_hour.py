@@ -303,3 +303,12 @@ def test_bench_workers_native_log_lines_go_to_their_log_only(tmp_path, capsys):
     assert "cpuinfo" in (tmp_path / "w.log").read_text()
     with pytest.raises(CovspecError, match="a device worker failed .*w.log"):
         run_worker([sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ), tmp_path / "w.log")
+
+
+def test_native_stderr_is_quiet_while_a_program_loads_unless_verbose(capfd):
+    for verbose in (False, True):
+        with common.native_stderr_quiet(verbose):
+            os.write(2, b"[cpuinfo_utils.cpp:71] Reading file\n")
+        os.write(2, b"after\n")
+        err = capfd.readouterr().err
+        assert "after" in err and ("cpuinfo" in err) == verbose
