@@ -58,6 +58,12 @@ class QwenVisionGraph(nn.Module):
         segment = torch.searchsorted(torch.as_tensor(cu_window)[1:].long(), torch.arange(patches), right=True)
         self.register_buffer("window_mask", segment[:, None] == segment[None, :], persistent=False)  # [P, P]
         self.full_blocks = {int(i) for i in visual.fullatt_block_indexes}
+        conv = visual.patch_embed.proj  # Conv3d, stride == kernel: a Linear over the flattened patch
+        self.patch = nn.Linear(conv.weight[0].numel(), conv.out_channels, bias=conv.bias is not None)
+        with torch.no_grad():
+            self.patch.weight.copy_(conv.weight.reshape(conv.out_channels, -1))
+            if conv.bias is not None:
+                self.patch.bias.copy_(conv.bias)
 
     def attention(self, attn: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
@@ -70,7 +76,7 @@ class QwenVisionGraph(nn.Module):
         return attn.proj(out[0].transpose(0, 1).reshape(p, -1))
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.visual.patch_embed(pixel_values)[self.window_order]  # [P, d_v], window order
+        x = self.patch(pixel_values)[self.window_order]  # [P, d_v], window order
         for i, block in enumerate(self.visual.blocks):
             mask = None if i in self.full_blocks else self.window_mask
             x = x + self.attention(block.attn, block.norm1(x), mask)
