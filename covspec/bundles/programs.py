@@ -83,7 +83,8 @@ class ExecuTorchPrograms:
 
     def decoder(self, state, ids, image_embeds, is_image, input_pos, start):
         self._make_resident(state)
-        out = self._decoder.execute([ids, image_embeds, is_image, input_pos, torch.tensor([start])])
+        out = self._decoder.execute([ids.contiguous(), image_embeds.contiguous(), is_image.contiguous(),
+                                     input_pos.contiguous(), torch.tensor([start])])
         return out[0].clone()  # outputs may live in the method's planned memory: own them
 
     def fork(self, state: Any) -> torch.Tensor:
