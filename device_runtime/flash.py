@@ -85,7 +85,14 @@ class ShellTarget:
 
     def _sh(self, script: str, stdin: Path | None = None) -> str:
         with open(stdin, "rb") if stdin else open(os.devnull, "rb") as f:
-            done = subprocess.run([*self.run, script], stdin=f, capture_output=True, timeout=600)
+            try:
+                done = subprocess.run([*self.run, script], stdin=f, capture_output=True, timeout=600)
+            except FileNotFoundError:
+                tool = Path(self.run[0]).name
+                how = ("Android's platform-tools (apt install adb)" if tool == "adb"
+                       else "an OpenSSH client (apt install openssh-client)" if tool == "ssh" else tool)
+                raise FlashError(f"{self.description}: {tool} is not installed here: install {how} and put "
+                                 f"{tool} on PATH") from None
         if done.returncode != 0:
             raise FlashError(f"{self.description}: {script.split()[0]} ... failed "
                              f"({done.stderr.decode(errors='replace').strip() or done.returncode})")

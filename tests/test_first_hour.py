@@ -312,3 +312,22 @@ def test_native_stderr_is_quiet_while_a_program_loads_unless_verbose(capfd):
         os.write(2, b"after\n")
         err = capfd.readouterr().err
         assert "after" in err and ("cpuinfo" in err) == verbose
+
+
+def test_flash_without_adb_names_the_tool_and_the_fix(tmp_path, capsys):
+    from covspec.export.manifest import write_manifest
+
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    (folder / "model.pte").write_bytes(b"pte" * 100)
+    write_manifest(folder, {"kind": "device"})
+    env_path = os.environ["PATH"]
+    os.environ["PATH"] = str(tmp_path)  # no adb anywhere on it
+    try:
+        start = time.monotonic()
+        assert main(["device", "flash", "--bundle", str(folder), "--to", "adb://emulator-5554/data/local/tmp/b"]) == 2
+    finally:
+        os.environ["PATH"] = env_path
+    err = capsys.readouterr().err
+    assert "adb is not installed here: install Android's platform-tools" in err and "Traceback" not in err, err
+    assert time.monotonic() - start < 2

@@ -114,11 +114,6 @@ def run_flash(args: argparse.Namespace) -> int:
         report = flash(args.bundle, args.to)
     except (BundleError, FlashError, ValueError) as err:
         raise CovspecError(f"flash: {err}") from err
-    except FileNotFoundError as err:  # the copying tool itself (adb, ssh) is not installed
-        tool = Path(str(err.filename)).name if err.filename else "the copying tool"
-        fix = ("install Android's platform-tools (apt install adb) and put adb on PATH" if tool == "adb"
-               else f"install {tool} and put it on PATH")
-        raise CovspecError(f"flash to {args.to}: {tool} is not installed here: {fix}") from None
     print(f"{report.target}: {len(report.copied)} files copied, {len(report.skipped)} already there, "
           f"{report.verified} checksums verified on the target")
     return 0
