@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--backend", default="auto", choices=["auto", "executorch", "onnx"],
                    help="runtime for --bundle (auto: ExecuTorch when the bundle has its .pte, else ONNX Runtime)")
     q.add_argument("--edge", required=True, help="edge endpoint, e.g. tcp://127.0.0.1:5555")
-    q.add_argument("--image", required=True, help="image file")
+    q.add_argument("--image", required=True,
+                   help="image file (PNG, JPEG, ...; at most 2048x2048 pixels, the edge's limit too)")
     q.add_argument("--prompt", required=True, help="question or instruction")
     q.add_argument("--mode", default="covspec", choices=MODES, metavar="MODE",
                    help=f"how to answer (covspec/modes.py): {', '.join(MODES)}")
