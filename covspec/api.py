@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from covspec.bundles.backend import bundle_backend, load_draft
 from covspec.errors import CovspecError
 
 if TYPE_CHECKING:
@@ -161,49 +162,6 @@ def check_edge(edge: str, keys: ClientKeys | None = None, timeout_s: float = 10.
 
 
 # --- the device --------------------------------------------------------------------------------
-def load_draft(model: str | Path | None = None, bundle: str | Path | None = None, backend: str = "auto",
-               threads: int | None = None) -> VLMAdapter:
-    """The device's draft: an exported device bundle run by `backend` (executorch, onnx, or auto: see
-    bundle_backend), or a Hugging Face checkpoint folder (`model`). Exactly one of the two."""
-    if (model is None) == (bundle is None):
-        raise CovspecError("give the draft as --bundle DIR (an exported device bundle) or --model PATH (a checkpoint)")
-    if bundle is not None:
-        from covspec.bundles.adapter import BundleAdapter
-        from covspec.bundles.bundle import BundleError
-
-        backend = bundle_backend(bundle, backend)
-        try:
-            return BundleAdapter(bundle, backend=backend, threads=threads)
-        except BundleError as err:  # its message names the bundle already
-            raise CovspecError(str(err)) from err
-        except ValueError as err:
-            raise CovspecError(f"--backend: {err}") from err
-    from covspec.models import load_adapter
-
-    return load_adapter(model)
-
-
-def bundle_backend(bundle: str | Path, backend: str = "auto") -> str:
-    """`backend`, or for "auto" the one the device bundle has programs for: executorch (its .pte)
-    when present, else onnx."""
-    if backend != "auto":
-        return backend
-    from covspec.bundles.bundle import BundleError, load_bundle
-
-    try:
-        manifest = load_bundle(bundle).manifest
-    except BundleError as err:
-        raise CovspecError(str(err)) from err
-    if manifest.get("kind", "device") != "device":
-        raise CovspecError(f"bundle {bundle}: is an {manifest['kind']} bundle; a device runs the device bundle "
-                           "(covspec export's OUT/device)")
-    programs = manifest.get("programs", {})
-    for name, fmt in (("executorch", "pte"), ("onnx", "onnx")):
-        if fmt in programs:
-            return name
-    raise CovspecError(f"bundle {bundle}: has neither ExecuTorch nor ONNX programs (re-export it with covspec export)")
-
-
 def open_device(edge: str, draft: VLMAdapter, *, keys: ClientKeys | None = None, timeout_s: float = 30.0,
                 retries: int = 2, profile: CalibrationProfile | None = None) -> DeviceRuntime:
     """A device connected to the edge at `edge` (HELLO answered): call .answer(...) on it, then .close().

@@ -339,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
     args.target = args.target or str(demo.default_target_path())
     args.draft = args.draft or str(demo.default_draft_path())
     if args.bundle:
-        from covspec.api import bundle_backend
+        from covspec.bundles.backend import bundle_backend
 
         args.backend = bundle_backend(args.bundle, args.backend)
     if args.devices:

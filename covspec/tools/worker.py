@@ -79,7 +79,7 @@ def mode_options(mode: str, s: WorkerSettings):
 def run_worker(s: WorkerSettings) -> int:
     import torch
 
-    from covspec import api
+    from covspec.bundles.backend import load_draft
     from covspec.demo.evaluate import score_answer
     from covspec.demo.task import make_item, sample_split
     from covspec.device_runtime.client import DeviceRuntime
@@ -90,7 +90,7 @@ def run_worker(s: WorkerSettings) -> int:
 
     torch.set_num_threads(1)
     params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
-    draft = api.load_draft(None if s.bundle else s.draft, s.bundle, s.backend, threads=1)
+    draft = load_draft(None if s.bundle else s.draft, s.bundle, s.backend, threads=1)
     device = DeviceRuntime(draft, s.edge, timeout_s=120.0)
     if s.go:  # a load run: start with the other devices
         from covspec.tools.replay import wait_for_go
