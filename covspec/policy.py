@@ -175,6 +175,7 @@ class OnlineStats:
     _bin_acc: list[float] = field(default_factory=lambda: [0.0] * (len(MARGIN_BINS) - 1))
     _bin_judged: list[float] = field(default_factory=lambda: [0.0] * (len(MARGIN_BINS) - 1))
     _vsums: list[float] = field(default_factory=lambda: [0.0] * 5)  # decayed n, sum k, k^2, t, k t
+    _pace: list[float] = field(default_factory=lambda: [0.0, 0.0])  # decayed [tokens, seconds] between RESULTs
 
     # --- updates -----------------------------------------------------------------------------
     def update(self, drafted: int, accepted: int, draft_step_s: float | Sequence[float] | None = None,
@@ -248,6 +249,18 @@ class OnlineStats:
     def costs(self) -> LinkCosts:
         v0, v1 = self.verify_line()
         return LinkCosts(t_draft=self.t_draft, rtt=self.rtt, v0=v0, v1=v1, branch_hit=self.branch_hit)
+
+    def observe_pace(self, tokens: int, seconds: float) -> None:
+        """`tokens` committed by a RESULT `seconds` after the one before (or after OPENED): the pace
+        this device's speculation really runs at, round trips hidden by branches and windows in
+        flight included, which the cost model does not see."""
+        n, t = self._pace
+        self._pace = [self.decay * n + tokens, self.decay * t + seconds]
+
+    def s_per_token(self, min_tokens: float = 8.0) -> float | None:
+        """Measured seconds per committed token of this device's speculation (None: too few tokens)."""
+        n, t = self._pace
+        return t / n if n >= min_tokens else None
 
 
 def add_point(sums: Sequence[float], k: float, t: float, decay: float = 1.0, weight: float = 1.0) -> list[float]:
@@ -353,6 +366,7 @@ class EdgeOffer:
     sessions: int = 0
     draft_step_s: float | None = None
     acceptance: float | None = None
+    s_per_token: float | None = None  # measured pace of the edge's own drafted streams
 
     @classmethod
     def from_timings(cls, timings: dict[str, float]) -> EdgeOffer | None:
@@ -360,7 +374,8 @@ class EdgeOffer:
         if "edge_draft" not in timings:
             return None
         return cls(offers=timings["edge_draft"] > 0, sessions=int(timings.get("edge_sessions", 0)),
-                   draft_step_s=timings.get("edge_draft_step_s"), acceptance=timings.get("edge_acceptance"))
+                   draft_step_s=timings.get("edge_draft_step_s"), acceptance=timings.get("edge_acceptance"),
+                   s_per_token=timings.get("edge_sd_s_per_token"))
 
 
 def edge_drafting_rate(stats: OnlineStats, offer: EdgeOffer, k_max: int = 16) -> float:
@@ -374,7 +389,7 @@ def edge_drafting_rate(stats: OnlineStats, offer: EdgeOffer, k_max: int = 16) ->
 
 
 def place_drafting(stats: OnlineStats, offer: EdgeOffer | None, target_step_s: float | None,
-                   k_max: int = 16, min_rounds: int = 3) -> str:
+                   k_max: int = 16, min_rounds: int = 3, margin: float = 0.05) -> str:
     """Where the rest of the answer is drafted: EDGE when the edge offers (it has a draft and is not
     loaded: a loaded edge declines, and every device that can draft does so) and its drafting beats
     both this device's speculation over the link (windows, round trips, branches: `best_window` on
@@ -382,10 +397,16 @@ def place_drafting(stats: OnlineStats, offer: EdgeOffer | None, target_step_s: f
     between speculating and the target's streaming, `speculation_pays`). Only once the device has
     measured `min_rounds` rounds of its own (this answer's or earlier ones'): on priors alone the edge,
     with no round trip, would always look faster, and a device that never drafted would never learn
-    that its branches and windows in flight hide a short link's round trips."""
+    that its branches and windows in flight hide a short link's round trips. Once both paces were
+    measured (the device's between RESULTs, `observe_pace`; the edge's streams, `offer.s_per_token`)
+    the measured rates decide, the edge needing to be `margin` faster; the cost model decides before."""
     if offer is None or not offer.offers or stats.rounds < min_rounds:
         return DEVICE
-    edge = edge_drafting_rate(stats, offer, k_max)
-    device = best_window(stats.acceptance, stats.costs(), k_max)[1]
+    measured = stats.s_per_token()
+    if offer.s_per_token and measured:
+        edge, device = 1.0 / offer.s_per_token, (1.0 + margin) / measured
+    else:
+        edge = edge_drafting_rate(stats, offer, k_max)
+        device = best_window(stats.acceptance, stats.costs(), k_max)[1]
     target = 1.0 / target_step_s if target_step_s else 0.0
     return EDGE if edge > max(device, target) else DEVICE

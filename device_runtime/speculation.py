@@ -110,6 +110,7 @@ class Speculation:
         self.branches: list[Branch] = []
         self.sent_ahead: tuple[Flight, Drafter] | None = None  # the window sent ahead, and its branch
         self.edge_offer = edge_offer
+        self.paced_at: float | None = None  # when the last RESULT (or OPENED) came: the pace is measured between
         self.edge_drafts = False  # the STREAM asks the edge to draft the rest itself (placement)
         self.gave_back = 0  # times the edge gave drafting back to this device mid-answer
 
@@ -163,6 +164,7 @@ class Speculation:
                 self.drafter = Drafter(self.draft, self.state, opened.token, self.params, self.generator)
             self.drafter.restart(opened.token)
         self.edge_step_s = edge_step_s
+        self.paced_at = time.perf_counter()  # the pace of this device's speculation is measured from here
         if "verify_v0_s" in opened.timings and "verify_v1_s" in opened.timings:
             # the edge's own verify-time line, over every window it verified: the prior this device's
             # few rounds refine (generic anchors would set the slope while its windows have one length)
@@ -223,7 +225,11 @@ class Speculation:
             return self._first_verdict(flight, result)
         if reopened:
             self.round_base = len(self.rounds)
-        wait_s = time.perf_counter() - flight.t0
+        now = time.perf_counter()
+        wait_s = now - flight.t0
+        if not reopened and self.paced_at is not None:
+            self.stats.observe_pace(result.accepted + 1, now - self.paced_at)
+        self.paced_at = now
         drafted = flight.window
         next_token = self._next_token(result, drafted)
         self.device_root = result.token is None and next_token is not None

@@ -64,6 +64,24 @@ def test_an_edge_whose_drafting_loses_to_streaming_is_not_asked():
     assert place_drafting(estimates(rtt=0.03), OFFER, target_step_s=0.025) == EDGE
 
 
+def test_measured_paces_decide_once_both_are_known():
+    """The cost model does not see round trips hidden by windows in flight: once this device's pace
+    (between RESULTs) and the edge's streams' pace were measured, those decide, the edge needing to be
+    5% faster; a model that says EDGE is overruled by a device measured faster."""
+    stats = estimates(rtt=0.03)
+    assert place_drafting(stats, OFFER, target_step_s=0.025) == EDGE  # the model alone
+    for _ in range(4):
+        stats.observe_pace(8, 8 * 0.001)  # 1 ms per token measured on the device
+    edge_slower = EdgeOffer(offers=True, s_per_token=0.0012)
+    edge_faster = EdgeOffer(offers=True, s_per_token=0.0008)
+    close_call = EdgeOffer(offers=True, s_per_token=0.00097)  # 3% faster: within the margin
+    assert place_drafting(stats, edge_slower, target_step_s=0.025) == DEVICE
+    assert place_drafting(stats, edge_faster, target_step_s=0.025) == EDGE
+    assert place_drafting(stats, close_call, target_step_s=0.025) == DEVICE
+    assert EdgeOffer.from_timings({"edge_draft": 1.0, "edge_sd_s_per_token": 0.002}).s_per_token == 0.002
+    assert OnlineStats().s_per_token() is None  # nothing measured: the model decides
+
+
 def test_offer_read_from_timings():
     assert EdgeOffer.from_timings({"verify_s": 0.01}) is None
     offer = EdgeOffer.from_timings({"edge_draft": 1.0, "edge_sessions": 2.0, "edge_acceptance": 0.8})
