@@ -39,6 +39,7 @@ from covspec.policy import (
     OnlineStats,
     branch_roots,
     choose_window,
+    edge_drafting_rate,
     place_drafting,
     speculation_could_pay,
     speculation_pays,
@@ -135,6 +136,7 @@ class Speculation:
         self.informed = informed
         self.edge_drafts = hand_over or self._edge_drafting_wins(edge_step_s)
         self.streams = self.edge_drafts or self._streaming_wins(edge_step_s)
+        self.edge_drafts = self.edge_drafts or (self.streams and self._edge_beats_streaming(edge_step_s))
         if self.edge_drafts:  # the edge drafts from its first token: nothing to draft here first
             return None
         if not (options.ahead and self.max_new_tokens > 1 and (
@@ -180,7 +182,7 @@ class Speculation:
             return self.current if self.current is not None else STREAM
         if self.in_flight is None and self._streaming_wins(edge_step_s):
             # the link is too slow for drafts to beat the edge's own streaming: do not start speculating
-            self.streamed_rest = True
+            self.streamed_rest, self.edge_drafts = True, self._edge_beats_streaming(edge_step_s)
             return STREAM
         return self._next_window()
 
@@ -252,7 +254,7 @@ class Speculation:
         if self.in_flight is None and self.options.adaptive and not self.device_root and speculation_loses(
                 self.stats, self.rounds, self.options.k_max, self.edge_step_s):
             # on this link speculation loses to the target alone: let the edge stream the rest
-            self.streamed_rest = True
+            self.streamed_rest, self.edge_drafts = True, self._edge_beats_streaming(self.edge_step_s)
             return STREAM
         return self._next_window()
 
@@ -275,6 +277,16 @@ class Speculation:
         mode with placement and an edge that offers."""
         return bool(self.options.placement and place_drafting(self.stats, self.edge_offer, edge_step_s,
                                                               self.options.k_max) == EDGE)
+
+    def _edge_beats_streaming(self, edge_step_s: float | None) -> bool:
+        """Where this device would hand the rest to the target's streaming: whether the edge, when it
+        offers, drafting the rest itself beats that (its measured pace, else the cost model with no
+        round trip), so that a link too slow for windows still gets speculation, on the edge."""
+        offer = self.edge_offer
+        if not (self.options.placement and offer is not None and offer.offers and edge_step_s):
+            return False
+        rate = 1.0 / offer.s_per_token if offer.s_per_token else edge_drafting_rate(self.stats, offer, self.options.k_max)
+        return rate > 1.0 / edge_step_s
 
     def _streaming_wins(self, edge_step_s: float | None) -> bool:
         """Whether the edge streaming the answer alone beats speculating on this link, before any round

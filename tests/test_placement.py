@@ -221,3 +221,22 @@ def test_a_loaded_edge_gives_drafting_back_mid_answer(pair):
     finally:
         device.close()
         edge.close()
+
+
+def test_a_device_that_would_stream_asks_the_edge_to_draft_when_that_is_faster():
+    """Where speculation over the link loses to the target's streaming (weak links), the rest is
+    handed to the edge's own drafting when the edge offers and drafts faster than the target streams."""
+    from types import SimpleNamespace
+
+    from covspec.device_runtime.speculation import Speculation
+    from covspec.modes import MODE_OPTIONS
+
+    def beats(offer: EdgeOffer | None, options=MODE_OPTIONS["covspec"]) -> bool:
+        spec = SimpleNamespace(options=options, edge_offer=offer, stats=estimates(rtt=0.4))
+        return Speculation._edge_beats_streaming(spec, edge_step_s=0.005)  # target streams 200 tokens/s
+
+    assert beats(EdgeOffer(offers=True, s_per_token=0.002))  # the edge drafts at 500 tokens/s
+    assert not beats(EdgeOffer(offers=True, s_per_token=0.008))  # slower than the target alone
+    assert not beats(EdgeOffer(offers=False, s_per_token=0.002))  # a loaded edge declines
+    assert not beats(None)  # no draft on the edge
+    assert not beats(EdgeOffer(offers=True, s_per_token=0.002), MODE_OPTIONS["covspec_no_placement"])
