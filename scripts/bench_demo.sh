@@ -11,11 +11,15 @@ T=covspec/demo/weights/target
 # the pair itself: held-out accuracy per type, draft agreement, both decode steps
 python -m covspec.demo.measure --limit 1000 --agreement 60 --json results/demo/measure.json
 # lossless greedy on 50 held-out prompts (mixed question types), loopback
-covspec bench --links loopback --modes target_only,vanilla_sd,covspec --prompts 50 --out results/lossless
+covspec bench --links loopback --modes target_only,vanilla_sd,covspec --prompts 50 --question-type mixed --out results/lossless
 # throughput per link profile and mode, long answers ("describe the image"), ablations side by side
 covspec bench --links loopback,wifi,4g,weak --question-type describe --prompts 16 \
   --modes target_only,draft_only,vanilla_sd@2,vanilla_sd@4,vanilla_sd@8,covspec,covspec_no_prune,covspec_no_adaptive,covspec_no_branch,covspec_no_ahead \
   --out results/bench-describe
+# edge_sd (the edge drafts itself) beside covspec with placement and every ablation, paired comparison
+covspec bench --modes target_only,vanilla_sd@8,edge_sd,covspec,covspec_no_prune,covspec_no_adaptive,covspec_no_branch,covspec_no_ahead,covspec_no_placement \
+  --links loopback,wifi,4g,weak --prompts 16 --question-type describe --out results/bench-edge-sd
+python -m covspec.tools.paired results/bench-edge-sd --a covspec --b edge_sd
 # sampling: bytes per token of full-distribution upload vs decoupled verification
 covspec bench --links loopback --question-type describe --prompts 8 --temperature 1 --top-p 0.9 --seed 1 \
   --modes target_only,vanilla_sd,covspec,covspec_no_decoupled --out results/bench-sampling

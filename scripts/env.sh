@@ -20,6 +20,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$venv/bin/python" -m pip install -q "torch==2.13.0"
   "$venv/bin/python" -m pip install -q -r "$root/requirements.txt"
   "$venv/bin/python" -m pip install -q --no-deps -e "$root"
+  # the torch-free ExecuTorch runtime's C shim (device_runtime/native), built with g++ against the wheel
+  "$venv/bin/python" -m covspec.device_runtime.et_native build >/dev/null ||
+    echo "[env] the native ExecuTorch shim did not build (g++ missing?): its tests will skip, saying why"
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
