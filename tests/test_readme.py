@@ -127,7 +127,7 @@ def free(port: int) -> bool:
 def run_block(block: str, timeout: float) -> subprocess.CompletedProcess:
     """The block as written, in bash with the venv first on PATH; its background jobs ended after it."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    script = 'trap \'rc=$?; kill $(jobs -p) 2>/dev/null; exit $rc\' EXIT\nset -euo pipefail\n' + block
+    script = 'trap \'rc=$?; kill $(jobs -p) 2>/dev/null || true; exit $rc\' EXIT\nset -euo pipefail\n' + block
     return subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
