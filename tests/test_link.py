@@ -107,3 +107,23 @@ def test_cli_writes_stats(tmp_path) -> None:
     srv.close()
     stats = json.loads(out.read_text())
     assert p.returncode == 0 and stats["bytes_up"] == 5 and stats["bytes_down"] == 5 and stats["rtt_ms"] == 4
+
+
+def test_cli_stops_on_a_burst_of_signals() -> None:
+    """SIGTERMs arriving back to back (a shell's `kill %2` and its exit trap) stop the link: a
+    handler that set a threading.Event could deadlock inside the main thread's wait on it."""
+    srv = _echo_server()
+    host, port = srv.getsockname()[:2]
+    p = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from covspec.transport.link import main; sys.exit(main(sys.argv[1:]))",
+         "--upstream", f"{host}:{port}", "--profile", "4g", "--stats-interval", "0"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert p.stdout.readline().startswith("link 127.0.0.1:")
+        for _ in range(50):
+            p.send_signal(signal.SIGTERM)
+        assert p.wait(10) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        srv.close()

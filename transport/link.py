@@ -383,9 +383,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:
         print(f"covspec link: {e}", file=sys.stderr)
         return 2
-    stop = threading.Event()
+    # a plain flag: a handler that set a threading.Event could run while the main thread is inside that
+    # Event's wait, holding its lock, and deadlock (a link that then ignored every further SIGTERM)
+    stopping: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: stopping.append(signum))
     host, port = link.address
     print(f"link {host}:{port} -> {args.upstream} profile {prof}", flush=True)
 
@@ -399,7 +401,8 @@ def run(args: argparse.Namespace) -> int:
             os.replace(tmp, args.stats_json)
 
     last = time.monotonic()
-    while not stop.wait(0.2):
+    while not stopping:
+        time.sleep(0.2)
         if args.stats_interval and time.monotonic() - last >= args.stats_interval:
             last = time.monotonic()
             report()
