@@ -49,13 +49,14 @@ def every_parser(parser: argparse.ArgumentParser):
                 yield from every_parser(child)
 
 
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 64) -> None:
+    """The sampling options of every command that answers (generate, device run, bench)."""
     group = parser.add_argument_group("sampling (temperature 0 = greedy)")
     group.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
     group.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     group.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1: off)")
     group.add_argument("--seed", type=int, default=None, help="sampling seed (default: none, unseeded)")
-    group.add_argument("--max-new-tokens", type=int, default=64, help="tokens of the answer at most")
+    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens of the answer at most")
 
 
 def sampling_params(args: argparse.Namespace):

@@ -212,19 +212,10 @@ def plot_results(out: Path, rows: list[dict], summary: list[dict]) -> None:
     links = list(dict.fromkeys(s["link"] for s in summary))
     modes = list(dict.fromkeys(s["mode"] for s in summary))
     by = {(s["link"], s["mode"]): s for s in summary}
-    width = 0.8 / max(len(modes), 1)
-    fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(links) * max(1, len(modes) / 3), 4))
-    for i, mode in enumerate(modes):
-        ax.bar([x + i * width for x in range(len(links))],
-               [by[(link, mode)]["decode_tps"] if (link, mode) in by else 0 for link in links], width, label=mode)
-    ax.set_xticks([x + width * (len(modes) - 1) / 2 for x in range(len(links))], links)
-    ax.set_ylabel("decode tokens/s per request")
-    ax.set_title("Decode throughput by link profile and mode")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "tokens_per_s.png", dpi=120)
-    plt.close(fig)
-    plot_latency(out, summary, links, modes)
+    bars_by_link(out / "tokens_per_s.png", by, links, modes, "decode_tps", "decode tokens/s per request",
+                 "Decode throughput by link profile and mode")
+    bars_by_link(out / "latency.png", by, links, modes, "latency_ms", "request latency, ms (mean)",
+                 "Latency by link profile and mode")
 
     fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(modes), 4))
     spec = [m for m in modes if m not in ("draft_only",)]
@@ -253,26 +244,27 @@ def plot_results(out: Path, rows: list[dict], summary: list[dict]) -> None:
     plt.close(fig)
 
 
-def plot_latency(out: Path, summary: list[dict], links: list[str], modes: list[str]) -> None:
-    """latency.png: mean request latency by link and mode (edge_sd, covspec and target_only side by side)."""
+def bars_by_link(path: Path, by: dict[tuple[str, str], dict], links: list[str], modes: list[str], field: str,
+                 ylabel: str, title: str) -> None:
+    """A grouped bar chart of one summary field: a group per link, a bar per mode."""
     import matplotlib.pyplot as plt
 
-    by = {(s["link"], s["mode"]): s for s in summary}
     width = 0.8 / max(len(modes), 1)
     fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(links) * max(1, len(modes) / 3), 4))
     for i, mode in enumerate(modes):
         ax.bar([x + i * width for x in range(len(links))],
-               [by[(link, mode)]["latency_ms"] if (link, mode) in by else 0 for link in links], width, label=mode)
+               [by[(link, mode)][field] if (link, mode) in by else 0 for link in links], width, label=mode)
     ax.set_xticks([x + width * (len(modes) - 1) / 2 for x in range(len(links))], links)
-    ax.set_ylabel("request latency, ms (mean)")
-    ax.set_title("Latency by link profile and mode")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "latency.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from covspec.cli.common import add_sampling_args
     from covspec.modes import MODES, mode_labels
     from covspec.transport.link import PROFILES
 
@@ -296,16 +288,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--question-type", default="describe", choices=QUESTION_TYPES,
                    help="ask every scene this kind of question: describe gives long answers, so decode tokens/s "
                         "means something; mixed: the task's mix, mostly one-word answers")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens per answer at most")
     p.add_argument("--window", type=int, default=4, help="drafted tokens per verification (modes without @K)")
     p.add_argument("--keep", type=float, default=None,
                    help="share of visual tokens the pruning covspec modes keep (default: the mode's own)")
     p.add_argument("--merge", action="store_true",
                    help="pruning modes merge the dropped tokens into the kept ones (a draft trained so)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1: off)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: none, unseeded)")
+    add_sampling_args(p, max_new_tokens=48)
     p.add_argument("--out", default="runs/bench",
                    help="output folder: rows, summary, plots, the workers' settings and the processes' logs")
     p.add_argument("--devices", default=None,
