@@ -14,9 +14,8 @@ the length is never seen by a query before it is overwritten.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from covspec.export.graphs import DecoderShape, Rope, rotate_half
+from covspec.export.graphs import DecoderShape, Rope, TextStack, rotate_half
 from covspec.models.base import CachedDecoderAdapter
 
 
@@ -26,7 +25,7 @@ def load_custom_ops() -> None:
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
 
 
-class CachedDecoder(nn.Module):
+class CachedDecoder(TextStack):
     """input_pos: [k] (1-D RoPE) or [3, k] (M-RoPE). Holds the input embedding (`embed_tokens`, read by the methods around it) and the output head.
 
     forward(embeds [1, k, d] f32, input_pos [k] int64, start [1] int64) -> logits [1, k, V] f32.
@@ -35,14 +34,8 @@ class CachedDecoder(nn.Module):
     [1, S, kvH, hd]) and attends slots 0..start+i with RoPE at input_pos."""
 
     def __init__(self, adapter: CachedDecoderAdapter, shape: DecoderShape):
-        super().__init__()
+        super().__init__(adapter, shape)
         load_custom_ops()
-        lm = adapter.language_model
-        self.embed_tokens = adapter.model.get_input_embeddings()
-        self.layers = lm.layers
-        self.norm = lm.norm
-        self.lm_head = adapter.model.lm_head
-        self.shape = shape
         self.rope = Rope(adapter, shape.head_dim)
         for i in range(shape.layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(1, shape.max_len, shape.kv_heads, shape.head_dim))

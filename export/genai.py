@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from covspec.export.graphs import DecoderShape, rotate_half
+from covspec.export.graphs import DecoderShape, TextStack, rotate_half
 from covspec.models.base import CachedDecoderAdapter
 
 GENAI_DECODER = "decoder.genai.onnx"
@@ -34,16 +33,10 @@ GENAI_LIMITS = [
 ]
 
 
-class GenaiDecoder(nn.Module):
+class GenaiDecoder(TextStack):
     def __init__(self, adapter: CachedDecoderAdapter, shape: DecoderShape):
-        super().__init__()
-        lm = adapter.language_model
-        self.embed_tokens = adapter.model.get_input_embeddings()
-        self.layers = lm.layers
-        self.norm = lm.norm
-        self.lm_head = adapter.model.lm_head
-        self.shape = shape
-        rotary = lm.rotary_emb
+        super().__init__(adapter, shape)
+        rotary = adapter.language_model.rotary_emb
         self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone(), persistent=False)
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
 

@@ -85,12 +85,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class StaticDecoderGraph(nn.Module):
-    """forward(ids [1, k] int64, image_embeds [1, k, d] f32, is_image [1, k] bool, input_pos [k] int64,
-    slots [k] int64, cache [L, 2, kvH, S, hd] f32) -> (logits [1, k, V] f32, cache [L, 2, kvH, S, hd] f32).
-
-    Token i's input embedding is image_embeds[0, i] where is_image[0, i], else the embedding of ids[0, i];
-    its RoPE position is input_pos[i], its cache slot slots[i] (increasing)."""
+class TextStack(nn.Module):
+    """The parts of the target's text model every exported decoder runs: token embeddings, the
+    decoder layers, the final norm and the LM head (the Hugging Face modules themselves, so the
+    weights are shared, not copied), and the decoder's static shape."""
 
     def __init__(self, adapter: CachedDecoderAdapter, shape: DecoderShape):
         super().__init__()
@@ -100,6 +98,17 @@ class StaticDecoderGraph(nn.Module):
         self.norm = lm.norm
         self.lm_head = adapter.model.lm_head
         self.shape = shape
+
+
+class StaticDecoderGraph(TextStack):
+    """forward(ids [1, k] int64, image_embeds [1, k, d] f32, is_image [1, k] bool, input_pos [k] int64,
+    slots [k] int64, cache [L, 2, kvH, S, hd] f32) -> (logits [1, k, V] f32, cache [L, 2, kvH, S, hd] f32).
+
+    Token i's input embedding is image_embeds[0, i] where is_image[0, i], else the embedding of ids[0, i];
+    its RoPE position is input_pos[i], its cache slot slots[i] (increasing)."""
+
+    def __init__(self, adapter: CachedDecoderAdapter, shape: DecoderShape):
+        super().__init__(adapter, shape)
         self.rope = Rope(adapter, shape.head_dim)
         self.register_buffer("slot_ids", torch.arange(shape.max_len), persistent=False)
 
