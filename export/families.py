@@ -106,7 +106,9 @@ def prompt_entry(adapter: Any) -> dict[str, Any]:
 
         module = importlib.import_module(f"covspec.models.{adapter.family}")
         return {"before_image": module.PROMPT_BEFORE_IMAGE, "after_image": module.PROMPT_AFTER_IMAGE,
-                "image_token_id": adapter.image_token_id}
+                "image_token_id": adapter.image_token_id,
+                "placeholder_ids": sorted(int(i) for i in adapter.placeholder_ids)}
     from covspec.models.llava import PROMPT_TEMPLATE
 
     return {"template": PROMPT_TEMPLATE, "image_token_id": adapter.image_token_id}
+

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from covspec.bundles.families import rules_for
 from covspec.export import quant as q
 from covspec.export.cached_decoder import CachedDecoder
 from covspec.export.families import (
@@ -77,7 +78,7 @@ def describe_model(adapter: CachedDecoderAdapter, max_len: int | None, max_chunk
     vision = vision_graph(adapter)
     pixels = vision_example(adapter)
     n_tokens = int(vision(pixels)[0].shape[0])
-    return {
+    info = {
         "family": adapter.family,
         "model_type": adapter.model.config.model_type,
         "text_model_type": adapter.text_config.model_type,
@@ -90,6 +91,8 @@ def describe_model(adapter: CachedDecoderAdapter, max_len: int | None, max_chunk
         "decoder": {**asdict(shape), "cache": list(shape.cache_shape), "max_chunk": min(max_chunk, shape.max_len),
                     "inputs": DECODER_INPUTS, "outputs": DECODER_OUTPUTS},
     }
+    # what the bundle cannot do that the checkpoint does (the device prints it once when it loads it)
+    return {**info, "limits": rules_for(info).default_limits()}
 
 
 def _graphs(adapter: CachedDecoderAdapter, info: dict[str, Any], scheme: str,

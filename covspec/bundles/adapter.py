@@ -1,5 +1,9 @@
 """`BundleAdapter`: the VLMAdapter interface on an exported device bundle, so the device runtime runs
 the draft without the Hugging Face model (only the tokenizer is loaded, as PreTrainedTokenizerFast).
+Every exportable family runs (llava, idefics3, qwen2_5_vl): what differs per family (preprocessing to
+the exported size, the prompt around the image tokens, RoPE or M-RoPE positions) is in
+covspec/bundles/families.py; what a family cannot do in its bundle (the manifest's "limits") is logged
+once when the bundle is loaded.
 
 A decode state's `length` is how many cache slots are valid; its cache is what the backend keeps
 (covspec/bundles/programs.py: ExecuTorch's in-program cache, resident for one state at a time; ONNX's
@@ -7,11 +11,13 @@ explicit cache tensor [L, 2, kvH, S, hd]). forward(ids[k]) writes slots length..
 of at most `max_chunk`; truncate only moves `length` back (later writes overwrite the stale slots,
 which no query sees first). As in the Hugging Face adapter, a pruned prefill keeps every token's
 unpruned RoPE position, and decoding continues at slot + `position_offset` (the number of visual
-tokens left out). fork_state gives an independent branch (the backend copies the cache out).
+tokens left out), or for Qwen2.5-VL at slot + `rope_delta` on the three M-RoPE rows. fork_state gives
+an independent branch (the backend copies the cache out).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +26,7 @@ import torch
 from PIL import Image
 
 from covspec.bundles.bundle import Bundle, BundleError, load_bundle
+from covspec.bundles.families import RULES, FamilyRules, rules_for
 from covspec.bundles.programs import BACKENDS, open_programs
 from covspec.errors import PromptError
 from covspec.models.base import (
@@ -31,22 +38,33 @@ from covspec.models.base import (
     select_kept,
     tokenizer_fingerprint,
 )
-from covspec.models.llava import ClipPreprocessor, llava_prompt_ids
+
+log = logging.getLogger("covspec.bundles")
+_announced: set[str] = set()  # bundles whose limits were logged (once per bundle per process)
+
+
+def announce_limits(folder: Path, rules: FamilyRules) -> None:
+    """One line, once per bundle: what the family cannot do in this bundle."""
+    key = str(Path(folder).resolve())
+    if rules.limits and key not in _announced:
+        _announced.add(key)
+        log.info("bundle %s (%s): %s", folder, rules.name, "; ".join(rules.limits))
 
 
 class BundleAdapter(VLMAdapter):
-    """A LLaVA-family draft from a device bundle, on backend "executorch" (default) or "onnx"."""
+    """A draft from a device bundle of any exportable family, on backend "executorch" (default) or "onnx"."""
 
-    family = "llava"
-    model_types = ("llava",)
+    family = "bundle"  # the bundle's own family: self.rules.name
+    model_types = tuple(RULES)
 
     def __init__(self, bundle: Bundle | str | Path, backend: str = "executorch", threads: int | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r} (backends: {', '.join(BACKENDS)})")
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         m = self.bundle.manifest
-        if m.get("family") != "llava":
-            raise BundleError(f"bundle {self.bundle.folder}: family {m.get('family')!r} has no exported runtime")
+        if m.get("family") not in RULES:
+            raise BundleError(f"bundle {self.bundle.folder}: family {m.get('family')!r} has no bundle runtime "
+                              f"(families: {', '.join(RULES)}); run its checkpoint with --model instead")
         self.model = None  # no torch model: the programs below stand in for it
         self.path = self.bundle.folder
         self.backend = backend
@@ -61,9 +79,10 @@ class BundleAdapter(VLMAdapter):
         self.max_chunk = int(self.decoder_info["max_chunk"])
         self.hidden = int(self.decoder_info["hidden"])
         self.image_token_id = int(m["prompt"]["image_token_id"])
-        size = int(m["vision"]["pixels"][-1])
-        self.preprocessor = ClipPreprocessor(read_json_file(self.tokenizer_dir / "preprocessor_config.json"), size)
+        self.rules = rules_for(m, read_json_file(self.tokenizer_dir / "preprocessor_config.json"))
+        self.family = self.rules.name
         self._embeddings: np.ndarray | None = None
+        announce_limits(self.path, self.rules)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
@@ -88,16 +107,16 @@ class BundleAdapter(VLMAdapter):
 
     # --- images ----------------------------------------------------------------------------------
     def preprocess(self, image: Image.Image) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.preprocessor(image)}
+        """The vision program's input, of its exported shape (any image is resized to it as the family's
+        processor would): [1, 3, S, S], or Qwen2.5-VL's patches [rows * cols, C * t * p * p]."""
+        return {"pixel_values": torch.from_numpy(self.rules.pixels(image))}
 
     def encode_image(self, pixels: dict[str, torch.Tensor]) -> VisualTokens:
         out = self.programs.vision(pixels["pixel_values"])
         embeds, activity = out[0], out[1]  # [N, d], [N]
         attention = out[2] if len(out) > 2 else None
-        n = int(embeds.shape[0])
-        side = int(round(n ** 0.5))
         return VisualTokens(embeds=embeds, activity=activity, attention=attention,
-                            grid=(side, side) if side * side == n else None)
+                            grid=self.rules.grid(int(embeds.shape[0])))
 
     # --- text ------------------------------------------------------------------------------------
     def prompt_embeddings(self, prompt: str) -> torch.Tensor:
@@ -110,7 +129,7 @@ class BundleAdapter(VLMAdapter):
         return torch.from_numpy(self._embeddings[ids].astype(np.float32))  # [T, d]
 
     def prompt_ids(self, prompt: str, n_image_tokens: int) -> list[int]:
-        return llava_prompt_ids(self.tokenizer, self.check_prompt(prompt), n_image_tokens, self.image_token_id)
+        return self.rules.prompt(self.tokenizer, self.check_prompt(prompt), n_image_tokens)[0]
 
     def new_state(self) -> DecodeState:
         return DecodeState(cache=self.programs.new_cache(), length=0)
@@ -121,22 +140,22 @@ class BundleAdapter(VLMAdapter):
     def prefill(self, visual: VisualTokens, prompt: str,
                 kept: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeState]:
         kept = select_kept(visual, kept)
-        ids = torch.tensor(self.prompt_ids(prompt, int(kept.numel())), dtype=torch.long)  # [T]
+        n_kept = int(kept.numel())
+        ids_list, image_start = self.rules.prompt(self.tokenizer, self.check_prompt(prompt), n_kept)
+        ids = torch.tensor(ids_list, dtype=torch.long)  # [T]
         if ids.numel() >= self.max_len:
             raise PromptError(f"the prompt takes {ids.numel()} tokens with the image, over the bundle's "
                               f"{self.max_len} cache positions")
-        is_image = ids == self.image_token_id  # [T]
+        is_image = torch.zeros(ids.numel(), dtype=torch.bool)  # [T]
+        is_image[image_start:image_start + n_kept] = True
         image_embeds = torch.zeros(ids.numel(), self.hidden)
         image_embeds[is_image] = visual.embeds[kept].float()
-        # every token keeps its unpruned position: kept visual tokens at image_start + index, the text
-        # after the image shifted past all N
-        image_start = int(is_image.nonzero()[0]) if bool(is_image.any()) else int(ids.numel())
-        n_kept, offset = int(kept.numel()), visual.count - int(kept.numel())
-        positions = torch.cat([torch.arange(image_start), image_start + kept,
-                               torch.arange(image_start + n_kept, ids.numel()) + offset])  # [T]
+        # every token keeps its unpruned position ([T], or M-RoPE [3, T]); decoding continues past them
+        positions, extra = self.rules.prefill_positions(int(ids.numel()), image_start, kept.numpy(), visual.count,
+                                                        visual.grid)
         state = self.new_state()
-        state.extra["position_offset"] = offset
-        logits = self._run(state, ids, image_embeds, is_image, positions)
+        state.extra.update(extra)
+        logits = self._run(state, ids, image_embeds, is_image, torch.from_numpy(positions))
         return logits[-1], state
 
     def forward(self, state: DecodeState, ids: torch.Tensor) -> torch.Tensor:
@@ -144,14 +163,13 @@ class BundleAdapter(VLMAdapter):
         if ids.numel() == 0:
             return torch.empty(0, self.vocab_size)
         k = int(ids.numel())
-        start = state.length + state.extra.get("position_offset", 0)
-        return self._run(state, ids, torch.zeros(k, self.hidden), torch.zeros(k, dtype=torch.bool),
-                         torch.arange(start, start + k))
+        positions = torch.from_numpy(self.rules.step_positions(state.length, state.extra, k))  # [k] or [3, k]
+        return self._run(state, ids, torch.zeros(k, self.hidden), torch.zeros(k, dtype=torch.bool), positions)
 
     def _run(self, state: DecodeState, ids: torch.Tensor, image_embeds: torch.Tensor,
              is_image: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Appends ids [T] (image_embeds [T, d] where is_image [T]) at RoPE positions [T] to the state,
-        in cache slots length..length+T-1; logits [T, V]."""
+        """Appends ids [T] (image_embeds [T, d] where is_image [T]) at RoPE positions [T] (M-RoPE:
+        [3, T]) to the state, in cache slots length..length+T-1; logits [T, V]."""
         total = int(ids.numel())
         if state.length + total > self.max_len:
             raise PromptError(f"the sequence would take {state.length + total} positions, over the bundle's "
@@ -162,7 +180,7 @@ class BundleAdapter(VLMAdapter):
             logits = self.programs.decoder(state, ids[None, start:end].contiguous(),
                                            image_embeds[None, start:end].contiguous(),
                                            is_image[None, start:end].contiguous(),
-                                           positions[start:end].contiguous(), state.length)
+                                           positions[..., start:end].contiguous(), state.length)
             state.length += end - start
             chunks.append(logits[0])  # [k, V]
         return torch.cat(chunks).float()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from covspec.bundles.families import MAX_IMAGE_SIZE, longest_edge_size  # noqa: F401  (re-exported)
 from covspec.models.base import (
     CachedDecoderAdapter,
     PrefillInputs,
@@ -37,27 +38,6 @@ FAKE_TOKEN = "<fake_token_around_image>"
 GLOBAL_IMAGE_TOKEN = "<global-img>"
 PROMPT_BEFORE_IMAGE = f"<|im_start|>User:{FAKE_TOKEN}{GLOBAL_IMAGE_TOKEN}"
 PROMPT_AFTER_IMAGE = FAKE_TOKEN + "{prompt}<end_of_utterance>\nAssistant:"
-MAX_IMAGE_SIZE = 4096  # the processor's bound on the first resize
-
-
-def longest_edge_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
-    """The Idefics3 processor's first resize: longest edge to `longest_edge`, the other side even,
-    then kept under MAX_IMAGE_SIZE."""
-    aspect = width / height
-    if width >= height:
-        width = longest_edge
-        height = int(width / aspect)
-        height += height % 2
-    else:
-        height = longest_edge
-        width = int(height * aspect)
-        width += width % 2
-    height, width = max(height, 1), max(width, 1)
-    if width >= height and width > MAX_IMAGE_SIZE:
-        width, height = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE / aspect)
-    elif height > width and height > MAX_IMAGE_SIZE:
-        height, width = MAX_IMAGE_SIZE, int(MAX_IMAGE_SIZE * aspect)
-    return max(height, 1), max(width, 1)
 
 
 class Idefics3Preprocessor:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from covspec.bundles.families import patchify
 from covspec.errors import ImageError
 from covspec.models.base import (
     OPENAI_CLIP_MEAN,
@@ -86,15 +87,8 @@ class QwenPreprocessor:
                 "image_grid_thw": torch.tensor([[1, height // self.patch, width // self.patch]])}
 
     def patchify(self, pixels: np.ndarray) -> np.ndarray:
-        """[C, H, W] -> [rows * cols, C * temporal * patch * patch], patches ordered by merge block
-        (block row, block col, row in block, col in block); the still image is repeated in time."""
-        c, h, w = pixels.shape
-        p, m, t = self.patch, self.merge, self.temporal
-        rows, cols = h // p, w // p
-        x = pixels.reshape(c, rows // m, m, p, cols // m, m, p)
-        x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # [rows/m, cols/m, m, m, C, p, p]
-        x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))
-        return np.ascontiguousarray(x.reshape(rows * cols, c * t * p * p), dtype=np.float32)
+        """[C, H, W] -> [rows * cols, C * temporal * patch * patch] (covspec.bundles.families.patchify)."""
+        return patchify(pixels, self.patch, self.merge, self.temporal)
 
 
 class Qwen25VLAdapter(CachedDecoderAdapter):
