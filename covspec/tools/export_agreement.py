@@ -218,9 +218,9 @@ def _est(d: dict[str, Any], scale: float = 1.0, spec: str = ".3f") -> str:
     return f"{scale * d['value']:{spec}} [{scale * d['low']:{spec}}, {scale * d['high']:{spec}}]"
 
 
-def render(rows: list[dict[str, Any]], n: int, command: str, draft: Path, e2e: dict[str, Any] | None,
+def render(rows: list[dict[str, Any]], n: int, command: str, draft: str, e2e: dict[str, Any] | None,
            e2e_dir: Path | None) -> str:
-    lines = [f"# Exported draft vs eager: {draft}, {n} held-out prompts (mixed)", "", f"Command: `{command}`", "",
+    lines = [f"# Exported draft vs eager: {draft}, {n} held-out demo prompts (mixed question types)", "", f"Command: `{command}`", "",
              "Greedy, one thread. Token agreement: per answer the leading tokens equal to eager's (end token "
              "included) over the longer answer, summed. Accuracy: exact match (object F1 for describe), "
              "95% bootstrap interval; Δ: minus eager's on the same items, paired 95% bootstrap interval. "
@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     from covspec import demo
 
     draft = args.draft or demo.default_draft_path()
+    shown = str(args.draft) if args.draft else "the demo draft (covspec/demo/weights/draft)"
     command = "python -m covspec.tools.export_agreement " + shlex.join(sys.argv[1:] if argv is None else argv)
     rows, runs, items = run(draft, args.work, args.prompts, args.max_new_tokens)
     e2e = None
@@ -266,11 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     per_item = [{"index": item.index, "qtype": item.qtype, "question": item.question, "answer": item.answer,
                  **{r.label: {"text": r.texts[i], "score": r.scores[i]} for r in runs}} for i, item in enumerate(items)]
-    report = {"command": command, "draft": str(draft), "split": "heldout", "seed": 0, "items": args.prompts,
+    report = {"command": command, "draft": shown, "split": "heldout", "seed": 0, "items": args.prompts,
               "variants": rows, "e2e": e2e, "e2e_dir": None if args.e2e is None else str(args.e2e),
               "checks": [{"check": t, "ok": ok} for t, ok in checks(rows, args.prompts, e2e)], "per_item": per_item}
     (args.out / "agreement.json").write_text(json.dumps(report, indent=1) + "\n")
-    text = render(rows, args.prompts, command, draft, e2e, args.e2e)
+    text = render(rows, args.prompts, command, shown, e2e, args.e2e)
     (args.out / "agreement.md").write_text(text)
     print(text)
     return 0
