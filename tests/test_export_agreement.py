@@ -44,8 +44,9 @@ def test_compare_size_ratios_and_checks():
     assert rows[2]["smaller_than_fp32"] == pytest.approx(3.1) and rows[1]["smaller_than_fp32"] is None
     assert rows[2]["smaller_than_eager"] == pytest.approx(3.0)
     e2e = e2e_matches([{"link": "loopback", "mode": "target_only", "matches_target": None},
-                       {"link": "loopback", "mode": "covspec", "matches_target": True},
-                       {"link": "loopback", "mode": "covspec", "matches_target": True}])
-    assert e2e == {"loopback": {"same": 2, "answers": 2}}
+                       {"link": "loopback", "mode": "covspec", "matches_target": True, "rounds": 2},
+                       {"link": "loopback", "mode": "covspec", "matches_target": True, "rounds": 0,
+                        "edge_drafted": True}])
+    assert e2e == {"loopback": {"same": 2, "answers": 2, "device_drafted": 1}}
     verdicts = [ok for _, ok in checks(rows, 2, e2e)]
     assert verdicts == [True, False, True, True, True]  # fp32 equal; int8 agreement 50%; no loss; 3.1x; e2e

@@ -17,8 +17,10 @@ on the eager draft (Hugging Face checkpoint) and on BundleAdapter for each bundl
 - the program files' bytes (the format's vision + decoder files), int8 over fp32 and eager
   model.safetensors over them.
 
-`--e2e DIR`: also reads a `covspec bench` run's results.jsonl (e.g. `covspec bench --bundle
-WORK/device-int8 --modes target_only,covspec ...`) and counts covspec answers equal to target_only's.
+`--e2e DIR` (repeatable): also reads a `covspec bench` run's results.jsonl (e.g. `covspec bench --bundle
+WORK/device-int8 --edge-draft none --modes target_only,covspec ...`) and counts covspec answers equal to
+target_only's, and those the device drafted (with the edge holding a draft, covspec may hand drafting
+of a short answer to it, and then the bundle drafts nothing).
 Writes OUT/agreement.json and OUT/agreement.md (with this command).
 """
 
@@ -107,14 +109,16 @@ def size_ratios(rows: list[dict[str, Any]], eager_bytes: int) -> None:
 
 
 def e2e_matches(rows: list[dict[str, Any]], mode: str = "covspec") -> dict[str, Any]:
-    """A bench run's rows: how many of `mode`'s answers equal target_only's, per link."""
+    """A bench run's rows: per link, how many of `mode`'s answers equal target_only's, and how many of
+    them the device drafted itself (at least one verification round, no drafting handed to the edge)."""
     out: dict[str, Any] = {}
     for row in rows:
         if row["mode"] != mode or row.get("matches_target") is None:
             continue
-        entry = out.setdefault(row["link"], {"same": 0, "answers": 0})
+        entry = out.setdefault(row["link"], {"same": 0, "answers": 0, "device_drafted": 0})
         entry["answers"] += 1
         entry["same"] += bool(row["matches_target"])
+        entry["device_drafted"] += bool(row.get("rounds")) and not row.get("edge_drafted")
     return out
 
 
@@ -133,9 +137,9 @@ def checks(rows: list[dict[str, Any]], n_items: int, e2e: dict[str, Any] | None)
             out.append((f"{r['label']}: accuracy loss {100 * loss:+.1f} points <= 1", loss <= 0.01 + 1e-12))
             ratio = r["smaller_than_fp32"]
             out.append((f"{r['label']}: {ratio:.2f}x smaller than fp32 >= 3x", ratio is not None and ratio >= 3))
-    for link, m in (e2e or {}).items():
-        out.append((f"e2e {link}: covspec equals target_only on {m['same']}/{m['answers']}",
-                    m["same"] == m["answers"] == n_items))
+    for run, m in (e2e or {}).items():
+        out.append((f"e2e {run}: covspec equals target_only on {m['same']}/{m['answers']} "
+                    f"({m['device_drafted']} drafted on the device)", m["same"] == m["answers"] == n_items))
     return out
 
 
@@ -218,8 +222,7 @@ def _est(d: dict[str, Any], scale: float = 1.0, spec: str = ".3f") -> str:
     return f"{scale * d['value']:{spec}} [{scale * d['low']:{spec}}, {scale * d['high']:{spec}}]"
 
 
-def render(rows: list[dict[str, Any]], n: int, command: str, draft: str, e2e: dict[str, Any] | None,
-           e2e_dir: Path | None) -> str:
+def render(rows: list[dict[str, Any]], n: int, command: str, draft: str, e2e: dict[str, Any] | None) -> str:
     lines = [f"# Exported draft vs eager: {draft}, {n} held-out demo prompts (mixed question types)", "", f"Command: `{command}`", "",
              "Greedy, one thread. Token agreement: per answer the leading tokens equal to eager's (end token "
              "included) over the longer answer, summed. Accuracy: exact match (object F1 for describe), "
@@ -234,10 +237,11 @@ def render(rows: list[dict[str, Any]], n: int, command: str, draft: str, e2e: di
                      f"{r['tokens']} ({r['token_agreement']:.1%}) | {_est(r['accuracy'])} | "
                      f"{_est(r['accuracy_minus_eager'], 100, '+.1f')} pts | {r['first_step_max_abs_logit_diff']:.2e} | "
                      f"{r['program_bytes']:,} | {fp32} | {r['smaller_than_eager']:.2f} |")
-    if e2e is not None:
-        lines += ["", f"End to end (`{e2e_dir}`, bench rows): "
-                  + "; ".join(f"{link}: covspec equals target_only on {m['same']}/{m['answers']}"
-                              for link, m in e2e.items())]
+    if e2e:
+        lines += ["", "End to end (`covspec bench` rows, its command in each folder's summary.md):", "",
+                  "| bench run | covspec answers = target_only's | drafted on the device |", "|---|---|---|",
+                  *(f"| {run} | {m['same']}/{m['answers']} | {m['device_drafted']}/{m['answers']} |"
+                    for run, m in e2e.items())]
     lines += ["", "Checks (issue 19):", ""]
     lines += [f"- [{'x' if ok else ' '}] {text}" for text, ok in checks(rows, n, e2e)]
     return "\n".join(lines) + "\n"
@@ -251,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/export-agreement"), help="where the bundles go")
     parser.add_argument("--prompts", type=int, default=50, help="held-out demo items")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--e2e", type=Path, default=None,
-                        help="a covspec bench output folder (target_only,covspec on the bundle) to count same answers")
+    parser.add_argument("--e2e", type=Path, action="append", default=[],
+                        help="a covspec bench output folder (modes target_only,covspec on the bundle) whose covspec "
+                             "answers are counted against target_only's (repeatable)")
     args = parser.parse_args(argv)
     from covspec import demo
 
@@ -260,18 +265,18 @@ def main(argv: list[str] | None = None) -> int:
     shown = str(args.draft) if args.draft else "the demo draft (covspec/demo/weights/draft)"
     command = "python -m covspec.tools.export_agreement " + shlex.join(sys.argv[1:] if argv is None else argv)
     rows, runs, items = run(draft, args.work, args.prompts, args.max_new_tokens)
-    e2e = None
-    if args.e2e is not None:
-        bench_rows = [json.loads(line) for line in (args.e2e / "results.jsonl").read_text().splitlines() if line]
-        e2e = e2e_matches(bench_rows)
+    e2e: dict[str, Any] = {}
+    for folder in args.e2e:
+        bench_rows = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines() if line]
+        e2e.update({f"{folder} ({link})": m for link, m in e2e_matches(bench_rows).items()})
     args.out.mkdir(parents=True, exist_ok=True)
     per_item = [{"index": item.index, "qtype": item.qtype, "question": item.question, "answer": item.answer,
                  **{r.label: {"text": r.texts[i], "score": r.scores[i]} for r in runs}} for i, item in enumerate(items)]
     report = {"command": command, "draft": shown, "split": "heldout", "seed": 0, "items": args.prompts,
-              "variants": rows, "e2e": e2e, "e2e_dir": None if args.e2e is None else str(args.e2e),
+              "variants": rows, "e2e": e2e,
               "checks": [{"check": t, "ok": ok} for t, ok in checks(rows, args.prompts, e2e)], "per_item": per_item}
     (args.out / "agreement.json").write_text(json.dumps(report, indent=1) + "\n")
-    text = render(rows, args.prompts, command, shown, e2e, args.e2e)
+    text = render(rows, args.prompts, command, shown, e2e)
     (args.out / "agreement.md").write_text(text)
     print(text)
     return 0
