@@ -67,9 +67,24 @@ def to_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Pa
     program.save(str(path), external_data=False)
 
 
+ONNX_INLINE_LIMIT = 1_800_000_000  # bytes of weights kept inside the .onnx (protobuf's hard limit is 2 GiB)
+
+
+def onnx_data_files(path: Path) -> list[Path]:
+    """The external-data files an .onnx file refers to (none for a model with its weights inline)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = {ExternalDataInfo(t).location for t in _get_all_tensors(model)
+             if t.data_location == onnx.TensorProto.EXTERNAL}
+    return [path.parent / name for name in sorted(names)]
+
+
 def strip_onnx(path: Path) -> None:
     """Drops what only debugging reads (per-node metadata and doc strings: the exporter's stack
-    traces, which can outweigh an int8 model's weights; value_info shape hints), in place."""
+    traces, which can outweigh an int8 model's weights; value_info shape hints), in place. Weights
+    over ONNX_INLINE_LIMIT go to one external-data file, `<name>.data`, next to it."""
     import onnx
 
     def strip(graph: Any) -> None:
@@ -83,7 +98,14 @@ def strip_onnx(path: Path) -> None:
             del value.metadata_props[:]
         del graph.value_info[:]
 
-    model = onnx.load(str(path))
+    data_files = onnx_data_files(path)
+    model = onnx.load(str(path))  # the external data too
     strip(model.graph)
     del model.metadata_props[:]
-    onnx.save(model, str(path))
+    for data in data_files:
+        data.unlink()
+    if sum(len(t.raw_data) for t in model.graph.initializer) > ONNX_INLINE_LIMIT:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data")
+    else:
+        onnx.save(model, str(path))

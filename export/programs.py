@@ -181,17 +181,20 @@ def lower_pte(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: 
 
 def write_onnx(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path, inputs: list[str],
                outputs: list[str], dynamic_shapes: Any, scheme: str) -> None:
-    from covspec.export.lower import strip_onnx, to_onnx
+    from covspec.export.lower import onnx_data_files, strip_onnx, to_onnx
 
     if scheme == "none":
         to_onnx(module, example, path, inputs, outputs, dynamic_shapes)
     else:
         fp32 = path.with_name(path.stem + ".fp32.onnx")
+        data: list[Path] = []
         try:
-            to_onnx(module, example, fp32, inputs, outputs, dynamic_shapes)
-            q.quantize_onnx_file(fp32, path, scheme)
+            to_onnx(module, example, fp32, inputs, outputs, dynamic_shapes)  # over 2 GB: weights in a .data file
+            data = onnx_data_files(fp32)
+            q.quantize_onnx_file(fp32, path, scheme, external_data=bool(data))
         finally:
-            fp32.unlink(missing_ok=True)
+            for file in (fp32, *data):
+                file.unlink(missing_ok=True)
     strip_onnx(path)
 
 

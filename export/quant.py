@@ -68,13 +68,15 @@ def quantize_module(module: torch.nn.Module, scheme: str) -> torch.nn.Module:
     return module
 
 
-def quantize_onnx_file(src: Path, dst: Path, scheme: str) -> None:
-    """Writes the quantized ONNX model of `src` to `dst` (scheme "int8" or "int4")."""
+def quantize_onnx_file(src: Path, dst: Path, scheme: str, external_data: bool = False) -> None:
+    """Writes the quantized ONNX model of `src` to `dst` (scheme "int8" or "int4"); `external_data`:
+    `src` keeps its weights in an external-data file (a model over 2 GB), and so may `dst`."""
     check_scheme(scheme)
     if scheme == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         use_external_data_format=external_data)
         return
     if scheme == "int4":
         import onnx
@@ -82,7 +84,7 @@ def quantize_onnx_file(src: Path, dst: Path, scheme: str) -> None:
 
         quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=INT4_GROUP, is_symmetric=True)
         quantizer.process()
-        quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+        quantizer.model.save_model_to_file(str(dst), use_external_data_format=external_data)
         return
     raise ValueError("quantize_onnx_file needs a quantized scheme")
 
