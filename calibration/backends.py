@@ -14,11 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from covspec.generation import generate
 from covspec.models.base import VLMAdapter
+from covspec.models.draft import as_draft
 
 
 @dataclass
@@ -56,10 +58,11 @@ def checkpoint_bytes(folder: Path) -> int:
 def step_ms(adapters: list[VLMAdapter], image: Image.Image, prompt: str, steps: int = 30,
             rounds: int = 5) -> list[float]:
     best = [float("inf")] * len(adapters)
+    adapters = [as_draft(a) for a in adapters]  # numpy in and out, as the device runs them
     for _ in range(rounds):
         for k, adapter in enumerate(adapters):
             logits, state = adapter.prefill(adapter.encode_image(adapter.preprocess(image)), prompt)
-            token = torch.tensor([int(logits.argmax())])
+            token = np.asarray([int(logits.argmax())], dtype=np.int64)
             times = []
             for _ in range(steps):
                 t0 = time.perf_counter()

@@ -22,26 +22,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
-from covspec.models.base import DecodeState, VLMAdapter
-from covspec.sampling import SamplingParams, probabilities
+from covspec.models.common import DecodeState
+from covspec.models.draft import DraftModel, as_draft
+from covspec.sampling import SamplingParams, probabilities, sample, softmax
 
 
 @dataclass
 class Window:
-    ids: torch.Tensor  # [k] drafted token ids
-    q: torch.Tensor | None  # [k, V] the draft's sampling distribution at each drafted position (sampling only)
-    margins: torch.Tensor  # [k] top-1 minus top-2 probability of the draft at each position
-    runner_up: torch.Tensor  # [k] the draft's most likely token other than the drafted one
+    ids: np.ndarray  # [k] int64 drafted token ids
+    q: np.ndarray | None  # [k, V] float32 the draft's sampling distribution at each drafted position (sampling only)
+    margins: np.ndarray  # [k] float32 top-1 minus top-2 probability of the draft at each position
+    runner_up: np.ndarray  # [k] int64 the draft's most likely token other than the drafted one
     step_s: list[float]  # time of each draft forward
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
-    def q_of_drafted(self) -> torch.Tensor:
+    def q_of_drafted(self) -> np.ndarray:
         """q(x_i) [k]: the probability the draft gave each drafted token (the decoupled upload)."""
-        return self.q[torch.arange(len(self)), self.ids]
+        return self.q[np.arange(len(self)), self.ids]
 
     def tail(self, start: int) -> Window:
         """The window without its first `start` tokens."""
@@ -49,57 +50,62 @@ class Window:
                       self.runner_up[start:], self.step_s[start:])
 
 
-def runner_up_token(top2: torch.Tensor, token: int) -> int:
+def empty_window() -> Window:
+    return Window(np.zeros(0, dtype=np.int64), None, np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64), [])
+
+
+def runner_up_token(top2: np.ndarray, token: int) -> int:
     """top2 [2] the draft's two most likely token ids at a position -> the most likely one other than
     the drafted `token` (the root of a rejection branch there)."""
     return int(top2[1] if token == int(top2[0]) else top2[0])
 
 
 class Drafter:
-    def __init__(self, adapter: VLMAdapter, state: DecodeState, first_token: int,
-                 params: SamplingParams, generator: torch.Generator | None):
-        self.adapter = adapter
+    def __init__(self, adapter: DraftModel, state: DecodeState, first_token: int,
+                 params: SamplingParams, rng: np.random.Generator | None):
+        self.adapter = as_draft(adapter)  # numpy in and out
         self.state = state
         self.prompt_length = state.length
         self.committed: list[int] = [first_token]
         self.fed = 0
         self.params = params
-        self.generator = generator
+        self.rng = rng
 
-    @torch.inference_mode()
     def draft(self, k: int, stop: Callable[[Window], bool] | None = None) -> Window:
         """Drafts up to k tokens after the committed ones; `stop(window so far)` ends it early (the
         margin gate, or a reply that arrived while drafting a branch)."""
         ids: list[int] = []
-        q_rows: list[torch.Tensor] = []
+        q_rows: list[np.ndarray] = []
         margins: list[float] = []
         runner_up: list[int] = []
         step_s: list[float] = []
         eos = self.adapter.eos_token_ids
+        window = empty_window()
         for i in range(k):
             t0 = time.perf_counter()
             if i == 0:  # feed the committed tokens not yet in the cache, in one pass
-                logits = self.adapter.forward(self.state, torch.tensor(self.committed[self.fed:]))[-1]
+                feed = np.asarray(self.committed[self.fed:], dtype=np.int64)
                 self.fed = len(self.committed)
             else:
-                logits = self.adapter.forward(self.state, torch.tensor([ids[-1]]))[-1]
-            top2 = torch.topk(logits.float().softmax(-1), 2)
+                feed = np.asarray(ids[-1:], dtype=np.int64)
+            logits = self.adapter.forward(self.state, feed)[-1]  # [V]
+            p = softmax(logits)
+            top2 = np.argpartition(p, p.size - 2)[-2:]  # [2] the two most likely ids
+            top2 = top2[np.argsort(-p[top2], kind="stable")]  # largest first
             if self.params.greedy:
-                token = int(top2.indices[0])
+                token = int(np.argmax(logits))
             else:
                 q = probabilities(logits, self.params)  # [V]
                 q_rows.append(q)
-                token = int(torch.multinomial(q, 1, generator=self.generator).item())
+                token = sample(q, self.rng)
             ids.append(token)
-            margins.append(float(top2.values[0] - top2.values[1]))
-            runner_up.append(runner_up_token(top2.indices, token))
+            margins.append(float(p[top2[0]] - p[top2[1]]))
+            runner_up.append(runner_up_token(top2, token))
             step_s.append(time.perf_counter() - t0)
-            window = Window(torch.tensor(ids), torch.stack(q_rows) if q_rows else None, torch.tensor(margins),
-                            torch.tensor(runner_up), step_s)
+            window = Window(np.asarray(ids, dtype=np.int64), np.stack(q_rows) if q_rows else None,
+                            np.asarray(margins, dtype=np.float32), np.asarray(runner_up, dtype=np.int64), step_s)
             if token in eos or (stop is not None and stop(window)):  # nothing follows an end of answer
                 return window
-        if not ids:
-            return Window(torch.zeros(0, dtype=torch.long), None, torch.zeros(0), torch.zeros(0, dtype=torch.long), [])
         return window
 
     def commit(self, window: Window, accepted: int, next_token_id: int | None) -> None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
+import numpy as np
 from PIL import Image
 
-from covspec.models.base import VLMAdapter
+from covspec.models.draft import as_draft
 from covspec.pruning import merged_visual
 from covspec.sampling import SamplingParams, next_token
 
@@ -30,30 +31,31 @@ class GenerationResult:
     step_s: list[float] = field(default_factory=list)
 
 
-@torch.inference_mode()
 def generate(
-    adapter: VLMAdapter,
+    model: Any,
     image: Image.Image,
     prompt: str,
     params: SamplingParams = GREEDY,
     max_new_tokens: int = 64,
-    kept: torch.Tensor | None = None,
+    kept: np.ndarray | None = None,
     merge: bool = False,
     on_token: Callable[[int], None] | None = None,
 ) -> GenerationResult:
     """Generates an answer to `prompt` about `image`, calling `on_token(id)` as each token comes.
     `kept`: the visual tokens the prefill reads (all when None); `merge`: the dropped ones merged
-    into them first (covspec.pruning.merge_pruned)."""
+    into them first (covspec.pruning.merge_pruned). `model`: a DraftModel or a torch VLMAdapter (seen
+    through covspec.models.numpy_view.NumpyView)."""
+    adapter = as_draft(model)
     prompt = adapter.check_prompt(prompt)
-    generator = None if params.greedy else params.generator()
+    rng = None if params.greedy else params.rng()
     stop_ids = adapter.eos_token_ids
 
     start = time.perf_counter()
     visual = adapter.encode_image(adapter.preprocess(image))
     if merge:
-        visual = merged_visual(visual, kept)
+        visual = merged_visual(visual, None if kept is None else np.asarray(kept))
     logits, state = adapter.prefill(visual, prompt, kept=kept)
-    token = next_token(logits, params, generator)
+    token = next_token(logits, params, rng)
     prefill_s = time.perf_counter() - start
 
     ids: list[int] = []
@@ -69,8 +71,8 @@ def generate(
         if len(ids) >= max_new_tokens:
             break
         t0 = time.perf_counter()
-        logits = adapter.forward(state, torch.tensor([token]))[-1]  # [V]
-        token = next_token(logits, params, generator)
+        logits = adapter.forward(state, np.asarray([token], dtype=np.int64))[-1]  # [V]
+        token = next_token(logits, params, rng)
         step_s.append(time.perf_counter() - t0)
     return GenerationResult(ids=ids, text=adapter.decode(ids), stop_reason=stop_reason,
                             prefill_s=prefill_s, decode_s=sum(step_s), step_s=step_s)

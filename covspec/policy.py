@@ -38,18 +38,19 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 # --- margin gate ---------------------------------------------------------------------------------
 
 MARGIN_THRESHOLD = 0.3  # default gate: stop after a token whose top-1 minus top-2 probability is below
 
 
-def top2_margin(probs: torch.Tensor) -> float:
+def top2_margin(probs: np.ndarray) -> float:
     """probs [V] (a distribution) -> top-1 minus top-2 probability, in [0, 1]."""
-    if probs.numel() < 2:
+    flat = np.asarray(probs, dtype=np.float32).ravel()
+    if flat.size < 2:
         return 1.0
-    top = torch.topk(probs.float().flatten(), 2).values
+    top = np.partition(flat, flat.size - 2)[-2:][::-1]  # [2] the two largest, largest first
     return float(top[0] - top[1])
 
 
@@ -61,15 +62,16 @@ class MarginGate:
     threshold: float = MARGIN_THRESHOLD
     min_tokens: int = 1
 
-    def stop(self, margin: float | torch.Tensor, drafted: int) -> bool:
+    def stop(self, margin: float | np.ndarray, drafted: int) -> bool:
         """margin: the just-drafted token's top-1 minus top-2 probability (a float), or the draft's
         distribution at that position [V]; drafted: tokens in the window so far, this one included."""
-        if isinstance(margin, torch.Tensor) and margin.numel() > 1:
-            margin = top2_margin(margin)
+        values = np.asarray(margin, dtype=np.float32)
+        if values.size > 1:
+            margin = top2_margin(values)
         return drafted >= self.min_tokens and float(margin) < self.threshold
 
 
-def gated_length(margins: Sequence[float] | torch.Tensor, threshold: float = MARGIN_THRESHOLD,
+def gated_length(margins: Sequence[float] | np.ndarray, threshold: float = MARGIN_THRESHOLD,
                  min_tokens: int = 1) -> int:
     """How many tokens of an already-drafted window [k] of margins the gate keeps: up to and
     including the first token (at or past min_tokens) whose margin is under the threshold."""
@@ -180,7 +182,7 @@ class OnlineStats:
     # --- updates -----------------------------------------------------------------------------
     def update(self, drafted: int, accepted: int, draft_step_s: float | Sequence[float] | None = None,
                wait_s: float | None = None, verify_s: float | None = None,
-               margins: Sequence[float] | torch.Tensor | None = None, branch_hit: bool | None = None) -> None:
+               margins: Sequence[float] | np.ndarray | None = None, branch_hit: bool | None = None) -> None:
         """One round: `drafted` tokens sent, `accepted` of them accepted; the draft's step times (one
         mean or a list), the device's wait from sending VERIFY to its RESULT, the edge's own verify
         time, the drafted tokens' margins [drafted], whether a prepared branch was used."""
@@ -316,7 +318,7 @@ def speculation_could_pay(stats: OnlineStats, target_step_s: float, k_max: int =
 
 # --- parallel branching ------------------------------------------------------------------------
 
-def branch_roots(window_ids: torch.Tensor, margins: torch.Tensor, runner_up: torch.Tensor,
+def branch_roots(window_ids: np.ndarray, margins: np.ndarray, runner_up: np.ndarray,
                  max_branches: int, acceptance: Callable[[float], float] | None = None,
                  ) -> list[tuple[int, int]]:
     """Rejection branches to draft while the window is verified: [(position, runner-up token)],
@@ -327,7 +329,7 @@ def branch_roots(window_ids: torch.Tensor, margins: torch.Tensor, runner_up: tor
     `acceptance` the lowest-margin positions win (earlier first on a tie); with it (margin ->
     acceptance probability, e.g. OnlineStats.acceptance_at) positions rank by the probability
     that the first rejection falls there, prod_{j<i} a(m_j) * (1 - a(m_i))."""
-    k = int(window_ids.numel())
+    k = len(window_ids)
     if max_branches <= 0 or k == 0:
         return []
     values = [float(m) for m in margins[:k]]

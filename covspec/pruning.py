@@ -1,4 +1,5 @@
 """Training-free visual-token pruning on the device (DESIGN.md, mechanism 1): keep k of N tokens.
+Numpy only (the device runs it without torch); inputs may be numpy arrays or CPU tensors.
 
 `score_and_select(visual, query, keep, method)` returns the sorted indices [k] of the visual tokens
 the draft prefills. Every method reads the same inputs:
@@ -39,7 +40,7 @@ least GROUNDING_THRESHOLD, else (COVER_THETA, COVER_REL_WEIGHT), coverage for pr
 nothing in the image. Chosen on the val split only (covspec.tools.prune_tune).
 
 Baselines for comparison, same signature:
-    "random"     k uniformly random tokens (a torch.Generator makes it reproducible)
+    "random"     k uniformly random tokens (a numpy Generator makes it reproducible)
     "relevance"  top-k by rel (FastV-like: text-to-image attention only)
     "attention"  top-k by g, the vision encoder's received attention (activity when g is None)
     "activity"   top-k by the activity norm a
@@ -53,10 +54,9 @@ import math
 from dataclasses import replace
 
 import numpy as np
-import torch
-from scipy.linalg.lapack import dpstrf
 
-from covspec.models.base import VisualTokens
+from covspec.models.common import VisualTokens
+from covspec.models.draft import to_numpy
 
 METHODS = ("covspec", "random", "relevance", "attention", "activity", "diversity", "covspec_grounded")
 
@@ -125,106 +125,121 @@ def _relevance(embeds: np.ndarray, query: np.ndarray, tau: float) -> np.ndarray:
     return (z / z.sum(0, keepdims=True)).mean(1)  # [N]
 
 
-def query_grounding(visual: VisualTokens, query: torch.Tensor) -> float:
+def query_grounding(visual: VisualTokens, query: np.ndarray) -> float:
     """The largest cosine similarity between a visual token and a word of the prompt: high when the
     prompt names something the image's tokens encode, low for a generic prompt ("describe the image")
     whose relevance scores are noise (0 for an empty prompt)."""
-    if query.numel() == 0:
+    q = _numpy(query)
+    if q.size == 0:
         return 0.0
-    e, q = _unit_rows(_numpy(visual.embeds)), _unit_rows(_numpy(query))
-    return float((e @ q.T).max())
+    return float((unit_rows(_numpy(visual.embeds)) @ unit_rows(q).T).max())
 
 
 def _activity(visual: VisualTokens) -> np.ndarray:
-    act = _rank01(_numpy(visual.activity).ravel())
+    act = rank01(_numpy(visual.activity))
     if visual.attention is not None:
-        act = (act + _rank01(_numpy(visual.attention).ravel())) / 2
+        act = (act + rank01(_numpy(visual.attention))) / 2
     return act
 
 
 def _quality(visual: VisualTokens, embeds: np.ndarray, query: np.ndarray, rel_weight: float,
              tau: float) -> np.ndarray:
-    return rel_weight * _rank01(_relevance(embeds, query, tau)) + (1.0 - rel_weight) * _activity(visual)
+    return rel_weight * rank01(relevance(embeds, query, tau)) + (1.0 - rel_weight) * _activity(visual)
 
 
-def _numpy(x: torch.Tensor) -> np.ndarray:
-    return x.detach().float().cpu().numpy()
+def _numpy(x: object) -> np.ndarray:
+    return to_numpy(x, np.float32)
 
 
-# The scores are computed in float32 numpy (the DPP in float64): on a few hundred tokens torch's
-# per-call overhead would cost more than the pruning saves the draft's prefill. The torch functions
-# below are the same computations, for callers that hold tensors.
+def rank01(x: np.ndarray) -> np.ndarray:
+    """[N] -> [N] float32: the rank of each value scaled to [0, 1] (ties get their mean rank; all 0.5
+    when every value is equal or N == 1)."""
+    v = _numpy(x).ravel()
+    n = v.size
+    if n == 1:
+        return np.full(1, 0.5, dtype=np.float32)
+    order = np.argsort(v, kind="stable")
+    if (np.diff(v[order]) > 0).all():  # no ties (the usual case): each value's rank is its place
+        ranks = np.empty(n, dtype=np.float64)
+        ranks[order] = np.arange(n)
+        return (ranks / (n - 1)).astype(np.float32)
+    _, group, equal = np.unique(v, return_inverse=True, return_counts=True)  # tie groups, ascending
+    less = np.cumsum(equal) - equal  # [groups] values below each group
+    return ((less[group] + (equal[group] - 1) / 2) / (n - 1)).astype(np.float32)
 
-def rank01(x: torch.Tensor) -> torch.Tensor:
-    """[N] -> [N] the rank of each value scaled to [0, 1] (ties get their mean rank; all 0.5 when
-    every value is equal or N == 1)."""
-    return torch.from_numpy(_rank01(_numpy(x).ravel()))
 
-
-def unit_rows(x: torch.Tensor) -> torch.Tensor:
+def unit_rows(x: np.ndarray) -> np.ndarray:
     """[M, d] rows scaled to unit L2 norm (zero rows stay zero)."""
-    x = x.float()
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def relevance(embeds: torch.Tensor, query: torch.Tensor, tau: float = RELEVANCE_TAU) -> torch.Tensor:
+def relevance(embeds: np.ndarray, query: np.ndarray, tau: float = RELEVANCE_TAU) -> np.ndarray:
     """embeds [N, d], query [T, d] -> [N]: the mean over words of each word's softmax attention
     over the visual tokens, by cosine similarity / tau. Sums to 1 over N."""
-    return torch.from_numpy(_relevance(_numpy(embeds), _numpy(query), tau))
+    embeds, query = _numpy(embeds), _numpy(query)
+    if query.size == 0:
+        return np.full(embeds.shape[0], 1.0 / embeds.shape[0], dtype=np.float32)
+    z = (unit_rows(embeds) @ unit_rows(query).T) / tau  # [N, T]
+    z = np.exp(z - z.max(0, keepdims=True))
+    return (z / z.sum(0, keepdims=True)).mean(1)  # [N]
 
 
-def greedy_dpp_map(features: torch.Tensor | np.ndarray, q: torch.Tensor | np.ndarray, k: int,
-                   eps: float = KERNEL_EPS) -> list[int]:
+def greedy_dpp_map(features: np.ndarray, q: np.ndarray, k: int, eps: float = KERNEL_EPS) -> list[int]:
     """Greedy MAP of the DPP with kernel L = diag(q) (F Fᵀ + eps I) diag(q).
 
     features [N, m] (rows of unit length for a cosine kernel), q [N] > 0 -> k indices in the order
     chosen. The greedy adds, each step, the candidate with the largest conditional gain
-    det L_{Y+i} / det L_Y, which is the largest remaining diagonal of a Cholesky factorisation of L
-    pivoted as it goes (Chen et al. 2018): exactly LAPACK's pivoted Cholesky (dpstrf), whose pivots
-    are the greedy's picks in order. In float64: N is a few hundred at most. (A Python loop of the
-    incremental updates chose the same tokens on 600 held-out cases and took 0.35 ms against
-    0.25 ms for 144 tokens.)"""
-    n = features.shape[0]
+    det L_{Y+i} / det L_Y, the largest remaining diagonal of L's Cholesky factor pivoted as it goes
+    (Chen et al. 2018; LAPACK's dpstrf is the same pivoting and chose the same tokens on 600
+    held-out cases). In float64, O(N k) memory beyond L: N is a few hundred at most."""
     f = np.asarray(features, dtype=np.float64)
     qq = np.asarray(q, dtype=np.float64)
+    n = f.shape[0]
     kernel = (f @ f.T + eps * np.eye(n)) * qq[:, None] * qq[None, :]  # [N, N] L
-    _, pivots, rank, info = dpstrf(kernel, lower=1)
-    if info < 0 or rank < k:  # the eps jitter keeps L positive definite: this is a bug, not an input
-        raise ArithmeticError(f"pivoted Cholesky of the pruning kernel stopped at rank {rank} of {k} (info {info})")
-    return (pivots[:k] - 1).tolist()  # LAPACK counts from 1
+    gain = kernel.diagonal().copy()  # [N] d_i^2, each candidate's conditional gain
+    rows = np.zeros((k, n))  # the Cholesky rows of the picks so far
+    chosen: list[int] = []
+    for j in range(k):
+        i = int(np.argmax(gain))
+        if gain[i] <= 0:  # the eps jitter keeps L positive definite: this is a bug, not an input
+            raise ArithmeticError(f"the pruning kernel lost positive definiteness after {j} of {k} picks")
+        chosen.append(i)
+        rows[j] = (kernel[i] - rows[:j, i] @ rows[:j]) / np.sqrt(gain[i])  # [N]
+        gain = gain - rows[j] ** 2
+        gain[chosen] = -np.inf
+    return chosen
 
 
-def max_min_diversity(features: torch.Tensor, k: int) -> list[int]:
+def max_min_diversity(features: np.ndarray, k: int) -> list[int]:
     """DivPrune-like greedy max-min selection on cosine distance. features [N, m] unit rows -> k
     indices: first the token farthest from its nearest neighbour, then repeatedly the token whose
     distance to its nearest kept token is largest."""
     n = features.shape[0]
-    dist = 1.0 - features @ features.T  # [N, N]
     if n == 1:
         return [0]
-    nearest = dist.masked_fill(torch.eye(n, dtype=torch.bool), math.inf).min(1).values  # [N]
+    dist = 1.0 - features @ features.T  # [N, N]
+    nearest = np.where(np.eye(n, dtype=bool), np.inf, dist).min(1)  # [N]
     chosen = [int(nearest.argmax())]
-    to_kept = dist[chosen[0]].clone()  # [N] distance to the nearest kept token
-    to_kept[chosen[0]] = -math.inf
+    to_kept = dist[chosen[0]].copy()  # [N] distance to the nearest kept token
+    to_kept[chosen[0]] = -np.inf
     for _ in range(k - 1):
         j = int(to_kept.argmax())
         chosen.append(j)
-        to_kept = torch.minimum(to_kept, dist[j])
-        to_kept[chosen] = -math.inf
+        to_kept = np.minimum(to_kept, dist[j])
+        to_kept[chosen] = -np.inf
     return chosen
 
 
-def top_k(score: torch.Tensor, k: int) -> list[int]:
+def top_k(score: np.ndarray, k: int) -> list[int]:
     """Indices of the k largest scores (ties to the lower index, so results are reproducible)."""
-    order = sorted(range(score.numel()), key=lambda i: (-float(score[i]), i))
-    return order[:k]
+    return np.argsort(-_numpy(score).ravel(), kind="stable")[:k].tolist()
 
 
-def score_and_select(visual: VisualTokens, query: torch.Tensor, keep: float | int, method: str = "covspec",
-                     generator: torch.Generator | None = None, theta: float = THETA,
+def score_and_select(visual: VisualTokens, query: np.ndarray, keep: float | int, method: str = "covspec",
+                     rng: np.random.Generator | None = None, theta: float = THETA,
                      rel_weight: float = REL_WEIGHT, tau: float = RELEVANCE_TAU,
-                     eps: float = KERNEL_EPS) -> torch.Tensor:
-    """Sorted indices (LongTensor [k]) of the visual tokens to keep. query [T, d] is the question's
+                     eps: float = KERNEL_EPS) -> np.ndarray:
+    """Sorted indices (int64 [k]) of the visual tokens to keep. query [T, d] is the question's
     text embeddings; keep a ratio in (0, 1] or a count in [1, N]. See the module docstring."""
     n = visual.count
     k = keep_count(keep, n)
@@ -233,18 +248,16 @@ def score_and_select(visual: VisualTokens, query: torch.Tensor, keep: float | in
     if not 0.0 <= theta < 1.0:
         raise ValueError(f"theta must lie in [0, 1), got {theta}")
     if k == n:
-        return torch.arange(n)
-    embeds = visual.embeds.detach().float().cpu()  # [N, d]
-    query = query.detach().float().cpu()  # [T, d]
+        return np.arange(n)
+    embeds, query = _numpy(visual.embeds), _numpy(query)  # [N, d], [T, d]
     if method == "random":
-        chosen = torch.randperm(n, generator=generator)[:k].tolist()
+        chosen = (rng or np.random.default_rng()).permutation(n)[:k].tolist()
     elif method == "relevance":
         chosen = top_k(relevance(embeds, query, tau), k)
     elif method == "attention":
-        source = visual.attention if visual.attention is not None else visual.activity
-        chosen = top_k(source.detach().float().cpu(), k)
+        chosen = top_k(visual.attention if visual.attention is not None else visual.activity, k)
     elif method == "activity":
-        chosen = top_k(visual.activity.detach().float().cpu(), k)
+        chosen = top_k(visual.activity, k)
     elif method == "diversity":
         chosen = max_min_diversity(unit_rows(embeds), k)
     elif method == "covspec_grounded":
@@ -253,47 +266,58 @@ def score_and_select(visual: VisualTokens, query: torch.Tensor, keep: float | in
         chosen = covspec_order(visual, query, k, t, w, tau, eps)
     else:
         chosen = covspec_order(visual, query, k, theta, rel_weight, tau, eps)
-    return torch.tensor(sorted(chosen), dtype=torch.long)
+    return np.asarray(sorted(chosen), dtype=np.int64)
 
 
-def covspec_order(visual: VisualTokens, query: torch.Tensor, k: int, theta: float = THETA,
+def covspec_order(visual: VisualTokens, query: np.ndarray, k: int, theta: float = THETA,
                   rel_weight: float = REL_WEIGHT, tau: float = RELEVANCE_TAU, eps: float = KERNEL_EPS) -> list[int]:
     """The CoVSpec score's first k picks, in the order the greedy MAP makes them: its first j picks
     are what it keeps at j (the demo draft trains on such prefixes)."""
-    embeds = visual.embeds.detach().float().cpu()  # [N, d]
-    s = _quality(visual, embeds.numpy(), _numpy(query), rel_weight, tau)  # [N]
+    embeds = _numpy(visual.embeds)  # [N, d]
+    s = _quality(visual, embeds, _numpy(query), rel_weight, tau)  # [N]
     alpha = theta / (2.0 * (1.0 - theta))
-    # centred in torch: numpy's summation order moves the cosines by ~1e-8, enough to flip the first
-    # pick between tokens of equal quality, and the shipped draft was trained on these selections
-    centred = unit_rows(embeds - embeds.mean(0, keepdim=True)).numpy()  # [N, d]
-    return greedy_dpp_map(centred, np.exp(alpha * s), k, eps)
+    return greedy_dpp_map(centred_unit(embeds), np.exp(alpha * s), k, eps)
 
 
-def merged_visual(visual: VisualTokens, kept: torch.Tensor | None) -> VisualTokens:
+def centred_unit(embeds: np.ndarray) -> np.ndarray:
+    """[N, d] -> [N, d]: the tokens less their mean, rows scaled to unit length (in float64, so that
+    the picks do not hang on the summation order of a float32 mean)."""
+    e = np.asarray(embeds, dtype=np.float64)
+    return unit_rows(e - e.mean(0, keepdims=True))
+
+
+def merged_visual(visual: VisualTokens, kept: np.ndarray | None) -> VisualTokens:
     """The image's tokens with the dropped ones merged into the kept (`merge_pruned`); unchanged
     when nothing is dropped."""
-    if kept is None or kept.numel() == visual.count:
+    if kept is None:
         return visual
-    return replace(visual, embeds=merge_pruned(visual.embeds, kept))
+    kept = np.asarray(kept, dtype=np.int64)
+    if kept.size == visual.count:
+        return visual
+    return replace(visual, embeds=merge_pruned(_numpy(visual.embeds), kept))
 
 
-def merge_pruned(embeds: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+def merge_groups(embeds: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """embeds [N, d], kept [k] sorted indices -> [N] int64: the kept token (an index into kept) each
+    token joins, by cosine similarity of the centred tokens; a kept token joins itself."""
+    feats = centred_unit(_numpy(embeds))  # [N, d]
+    nearest = (feats @ feats[kept].T).argmax(1)  # [N] index into kept
+    nearest[kept] = np.arange(len(kept))
+    return nearest
+
+
+def merge_pruned(embeds: np.ndarray, kept: np.ndarray) -> np.ndarray:
     """embeds [N, d], kept [k] sorted indices -> [N, d] where each kept row is the mean of itself and
-    the pruned tokens nearest to it (cosine similarity of the centred tokens, each pruned token to one
-    kept token); the other rows are unchanged, so `merged[kept]` is what the draft prefills. A dropped
-    patch's content thus reaches the draft through the kept token most like it (PruMerge / VisionZip-
-    style merging; the assignment is read without gradient, the mean carries it in training)."""
+    the pruned tokens nearest to it (`merge_groups`); the other rows are unchanged, so `merged[kept]`
+    is what the draft prefills. A dropped patch's content thus reaches the draft through the kept token
+    most like it (PruMerge / VisionZip-style merging; the demo's training does the same on tensors,
+    covspec.demo.train.merge_pruned, with the groups read from here)."""
     n = embeds.shape[0]
-    if kept.numel() in (0, n):
+    if len(kept) in (0, n):
         return embeds
-    with torch.no_grad():
-        feats = unit_rows(embeds - embeds.float().mean(0, keepdim=True))  # [N, d]
-        nearest = (feats @ feats[kept].T).argmax(1)  # [N] index into kept
-        kept = kept.to(embeds.device)
-        nearest[kept] = torch.arange(kept.numel(), device=embeds.device)  # a kept token is its own
-        sizes = torch.bincount(nearest, minlength=kept.numel()).to(embeds.dtype)  # [k] tokens in each group
-    sums = torch.zeros(kept.numel(), embeds.shape[1], dtype=embeds.dtype, device=embeds.device)
-    sums = sums.index_add(0, nearest, embeds)  # [k, d] each kept token's group, summed
-    merged = embeds.clone()
-    merged[kept] = sums / sizes[:, None]
+    nearest = merge_groups(embeds, kept)
+    sums = np.zeros((len(kept), embeds.shape[1]), dtype=np.float64)
+    np.add.at(sums, nearest, embeds)  # [k, d] each kept token's group, summed
+    merged = embeds.copy()
+    merged[kept] = (sums / np.bincount(nearest, minlength=len(kept))[:, None]).astype(embeds.dtype)
     return merged

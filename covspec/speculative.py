@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from covspec.sampling import SamplingParams, probabilities, sample
+from covspec.sampling import SamplingParams
+from covspec.sampling_torch import probabilities, sample
 
 SUPPORT_TAIL = 1e-6  # mass of an untruncated p the edge may leave out of a returned support
 
@@ -102,14 +103,3 @@ def verify_decoupled(draft_ids: torch.Tensor, q_of_draft: torch.Tensor, target_l
         return Verdict(accepted=k, next_token=sample(p[k], generator))
     ids, probs = support_of(p[accepted])
     return Verdict(accepted=accepted, next_token=None, support_ids=ids, support_probs=probs)
-
-
-def correct_decoupled(support_ids: torch.Tensor, support_probs: torch.Tensor, q: torch.Tensor,
-                      generator: torch.Generator | None) -> int:
-    """Device side: draw the correction from norm(max(0, p - q)) where p is known on its support
-    (ids [m], probs [m]) and q [V] is the draft's full distribution at the rejected position."""
-    ids = support_ids.long()
-    r = (support_probs.float() - q[ids].float()).clamp_min(0.0)  # [m]
-    if r.sum() <= 0:  # p <= q on all of p's support: only possible up to rounding; fall back to p
-        r = support_probs.float()
-    return int(ids[torch.multinomial(r / r.sum(), 1, generator=generator)].item())

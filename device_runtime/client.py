@@ -29,16 +29,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
-import torch
 
 from covspec.calibration.profile import CalibrationProfile
 from covspec.device_runtime.records import Answer, RoundRecord, final_answer
 from covspec.device_runtime.speculation import STREAM, Flight, Speculation
 from covspec.generation import generate
 from covspec.images import load_image
-from covspec.models.base import DecodeState, VLMAdapter
+from covspec.models.common import DecodeState
+from covspec.models.draft import as_draft
 from covspec.modes import MODE_OPTIONS, MODES, STREAMING_MODES, SpecOptions
 from covspec.policy import EDGE, EdgeOffer, OnlineStats, place_drafting
 from covspec.pruning import merged_visual, score_and_select
@@ -58,12 +59,12 @@ class EdgeRefused(Exception):
 class DeviceRuntime:
     """A device: its draft model (or only its tokenizer, for target_only) and a link to one edge."""
 
-    def __init__(self, draft: VLMAdapter, edge: str, timeout_s: float = 30.0, retries: int = 2,
+    def __init__(self, draft: Any, edge: str, timeout_s: float = 30.0, retries: int = 2,
                  keys: ClientKeys | None = None, profile: CalibrationProfile | None = None) -> None:
         """`keys`: CURVE keys (this device's pair and the edge's public key) for an edge that
         authenticates; None for one that runs with --auth none. `profile`: what `covspec calibrate`
         measured for this device, edge and link, the drafting policy's starting estimates."""
-        self.draft = draft
+        self.draft = as_draft(draft)  # numpy in and out, whether a bundle or a Hugging Face folder
         self.profile = profile
         self.client = Client(edge, timeout_s=timeout_s, retries=retries, keys=keys)
         self.reopens = 0
@@ -224,7 +225,6 @@ class DeviceRuntime:
             sent = self.client.send(replace(sent, round=0, pos=None))  # nothing is ahead in a new session
         raise AssertionError("unreachable")
 
-    @torch.inference_mode()
     def _speculative(self, open_msg: wire.Open, image_bytes: bytes, prompt: str, params: SamplingParams,
                      max_new_tokens: int, window: int, start: float, options: SpecOptions) -> Answer:
         """Speculative decoding against the edge (the rules: `speculation.Speculation`). This is the
@@ -275,8 +275,8 @@ class DeviceRuntime:
                       edge_drafted=spec.edge_drafts or spec.gave_back > 0)
 
     def _open_and_prefill(self, open_msg: wire.Open, image_bytes: bytes, prompt: str, options: SpecOptions,
-                          hand_over: bool = False) -> tuple[wire.Message, torch.Tensor, DecodeState,
-                                                            torch.Tensor | None, tuple[wire.Message, float] | None]:
+                          hand_over: bool = False) -> tuple[wire.Message, np.ndarray, DecodeState,
+                                                            np.ndarray | None, tuple[wire.Message, float] | None]:
         """Sends the OPEN (before the draft's own prefill, so the edge prefills meanwhile; after the
         pruning when the target prunes too) and prefills the draft: (OPEN sent, the draft's first
         logits [V], its state, the kept visual tokens' indices or None, the STREAM sent right behind the
@@ -292,7 +292,7 @@ class DeviceRuntime:
             if options.merge:
                 visual = merged_visual(visual, kept)
         if options.prune_target:
-            open_msg.kept = None if kept is None else kept.numpy().astype(np.int32)
+            open_msg.kept = None if kept is None else kept.astype(np.int32)
             sent_open = self.client.send(open_msg)
             stream = self._send_stream(open_msg, True) if hand_over else None
         first_logits, state = self.draft.prefill(visual, prompt, kept=kept)  # [V] the first token's

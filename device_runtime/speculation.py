@@ -26,11 +26,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
 
 from covspec.device_runtime.records import RoundRecord
 from covspec.drafter import Drafter, Window
-from covspec.models.base import DecodeState, VLMAdapter
+from covspec.models.common import DecodeState
+from covspec.models.draft import DraftModel, as_draft
 from covspec.modes import SpecOptions
 from covspec.policy import (
     EDGE,
@@ -44,9 +44,8 @@ from covspec.policy import (
     speculation_could_pay,
     speculation_pays,
 )
-from covspec.sampling import SamplingParams
+from covspec.sampling import SamplingParams, correct_decoupled
 from covspec.sampling import next_token as pick_token
-from covspec.speculative import correct_decoupled
 from covspec.transport import protocol as wire
 
 
@@ -81,16 +80,16 @@ class Branch:
 class Speculation:
     """The device's part of one speculative answer: its Drafter, the rounds, the windows in flight."""
 
-    def __init__(self, draft: VLMAdapter, state: DecodeState, params: SamplingParams, options: SpecOptions,
+    def __init__(self, draft: DraftModel, state: DecodeState, params: SamplingParams, options: SpecOptions,
                  stats: OnlineStats, sid: int, max_new_tokens: int, window: int, vocab: int,
                  ready: Callable[[], bool], edge_offer: EdgeOffer | None = None) -> None:
         """`state`: the draft's prefilled prompt; `stats`: the drafting policy's estimates (updated
         here); `window`: the fixed window without the adaptive policy; `vocab`: the target's
         vocabulary width; `ready()`: whether a reply is waiting; `edge_offer`: what the edge last said
         of drafting itself (updated from OPENED and each RESULT)."""
-        self.draft, self.state, self.params, self.options, self.stats = draft, state, params, options, stats
+        self.draft, self.state, self.params, self.options, self.stats = as_draft(draft), state, params, options, stats
         self.sid, self.max_new_tokens, self.window, self.vocab, self.ready = sid, max_new_tokens, window, vocab, ready
-        self.generator = None if params.greedy else params.generator()
+        self.rng = None if params.greedy else params.rng()
         gate = MarginGate(options.margin_threshold) if options.adaptive else None
         self.gated = None if gate is None else lambda w: gate.stop(float(w.margins[-1]), len(w))
         self.eos = draft.eos_token_ids
@@ -125,7 +124,7 @@ class Speculation:
         self.drafter.committed.extend(streamed)
 
     # --- events --------------------------------------------------------------------------------
-    def start(self, first_logits: torch.Tensor, informed: bool, edge_step_s: float | None,
+    def start(self, first_logits: np.ndarray, informed: bool, edge_step_s: float | None,
               hand_over: bool = False) -> Flight | None:
         """Before OPENED, on the draft's first logits [V]: decides whether the edge streams the
         answer from the start (the rule applied after OPENED, on what earlier answers showed and
@@ -148,8 +147,8 @@ class Speculation:
         # edge will stream the answer, it costs the edge one pass and may save it as many decode steps
         # (greedy only: a sampled rejection leaves the correction to the device, which a STREAM right
         # behind it could not wait for)
-        guess = pick_token(first_logits, self.params, self.generator)
-        self.drafter = Drafter(self.draft, self.state, guess, self.params, self.generator)
+        guess = pick_token(first_logits, self.params, self.rng)
+        self.drafter = Drafter(self.draft, self.state, guess, self.params, self.rng)
         k = min(self._limit(self.max_new_tokens - 1), self.max_new_tokens - 1)
         first = self.drafter.draft(k, stop=lambda w: self.ready() or (self.gated is not None and self.gated(w)))
         self.early = Flight(self._verify(0, first, root=guess, pos=1), first)
@@ -163,7 +162,7 @@ class Speculation:
             self.in_flight = early  # the guess was right: the edge verifies the first window next
         else:
             if self.drafter is None:
-                self.drafter = Drafter(self.draft, self.state, opened.token, self.params, self.generator)
+                self.drafter = Drafter(self.draft, self.state, opened.token, self.params, self.rng)
             self.drafter.restart(opened.token)
         self.edge_step_s = edge_step_s
         self.paced_at = time.perf_counter()  # the pace of this device's speculation is measured from here
@@ -335,8 +334,7 @@ class Speculation:
         """The token after the accepted ones: the edge's, or the decoupled correction drawn here."""
         if result.token is None and result.cand_ids is not None:
             q = pad_vocab(drafted.q[result.accepted], self.vocab)
-            return correct_decoupled(torch.from_numpy(result.cand_ids.copy()),
-                                     torch.from_numpy(result.cand_probs.copy()), q, self.generator)
+            return correct_decoupled(result.cand_ids, result.cand_probs, q, self.rng)
         return result.token
 
     def _confirmed_branch(self, accepted: int, next_token: int | None) -> Branch | None:
@@ -371,12 +369,12 @@ class Speculation:
     def _verify(self, round_no: int, window: Window, root: int | None = None, pos: int | None = None) -> wire.Verify:
         """The VERIFY of a drafted window: token ids, and when sampling q(x_i) (decoupled) or every
         drafted token's full q (the conventional upload)."""
-        verify = wire.Verify(sid=self.sid, round=round_no, tokens=window.ids.numpy().astype(np.int32),
+        verify = wire.Verify(sid=self.sid, round=round_no, tokens=window.ids.astype(np.int32),
                              root=root, pos=pos)
         if not self.params.greedy and self.options.decoupled:
-            verify.q = window.q_of_drafted().numpy().astype(np.float32)
+            verify.q = window.q_of_drafted().astype(np.float32)
         elif not self.params.greedy:
-            verify.dists = pad_vocab(window.q, self.vocab).numpy().astype(np.float32)
+            verify.dists = pad_vocab(window.q, self.vocab).astype(np.float32)
         return verify
 
 
@@ -401,11 +399,11 @@ def speculation_loses(stats: OnlineStats, rounds: list[RoundRecord], k_max: int,
                                                       acceptance=stats.acceptance_upper())
 
 
-def pad_vocab(q: torch.Tensor, width: int) -> torch.Tensor:
+def pad_vocab(q: np.ndarray, width: int) -> np.ndarray:
     """q [..., V_draft] zero-padded (or cut) to the target's vocabulary width."""
     v = q.shape[-1]
     if v == width:
         return q
     if v > width:
         return q[..., :width]
-    return torch.nn.functional.pad(q, (0, width - v))
+    return np.pad(q, [(0, 0)] * (q.ndim - 1) + [(0, width - v)])

@@ -36,6 +36,7 @@ from covspec.edge_runtime.session import SessionError, TargetSession
 from covspec.edge_runtime.static_target import StaticTarget
 from covspec.edge_runtime.visual import encode
 from covspec.models.base import VLMAdapter
+from covspec.models.draft import as_draft
 from covspec.modes import COVSPEC
 from covspec.policy import MarginGate, OnlineStats, choose_window
 from covspec.sampling import SamplingParams
@@ -69,7 +70,7 @@ class EdgeDraft:
                 visual = encode(adapter, self.msg, max_pixels)
                 _, state = adapter.prefill(visual, self.msg.prompt)
             params = self.drafter_params()
-            self.drafter = Drafter(adapter, state, committed[0], params, None if params.greedy else params.generator())
+            self.drafter = Drafter(as_draft(adapter), state, committed[0], params, None if params.greedy else params.rng())
         d = self.drafter
         common, limit = 0, min(d.fed, len(committed) - 1)  # the last committed token is never fed
         while common < limit and d.committed[common] == committed[common]:
@@ -148,7 +149,7 @@ def target_passes(adapter: VLMAdapter, sessions: list[TargetSession], windows: l
     if len(sessions) < 2:
         return [None] * len(sessions)
     states = [s.state for s in sessions]
-    ids = [s.feed_ids(s.committed[-1], w.ids) for s, w in zip(sessions, windows, strict=True)]  # [k_i + 1] each
+    ids = [s.feed_ids(s.committed[-1], torch.from_numpy(w.ids)) for s, w in zip(sessions, windows, strict=True)]  # [k_i + 1] each
     try:
         if isinstance(adapter, StaticTarget):
             return list(adapter.run_batch(states, ids))
@@ -165,9 +166,9 @@ def finish_round(session: TargetSession, drafter: Drafter, drafting: EdgeDraftin
     is one) and commits it on both sides: the new committed tokens."""
     greedy = session.params.greedy
     round_no = 0 if session.last is None else session.last.round + 1
-    q_full = None if greedy else pad_vocab(window.q, session.adapter.vocab_size)  # [k, V]
+    q_full = None if greedy else pad_vocab(torch.from_numpy(window.q), session.adapter.vocab_size)  # [k, V]
     before = len(session.committed)
-    answer = session.verify(round_no, session.committed[-1], window.ids, "greedy" if greedy else "full",
+    answer = session.verify(round_no, session.committed[-1], torch.from_numpy(window.ids), "greedy" if greedy else "full",
                             q_full=q_full, window=batched)
     drafter.commit(window, answer.verdict.accepted, answer.verdict.next_token)
     drafting.policy(greedy).update(len(window), answer.verdict.accepted, window.step_s, verify_s=answer.verify_s,

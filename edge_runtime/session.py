@@ -26,7 +26,8 @@ import torch
 from covspec.edge_runtime.batching import Window, commit
 from covspec.edge_runtime.stats import SessionUsage
 from covspec.models.base import DecodeState, VLMAdapter
-from covspec.sampling import SamplingParams, next_token
+from covspec.sampling import SamplingParams
+from covspec.sampling_torch import next_token
 from covspec.speculative import Verdict, verify_decoupled, verify_full, verify_greedy
 
 

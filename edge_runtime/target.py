@@ -80,8 +80,9 @@ def load_target(path: str | Path, threads: int | None = None, device: str = "cpu
     checkpoint = path / manifest.get("checkpoint", "checkpoint")
     if backend == "onnx":
         from covspec.bundles.adapter import BundleAdapter
+        from covspec.models.torch_view import TorchView
 
-        adapter = place_target(BundleAdapter(bundle, backend="onnx", threads=threads), device, dtype)
+        adapter = place_target(TorchView(BundleAdapter(bundle, backend="onnx", threads=threads)), device, dtype)
         return adapter, f"edge bundle {path}: ONNX Runtime"
     if backend == "tensorrt":
         from covspec.export.tensorrt_engine import tensorrt_unavailable
@@ -89,8 +90,10 @@ def load_target(path: str | Path, threads: int | None = None, device: str = "cpu
         missing = tensorrt_unavailable()
         if missing is None:
             from covspec.bundles.adapter import BundleAdapter
+            from covspec.models.torch_view import TorchView
 
-            return BundleAdapter(bundle, backend="tensorrt", threads=threads), f"edge bundle {path}: TensorRT engine"
+            return (TorchView(BundleAdapter(bundle, backend="tensorrt", threads=threads)),
+                    f"edge bundle {path}: TensorRT engine")
         return (load_adapter(checkpoint, dtype=kind, device=str(where)),
                 f"edge bundle {path}: its checkpoint with PyTorch, {placed} (TensorRT engine not usable here: {missing})")
     if backend != "pytorch":

@@ -313,13 +313,14 @@ def test_merged_training_rows_are_what_the_merged_prefill_computes():
     from covspec.demo.task import make_item
     from covspec.demo.train import lm_logits, vision_features
     from covspec.models import load_adapter
+    from covspec.models.draft import as_draft
     from covspec.pruning import merged_visual
 
     path = WEIGHTS / "draft_fine"
     tokenizer = build_tokenizer()
     image_id = tokenizer.convert_tokens_to_ids(IMAGE)
     model = LlavaForConditionalGeneration.from_pretrained(path).eval()
-    adapter = load_adapter(path)
+    adapter = as_draft(load_adapter(path))  # numpy in and out, as the device runs it
     item = make_item("heldout", 3, 0, qtype="describe")
     batch = collate(tokenizer, [(0, item.question, item.answer, "describe")], 144)
     pruned = prune_rows(batch, [item.scene], image_id, tokenizer.pad_token_id, random.Random(0), 1.0, 0.25, 144)
@@ -332,8 +333,8 @@ def test_merged_training_rows_are_what_the_merged_prefill_computes():
         assert visual.count == 144
         expected, _ = adapter.prefill(merged_visual(visual, kept), item.question, kept=kept)
         unmerged, _ = adapter.prefill(visual, item.question, kept=kept)
-    assert torch.allclose(logits[0, prompt_end], expected, atol=1e-4)
-    assert not torch.allclose(expected, unmerged, atol=1e-4)  # merging changed what the draft read
+    assert torch.allclose(logits[0, prompt_end], torch.from_numpy(expected), atol=1e-4)
+    assert not np.allclose(expected, unmerged, atol=1e-4)  # merging changed what the draft read
 
 
 def test_report_split_has_its_own_seed_held_out_layouts_and_every_type_in_proportion():

@@ -17,8 +17,9 @@ from scipy.stats import chisquare
 from covspec.drafter import Drafter
 from covspec.edge_runtime.session import TargetSession
 from covspec.models import load_adapter
-from covspec.sampling import SamplingParams, probabilities
-from covspec.speculative import correct_decoupled
+from covspec.models.draft import as_draft
+from covspec.sampling import SamplingParams, correct_decoupled
+from covspec.sampling_torch import probabilities
 
 DRAWS = 2000
 PROMPT = "what is the color of the circle ?"
@@ -29,7 +30,7 @@ SETTINGS = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.9, top
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("sampling")
     target = load_adapter(tiny_models.build_llava(root / "target", seed=0))
-    draft = load_adapter(tiny_models.build_llava(root / "draft", seed=1))
+    draft = as_draft(load_adapter(tiny_models.build_llava(root / "draft", seed=1)))  # numpy, as on the device
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8))
     target_visual = target.encode_image(target.preprocess(image))
     draft_visual = draft.encode_image(draft.preprocess(image))
@@ -59,23 +60,25 @@ def speculative_draws(pair, params: SamplingParams, scheme: str, first: int, win
     _, t_state = target.prefill(target_visual, PROMPT)
     _, d_state = draft.prefill(draft_visual, PROMPT)
     t_len, d_len = t_state.length, d_state.length
-    generator = torch.Generator().manual_seed(1234)
+    generator = torch.Generator().manual_seed(1234)  # the edge's
+    rng = np.random.default_rng(1234)  # the device's
     out = np.zeros((DRAWS, 2), dtype=np.int64)
     for n in range(DRAWS):
         target.truncate(t_state, t_len)
         draft.truncate(d_state, d_len)
         session = TargetSession(adapter=target, state=t_state, params=params, max_new_tokens=64,
                                 generator=generator, committed=[first], prompt_length=t_len)
-        drafter = Drafter(draft, d_state, first, params, generator)
+        drafter = Drafter(draft, d_state, first, params, rng)
         round_no = 0
         while len(drafter.committed) < 3 and not session.done:
             window_ = drafter.draft(window)
-            kwargs = {"q_full": window_.q} if scheme == "full" else {"q_of_draft": window_.q[torch.arange(len(window_.ids)), window_.ids]}
-            answer = session.verify(round_no, drafter.committed[-1], window_.ids, scheme, **kwargs)
+            q = torch.from_numpy(window_.q)
+            kwargs = {"q_full": q} if scheme == "full" else {"q_of_draft": torch.from_numpy(window_.q_of_drafted())}
+            answer = session.verify(round_no, drafter.committed[-1], torch.from_numpy(window_.ids), scheme, **kwargs)
             token = answer.verdict.next_token
             if token is None and answer.verdict.support_ids is not None:  # decoupled: the device draws the correction from the returned support
-                token = correct_decoupled(answer.verdict.support_ids, answer.verdict.support_probs,
-                                          window_.q[answer.verdict.accepted], generator)
+                token = correct_decoupled(answer.verdict.support_ids.numpy(), answer.verdict.support_probs.numpy(),
+                                          window_.q[answer.verdict.accepted], rng)
                 session.committed.append(token)
                 session.root_known = True
             drafter.commit(window_, answer.verdict.accepted, token)

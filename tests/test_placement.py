@@ -18,10 +18,10 @@ from covspec.drafter import Drafter
 from covspec.edge_runtime.drafting import EdgeDraft, EdgeDrafting, speculate
 from covspec.edge_runtime.session import TargetSession
 from covspec.models import load_adapter
+from covspec.models.draft import as_draft
 from covspec.modes import COVSPEC, MODE_OPTIONS
 from covspec.policy import DEVICE, EDGE, EdgeOffer, OnlineStats, place_drafting
-from covspec.sampling import SamplingParams
-from covspec.speculative import correct_decoupled
+from covspec.sampling import SamplingParams, correct_decoupled
 from covspec.transport import protocol as wire
 from covspec.transport.channel import Client
 
@@ -150,7 +150,8 @@ def switching_draws(target, draft, params: SamplingParams, first: int, decoupled
     _, d_state = draft.prefill(d_visual, PROMPT)
     _, e_state = draft.prefill(d_visual, PROMPT)  # the edge's own copy of the draft
     t_len, d_len = t_state.length, d_state.length
-    generator = torch.Generator().manual_seed(99)
+    generator = torch.Generator().manual_seed(99)  # the edge's
+    rng = np.random.default_rng(99)  # the device's (and the edge draft's: numpy like the device's)
     drafting = EdgeDrafting(draft)
     out = np.zeros((DRAWS, 2), dtype=np.int64)
     for n in range(DRAWS):
@@ -158,21 +159,22 @@ def switching_draws(target, draft, params: SamplingParams, first: int, decoupled
             adapter.truncate(state, length)
         session = TargetSession(adapter=target, state=t_state, params=params, max_new_tokens=64,
                                 generator=generator, committed=[first], prompt_length=t_len)
-        device = Drafter(draft, d_state, first, params, generator)
+        device = Drafter(as_draft(draft), d_state, first, params, rng)
         window = device.draft(1)
+        ids = torch.from_numpy(window.ids)
         if decoupled:
-            answer = session.verify(0, first, window.ids, "decoupled", q_of_draft=window.q_of_drafted())
+            answer = session.verify(0, first, ids, "decoupled", q_of_draft=torch.from_numpy(window.q_of_drafted()))
         else:
-            answer = session.verify(0, first, window.ids, "full", q_full=window.q)
+            answer = session.verify(0, first, ids, "full", q_full=torch.from_numpy(window.q))
         token = answer.verdict.next_token
         if token is None and answer.verdict.support_ids is not None:  # the device's correction, sent as root
-            token = correct_decoupled(answer.verdict.support_ids, answer.verdict.support_probs,
-                                      window.q[answer.verdict.accepted], generator)
+            token = correct_decoupled(answer.verdict.support_ids.numpy(), answer.verdict.support_probs.numpy(),
+                                      window.q[answer.verdict.accepted], rng)
             session.committed.append(token)
             session.root_known = True
         device.commit(window, answer.verdict.accepted, token)
         if not session.done:  # the edge takes over drafting here
-            edge = EdgeDraft(msg=None, drafter=Drafter(draft, e_state, first, params, generator))
+            edge = EdgeDraft(msg=None, drafter=Drafter(as_draft(draft), e_state, first, params, rng))
             next(speculate(session, edge, drafting, max_pixels=0), None)
         committed = session.committed
         ended = committed[1] in target.eos_token_ids

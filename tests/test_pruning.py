@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,9 +30,9 @@ def random_visual(n: int = 36, d: int = 32, seed: int = 0, attention: bool = Tru
 def test_kept_indices_sorted_unique_counted(method, keep):
     visual = random_visual(attention=method != "attention")
     query = torch.randn(6, 32, generator=torch.Generator().manual_seed(1))
-    kept = score_and_select(visual, query, keep, method, generator=torch.Generator().manual_seed(0))
-    assert kept.dtype == torch.long
-    assert kept.numel() == keep_count(keep, 36)
+    kept = score_and_select(visual, query, keep, method, rng=np.random.default_rng(0))
+    assert kept.dtype == np.int64
+    assert kept.size == keep_count(keep, 36)
     assert bool((kept[1:] > kept[:-1]).all())
     assert int(kept.min()) >= 0 and int(kept.max()) < 36
 
@@ -68,9 +69,9 @@ def test_keep_count_validation():
 
 def test_random_is_deterministic_given_a_generator():
     visual, query = random_visual(), torch.randn(3, 32)
-    a = score_and_select(visual, query, 9, "random", generator=torch.Generator().manual_seed(7))
-    b = score_and_select(visual, query, 9, "random", generator=torch.Generator().manual_seed(7))
-    c = score_and_select(visual, query, 9, "random", generator=torch.Generator().manual_seed(8))
+    a = score_and_select(visual, query, 9, "random", rng=np.random.default_rng(7))
+    b = score_and_select(visual, query, 9, "random", rng=np.random.default_rng(7))
+    c = score_and_select(visual, query, 9, "random", rng=np.random.default_rng(8))
     assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
 
 
@@ -104,7 +105,7 @@ def test_greedy_map_matches_brute_force_small():
     import itertools
 
     g = torch.Generator().manual_seed(5)
-    feats = unit_rows(torch.randn(7, 4, generator=g))
+    feats = torch.from_numpy(unit_rows(torch.randn(7, 4, generator=g).numpy()))
     q = torch.rand(7, generator=g) + 0.5
     kernel = q[:, None] * (feats @ feats.T + 1e-3 * torch.eye(7)) * q[None, :]
     chosen = greedy_dpp_map(feats, q, 3)
@@ -144,16 +145,16 @@ def test_rank01():
     for values in (torch.randn(50), torch.randint(0, 6, (50,)).float()):
         less = (values[None, :] < values[:, None]).sum(1).float()
         equal = (values[None, :] == values[:, None]).sum(1).float()
-        assert torch.equal(rank01(values), (less + (equal - 1) / 2) / 49)
+        assert np.array_equal(rank01(values), ((less + (equal - 1) / 2) / 49).numpy())
 
 
 def test_degenerate_inputs():
     same = VisualTokens(embeds=torch.ones(10, 8), activity=torch.arange(10.0), attention=None)
     kept = score_and_select(same, torch.ones(2, 8), 4, "covspec")  # all identical: quality decides
-    assert kept.numel() == 4 and len(set(kept.tolist())) == 4
-    assert score_and_select(same, torch.ones(2, 8), 4, "diversity").numel() == 4
+    assert kept.size == 4 and len(set(kept.tolist())) == 4
+    assert score_and_select(same, torch.ones(2, 8), 4, "diversity").size == 4
     big = random_visual(n=576, d=64)
-    assert score_and_select(big, torch.randn(12, 64), 0.1, "covspec").numel() == 58
+    assert score_and_select(big, torch.randn(12, 64), 0.1, "covspec").size == 58
 
 
 def test_prune_sweep_on_tiny_models(tmp_path):
@@ -193,7 +194,10 @@ def test_the_oracle_reference_keeps_one_token_of_every_object_first():
 
 
 def test_merging_folds_every_dropped_token_into_the_kept_one_most_like_it():
-    from covspec.pruning import merge_pruned, unit_rows
+    """The device's merge (numpy) and the training's (torch, with gradient) fold alike."""
+    from covspec.demo.train import merge_pruned
+    from covspec.pruning import merge_pruned as device_merge
+    from covspec.pruning import unit_rows
 
     torch.manual_seed(0)
     embeds = torch.randn(12, 8, requires_grad=True)
@@ -201,11 +205,12 @@ def test_merging_folds_every_dropped_token_into_the_kept_one_most_like_it():
     merged = merge_pruned(embeds, kept)
     dropped = [i for i in range(12) if i not in kept.tolist()]
     assert torch.equal(merged[dropped], embeds[dropped])  # only the kept rows change
-    feats = unit_rows(embeds.detach() - embeds.detach().mean(0, keepdim=True))
-    nearest = (feats[dropped] @ feats[kept].T).argmax(1)  # [dropped] index into kept
+    feats = unit_rows((embeds.detach() - embeds.detach().mean(0, keepdim=True)).numpy())
+    nearest = torch.from_numpy((feats[dropped] @ feats[kept.numpy()].T).argmax(1))  # [dropped] index into kept
     for slot, index in enumerate(kept.tolist()):
         group = [index] + [d for d, n in zip(dropped, nearest.tolist(), strict=True) if n == slot]
         assert torch.allclose(merged[index], embeds[group].mean(0), atol=1e-6)
+    np.testing.assert_allclose(device_merge(embeds.detach().numpy(), kept.numpy()), merged.detach().numpy(), atol=1e-6)
     merged[kept].sum().backward()  # the mean carries the gradient to every token it read
     assert bool((embeds.grad.abs().sum(1) > 0).all())
     assert merge_pruned(embeds, torch.arange(12)) is embeds  # nothing dropped: nothing merged
@@ -219,7 +224,7 @@ def test_merged_view_leaves_the_scores_and_an_unpruned_image_alone():
     assert merged_visual(visual, None) is visual and merged_visual(visual, torch.arange(6)) is visual
     view = merged_visual(visual, torch.tensor([0, 3]))
     assert view.activity is visual.activity and view.count == 6
-    assert not torch.equal(view.embeds[[0, 3]], visual.embeds[[0, 3]])
+    assert not np.array_equal(view.embeds[[0, 3]], visual.embeds[[0, 3]].numpy())
 
 
 def test_prune_eval_writes_intervals_paired_differences_and_reuses_its_items(tmp_path, capsys):

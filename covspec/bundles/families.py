@@ -158,14 +158,12 @@ class LlavaRules(FamilyRules):
     name = "llava"
 
     def pixels(self, image: Image.Image) -> np.ndarray:
-        from covspec.models.llava import (
-            ClipPreprocessor,  # torch-based still (the torch-free port converts it)
-        )
+        from covspec.models.llava_inputs import ClipPreprocessor
 
-        return ClipPreprocessor(self.settings or None, self.side)(image).numpy()  # [1, 3, S, S]
+        return ClipPreprocessor(self.settings or None, self.side)(image)  # [1, 3, S, S]
 
     def prompt(self, tokenizer: Any, prompt: str, n: int) -> tuple[list[int], int]:
-        from covspec.models.llava import llava_prompt_ids
+        from covspec.models.llava_inputs import llava_prompt_ids
 
         ids = llava_prompt_ids(tokenizer, prompt, n, self.image_token_id)
         return ids, ids.index(self.image_token_id) if n else len(ids)

@@ -1,11 +1,14 @@
-"""Runners for a bundle's programs on one backend, taking and returning torch tensors:
+"""Runners for a bundle's programs on one backend, taking and returning numpy arrays (torch-free):
 
     vision(pixels [1, 3, H, W]) -> [embeds [N, d], activity [N], (attention [N])]
     decoder(state, ids [1, k], image_embeds [1, k, d], is_image [1, k], input_pos [k], start)
         -> logits [1, k, V]: the k tokens take cache slots start..start+k-1 of the state's cache
     fork(state) -> the cache value of an independent copy of the state
 
-- ExecuTorch (`model.pte`, ExecuTorch's multimodal layout, export/multimodal.py): the KV cache lives
+- ExecuTorch (`model.pte`, ExecuTorch's multimodal layout, export/multimodal.py), run by our native
+  shim over ExecuTorch's C++ runtime (covspec.device_runtime.et_native) in a process without torch,
+  by ExecuTorch's Python bindings (which link libtorch) in one with it: one kernel registry per
+  process, and the bindings' custom ops abort a process where the shim registered its own. The KV cache lives
   inside the program, shared by its methods. One state at a time is resident there (its
   `state.cache` is None); running another state first moves the resident one's cache out
   (`read_cache`) and the other's in (`write_cache`), so forked draft branches stay independent and
@@ -16,28 +19,29 @@
 
 from __future__ import annotations
 
+import sys
 import weakref
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 from covspec.bundles.checks import load_pte_methods, onnx_session
 
 BACKENDS = {"executorch": "pte", "onnx": "onnx", "tensorrt": "tensorrt"}  # backend -> manifest program format
-FRESH = torch.empty(0)  # the cache of a state with nothing to restore (stale slots are never read)
+FRESH = np.empty(0, dtype=np.float32)  # the cache of a state with nothing to restore (stale slots are never read)
+PTE_METHODS = ("vision_encoder", "covspec_decoder", "read_cache", "write_cache")
 
 
 class Programs(Protocol):
-    def vision(self, pixels: torch.Tensor) -> list[torch.Tensor]: ...
+    def vision(self, pixels: np.ndarray) -> list[np.ndarray]: ...
 
-    def new_cache(self) -> torch.Tensor: ...
+    def new_cache(self) -> np.ndarray: ...
 
-    def decoder(self, state: Any, ids: torch.Tensor, image_embeds: torch.Tensor, is_image: torch.Tensor,
-                input_pos: torch.Tensor, start: int) -> torch.Tensor: ...
+    def decoder(self, state: Any, ids: np.ndarray, image_embeds: np.ndarray, is_image: np.ndarray,
+                input_pos: np.ndarray, start: int) -> np.ndarray: ...
 
-    def fork(self, state: Any) -> torch.Tensor: ...
+    def fork(self, state: Any) -> np.ndarray: ...
 
 
 def set_executorch_threads(threads: int) -> None:
@@ -49,23 +53,47 @@ def set_executorch_threads(threads: int) -> None:
     portable_lib._unsafe_reset_threadpool(int(threads))
 
 
-class ExecuTorchPrograms:
+class NativeMethods:
+    """model.pte's methods through the native shim (no torch): method(name)(inputs) -> outputs."""
+
     def __init__(self, model: Path, threads: int | None = None):
+        from covspec.device_runtime.et_native import NativeProgram
+
+        self.program = NativeProgram(model)  # threads: the shim keeps ExecuTorch's default threadpool
+
+    def run(self, name: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        return self.program.run_method(name, inputs)  # copies: the program's buffers are reused
+
+
+class BindingMethods:
+    """model.pte's methods through ExecuTorch's Python bindings (in a process that has torch)."""
+
+    def __init__(self, model: Path, threads: int | None = None):
+        import torch
+
         from covspec.export.cached_decoder import load_custom_ops
 
         load_custom_ops()  # the llama:: kernels (update_cache, custom_sdpa) the decoder methods call
         if threads:
             set_executorch_threads(threads)
-        methods = load_pte_methods(model, ("vision_encoder", "covspec_decoder", "read_cache", "write_cache"))
-        self._vision, self._decoder = methods["vision_encoder"], methods["covspec_decoder"]
-        self._read, self._write = methods["read_cache"], methods["write_cache"]
+        self._torch = torch
+        self.methods = load_pte_methods(model, PTE_METHODS)
+
+    def run(self, name: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        out = self.methods[name].execute([self._torch.from_numpy(np.ascontiguousarray(a)) for a in inputs])
+        return [t.numpy().copy() for t in out]  # outputs may live in the method's planned memory: own them
+
+
+class ExecuTorchPrograms:
+    def __init__(self, model: Path, threads: int | None = None):
+        self.methods = BindingMethods(model, threads) if "torch" in sys.modules else NativeMethods(model, threads)
         self._resident: weakref.ref | None = None
 
-    def vision(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        embeds, *rest = self._vision.execute([pixels.float().contiguous()])
-        return [embeds[0].clone(), *(t.clone() for t in rest)]
+    def vision(self, pixels: np.ndarray) -> list[np.ndarray]:
+        embeds, *rest = self.methods.run("vision_encoder", [np.asarray(pixels, dtype=np.float32)])
+        return [embeds[0], *rest]
 
-    def new_cache(self) -> torch.Tensor:
+    def new_cache(self) -> np.ndarray:
         return FRESH
 
     def _make_resident(self, state: Any) -> None:
@@ -73,23 +101,22 @@ class ExecuTorchPrograms:
         if resident is state:
             return
         if resident is not None and resident.cache is None:  # its cache lives in the program: keep a copy
-            resident.cache = self._read.execute([])[0].clone()
+            resident.cache = self.methods.run("read_cache", [])[0]
         if state.cache is None:
             raise RuntimeError("a decode state whose cache was lost (it was resident in another program)")
-        if state.cache.numel():
-            self._write.execute([state.cache])
+        if state.cache.size:
+            self.methods.run("write_cache", [state.cache])
         state.cache = None
         self._resident = weakref.ref(state)
 
     def decoder(self, state, ids, image_embeds, is_image, input_pos, start):
         self._make_resident(state)
-        out = self._decoder.execute([ids.contiguous(), image_embeds.contiguous(), is_image.contiguous(),
-                                     input_pos.contiguous(), torch.tensor([start])])
-        return out[0].clone()  # outputs may live in the method's planned memory: own them
+        return self.methods.run("covspec_decoder", [ids, image_embeds, is_image, input_pos,
+                                                    np.asarray([start], dtype=np.int64)])[0]
 
-    def fork(self, state: Any) -> torch.Tensor:
+    def fork(self, state: Any) -> np.ndarray:
         if state.cache is None:  # resident: snapshot the program's cache
-            return self._read.execute([])[0].clone()
+            return self.methods.run("read_cache", [])[0]
         return state.cache  # never modified in place: the copy can share it
 
 
@@ -112,25 +139,24 @@ class OnnxPrograms:
         self._vision_input = self._vision.get_inputs()[0].name
         self.cache_shape = tuple(cache_shape)
 
-    def vision(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        out = self._vision.run(None, {self._vision_input: pixels.float().numpy()})
-        return [torch.from_numpy(np.asarray(t)) for t in out]
+    def vision(self, pixels: np.ndarray) -> list[np.ndarray]:
+        return [np.asarray(t) for t in self._vision.run(None, {self._vision_input: np.asarray(pixels, np.float32)})]
 
-    def new_cache(self) -> torch.Tensor:
-        return torch.zeros(self.cache_shape, dtype=torch.float32)
+    def new_cache(self) -> np.ndarray:
+        return np.zeros(self.cache_shape, dtype=np.float32)
 
     def decoder(self, state, ids, image_embeds, is_image, input_pos, start):
-        slots = torch.arange(start, start + ids.shape[1])
+        slots = np.arange(start, start + ids.shape[1], dtype=np.int64)
         logits, state.cache = self._run(ids, image_embeds, is_image, input_pos, slots, state.cache)
         return logits
 
     def _run(self, ids, image_embeds, is_image, input_pos, slots, cache):
-        feeds = {"ids": ids.numpy(), "image_embeds": image_embeds.numpy(), "is_image": is_image.numpy(),
-                 "input_pos": input_pos.numpy(), "slots": slots.numpy(), "cache": cache.numpy()}
+        feeds = {"ids": ids, "image_embeds": image_embeds, "is_image": is_image, "input_pos": input_pos,
+                 "slots": slots, "cache": cache}
         logits, new_cache = self._decoder.run(None, feeds)
-        return torch.from_numpy(logits), torch.from_numpy(new_cache)
+        return logits, new_cache
 
-    def fork(self, state: Any) -> torch.Tensor:
+    def fork(self, state: Any) -> np.ndarray:
         return state.cache
 
 
@@ -147,8 +173,11 @@ class TensorRTPrograms(OnnxPrograms):
         self.cache_shape = tuple(cache_shape)
 
     def _run(self, ids, image_embeds, is_image, input_pos, slots, cache):
-        logits, new_cache = self._engine(ids, image_embeds, is_image, input_pos, slots, cache)
-        return logits.cpu(), new_cache.cpu()
+        import torch
+
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in (ids, image_embeds, is_image, input_pos, slots, cache)]
+        logits, new_cache = self._engine(*tensors)
+        return logits.cpu().numpy(), new_cache.cpu().numpy()
 
 
 def open_programs(backend: str, bundle: Any, threads: int | None = None) -> Programs:

@@ -70,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             return 130
 
 
+def device_main(argv: list[str] | None = None) -> int:
+    """`covspec-device ...`: the device's commands alone (`covspec-device run ...` is `covspec device
+    run ...`), the launcher a flashed device runs; torch-free with a bundle."""
+    return main(["device", *(sys.argv[1:] if argv is None else argv)])
+
+
 @contextlib.contextmanager
 def command_logging(level: str, verbose: bool):
     """covspec/logs.py's setup for one command; our loggers as they were afterwards, so that main()

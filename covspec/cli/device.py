@@ -49,9 +49,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="print the answer and its figures as one JSON object on stdout (nothing else there)")
     q.set_defaults(handler=run)
 
-    q = add_command(device_sub, "flash", "copy a device bundle to a folder, ssh:// or adb:// target and verify it")
+    q = add_command(device_sub, "flash", "install a device bundle, the device runtime and its launcher on a "
+                    "folder, ssh:// or adb:// target and verify them")
     q.add_argument("--bundle", required=True, help="device bundle folder (covspec export)")
-    q.add_argument("--to", required=True, help="DIR, ssh://user@host[:port]/path or adb://SERIAL/path")
+    q.add_argument("--to", required=True, help="DIR, ssh://user@host[:port]/path or adb://SERIAL/path: receives "
+                   "bundle/, runtime/ and the launcher bin/covspec-device")
+    q.add_argument("--runtime", default="auto", metavar="auto|none|PATH",
+                   help="the device runtime to install: auto (built on this machine for its platform, cached in "
+                   "~/.cache/covspec/device-runtime), none (the bundle alone) or a runtime folder built on a "
+                   "machine of the target's platform (python -m covspec.device_runtime.runtime_payload build)")
     q.set_defaults(handler=run_flash)
 
 
@@ -72,12 +78,13 @@ def run(args: argparse.Namespace) -> int:
     warn_threads(args.threads, local_edge(args.edge))
     api.check_edge(args.edge, keys)  # unreachable, refused: said in seconds, not after the draft loads
 
-    import torch
-
     from covspec.modes import pruning_options
 
     params = sampling_params(args)
-    torch.set_num_threads(args.threads)
+    if args.model:  # a Hugging Face draft runs on torch; a bundle's programs take their threads at load
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         options = pruning_options(args.mode, args.keep, args.merge)
     except (TypeError, ValueError) as err:
@@ -112,9 +119,12 @@ def run_flash(args: argparse.Namespace) -> int:
     from covspec.device_runtime.flash import FlashError, flash
 
     try:
-        report = flash(args.bundle, args.to)
+        report = flash(args.bundle, args.to, args.runtime, log=lambda line: print(line, file=sys.stderr))
     except (BundleError, FlashError, ValueError) as err:
         raise CovspecError(f"flash: {err}") from err
     print(f"{report.target}: {len(report.copied)} files copied, {len(report.skipped)} already there, "
           f"{report.verified} checksums verified on the target")
+    if report.runtime:
+        print(f"runtime for {report.runtime}: {report.install}; on the device:\n  {report.launcher} run "
+              "--edge tcp://HOST:PORT --image IMAGE --prompt 'QUESTION'")
     return 0

@@ -63,7 +63,7 @@ from covspec.demo.modeling import (
 )
 from covspec.demo.task import COLOURS, DESCRIBE_PROMPT, GRID, N_VISUAL_TOKENS, SHAPES
 from covspec.demo.tokenizer import IMAGE, build_tokenizer
-from covspec.pruning import merge_pruned
+from covspec.pruning import merge_groups
 
 console = Console(stderr=True)
 
@@ -253,6 +253,20 @@ def train_alignment(name: str, model: LlavaForConditionalGeneration, feats: torc
 
 
 # --- stage 3: language -------------------------------------------------------------------------
+
+def merge_pruned(embeds: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """covspec.pruning.merge_pruned on a tensor with gradient: the groups are the device's own
+    (`merge_groups`, read without gradient), each kept row the mean of its group."""
+    if kept.numel() in (0, embeds.shape[0]):
+        return embeds
+    nearest = torch.from_numpy(merge_groups(embeds.detach().float().cpu().numpy(), kept.cpu().numpy()))
+    nearest = nearest.to(embeds.device)  # [N] index into kept
+    sizes = torch.bincount(nearest, minlength=kept.numel()).to(embeds.dtype)  # [k] tokens in each group
+    sums = torch.zeros(kept.numel(), embeds.shape[1], dtype=embeds.dtype, device=embeds.device)
+    merged = embeds.clone()
+    merged[kept] = sums.index_add(0, nearest, embeds) / sizes[:, None]
+    return merged
+
 
 def lm_logits(model: LlavaForConditionalGeneration, batch: Batch, feats: torch.Tensor,
               image_id: int, pruned: PrunedBatch | None = None, merge: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,14 +1,20 @@
-"""Model families behind one loader: `load_adapter(path)` reads config.json and picks the family."""
+"""Model families behind one loader: `load_adapter(path)` reads config.json and picks the family.
+Importing this package does not import torch (the torch-free device reads `covspec.models.common`
+through it); the families' modules and `VLMAdapter` load on first use."""
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from covspec.errors import ModelLoadError
-from covspec.models.base import DecodeState, VisualTokens, VLMAdapter, read_config
+from covspec.models.common import DecodeState, VisualTokens, read_config
+
+if TYPE_CHECKING:
+    import torch
+
+    from covspec.models.base import VLMAdapter
 
 # family -> (module, adapter class, the config.json model_type values it serves)
 FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -36,7 +42,15 @@ def _supported() -> str:
     return ", ".join(t for _, _, types in FAMILIES.values() for t in types)
 
 
-def load_adapter(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+def __getattr__(name: str) -> Any:
+    if name == "VLMAdapter":  # torch: imported when asked for
+        from covspec.models.base import VLMAdapter
+
+        return VLMAdapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def load_adapter(path: str | Path, dtype: torch.dtype | None = None, device: str = "cpu",
                  expect_family: str | None = None) -> VLMAdapter:
     """Loads a local checkpoint folder as the adapter of its family. Every way the folder can be
     wrong (absent, not a checkpoint, broken config, another family, missing weights) is a
@@ -53,4 +67,6 @@ def load_adapter(path: str | Path, dtype: torch.dtype = torch.float32, device: s
     if expect_family is not None and family != expect_family:
         raise ModelLoadError(f"model folder {folder}: expected a {expect_family} checkpoint, "
                              f"found model_type {model_type!r} ({family})")
-    return adapter_class(family).from_pretrained(folder, dtype=dtype, device=device)
+    import torch
+
+    return adapter_class(family).from_pretrained(folder, dtype=dtype or torch.float32, device=device)

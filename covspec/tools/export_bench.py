@@ -30,7 +30,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from covspec.models.draft import as_draft
 
 PROMPT = "what is the color of the shape ?"
 
@@ -81,9 +84,10 @@ def time_steps(steps: dict[str, Callable[[], Any]], repeats: int, per_round: int
 
 def adapter_step(adapter: Any, image: Any) -> Callable[[], Any]:
     """One decode step at a fixed position through the adapter (forward one token, roll back)."""
+    adapter = as_draft(adapter)  # numpy in and out, as the device runs it
     visual = adapter.encode_image(adapter.preprocess(image))
     _, state = adapter.prefill(visual, PROMPT)
-    token = torch.tensor([5])
+    token = np.asarray([5], dtype=np.int64)
 
     def step() -> Any:
         logits = adapter.forward(state, token)

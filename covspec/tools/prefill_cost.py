@@ -37,6 +37,7 @@ from covspec.demo.task import DESCRIBE_PROMPT, make_item
 from covspec.demo.tokenizer import IMAGE, build_tokenizer
 from covspec.models import load_adapter
 from covspec.models.base import VLMAdapter
+from covspec.models.draft import DraftModel, as_draft
 from covspec.models.llava import LlavaAdapter
 from covspec.pruning import keep_count, merged_visual, score_and_select
 
@@ -79,8 +80,7 @@ def random_llava(shape: str, tokens: int) -> LlavaAdapter:
     return LlavaAdapter(LlavaForConditionalGeneration(config).eval(), tokenizer)
 
 
-@torch.inference_mode()
-def measure(adapter: VLMAdapter, ratios: list[float], reps: int, merge: bool) -> list[CostRow]:
+def measure(adapter: DraftModel, ratios: list[float], reps: int, merge: bool) -> list[CostRow]:
     item = make_item("heldout", 0, 0, "describe")
     pixels = adapter.preprocess(item.image)
     query = adapter.prompt_embeddings(DESCRIBE_PROMPT)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         adapter: VLMAdapter = BundleAdapter(args.bundle, backend=args.backend, threads=args.threads)
     else:
         adapter = load_adapter(args.draft) if args.draft else random_llava(args.shape, args.tokens)
-    rows = measure(adapter, args.ratios, args.reps, args.merge)
+    rows = measure(as_draft(adapter), args.ratios, args.reps, args.merge)
     table = format_rows(rows)
     print(table)
     if args.json:

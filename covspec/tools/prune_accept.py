@@ -29,12 +29,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from covspec.demo.evaluate import MAX_NEW_TOKENS
 from covspec.demo.task import Item, sample_split, split_seed
 from covspec.drafter import Drafter
-from covspec.models import VLMAdapter, load_adapter
+from covspec.models import load_adapter
+from covspec.models.draft import DraftModel, as_draft
 from covspec.pruning import keep_count, merged_visual, score_and_select
 from covspec.sampling import SamplingParams
 from covspec.stats import bootstrap_mean, bootstrap_ratio, paired_ratio_difference
@@ -68,8 +70,7 @@ class KeepRun:
         return f"{self.method}@{self.keep:g}" + ("+merge" if self.merge and self.keep < 1.0 else "")
 
 
-@torch.inference_mode()
-def speculate(draft: VLMAdapter, item: Item, answer: list[int], kept: torch.Tensor | None, merge: bool,
+def speculate(draft: DraftModel, item: Item, answer: list[int], kept: np.ndarray | None, merge: bool,
               window: int = WINDOW, max_new_tokens: int = MAX_NEW_TOKENS) -> Rounds:
     """Greedy speculative decoding of the target's answer (its greedy ids, the end token included
     when it stopped on one) with the draft prefilled on `kept` (None: every visual token)."""
@@ -108,7 +109,7 @@ def speculate(draft: VLMAdapter, item: Item, answer: list[int], kept: torch.Tens
 def accept_runs(draft_path: str | Path, target_path: str | Path, split: str = "report", limit: int = 200,
                 seed: int = 0, keeps: Sequence[float] = (0.9, 1.0), merge: bool = False, method: str = "covspec",
                 window: int = WINDOW, progress: bool = False) -> tuple[list[KeepRun], dict]:
-    draft, target = load_adapter(draft_path), load_adapter(target_path)
+    draft, target = as_draft(load_adapter(draft_path)), load_adapter(target_path)  # the draft as the device runs it
     items = list(sample_split(split, limit, seed))
     runs = [KeepRun(k, merge, "none" if k >= 1.0 else method) for k in keeps]
     start = time.perf_counter()

@@ -46,6 +46,7 @@ from covspec.demo.evaluate import MAX_NEW_TOKENS, score_answer
 from covspec.demo.task import CORE_TYPES, N_VISUAL_TOKENS, QUESTION_TYPES, Item, sample_split, split_seed
 from covspec.generation import generate
 from covspec.models import VLMAdapter, load_adapter
+from covspec.models.draft import DraftModel, as_draft
 from covspec.pruning import METHODS, keep_count, merged_visual, score_and_select
 from covspec.sampling import SamplingParams
 from covspec.stats import (
@@ -198,20 +199,19 @@ def target_answer(target: VLMAdapter, item: Item) -> list[int]:
     return list(result.ids) + ([min(target.eos_token_ids)] if result.stop_reason == "eos" else [])
 
 
-@torch.inference_mode()
-def agreement(draft: VLMAdapter, item: Item, kept: torch.Tensor, answer: list[int],
+def agreement(draft: DraftModel, item: Item, kept: np.ndarray, answer: list[int],
               merge: bool = False) -> tuple[int, int]:
     """(hits, tokens): the pruned draft fed the target's answer, predicting each next token."""
     visual = draft.encode_image(draft.preprocess(item.image))
     if merge:
         visual = merged_visual(visual, kept)
     first, state = draft.prefill(visual, item.question, kept=kept)
-    rest = draft.forward(state, torch.tensor(answer[:-1])) if len(answer) > 1 else first[None][:0]
+    rest = draft.forward(state, np.asarray(answer[:-1], dtype=np.int64)) if len(answer) > 1 else first[None][:0]
     predicted = [int(first.argmax())] + [int(x) for x in rest.argmax(-1)]
     return sum(int(p == a) for p, a in zip(predicted, answer, strict=True)), len(answer)
 
 
-def oracle_kept(item: Item, k: int, n_visual: int = N_VISUAL_TOKENS) -> torch.Tensor:
+def oracle_kept(item: Item, k: int, n_visual: int = N_VISUAL_TOKENS) -> np.ndarray:
     """Sorted indices [k] of n_visual: the scene's object tokens round-robin over its objects, then
     background."""
     cells = tokens_by_cell(per_side(n_visual))
@@ -223,7 +223,7 @@ def oracle_kept(item: Item, k: int, n_visual: int = N_VISUAL_TOKENS) -> torch.Te
                 chosen.append(queue.pop(0))
     objects = {obj.cell for obj in item.scene.objects}
     background = [t for cell, tokens in cells.items() if cell not in objects for t in tokens]
-    return torch.tensor(sorted(chosen + background[:k - len(chosen)]), dtype=torch.long)
+    return np.asarray(sorted(chosen + background[:k - len(chosen)]), dtype=np.int64)
 
 
 def sweep_configs(ratios: Sequence[float], methods: Sequence[str], oracle: bool, merge: bool) -> list[Config]:
@@ -246,7 +246,7 @@ def sweep_items(draft_path: str | Path, target_path: str | Path | None = None, s
     are merged into its kept ones, plus covspec's selection without merging per ratio. `reuse`: a
     previous sweep of the same items, whose configurations (and target answers) are kept, not re-run.
     `prune_args` go to score_and_select (theta, rel_weight, tau, eps)."""
-    draft = draft or load_adapter(draft_path)
+    draft = as_draft(draft or load_adapter(draft_path))  # numpy in and out, as the device runs it
     items = list(sample_split(split, limit, seed))
     generator_seed = split_seed(split, seed)
     if reuse is not None and (reuse.split, reuse.seed, len(reuse.qtypes)) != (split, generator_seed, limit):
@@ -269,7 +269,7 @@ def sweep_items(draft_path: str | Path, target_path: str | Path | None = None, s
         for method, ratio, merged in todo:
             t0 = time.perf_counter()
             if ratio >= 1.0:
-                kept = torch.arange(visual.count)
+                kept = np.arange(visual.count)
             elif method == "oracle":
                 try:
                     kept = oracle_kept(item, keep_count(ratio, visual.count), visual.count)
@@ -277,11 +277,11 @@ def sweep_items(draft_path: str | Path, target_path: str | Path | None = None, s
                     raise ValueError(f"the oracle rows need a square token grid over the demo's 3x3 cells; this "
                                      f"draft gives {visual.count} visual tokens (leave them out: --no-oracle)") from err
             else:
-                kept = score_and_select(visual, query, ratio, method, generator=torch.Generator().manual_seed(item.index),
+                kept = score_and_select(visual, query, ratio, method, rng=np.random.default_rng(item.index),
                                         **prune_args)
             select_s = time.perf_counter() - t0
             c = out.configs[config_key((method, ratio, merged))]
-            c.kept = int(kept.numel())
+            c.kept = len(kept)
             result = generate(draft, item.image, item.question, SamplingParams(), max_new_tokens=MAX_NEW_TOKENS,
                               kept=None if ratio >= 1.0 else kept, merge=merged)
             c.scores.append(score_answer(item, result.text))

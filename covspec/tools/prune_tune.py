@@ -24,6 +24,7 @@ from covspec.demo.evaluate import MAX_NEW_TOKENS, score_answer
 from covspec.demo.task import QUESTION_TYPES, sample_split
 from covspec.generation import generate
 from covspec.models import load_adapter
+from covspec.models.draft import as_draft
 from covspec.pruning import GROUNDING_THRESHOLD, query_grounding, score_and_select
 from covspec.sampling import SamplingParams
 
@@ -37,7 +38,7 @@ def tune(draft_path: str, split: str = "val", limit: int = 1000, keeps: Sequence
          progress: bool = False) -> dict:
     if split not in TUNING_SPLITS:
         raise ValueError(f"settings are searched on {', '.join(TUNING_SPLITS)} only, not {split!r}")
-    draft = load_adapter(draft_path)
+    draft = as_draft(load_adapter(draft_path))  # numpy in and out, as the device runs it
     items = list(sample_split(split, limit, 0))
     settings = list(itertools.product(keeps, thetas, rel_weights))
     scores = {f"{k:g}/{t:g}/{w:g}": [] for k, t, w in settings}
