@@ -1,11 +1,20 @@
-"""`covspec device flash --bundle DIR --to TARGET`: puts a bundle on a device and checks it arrived.
+"""`covspec device flash --bundle DIR --to TARGET [--runtime auto|none|PATH]`: puts a bundle, the device
+runtime and its launcher on a device, and checks they arrived.
 
-TARGET is a local folder, `ssh://[user@]host[:port]/path` or `adb://SERIAL/path`. The source bundle is
-verified first (a bundle whose manifest does not match its files is refused). Files whose sha256 on
-the target already matches are skipped; the others are written under a temporary name and renamed
-into place. If anything is copied, the target's manifest.json is removed first and written last, so a
-half-flashed target never carries a manifest that claims files it lacks. Every file's checksum is then
-read back from the target side and compared with the manifest.
+TARGET is a local folder, `ssh://[user@]host[:port]/path` or `adb://SERIAL/path`; it receives
+
+    bundle/                 the bundle (its manifest.json)
+    runtime/, bin/          the runtime (runtime/runtime.json; device_runtime/runtime_payload.py) and the
+                            launcher bin/covspec-device, which answers with the bundle through an edge
+
+The source bundle and runtime are verified first; with a runtime, the target's platform (machine,
+python3, glibc) is read over its shell and a runtime built for another is refused before anything is
+copied. Files whose sha256 on the target already matches are skipped; the others are written under a
+temporary name and renamed into place. If anything of a bundle or runtime is copied, its manifest is
+removed first and written last, so a half-flashed target never carries a manifest that claims files it
+lacks. Every file's checksum is then read back from the target side and compared. Last, on folder and
+ssh targets, runtime/install.sh makes the runtime's venv offline from its wheels (once per runtime);
+adb targets (untested here: no device was reachable) make it on the launcher's first run.
 """
 
 from __future__ import annotations
@@ -20,8 +29,27 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from covspec.bundles.bundle import load_bundle
+from covspec.bundles.bundle import Bundle, load_bundle
+from covspec.device_runtime.platforms import (
+    PROBE,
+    Platform,
+    describe_runtime,
+    local_platform,
+    mismatch,
+    parse_probe,
+)
+from covspec.device_runtime.runtime_payload import (
+    INSTALLER,
+    LAUNCHER,
+    RUNTIME_MANIFEST,
+    Payload,
+    PayloadError,
+    build_payload,
+    load_payload,
+)
 from covspec.export.manifest import MANIFEST, sha256_file
+
+BUNDLE_DIR = "bundle"
 
 
 class FlashError(Exception):
@@ -41,6 +69,14 @@ class Target(Protocol):
 
     def remove(self, name: str) -> None: ...
 
+    def shell(self, script: str) -> str:
+        """Runs `script` with the target's sh; its stdout. FlashError (with its stderr) when it fails."""
+        ...
+
+    def path(self, name: str) -> str:
+        """`name`'s absolute path on the target, quoted for its shell."""
+        ...
+
 
 def temp_name(name: str) -> str:
     path = PurePosixPath(name)
@@ -50,6 +86,7 @@ def temp_name(name: str) -> str:
 @dataclass
 class FolderTarget:
     root: Path
+    installs: bool = True  # runtime/install.sh is run at flash time
 
     @property
     def description(self) -> str:
@@ -73,6 +110,28 @@ class FolderTarget:
     def remove(self, name: str) -> None:
         (self.root / name).unlink(missing_ok=True)
 
+    def shell(self, script: str) -> str:
+        return run_shell(["sh", "-c", script], self.description, script)
+
+    def path(self, name: str) -> str:
+        return shlex.quote(str((self.root / name).absolute()))
+
+
+def run_shell(argv: list[str], description: str, script: str, stdin: Path | None = None) -> str:
+    with open(stdin, "rb") if stdin else open(os.devnull, "rb") as f:
+        try:
+            done = subprocess.run(argv, stdin=f, capture_output=True, timeout=900)
+        except FileNotFoundError:
+            tool = Path(argv[0]).name
+            how = ("Android's platform-tools (apt install adb)" if tool == "adb"
+                   else "an OpenSSH client (apt install openssh-client)" if tool == "ssh" else tool)
+            raise FlashError(f"{description}: {tool} is not installed here: install {how} and put "
+                             f"{tool} on PATH") from None
+    if done.returncode != 0:
+        raise FlashError(f"{description}: {script.split()[0]} ... failed "
+                         f"({done.stderr.decode(errors='replace').strip() or done.returncode})")
+    return done.stdout.decode()
+
 
 @dataclass
 class ShellTarget:
@@ -82,30 +141,19 @@ class ShellTarget:
     run: list[str]
     root: str
     description: str
+    installs: bool = True  # False on adb: the launcher makes the venv on its first run
 
-    def _sh(self, script: str, stdin: Path | None = None) -> str:
-        with open(stdin, "rb") if stdin else open(os.devnull, "rb") as f:
-            try:
-                done = subprocess.run([*self.run, script], stdin=f, capture_output=True, timeout=600)
-            except FileNotFoundError:
-                tool = Path(self.run[0]).name
-                how = ("Android's platform-tools (apt install adb)" if tool == "adb"
-                       else "an OpenSSH client (apt install openssh-client)" if tool == "ssh" else tool)
-                raise FlashError(f"{self.description}: {tool} is not installed here: install {how} and put "
-                                 f"{tool} on PATH") from None
-        if done.returncode != 0:
-            raise FlashError(f"{self.description}: {script.split()[0]} ... failed "
-                             f"({done.stderr.decode(errors='replace').strip() or done.returncode})")
-        return done.stdout.decode()
+    def shell(self, script: str, stdin: Path | None = None) -> str:
+        return run_shell([*self.run, script], self.description, script, stdin)
 
-    def _path(self, name: str) -> str:
+    def path(self, name: str) -> str:
         return shlex.quote(str(PurePosixPath(self.root) / name))
 
     def checksums(self, names: list[str]) -> dict[str, str]:
         if not names:
             return {}
-        paths = " ".join(self._path(n) for n in names)
-        out = self._sh(f"for f in {paths}; do [ -f \"$f\" ] && sha256sum \"$f\"; done; true")
+        paths = " ".join(self.path(n) for n in names)
+        out = self.shell(f"for f in {paths}; do [ -f \"$f\" ] && sha256sum \"$f\"; done; true")
         by_path = {str(PurePosixPath(self.root) / n): n for n in names}
         found = {}
         for line in out.splitlines():
@@ -115,14 +163,14 @@ class ShellTarget:
         return found
 
     def put(self, source: Path, name: str) -> None:
-        final = self._path(name)
-        tmp = self._path(temp_name(name))
+        final = self.path(name)
+        tmp = self.path(temp_name(name))
         parent = shlex.quote(str((PurePosixPath(self.root) / name).parent))
-        self._sh(f"mkdir -p {parent} && cat > {tmp} && mv -f {tmp} {final} || {{ rm -f {tmp}; exit 1; }}",
+        self.shell(f"mkdir -p {parent} && cat > {tmp} && mv -f {tmp} {final} || {{ rm -f {tmp}; exit 1; }}",
                  stdin=source)
 
     def remove(self, name: str) -> None:
-        self._sh(f"rm -f {self._path(name)}")
+        self.shell(f"rm -f {self.path(name)}")
 
 
 def parse_target(to: str, ssh: list[str] | None = None, adb: list[str] | None = None) -> Target:
@@ -140,7 +188,7 @@ def parse_target(to: str, ssh: list[str] | None = None, adb: list[str] | None = 
         serial, _, path = to[len("adb://"):].partition("/")
         if not serial or not path:
             raise ValueError(f"{to}: expected adb://SERIAL/path")
-        return ShellTarget([*(adb or ["adb"]), "-s", serial, "shell"], "/" + path, to)
+        return ShellTarget([*(adb or ["adb"]), "-s", serial, "shell"], "/" + path, to, installs=False)
     if "://" in to:
         raise ValueError(f"{to}: unknown target (a folder, ssh://user@host/path or adb://SERIAL/path)")
     return FolderTarget(Path(to))
@@ -152,30 +200,107 @@ class FlashReport:
     copied: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     verified: int = 0
+    runtime: str = ""  # the runtime's platform, "" when none was flashed
+    install: str = ""  # what runtime/install.sh did: "made the venv", "venv already made", "on first run"
+    launcher: str = ""  # the launcher's path on the target
 
 
-def flash(bundle_dir: str | Path, to: str | Target) -> FlashReport:
-    """Copies the bundle to the target (only the files that differ) and verifies it there."""
+def flash(bundle_dir: str | Path, to: str | Target, runtime: str | Path = "auto", log=print) -> FlashReport:
+    """Copies the bundle to TARGET/bundle and, unless `runtime` is "none", the runtime (`auto`: this
+    machine's, built or cached; else a payload folder) to TARGET/runtime and TARGET/bin, only the files
+    that differ; verifies them there, then installs the runtime's venv (folder and ssh targets)."""
     bundle = load_bundle(bundle_dir)  # refuses a bundle whose manifest does not match its files
     target = parse_target(to) if isinstance(to, str) else to
-    expected = {name: entry["sha256"] for name, entry in bundle.manifest["files"].items()}
-    expected[MANIFEST] = sha256_file(bundle.folder / MANIFEST)
-    present = target.checksums(list(expected))
+    payload = None
+    if str(runtime) != "none":
+        there = parse_probe(target.shell(PROBE))  # first: an unreachable or foreign target costs no build
+        if str(runtime) == "auto":
+            here = local_platform()
+            check_platform(target, there, {"machine": here.machine, "python": here.python}, "built here")
+        payload = resolve_runtime(runtime, log)
+        check_platform(target, there, payload.platform,
+                       "built here" if str(runtime) == "auto" else f"at {payload.folder}")
+    groups = [(bundle_files(bundle), f"{BUNDLE_DIR}/{MANIFEST}")]
+    if payload is not None:
+        groups.append((payload_files(payload), RUNTIME_MANIFEST))
     report = FlashReport(target.description)
-    stale = [n for n in expected if n != MANIFEST and present.get(n) != expected[n]]
-    report.skipped = [n for n in expected if n != MANIFEST and n not in stale]
-    if stale or present.get(MANIFEST) != expected[MANIFEST]:
-        target.remove(MANIFEST)
-        for name in stale:
-            target.put(bundle.folder / name, name)
-        target.put(bundle.folder / MANIFEST, MANIFEST)
-        report.copied = [*stale, MANIFEST]
-    else:
-        report.skipped.append(MANIFEST)
+    for files, manifest in groups:
+        copied, skipped = sync(target, files, manifest)
+        report.copied += copied
+        report.skipped += skipped
+    expected = {name: digest for files, _ in groups for name, (_, digest) in files.items()}
     arrived = target.checksums(list(expected))
     bad = [n for n, digest in expected.items() if arrived.get(n) != digest]
     if bad:
         raise FlashError(f"{target.description}: after copying, {', '.join(bad)} "
                          f"{'does' if len(bad) == 1 else 'do'} not match the manifest")
     report.verified = len(expected)
+    if payload is not None:
+        report.runtime = describe_runtime(payload.platform)
+        report.install = install(target)
+        report.launcher = target.path(LAUNCHER)
     return report
+
+
+def resolve_runtime(runtime: str | Path, log) -> Payload:
+    try:
+        folder = build_payload(log=log) if str(runtime) == "auto" else Path(runtime)
+        return load_payload(folder)
+    except PayloadError as err:
+        raise FlashError(f"runtime: {err}") from None
+
+
+def check_platform(target: Target, there: Platform, runtime: dict, built: str) -> None:
+    """Refuses a target the runtime cannot run on, before anything is copied, naming both platforms."""
+    problem = mismatch(runtime, there)
+    if problem is None:
+        return
+    need = (f"a {there.machine} machine with Python {there.python or '3'}"
+            + (f" and glibc {there.glibc} or older" if there.glibc else ""))
+    raise FlashError(f"{target.description} is {there.describe()}, but the runtime {built} is for "
+                     f"{describe_runtime(runtime)} ({problem}). Build a runtime on {need} "
+                     "(`python -m covspec.device_runtime.runtime_payload build` in a covspec checkout with the "
+                     "executorch wheel) and give its folder as --runtime PATH, or copy the bundle alone with "
+                     "--runtime none")
+
+
+def bundle_files(bundle: Bundle) -> dict[str, tuple[Path, str]]:
+    """Target name -> (source file, sha256) of the bundle's files and its manifest."""
+    files = {f"{BUNDLE_DIR}/{name}": (bundle.folder / name, entry["sha256"])
+             for name, entry in bundle.manifest["files"].items()}
+    files[f"{BUNDLE_DIR}/{MANIFEST}"] = (bundle.folder / MANIFEST, sha256_file(bundle.folder / MANIFEST))
+    return files
+
+
+def payload_files(payload: Payload) -> dict[str, tuple[Path, str]]:
+    files = {name: (payload.folder / name, digest) for name, digest in payload.files().items()}
+    files[RUNTIME_MANIFEST] = (payload.folder / RUNTIME_MANIFEST, sha256_file(payload.folder / RUNTIME_MANIFEST))
+    return files
+
+
+def sync(target: Target, files: dict[str, tuple[Path, str]], manifest: str) -> tuple[list[str], list[str]]:
+    """Copies the files whose sha256 differs on the target; when anything is copied, `manifest` is removed
+    first and written last. Returns (copied, skipped)."""
+    present = target.checksums(list(files))
+    stale = [n for n in files if n != manifest and present.get(n) != files[n][1]]
+    skipped = [n for n in files if n != manifest and n not in stale]
+    if not stale and present.get(manifest) == files[manifest][1]:
+        return [], [*skipped, manifest]
+    target.remove(manifest)
+    for name in stale:
+        target.put(files[name][0], name)
+    target.put(files[manifest][0], manifest)
+    return [*stale, manifest], skipped
+
+
+def install(target: Target) -> str:
+    """Makes the launcher and installer executable and, where the target installs at flash time, runs
+    runtime/install.sh (offline; nothing to do when its venv was made from this runtime.json)."""
+    launcher, installer = target.path(LAUNCHER), target.path(INSTALLER)
+    target.shell(f"chmod 755 {launcher} {installer}")
+    if not getattr(target, "installs", True):
+        return "venv made on the launcher's first run (adb: untested, no device was reachable)"
+    stamp = target.path("runtime/venv/covspec-runtime.json")
+    out = target.shell(f"if cmp -s {target.path(RUNTIME_MANIFEST)} {stamp}; then echo ready; "
+                       f"else sh {installer} && echo made; fi")
+    return "venv already made" if out.strip().endswith("ready") else "made the venv"

@@ -1,5 +1,13 @@
 """`covspec device flash` to a folder, through the shell path ssh/adb use (a stand-in `ssh` that runs
-the remote command locally), and over real ssh to an OpenSSH server the test starts on loopback."""
+the remote command locally), and over real ssh to an OpenSSH server the test starts on loopback.
+
+Fast: the bundle alone (--runtime none), and a stand-in runtime payload (a few small files, an install.sh
+that only writes its stamp): installed beside the bundle, nothing copied again, a corrupted runtime file
+repaired alone, the target's platform read over its shell and a target of another machine refused before
+anything is copied. Slow: this machine's real runtime (wheelhouse, native shim, launcher; built or taken
+from ~/.cache/covspec/device-runtime) flashed to a folder and over ssh with a tiny LLaVA bundle, then the
+flashed launcher answers through a real edge, covspec identical to target_only, from a venv in which
+neither torch nor transformers can be imported."""
 
 from __future__ import annotations
 
@@ -15,6 +23,8 @@ import pytest
 
 from covspec.bundles.bundle import BundleError, load_bundle
 from covspec.device_runtime.flash import FlashError, FolderTarget, ShellTarget, flash, parse_target
+from covspec.device_runtime.platforms import PROBE, Platform, local_platform, mismatch, parse_probe
+from covspec.device_runtime.runtime_payload import RUNTIME_MANIFEST, glibc_needed, write_runtime_manifest
 from covspec.export.manifest import MANIFEST, write_manifest
 from covspec.tools.procs import free_port
 
@@ -30,10 +40,20 @@ def bundle(tmp_path: Path) -> Path:
     return folder
 
 
-def fake_ssh(tmp_path: Path) -> list[str]:
-    """An `ssh` that ignores its options and host and runs the last argument with sh."""
+BUNDLE = ["bundle/decoder.pte", "bundle/vision.pte", "bundle/checkpoint/config.json", f"bundle/{MANIFEST}"]
+
+
+def fake_ssh(tmp_path: Path, machine: str | None = None) -> list[str]:
+    """An `ssh` that ignores its options and host and runs the last argument with sh; with `machine`,
+    the remote `uname -m` says that machine."""
     script = tmp_path / "fake-ssh"
-    script.write_text('#!/bin/sh\nfor a; do last="$a"; done\nexec sh -c "$last"\n')
+    fake_uname = ""
+    if machine:
+        (tmp_path / "fakebin").mkdir(exist_ok=True)
+        (tmp_path / "fakebin" / "uname").write_text(f"#!/bin/sh\necho {machine}\n")
+        (tmp_path / "fakebin" / "uname").chmod(0o755)
+        fake_uname = f'PATH="{tmp_path / "fakebin"}:$PATH" '
+    script.write_text(f'#!/bin/sh\nfor a; do last="$a"; done\n{fake_uname}exec sh -c "$last"\n')
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return [str(script)]
 
@@ -44,25 +64,25 @@ def no_temp_files(folder: Path) -> bool:
 
 def test_flash_to_folder_then_nothing_to_do(bundle: Path, tmp_path: Path) -> None:
     dest = tmp_path / "device"
-    first = flash(bundle, str(dest))
-    assert sorted(first.copied) == sorted(["decoder.pte", "vision.pte", "checkpoint/config.json", MANIFEST])
-    assert first.verified == 4 and no_temp_files(dest)
-    assert load_bundle(dest).manifest == load_bundle(bundle).manifest
-    second = flash(bundle, str(dest))
+    first = flash(bundle, str(dest), runtime="none")
+    assert sorted(first.copied) == sorted(BUNDLE) and first.runtime == ""
+    assert first.verified == 4 and no_temp_files(dest) and not (dest / "runtime").exists()
+    assert load_bundle(dest / "bundle").manifest == load_bundle(bundle).manifest
+    second = flash(bundle, str(dest), runtime="none")
     assert second.copied == [] and len(second.skipped) == 4
 
 
 def test_corrupted_file_on_target_is_repaired_alone(bundle: Path, tmp_path: Path) -> None:
     dest = tmp_path / "device"
-    flash(bundle, str(dest))
-    data = bytearray((dest / "decoder.pte").read_bytes())
+    flash(bundle, str(dest), runtime="none")
+    data = bytearray((dest / "bundle" / "decoder.pte").read_bytes())
     data[100] ^= 0x55
-    (dest / "decoder.pte").write_bytes(bytes(data))
+    (dest / "bundle" / "decoder.pte").write_bytes(bytes(data))
     with pytest.raises(BundleError, match="decoder.pte: sha256"):
-        load_bundle(dest)
-    report = flash(bundle, str(dest))
-    assert report.copied == ["decoder.pte", MANIFEST]
-    load_bundle(dest)
+        load_bundle(dest / "bundle")
+    report = flash(bundle, str(dest), runtime="none")
+    assert report.copied == ["bundle/decoder.pte", f"bundle/{MANIFEST}"]
+    load_bundle(dest / "bundle")
 
 
 def test_truncated_bundle_is_refused_and_target_untouched(bundle: Path, tmp_path: Path) -> None:
@@ -70,7 +90,7 @@ def test_truncated_bundle_is_refused_and_target_untouched(bundle: Path, tmp_path
     data = (bundle / "vision.pte").read_bytes()
     (bundle / "vision.pte").write_bytes(data[:10])
     with pytest.raises(BundleError, match="vision.pte: size 10 bytes"):
-        flash(bundle, str(dest))
+        flash(bundle, str(dest), runtime="none")
     assert not dest.exists()
 
 
@@ -78,30 +98,30 @@ def test_verification_failure_is_reported(bundle: Path, tmp_path: Path) -> None:
     class LossyTarget(FolderTarget):
         def put(self, source: Path, name: str) -> None:
             super().put(source, name)
-            if name == "vision.pte":
+            if name == "bundle/vision.pte":
                 (self.root / name).write_bytes(b"garbled")
 
-    with pytest.raises(FlashError, match="vision.pte does not match the manifest"):
-        flash(bundle, LossyTarget(tmp_path / "device"))
+    with pytest.raises(FlashError, match="bundle/vision.pte does not match the manifest"):
+        flash(bundle, LossyTarget(tmp_path / "device"), runtime="none")
 
 
 def test_flash_over_the_shell_path(bundle: Path, tmp_path: Path) -> None:
-    dest = tmp_path / "remote dir" / "bundle"  # a space: paths are quoted for the remote shell
+    dest = tmp_path / "remote dir" / "covspec"  # a space: paths are quoted for the remote shell
     target = parse_target(f"ssh://me@localhost:2222{dest}", ssh=fake_ssh(tmp_path))
     assert isinstance(target, ShellTarget) and target.run[-3:] == ["-p", "2222", "me@localhost"]
-    assert len(flash(bundle, target).copied) == 4
-    load_bundle(dest)
+    assert len(flash(bundle, target, runtime="none").copied) == 4
+    load_bundle(dest / "bundle")
     assert no_temp_files(dest)
-    (dest / "checkpoint" / "config.json").write_text("{}")
-    assert flash(bundle, target).copied == ["checkpoint/config.json", MANIFEST]
-    assert flash(bundle, target).copied == []
-    load_bundle(dest)
+    (dest / "bundle" / "checkpoint" / "config.json").write_text("{}")
+    assert flash(bundle, target, runtime="none").copied == ["bundle/checkpoint/config.json", f"bundle/{MANIFEST}"]
+    assert flash(bundle, target, runtime="none").copied == []
+    load_bundle(dest / "bundle")
 
 
 def test_target_parsing() -> None:
     adb = parse_target("adb://emulator-5554/data/local/tmp/covspec")
     assert isinstance(adb, ShellTarget) and adb.run == ["adb", "-s", "emulator-5554", "shell"]
-    assert adb.root == "/data/local/tmp/covspec"
+    assert adb.root == "/data/local/tmp/covspec" and not adb.installs  # adb: the launcher installs on first run
     assert isinstance(parse_target("/tmp/x"), FolderTarget)
     for bad in ("ssh://host", "adb://serial", "ftp://host/x"):
         with pytest.raises(ValueError):
@@ -155,16 +175,17 @@ def test_flash_over_real_ssh(bundle: Path, tmp_path: Path, sshd) -> None:
     ssh, port, user = sshd
     dest = tmp_path / "phone" / "covspec bundle"
     target = parse_target(f"ssh://{user}@127.0.0.1:{port}{dest}", ssh=ssh)
-    first = flash(bundle, target)
-    assert sorted(first.copied) == sorted(["decoder.pte", "vision.pte", "checkpoint/config.json", MANIFEST])
-    assert load_bundle(dest).manifest == load_bundle(bundle).manifest and no_temp_files(dest)
-    assert flash(bundle, target).copied == []  # every checksum already matches on the target
-    data = bytearray((dest / "vision.pte").read_bytes())
+    first = flash(bundle, target, runtime="none")
+    assert sorted(first.copied) == sorted(BUNDLE)
+    assert load_bundle(dest / "bundle").manifest == load_bundle(bundle).manifest and no_temp_files(dest)
+    assert flash(bundle, target, runtime="none").copied == []  # every checksum already matches on the target
+    data = bytearray((dest / "bundle" / "vision.pte").read_bytes())
     data[7] ^= 0x01
-    (dest / "vision.pte").write_bytes(bytes(data))
-    repaired = flash(bundle, target)
-    assert repaired.copied == ["vision.pte", MANIFEST] and sorted(repaired.skipped) == ["checkpoint/config.json", "decoder.pte"]
-    load_bundle(dest)
+    (dest / "bundle" / "vision.pte").write_bytes(bytes(data))
+    repaired = flash(bundle, target, runtime="none")
+    assert repaired.copied == ["bundle/vision.pte", f"bundle/{MANIFEST}"]
+    assert sorted(repaired.skipped) == ["bundle/checkpoint/config.json", "bundle/decoder.pte"]
+    load_bundle(dest / "bundle")
 
 
 def test_truncated_bundle_is_refused_before_ssh_copies_anything(bundle: Path, tmp_path: Path, sshd) -> None:
@@ -172,5 +193,105 @@ def test_truncated_bundle_is_refused_before_ssh_copies_anything(bundle: Path, tm
     dest = tmp_path / "phone"
     (bundle / "decoder.pte").write_bytes((bundle / "decoder.pte").read_bytes()[:-1])
     with pytest.raises(BundleError, match="decoder.pte: size"):
-        flash(bundle, parse_target(f"ssh://{user}@127.0.0.1:{port}{dest}", ssh=ssh))
+        flash(bundle, parse_target(f"ssh://{user}@127.0.0.1:{port}{dest}", ssh=ssh), runtime="none")
     assert not dest.exists()
+
+
+# --- the runtime: a stand-in payload (fast) ----------------------------------------------------------
+RUNTIME = ["bin/covspec-device", "runtime/install.sh", "runtime/lib/libfake.so", "runtime/wheels/fake-1.0-py3-none-any.whl",
+           RUNTIME_MANIFEST]
+
+
+@pytest.fixture
+def payload(tmp_path: Path) -> Path:
+    """A runtime payload for this machine with runtime_payload's layout and manifest, but stand-in files:
+    its install.sh only writes the stamp a real one writes once its venv is made."""
+    folder = tmp_path / "payload"
+    for name, text in [("bin/covspec-device", "#!/bin/sh\necho launcher\n"),
+                       ("runtime/install.sh", '#!/bin/sh\nrt=$(cd "$(dirname "$0")" && pwd)\nmkdir -p "$rt/venv"\n'
+                                              'cp "$rt/runtime.json" "$rt/venv/covspec-runtime.json"\n'),
+                       ("runtime/lib/libfake.so", "\0GLIBC_2.17\0GLIBC_2.4\0" * 50),
+                       ("runtime/wheels/fake-1.0-py3-none-any.whl", "wheel" * 1000)]:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    write_runtime_manifest(folder, local_platform())
+    return folder
+
+
+def test_runtime_is_installed_beside_the_bundle_then_nothing_to_do(bundle: Path, payload: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "device"
+    first = flash(bundle, str(dest), runtime=payload)
+    assert sorted(first.copied) == sorted(BUNDLE + RUNTIME) and first.verified == 9 and no_temp_files(dest)
+    assert first.install == "made the venv" and os.access(dest / "bin" / "covspec-device", os.X_OK)
+    assert first.runtime.startswith(local_platform().machine) and "glibc >= 2.17" in first.runtime
+    second = flash(bundle, str(dest), runtime=payload)
+    assert second.copied == [] and len(second.skipped) == 9 and second.install == "venv already made"
+
+
+def test_corrupted_runtime_file_is_repaired_alone_over_the_shell_path(bundle: Path, payload: Path,
+                                                                      tmp_path: Path) -> None:
+    dest = tmp_path / "phone"
+    target = parse_target(f"ssh://me@phone{dest}", ssh=fake_ssh(tmp_path))
+    flash(bundle, target, runtime=payload)
+    wheel = dest / "runtime" / "wheels" / "fake-1.0-py3-none-any.whl"
+    wheel.write_bytes(wheel.read_bytes()[:-1] + b"X")
+    repaired = flash(bundle, target, runtime=payload)
+    assert repaired.copied == ["runtime/wheels/fake-1.0-py3-none-any.whl", RUNTIME_MANIFEST]
+    assert wheel.read_bytes() == (payload / "runtime/wheels/fake-1.0-py3-none-any.whl").read_bytes()
+    assert repaired.install == "venv already made"  # the same runtime.json: its venv is not made again
+
+
+def test_target_of_another_machine_is_refused_before_anything_is_copied(bundle: Path, payload: Path,
+                                                                       tmp_path: Path) -> None:
+    dest = tmp_path / "jetson"
+    here = local_platform().machine
+    other = "aarch64" if here != "aarch64" else "x86_64"
+    target = parse_target(f"ssh://me@jetson{dest}", ssh=fake_ssh(tmp_path, machine=other))
+    for runtime in (payload, "auto"):  # auto: refused from the probe, before the runtime is built
+        with pytest.raises(FlashError) as err:
+            flash(bundle, target, runtime=runtime)
+        message = str(err.value)
+        assert f"is {other}, Python" in message and f"is for {here}, Python" in message
+        assert f"the machine is {other}, not {here}" in message and "--runtime PATH" in message
+        assert "runtime_payload build" in message and "--runtime none" in message
+    assert not dest.exists()
+    assert len(flash(bundle, target, runtime="none").copied) == 4  # the bundle alone still goes
+
+
+def test_platform_probe_and_mismatches() -> None:
+    assert parse_probe(subprocess.run(["sh", "-c", PROBE], capture_output=True, text=True).stdout) == local_platform()
+    jetson = parse_probe("machine=aarch64\npython=Python 3.10.12\nlibc=glibc 2.35\n")
+    assert jetson == Platform("aarch64", "3.10", "2.35")
+    android = parse_probe("machine=aarch64\npython=/system/bin/sh: python3: inaccessible or not found\nlibc=\n")
+    assert android == Platform("aarch64", "", "")
+    runtime = {"machine": "aarch64", "python": "3.10", "glibc": "2.28"}
+    assert mismatch(runtime, jetson) is None
+    assert mismatch(runtime, android) == "it has no python3; its C library is not glibc (Android's bionic or musl)"
+    assert mismatch({**runtime, "glibc": "2.38"}, jetson) == "its glibc 2.35 is older than the 2.38 the runtime needs"
+    assert mismatch({**runtime, "python": "3.11"}, jetson) == "its python3 is 3.10, not 3.11"
+    assert parse_probe("machine=arm64\n").machine == "aarch64"
+
+
+def test_glibc_needed_reads_symbols_and_wheel_tags(tmp_path: Path) -> None:
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(b"\0GLIBC_2.2.5\0GLIBC_2.32\0GLIBC_2.4\0")
+    assert glibc_needed([lib], []) == "2.32"
+    wheels = ["numpy-2.4.6-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl",
+              "protobuf-7.36.2-cp310-abi3-manylinux2014_x86_64.whl", "idna-3.20-py3-none-any.whl"]
+    assert glibc_needed([], wheels) == "2.27"  # a wheel runs on the lowest of its tags
+    assert glibc_needed([], wheels[2:]) == ""
+
+
+def test_cli_refuses_a_foreign_target_naming_both_platforms(bundle: Path, payload: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    from covspec.cli import main
+
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "ssh"
+    fake.write_text(f"#!/bin/sh\nexec {fake_ssh(tmp_path, machine='riscv64')[0]} \"$@\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    code = main(["device", "flash", "--bundle", str(bundle), "--to", f"ssh://me@board{tmp_path / 'b'}",
+                 "--runtime", str(payload)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is riscv64" in err and "--runtime PATH" in err and "Traceback" not in err
