@@ -28,7 +28,7 @@ def to_pte(module: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Pat
     portable = sorted({getattr(n.target, "__name__", str(n.target)).split(":")[0]
                        for n in graph.nodes if n.op == "call_function" and "call_delegate" not in str(n.target)
                        and "getitem" not in str(n.target) and "sym_size" not in str(n.target)})
-    path.write_bytes(edge.to_executorch().buffer)
+    write_program(edge.to_executorch(), path)
     return {"delegate": "XnnpackBackend", "delegated_subgraphs": delegated, "portable_ops": portable}
 
 
@@ -45,8 +45,15 @@ def to_multimethod_pte(programs: dict[str, torch.export.ExportedProgram], consta
     lowering = {name: _lowering(edge.exported_program(name).graph) for name in programs}
     config = ExecutorchBackendConfig(memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False,
                                                                              share_mutable_buffers=True))
-    path.write_bytes(edge.to_executorch(config).buffer)
+    write_program(edge.to_executorch(config), path)
     return lowering
+
+
+def write_program(program: Any, path: Path) -> None:
+    """Writes an ExecutorchProgramManager's program to `path` without first joining it into one bytes
+    object (`.buffer`), a whole extra copy of the program at the export's peak."""
+    with open(path, "wb") as f:
+        program.write_to_file(f)
 
 
 def _lowering(graph: torch.fx.Graph) -> dict[str, Any]:

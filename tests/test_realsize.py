@@ -63,3 +63,15 @@ def test_strip_onnx_moves_large_weights_to_external_data(tmp_path: Path, monkeyp
     monkeypatch.setattr(lower, "ONNX_INLINE_LIMIT", 1 << 40)
     lower.strip_onnx(path)  # back inline: the data file goes
     assert lower.onnx_data_files(path) == [] and not (tmp_path / "m.onnx.data").exists()
+
+
+def test_pte_written_without_joining_runs(tmp_path: Path) -> None:
+    from executorch.runtime import Runtime
+
+    from covspec.export.lower import to_pte
+
+    module = torch.nn.Linear(16, 8)
+    x = torch.randn(1, 16)
+    to_pte(module, (x,), tmp_path / "m.pte")
+    method = Runtime.get().load_program(tmp_path / "m.pte").load_method("forward")
+    assert torch.allclose(method.execute([x])[0], module(x).detach(), atol=1e-5)
