@@ -295,3 +295,102 @@ def test_cli_refuses_a_foreign_target_naming_both_platforms(bundle: Path, payloa
                  "--runtime", str(payload)])
     err = capsys.readouterr().err
     assert code == 2 and "is riscv64" in err and "--runtime PATH" in err and "Traceback" not in err
+
+
+# --- slow: this machine's real runtime, a tiny LLaVA bundle, answers through a real edge ---------------
+PROMPT = "what is the color ?"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny LLaVA checkpoint, its device bundle (.pte and ONNX, fp32), an edge serving the checkpoint on
+    loopback (in this process, a thread), and an image."""
+    import threading
+
+    from PIL import Image
+    from tiny_models import build_llava
+
+    from covspec.edge_runtime.server import EdgeServer, EdgeSettings
+    from covspec.edge_runtime.target import load_target
+    from covspec.export.device_bundle import build_device_bundle
+
+    root = tmp_path_factory.mktemp("exported")
+    tiny = build_llava(root / "llava")
+    bundle = build_device_bundle(tiny, root / "device", quant="none", formats=("pte", "onnx"), max_len=96)
+    image = root / "picture.png"
+    Image.new("RGB", (40, 36), (200, 30, 30)).save(image)
+    server = EdgeServer(load_target(tiny)[0], EdgeSettings(bind="tcp://127.0.0.1:*"))
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: [server.serve_once(0.05) for _ in iter(stop.is_set, True)], daemon=True)
+    thread.start()
+    yield bundle, server.endpoint, image
+    stop.set()
+    thread.join()
+    server.close()
+
+
+def answer(launch: list[str], edge: str, image: Path, *extra: str) -> dict:
+    """One `covspec-device run --json` through the flashed launcher (a fresh process), its record."""
+    import json
+
+    done = subprocess.run([*launch, "run", "--edge", edge, "--image", str(image), "--prompt", PROMPT, "--json",
+                           "--max-new-tokens", "12", *extra], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def check_answers(launch: list[str], edge: str, image: Path) -> list[int]:
+    """covspec on the bundle's .pte (native shim) and its ONNX programs equals target_only."""
+    reference = answer(launch, edge, image, "--mode", "target_only")["ids"]
+    assert reference
+    for backend in ("executorch", "onnx"):
+        record = answer(launch, edge, image, "--mode", "covspec", "--backend", backend)
+        assert record["ids"] == reference and record["rounds"] >= 1, backend
+    return reference
+
+
+def torch_free(venv_python: list[str]) -> None:
+    """Neither torch nor transformers can be imported by the flashed runtime's Python at all."""
+    probe = ("import importlib.util as u, sys; "
+             "print([m for m in ('torch', 'transformers') if u.find_spec(m) or m in sys.modules])")
+    done = subprocess.run([*venv_python, "-I", "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_flashed_launcher_answers_through_an_edge_from_a_folder(exported, tmp_path: Path) -> None:
+    import time
+
+    bundle, edge, image = exported
+    dest = tmp_path / "device"
+    start = time.monotonic()
+    first = flash(bundle, str(dest))
+    seconds = time.monotonic() - start
+    assert first.install == "made the venv" and first.launcher == str(dest / "bin" / "covspec-device")
+    assert any(n.startswith("runtime/lib/libcovspec_et.so") for n in first.copied)
+    torch_free([str(dest / "runtime" / "venv" / "bin" / "python")])
+    ids = check_answers([str(dest / "bin" / "covspec-device")], edge, image)
+    again = flash(bundle, str(dest))
+    assert again.copied == [] and again.install == "venv already made"
+    wheel = next((dest / "runtime" / "wheels").glob("numpy-*.whl"))
+    data = bytearray(wheel.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    wheel.write_bytes(bytes(data))
+    repaired = flash(bundle, str(dest))
+    assert repaired.copied == [f"runtime/wheels/{wheel.name}", RUNTIME_MANIFEST]
+    assert repaired.install == "venv already made"
+    print(f"flash to a folder with the runtime: {seconds:.1f} s (venv made); covspec = target_only, {len(ids)} tokens")
+
+
+@pytest.mark.slow
+def test_flashed_launcher_answers_through_an_edge_over_ssh(exported, tmp_path: Path, sshd) -> None:
+    ssh, port, user = sshd
+    bundle, edge, image = exported
+    dest = tmp_path / "jetson" / "covspec"
+    target = parse_target(f"ssh://{user}@127.0.0.1:{port}{dest}", ssh=ssh)
+    first = flash(bundle, target)
+    assert first.install == "made the venv" and load_bundle(dest / "bundle").manifest == load_bundle(bundle).manifest
+    remote = [*ssh, "-p", str(port), f"{user}@127.0.0.1"]
+    torch_free([*remote, str(dest / "runtime" / "venv" / "bin" / "python")])
+    check_answers([*remote, str(dest / "bin" / "covspec-device")], edge, image)
+    assert flash(bundle, target).copied == []

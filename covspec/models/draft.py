@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from covspec.models.common import DecodeState, VisualTokens
+from covspec.models.common import DecodeState, VisualTokens, to_numpy, visual_to_numpy  # noqa: F401 (re-exported)
 
 
 @runtime_checkable
@@ -64,20 +64,3 @@ def as_draft(model: Any) -> DraftModel:
     from covspec.models.numpy_view import NumpyView  # torch: only a torch adapter gets here
 
     return NumpyView(model)
-
-
-def to_numpy(x: Any, dtype: Any = None) -> np.ndarray:
-    """An array or a tensor (on any torch device, any dtype) as a numpy array, without importing torch."""
-    if hasattr(x, "detach"):  # a torch tensor
-        x = x.detach()
-        if x.dtype.is_floating_point:
-            x = x.float()
-        x = x.cpu().numpy()
-    return np.asarray(x) if dtype is None else np.asarray(x, dtype=dtype)
-
-
-def visual_to_numpy(visual: VisualTokens) -> VisualTokens:
-    """The visual tokens with float32 numpy embeds, activity and attention."""
-    return VisualTokens(embeds=to_numpy(visual.embeds, np.float32), activity=to_numpy(visual.activity, np.float32),
-                        attention=None if visual.attention is None else to_numpy(visual.attention, np.float32),
-                        grid=visual.grid)

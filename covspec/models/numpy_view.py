@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from covspec.models.common import DecodeState, VisualTokens
-from covspec.models.draft import to_numpy, visual_to_numpy
+from covspec.models.common import DecodeState, VisualTokens, to_numpy, visual_to_numpy
 
 
 class NumpyView:

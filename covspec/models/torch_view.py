@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from covspec.models.common import DecodeState, VisualTokens
-from covspec.models.draft import DraftModel, to_numpy
+from covspec.models.common import DecodeState, VisualTokens, to_numpy
+from covspec.models.draft import DraftModel
 
 
 class TorchView:
