@@ -22,6 +22,7 @@ from covspec.edge_runtime.planning import Outcome, plan_verify
 from covspec.edge_runtime.session import TargetSession
 from covspec.generation import generate
 from covspec.models import load_adapter
+from covspec.models.draft import as_draft
 from covspec.modes import MODE_OPTIONS
 from covspec.policy import OnlineStats
 from covspec.sampling import SamplingParams
@@ -93,6 +94,7 @@ def answer(target, draft, picture: Image.Image, mode: str, n: int, stats: Online
     """One greedy answer of `mode`, the Speculation driven by hand as the client drives it."""
     session = TargetSession.open(target, target.encode_image(target.preprocess(picture)), PROMPT, None, GREEDY, n)
     edge = InProcessEdge(session, target.vocab_size)
+    draft = as_draft(draft)  # numpy in and out, as DeviceRuntime sees it
     first_logits, state = draft.prefill(draft.encode_image(draft.preprocess(picture)), PROMPT)
     stats = stats or OnlineStats(t_draft=0.001, rtt=0.001, prior_v0=0.005, prior_v1=0.001)
     spec = Speculation(draft, state, GREEDY, replace(MODE_OPTIONS[mode], keep=1.0), stats, sid=1,
