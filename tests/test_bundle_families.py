@@ -40,6 +40,11 @@ def picture(size: tuple[int, int], seed: int) -> Image.Image:
     return Image.fromarray(pixels)
 
 
+def numpy(x) -> np.ndarray:
+    """The eager adapter's torch tensors and the bundle's numpy arrays, compared as numpy."""
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 def images() -> list[Image.Image]:
     return [picture(size, seed) for seed, size in enumerate(SIZES[:3])]
 
@@ -148,16 +153,16 @@ def test_bundle_greedy_equals_eager_on_24_pairs(exported: tuple[Path, Path, str]
     for image in images():
         reference_image = eager_image(family, image, ours.bundle.manifest)
         va, vb = eager.encode_image(eager.preprocess(reference_image)), ours.encode_image(ours.preprocess(image))
-        assert torch.allclose(va.embeds, vb.embeds, atol=1e-5) and va.grid == vb.grid
+        assert np.allclose(numpy(va.embeds), numpy(vb.embeds), atol=1e-5) and va.grid == vb.grid
         for prompt in PROMPTS:
             ids = generate(ours, image, prompt, max_new_tokens=16).ids
             assert ids == generate(eager, reference_image, prompt, max_new_tokens=16).ids, (image.size, prompt)
             answers.add(tuple(ids))
             la, sa = eager.prefill(va, prompt)
             lb, sb = ours.prefill(vb, prompt)
-            window = torch.tensor(ids[:4] or [5])
-            worst = max(worst, float((la - lb).abs().max()),
-                        float((eager.forward(sa, window) - ours.forward(sb, window)).abs().max()))
+            window = ids[:4] or [5]
+            step = numpy(eager.forward(sa, torch.tensor(window))) - ours.forward(sb, np.array(window))
+            worst = max(worst, float(np.abs(numpy(la) - lb).max()), float(np.abs(step).max()))
             pairs += 1
     print(f"{family} {backend}: {pairs} prompt/image pairs (sizes {[i.size for i in images()]}), "
           f"{len(answers)} distinct answers, max |logit diff| {worst:.2e}")
@@ -179,17 +184,21 @@ def test_pruned_prefill_at_half_kept_equals_eager_then_forks_and_rolls_back(expo
         vb = ours.encode_image(ours.preprocess(image))
         kept = torch.randperm(va.count, generator=torch.Generator().manual_seed(seed))[: va.count // 2].sort().values
         la, sa = eager.prefill(va, PROMPTS[1], kept=kept)
-        lb, sb = ours.prefill(vb, PROMPTS[1], kept=kept)
+        lb, sb = ours.prefill(vb, PROMPTS[1], kept=kept.numpy())
+        la = numpy(la)
         assert int(la.argmax()) == int(lb.argmax()) and sa.extra == sb.extra and sa.length == sb.length
-        diffs = [(la - lb).abs().max()]
+        diffs = [np.abs(la - lb).max()]
         fa, fb = eager.fork_state(sa), ours.fork_state(sb)  # a branch, then both run interleaved
-        window, other = torch.tensor([int(la.argmax()), 9, 12, 7]), torch.tensor([11, 4])
-        diffs.append((eager.forward(sa, window) - ours.forward(sb, window)).abs().max())
-        diffs.append((eager.forward(fa, other) - ours.forward(fb, other)).abs().max())
+        window, other = [int(la.argmax()), 9, 12, 7], [11, 4]
+
+        def step(eager_state, our_state, ids: list[int]) -> float:
+            return float(np.abs(numpy(eager.forward(eager_state, torch.tensor(ids)))
+                                - ours.forward(our_state, np.array(ids))).max())
+
+        diffs += [step(sa, sb, window), step(fa, fb, other)]
         eager.truncate(sa, sa.length - 3)
         ours.truncate(sb, sb.length - 3)
-        diffs.append((eager.forward(sa, other) - ours.forward(sb, other)).abs().max())
-        diffs.append((eager.forward(fa, window) - ours.forward(fb, window)).abs().max())
+        diffs += [step(sa, sb, other), step(fa, fb, window)]
         worst = max(worst, *(float(d) for d in diffs))
     print(f"{family} {backend}: pruned prefill (50% kept), fork, rollback: max |logit diff| {worst:.2e}")
     assert worst < 1e-4
