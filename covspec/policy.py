@@ -390,6 +390,9 @@ def edge_drafting_rate(stats: OnlineStats, offer: EdgeOffer, k_max: int = 16) ->
     return best_window(a, LinkCosts(t_draft=t_draft, rtt=0.0, v0=v0, v1=v1), k_max)[1]
 
 
+LONG_LINK_STEPS = 2.0  # a round trip of at least this many target steps is a long link (see place_drafting)
+
+
 def place_drafting(stats: OnlineStats, offer: EdgeOffer | None, target_step_s: float | None,
                    k_max: int = 16, min_rounds: int = 3, margin: float = 0.05) -> str:
     """Where the rest of the answer is drafted: EDGE when the edge offers (it has a draft and is not
@@ -399,10 +402,17 @@ def place_drafting(stats: OnlineStats, offer: EdgeOffer | None, target_step_s: f
     between speculating and the target's streaming, `speculation_pays`). Only once the device has
     measured `min_rounds` rounds of its own (this answer's or earlier ones'): on priors alone the edge,
     with no round trip, would always look faster, and a device that never drafted would never learn
-    that its branches and windows in flight hide a short link's round trips. Once both paces were
+    that its branches and windows in flight hide a short link's round trips. On a long link (a measured
+    round trip of at least LONG_LINK_STEPS target steps) there is nothing to learn first: no window
+    in flight hides a round trip that costs several target steps, so the rule applies from the first
+    answer (the drafting rounds a device spent there cost its first answer ~10% against edge_sd on
+    4g and weak links, results/bench-edge-sd). Once both paces were
     measured (the device's between RESULTs, `observe_pace`; the edge's streams, `offer.s_per_token`)
     the measured rates decide, the edge needing to be `margin` faster; the cost model decides before."""
-    if offer is None or not offer.offers or stats.rounds < min_rounds:
+    if offer is None or not offer.offers:
+        return DEVICE
+    long_link = bool(target_step_s) and stats.rtt >= LONG_LINK_STEPS * target_step_s
+    if stats.rounds < min_rounds and not long_link:
         return DEVICE
     measured = stats.s_per_token()
     if offer.s_per_token and measured:

@@ -282,6 +282,7 @@ class DeviceRuntime:
         logits [V], its state, the kept visual tokens' indices or None, the STREAM sent right behind the
         OPEN when `hand_over`: the edge drafts this answer, the draft is prefilled for a hand-back only)."""
         stream = None
+        open_msg.edge_draft = True if hand_over else None  # the edge prefills its draft with the target
         if not options.prune_target:
             sent_open = self.client.send(open_msg)  # the edge prefills while the device does
             stream = self._send_stream(open_msg, True) if hand_over else None

@@ -106,12 +106,13 @@ def on_open(server: EdgeServer, ctx: RequestContext, msg: wire.Open):
 
 
 def _attach_draft(server: EdgeServer, session: TargetSession, msg: wire.Open) -> None:
-    """With a draft on the edge: the session's edge draft (prefilled now for edge_sd, on the first
-    edge-drafted STREAM otherwise) and what the device's placement rule reads, in OPENED."""
+    """With a draft on the edge: the session's edge draft (prefilled now for edge_sd and for a device
+    that says it hands drafting over, OPEN.edge_draft; on the first edge-drafted STREAM otherwise) and
+    what the device's placement rule reads, in OPENED."""
     if server.drafting is None or msg.mode in ("target_only", "draft_only"):
         return
     session.edge_draft = EdgeDraft(msg)
-    if msg.mode == "edge_sd" and not session.done:
+    if (msg.mode == "edge_sd" or msg.edge_draft) and not session.done:
         start = time.perf_counter()
         session.edge_draft.synced(server.drafting.adapter, session.committed, server.settings.max_image_pixels)
         session.usage.prefill_s += time.perf_counter() - start

@@ -43,12 +43,16 @@ def test_placement_follows_the_link():
     assert place_drafting(estimates(rtt=0.15), None, target_step_s=0.025) == DEVICE  # no draft on the edge
 
 
-def test_a_device_that_has_not_drafted_yet_drafts_first():
-    fresh = estimates(rtt=0.15)
+def test_a_device_that_has_not_drafted_yet_drafts_first_unless_the_link_is_long():
+    fresh = estimates(rtt=0.03)  # a round trip of 1.2 target steps: windows in flight may hide it
     fresh.rounds = 2
     assert place_drafting(fresh, OFFER, target_step_s=0.025) == DEVICE  # two rounds say little yet
     fresh.rounds = 3
     assert place_drafting(fresh, OFFER, target_step_s=0.025) == EDGE
+    long = estimates(rtt=0.15)  # 6 target steps per round trip: nothing to learn by drafting first
+    long.rounds = 0
+    assert place_drafting(long, OFFER, target_step_s=0.025) == EDGE
+    assert place_drafting(long, OFFER, target_step_s=None) == DEVICE  # no target step known: no yardstick
 
 
 def test_a_loaded_edge_is_not_asked_to_draft():

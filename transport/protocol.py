@@ -148,6 +148,7 @@ class Open(Message):
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
     max_new_tokens: int = 256
+    edge_draft: bool | None = None  # True: a STREAM with draft follows (prefill the edge's draft now)
 
 
 @dataclass(kw_only=True, eq=False)
@@ -346,7 +347,7 @@ _FIELDS: dict[type[Message], dict[str, Check]] = {
     Open: {
         "prompt": _str(100_000), "mode": _str(32, r"[a-z][a-z0-9_]*"), "temperature": _float(0.0, 100.0),
         "top_k": _int(0, U31), "top_p": _float(0.0, 1.0, lo_open=True), "seed": _opt(_int(0, U64)),
-        "max_new_tokens": _int(1, U31),
+        "max_new_tokens": _int(1, U31), "edge_draft": _opt(_bool),
     },
     Opened: {"token": _ID, "done": _bool, "timings": _timings},
     Verify: {"round": _ID, "pos": _opt(_ID), "root": _opt(_ID)},
