@@ -109,6 +109,7 @@ def serve_edge(model: str | Path, settings: EdgeSettings | None = None, *, threa
         target, loaded = load_target(model, threads=threads, device=settings.device, dtype=settings.dtype)
         logging.getLogger("covspec.edge").info("target: %s", loaded)
         draft_adapter = None
+        draft = bundle_draft(model) if draft is None else (None if str(draft) == "none" else draft)
         if draft is not None:  # edge-side speculation (mode edge_sd; covspec devices may hand drafting over)
             draft_adapter, loaded = load_target(draft, threads=threads, device=settings.device, dtype=settings.dtype)
             logging.getLogger("covspec.edge").info("draft: %s", loaded)
@@ -162,6 +163,22 @@ def check_edge(edge: str, keys: ClientKeys | None = None, timeout_s: float = 10.
 
 
 # --- the device --------------------------------------------------------------------------------
+def bundle_draft(model: str | Path) -> Path | None:
+    """The draft an edge bundle carries (covspec export puts the draft beside the target), else None."""
+    from covspec.export.manifest import MANIFEST
+
+    manifest = Path(model) / MANIFEST
+    if not manifest.is_file():
+        return None
+    import json
+
+    try:
+        entry = json.loads(manifest.read_text()).get("draft")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None  # the target's load reports a broken manifest
+    return Path(model) / entry if isinstance(entry, str) and (Path(model) / entry).is_dir() else None
+
+
 def open_device(edge: str, draft: VLMAdapter, *, keys: ClientKeys | None = None, timeout_s: float = 30.0,
                 retries: int = 2, profile: CalibrationProfile | None = None) -> DeviceRuntime:
     """A device connected to the edge at `edge` (HELLO answered): call .answer(...) on it, then .close().

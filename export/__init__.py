@@ -43,6 +43,7 @@ def build_bundles(draft: str | Path, target: str | Path, out: str | Path, quant:
 
         device = build_device_bundle(Path(draft), out / "device", quant=quant, formats=formats, max_len=max_len,
                                      calibration=calibration, step=step)
-        edge = build_edge_bundle(Path(target), out / "edge", backend=edge_backend, max_len=max_len, step=step)
+        edge = build_edge_bundle(Path(target), out / "edge", backend=edge_backend, max_len=max_len, step=step,
+                                 draft=Path(draft))
         progress.update(task, description="done")
     return device, edge

@@ -3,7 +3,9 @@
 Backends, best first: "tensorrt" (engine built from the target's decoder ONNX, where TensorRT and an
 NVIDIA GPU are present), "onnx" (ONNX Runtime on the same programs the device bundle uses, when asked
 for), "pytorch" (the Hugging Face checkpoint, copied, run by covspec.models on CPU or CUDA).
-The checkpoint is always included: the edge runtime's reference path and the fallback.
+The checkpoint is always included: the edge runtime's reference path and the fallback. With the
+draft given, its checkpoint is included too (`draft/`): `covspec edge serve --model OUT/edge` then
+runs it beside the target, for edge_sd and for covspec devices that hand drafting to the edge.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from covspec.models import load_adapter
 
 BACKENDS = ("auto", "tensorrt", "onnx", "pytorch")
 CHECKPOINT_DIR = "checkpoint"
+DRAFT_DIR = "draft"
 
 
 def choose_backend(requested: str) -> tuple[str, str]:
@@ -37,7 +40,7 @@ def choose_backend(requested: str) -> tuple[str, str]:
 
 
 def build_edge_bundle(target: Path, out: Path, backend: str = "auto", max_len: int | None = None,
-                      max_chunk: int = 64, step: Step = lambda _: None) -> Path:
+                      max_chunk: int = 64, step: Step = lambda _: None, draft: Path | None = None) -> Path:
     chosen, reason = choose_backend(backend)
     step(f"edge backend: {chosen} ({reason})")
     if out.exists():
@@ -65,6 +68,20 @@ def build_edge_bundle(target: Path, out: Path, backend: str = "auto", max_len: i
                 step("building the TensorRT engine (fp16)")
                 build_engine(out / "decoder.onnx", out / "decoder.engine", info["decoder"])
                 programs["tensorrt"] = {"decoder": "decoder.engine", "vision": "vision.onnx"}
+    if draft is not None:
+        body.update(add_draft(Path(draft), out, body["tokenizer_fingerprint"], step))
     step(f"[bold]edge bundle: {body['backend']}[/bold] ({body['reason']})")
     write_manifest(out, body)
     return out
+
+
+def add_draft(draft: Path, out: Path, fingerprint: str, step: Step) -> dict[str, Any]:
+    """Copies the draft checkpoint into the edge bundle (edge-side drafting) when it tokenizes as the
+    target does: the manifest entries ({"draft": DRAFT_DIR}, or {"draft_skipped": why})."""
+    theirs = load_adapter(draft).fingerprint()
+    if theirs != fingerprint:
+        step(f"draft {draft} not added to the edge bundle: its tokenizer differs from the target's")
+        return {"draft_skipped": "the draft's tokenizer differs from the target's"}
+    step(f"copying draft checkpoint {draft} (edge-side drafting: edge_sd, covspec's placement)")
+    shutil.copytree(draft, out / DRAFT_DIR)
+    return {"draft": DRAFT_DIR}

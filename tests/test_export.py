@@ -333,3 +333,21 @@ def test_device_bundle_against_edge_bundle_matches_target_only(tiny: Path, fp32_
         stop.set()
         thread.join()
         server.close()
+
+
+def test_the_edge_bundle_carries_the_draft_and_the_edge_serves_it(tmp_path: Path) -> None:
+    """covspec export puts the draft beside the target in the edge bundle (edge_sd, covspec's placement),
+    `edge serve --model OUT/edge` picks it up by itself; a draft of another tokenizer is left out, saying why."""
+    from covspec.api import bundle_draft
+    from covspec.export.edge_bundle import build_edge_bundle
+
+    target, draft = build_llava(tmp_path / "target", seed=0), build_llava(tmp_path / "draft", seed=1)
+    folder = build_edge_bundle(target, tmp_path / "edge", backend="pytorch", draft=draft)
+    manifest = load_bundle(folder).manifest  # the copied draft is hashed like every other file
+    assert manifest["draft"] == "draft" and (folder / "draft" / "config.json").is_file()
+    assert bundle_draft(folder) == folder / "draft"
+    assert bundle_draft(target) is None  # a checkpoint folder carries no draft
+    other = build_qwen2_5_vl(tmp_path / "qwen")
+    skipped = load_bundle(build_edge_bundle(target, tmp_path / "edge2", backend="pytorch", draft=other)).manifest
+    assert "draft" not in skipped and "tokenizer" in skipped["draft_skipped"]
+    assert bundle_draft(tmp_path / "edge2") is None

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--draft", default=None,
                    help="a draft checkpoint (or edge bundle) of the target's tokenizer, run beside it: serves mode "
                         "edge_sd (the edge drafts and verifies) and covspec devices that hand drafting over "
-                        "(default: none)")
+                        "(default: the edge bundle's own draft when it carries one, else none; 'none': no draft)")
     q.add_argument("--draft-sessions", type=int, default=defaults.draft_sessions,
                    help="offer to draft for devices that can draft themselves while at most this many sessions "
                         "are unfinished (0: never; edge_sd is always served)")
