@@ -407,6 +407,9 @@ def reading(rows: list[dict], links: list[str]) -> list[str]:
         lines.append(f"- {link}: highest decode tokens/s {top['label']} ({top[f'{link}_tps']:.0f}; range "
                      f"{min(r[f'{link}_tps'] for r in rows):.0f}-{top[f'{link}_tps']:.0f}), lowest latency "
                      f"{best(f'{link}_latency_ms')['label']}")
+    lines.append("- variants within a few percent of each other (the same .pte under both ExecuTorch runtimes) "
+                 "can swap places from one run to the next on this shared machine; the size, memory and "
+                 "start-up gaps are far larger than that noise")
     return lines
 
 
