@@ -93,7 +93,7 @@ class EdgeDrafting:
     """The edge's draft model and its window policy's estimates (shared by all sessions)."""
 
     adapter: VLMAdapter
-    draft_sessions: int = 1  # offer drafting to devices that can draft while at most this many sessions are unfinished
+    draft_sessions: int = 4  # offer drafting to devices that can draft while at most this many sessions are unfinished
     k_max: int = COVSPEC.k_max
     margin_threshold: float = COVSPEC.margin_threshold
     stats: dict[bool, OnlineStats] = field(default_factory=dict)  # greedy or sampled -> estimates

@@ -41,8 +41,10 @@ class EdgeSettings:
     static_len: int = 2048
     # edge-side speculation (edge_runtime.drafting, with a draft given to `covspec edge serve --draft`): the
     # edge offers to draft for devices that could draft themselves while it holds at most this many
-    # unfinished sessions (0: never; edge_sd sessions are always served)
-    draft_sessions: int = 1
+    # unfinished sessions (0: never; edge_sd sessions are always served). 4: on the demo pair over wifi,
+    # edge drafting beat device drafting in aggregate up to 4 devices and lost from 8 on
+    # (results/load-edge-sd: covspec with 1 was 0.89-0.96x edge_sd at 1-4 devices, 1.5x / 1.7x at 8 / 16)
+    draft_sessions: int = 4
 
     def check(self) -> None:
         """Raises ValueError naming a setting that makes no sense."""
