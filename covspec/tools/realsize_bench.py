@@ -72,12 +72,16 @@ def export_variant(checkpoint: Path, out: Path, scheme: str, fmt: str, max_len: 
     return record
 
 
-def export_all(checkpoint: Path, work: Path, max_len: int) -> dict[tuple[str, str], dict[str, Any]]:
-    """Every variant's export (each in a fresh process; kept when already done)."""
+def export_all(checkpoint: Path, work: Path, max_len: int,
+               only_exported: bool = False) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every variant's export (each in a fresh process; kept when already done). `only_exported`:
+    those already done, none exported here."""
     made = {}
     for scheme, fmt in VARIANTS:
         folder = export_folder(work, scheme, fmt)
         if not (folder / "export.json").is_file():
+            if only_exported:
+                continue
             print(f"exporting {fmt} {scheme} -> {folder}", flush=True)
             subprocess.run([sys.executable, "-m", "covspec.tools.realsize_bench", "--export-one", f"{scheme}:{fmt}",
                             "--checkpoint", str(checkpoint), "--work", str(folder), "--max-len", str(max_len)],
@@ -239,12 +243,15 @@ def sizes(checkpoint: Path, work: Path) -> dict[str, int]:
     out = {"eager fp32": sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))}
     for scheme, fmt in VARIANTS:
         folder = export_folder(work, scheme, fmt)
+        if not (folder / "export.json").is_file():
+            continue
         files = [p for p in folder.iterdir() if p.name != "export.json"]
         out[f"{fmt} {LABELS[scheme]}"] = sum(p.stat().st_size for p in files)
     return out
 
 
-def run_bench(shape: Shape, work: Path, max_len: int, repeats: int, steps_per_round: int) -> dict[str, Any]:
+def run_bench(shape: Shape, work: Path, max_len: int, repeats: int, steps_per_round: int,
+              only_exported: bool = False) -> dict[str, Any]:
     from PIL import Image
 
     from covspec.bundles.programs import set_executorch_threads
@@ -252,7 +259,7 @@ def run_bench(shape: Shape, work: Path, max_len: int, repeats: int, steps_per_ro
     from covspec.models import load_adapter
 
     checkpoint = build_checkpoint(shape, work / "checkpoint")
-    exports = export_all(checkpoint, work, max_len)
+    exports = export_all(checkpoint, work, max_len, only_exported)
     torch.set_num_threads(1)
     set_executorch_threads(1)  # before any program is loaded
     eager = load_adapter(checkpoint)
@@ -262,7 +269,9 @@ def run_bench(shape: Shape, work: Path, max_len: int, repeats: int, steps_per_ro
         query = eager.prompt_embeddings(PROMPT)
         grid = eager.encode_image(pixels).grid
     variants: dict[str, Any] = {"eager fp32": EagerVariant(eager, pixels, query)}
-    for scheme, fmt in VARIANTS:
+    for scheme, fmt in exports:
+        if fmt not in exports[scheme, fmt]["programs"]:  # its export failed: reported, not timed
+            continue
         folder = export_folder(work, scheme, fmt)
         cache = exports[scheme, fmt]["info"]["decoder"]["cache"]
         runner = PteRunner(folder / "model.pte") if fmt == "pte" else OnnxRunner(folder, cache)
@@ -272,7 +281,7 @@ def run_bench(shape: Shape, work: Path, max_len: int, repeats: int, steps_per_ro
     bar = {name: {"step_ratio": medians["step"][name] / eager_step,
                   "holds": medians["step"][name] <= INT8_BAR * eager_step}
            for name in variants if "int8" in name}
-    info = exports["none", "pte"]["info"]
+    info = next(iter(exports.values()))["info"]
     return {"shape": {"name": shape.name, "text_layers": shape.text_layers, "vision_layers": shape.vision_layers,
                       "parameters": sum(p.numel() for p in {id(p): p for p in eager.model.parameters()}.values())},
             "prompt": PROMPT, "keep": KEEP, "max_len": max_len, "max_chunk": MAX_CHUNK,
@@ -283,6 +292,7 @@ def run_bench(shape: Shape, work: Path, max_len: int, repeats: int, steps_per_ro
                                               "unsupported": e["unsupported"],
                                               "lowering": e["programs"].get("pte", {}).get("lowering")}
                         for (s, fmt), e in exports.items()},
+            "not_exported": [f"{fmt} {LABELS[s]}" for s, fmt in VARIANTS if (s, fmt) not in exports],
             "bench_peak_rss_mib": round(peak_rss_mib()), "repeats": repeats, "steps_per_round": steps_per_round}
 
 
@@ -299,7 +309,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
              f"{result['repeats']} repetitions, variants taking turns.", "",
              "| variant | step ms | vs eager | " + " | ".join(f"{m} ms" for m in list(ms)[1:]) + " | bytes |",
              "|---|---|---|" + "---|" * (len(ms) - 1) + "---|"]
-    for name in names:
+    for name in names:  # variants whose export failed are listed under the table
         ratio = ms["step"][name] / ms["step"]["eager fp32"]
         lines.append(f"| {name} | {ms['step'][name]:.1f} | {ratio:.2f}x | "
                      + " | ".join(f"{ms[m][name]:.0f}" for m in list(ms)[1:]) + f" | {result['bytes'][name]:,} |")
@@ -308,6 +318,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
         for name, b in result["int8_bar"].items()), "", "| export | seconds | peak RSS MiB |", "|---|---|---|",
         *(f"| {name} | {e['seconds']} | {e['peak_rss_mib']:,} |" for name, e in result["exports"].items()),
         "", f"Bench process peak RSS: {result['bench_peak_rss_mib']:,} MiB."]
+    if result["not_exported"]:
+        lines.append(f"\nNot exported by the time of this run (not timed): {', '.join(result['not_exported'])}.")
     for name, e in result["exports"].items():
         if e["lowering"]:
             lines.append(f"\n{name}: operators outside XNNPACK per method: " + "; ".join(
@@ -328,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps-per-round", type=int, default=5)
     parser.add_argument("--export-only", action="store_true", help="build and export, no timing")
+    parser.add_argument("--only-exported", action="store_true", help="time the variants already exported only")
     parser.add_argument("--export-one", help=argparse.SUPPRESS)  # SCHEME:FORMAT, in a child process
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -341,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.export_only:
         export_all(build_checkpoint(shape, work / "checkpoint"), work, args.max_len)
         return
-    result = run_bench(shape, work, args.max_len, args.repeats, args.steps_per_round)
+    result = run_bench(shape, work, args.max_len, args.repeats, args.steps_per_round, args.only_exported)
     command = "python -m covspec.tools.realsize_bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     result["command"] = command
     args.out.mkdir(parents=True, exist_ok=True)
