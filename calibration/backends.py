@@ -46,8 +46,9 @@ def program_bytes(bundle: Path, fmt: str) -> int:
     from covspec.bundles.bundle import load_bundle
 
     manifest = load_bundle(bundle, checksum=False).manifest
-    parts = manifest["programs"][fmt]
-    return sum(manifest["files"][parts[p]]["size"] for p in ("vision", "decoder"))
+    parts = {name for name in manifest["programs"][fmt].values()  # model.pte, or vision + decoder
+             if isinstance(name, str) and name in manifest["files"]}
+    return sum(manifest["files"][name]["size"] for name in parts)
 
 
 def checkpoint_bytes(folder: Path) -> int:

@@ -53,8 +53,9 @@ class ExportUnsupported(Exception):
 
 # why each known family is not exported yet, and what to run instead
 FAMILY_LIMITS = {
-    "idefics3": "exported (device bundle), but the bundle runtime (BundleAdapter) runs LLaVA bundles only",
-    "qwen2_5_vl": "exported (device bundle) for one fixed grid, but the bundle runtime runs LLaVA bundles only",
+    "idefics3": "exported as a device bundle (the draft), but an ONNX edge bundle runs LLaVA targets only",
+    "qwen2_5_vl": "exported as a device bundle (the draft, one fixed grid), but an ONNX edge bundle runs LLaVA "
+                  "targets only",
 }
 FALLBACK = "ship the Hugging Face checkpoint and run it with the PyTorch adapter (covspec.models.load_adapter)"
 

@@ -125,7 +125,7 @@ def test_unsupported_family_names_the_cause_and_fallback(tmp_path: Path) -> None
 
     adapter = load_adapter(build_qwen2_5_vl(tmp_path / "qwen"))
     check_exportable(adapter)  # the device bundle exports it
-    with pytest.raises(ExportUnsupported, match=r"qwen2_5_vl: cannot export .*runs LLaVA bundles only.*fallback"):
+    with pytest.raises(ExportUnsupported, match=r"qwen2_5_vl: cannot export .*ONNX edge bundle runs LLaVA targets only.*fallback"):
         check_exportable(adapter, ("llava",))  # an ONNX edge bundle (run by BundleAdapter) does not
 
 
