@@ -61,11 +61,19 @@ def worker_settings(args: argparse.Namespace, endpoint: str, mode: str, n: int, 
         device=device, go=str(go), replay_file=str(recording(Path(args.out), n)) if args.replay else None)
 
 
+def offered(n: int) -> bool:
+    """Whether the edge offers to draft for N devices: at most `EdgeSettings.draft_sessions` unfinished
+    sessions (edge_runtime.drafting)."""
+    from covspec.edge_runtime.settings import EdgeSettings
+
+    return n <= EdgeSettings().draft_sessions
+
+
 def recording(out: Path, n: int) -> Path:
-    """The recorded run N devices replay: with one device the edge offers to draft for it (covspec may hand
-    drafting over), with more it declines (edge_runtime.drafting), so those replay a recording whose
-    device drafted every window itself."""
-    return out / ("recorded.msgpack" if n == 1 else "recorded-loaded.msgpack")
+    """The recorded run N devices replay: while the edge offers to draft for them (`offered`) covspec may
+    hand drafting over; past that the edge declines, so those replay a recording whose device drafted
+    every window itself."""
+    return out / ("recorded.msgpack" if offered(n) else "recorded-loaded.msgpack")
 
 
 def run_devices(args: argparse.Namespace, out: Path, endpoint: str, mode: str, n: int) -> list[dict]:
@@ -172,8 +180,8 @@ def plot_load(out: Path, summary: list[dict]) -> None:
 
 
 def record(args: argparse.Namespace, out: Path, endpoint: str, devices: int) -> None:
-    """The recording pass: one real device answers the prompts of `devices` devices in every mode (for more
-    than one device, as on a loaded edge: no hand-over of drafting)."""
+    """The recording pass: one real device answers the prompts of `devices` devices in every mode (past
+    what the edge offers to draft for, as on a loaded edge: no hand-over of drafting)."""
     from covspec.tools.procs import one_thread_env
 
     recorded = recording(out, devices)
@@ -181,7 +189,7 @@ def record(args: argparse.Namespace, out: Path, endpoint: str, devices: int) -> 
     rows = out / f"{recorded.stem}.jsonl"
     rows.unlink(missing_ok=True)
     settings = WorkerSettings.from_bench(args, edge=endpoint, link="recording", prompts=devices * args.prompts,
-                                         rows=str(rows), record=str(recorded), hand_over=devices == 1)
+                                         rows=str(rows), record=str(recorded), hand_over=offered(devices))
     command = settings.save(out / f"worker-{recorded.stem}.json")
     with open(out / f"{recorded.stem}.log", "w") as log:
         subprocess.run(command, env=one_thread_env(), stdout=log, stderr=subprocess.STDOUT, check=True)
@@ -212,9 +220,10 @@ def run_load(args: argparse.Namespace) -> Path:
         devices_endpoint = endpoint  # loopback: the devices talk to the edge straight
         if args.load_link != "loopback":  # each device's connection through the emulated link
             link, devices_endpoint = start_link(args.load_link, edge_port)
-        if args.replay:  # one recording for a lone device, one for devices on a loaded edge
-            for devices in ([1] if 1 in counts else []) + ([max(counts)] if max(counts) > 1 else []):
-                record(args, out, devices_endpoint, devices)
+        if args.replay:  # one recording for devices the edge drafts for, one for devices on a loaded edge
+            for group in ([n for n in counts if offered(n)], [n for n in counts if not offered(n)]):
+                if group:
+                    record(args, out, devices_endpoint, max(group))
         for mode in args.modes:
             for n in counts:
                 before, cpu_before = edge_stats(endpoint), process_cpu_s(edge.pid)
