@@ -291,6 +291,10 @@ if [ -f "$rt/lib/libcovspec_et.so" ]; then
   LD_LIBRARY_PATH="$rt/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export COVSPEC_ET_NATIVE LD_LIBRARY_PATH
 fi
+# the runtime's own child processes (the native shim's probe load: python -m ...) must not import a
+# `covspec` folder from the working directory either (this python itself runs isolated, -I)
+PYTHONSAFEPATH=1
+export PYTHONSAFEPATH
 if [ "$1" = run ]; then
   given=no
   for arg in "$@"; do case $arg in --bundle|--bundle=*|--model|--model=*) given=yes ;; esac; done

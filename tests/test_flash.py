@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shlex
 import shutil
 import stat
 import subprocess
@@ -329,23 +330,45 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
     server.close()
 
 
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This machine's runtime (what --runtime auto flashes: built, or from ~/.cache/covspec/device-runtime),
+    copied so that a rebuild while the tests run (the tree edited meanwhile) does not change it under them."""
+    from covspec.device_runtime.runtime_payload import build_payload, load_payload
+
+    frozen = tmp_path_factory.mktemp("runtime") / "payload"
+    shutil.copytree(build_payload(), frozen, ignore=shutil.ignore_patterns(".*"))
+    load_payload(frozen)
+    return frozen
+
+
+def over(remote: list[str]):
+    """Runs an argv locally (remote == []) or as one quoted command line over ssh."""
+    return lambda argv: [*remote, shlex.join(argv)] if remote else argv
+
+
 def answer(launch: list[str], edge: str, image: Path, *extra: str) -> dict:
-    """One `covspec-device run --json` through the flashed launcher (a fresh process), its record."""
+    """One `covspec-device run --json` through the flashed launcher (a fresh process), its record.
+    `launch`: [*ssh prefix, launcher] or [launcher]."""
     import json
 
-    done = subprocess.run([*launch, "run", "--edge", edge, "--image", str(image), "--prompt", PROMPT, "--json",
-                           "--max-new-tokens", "12", *extra], capture_output=True, text=True, timeout=300)
+    *remote, launcher = launch
+    argv = [launcher, "run", "--edge", edge, "--image", str(image), "--prompt", PROMPT, "--json",
+            "--max-new-tokens", "12", *extra]
+    done = subprocess.run(over(remote)(argv), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 
 
 def check_answers(launch: list[str], edge: str, image: Path) -> list[int]:
-    """covspec on the bundle's .pte (native shim) and its ONNX programs equals target_only."""
+    """covspec on the bundle's .pte (native shim) and its ONNX programs equals target_only; with fixed
+    windows (covspec_no_adaptive) the device drafts and the edge verifies windows."""
     reference = answer(launch, edge, image, "--mode", "target_only")["ids"]
     assert reference
     for backend in ("executorch", "onnx"):
-        record = answer(launch, edge, image, "--mode", "covspec", "--backend", backend)
-        assert record["ids"] == reference and record["rounds"] >= 1, backend
+        assert answer(launch, edge, image, "--mode", "covspec", "--backend", backend)["ids"] == reference, backend
+        fixed = answer(launch, edge, image, "--mode", "covspec_no_adaptive", "--backend", backend)
+        assert fixed["ids"] == reference and fixed["rounds"] >= 1 and fixed["drafted"] >= 1, (backend, fixed)
     return reference
 
 
@@ -353,44 +376,46 @@ def torch_free(venv_python: list[str]) -> None:
     """Neither torch nor transformers can be imported by the flashed runtime's Python at all."""
     probe = ("import importlib.util as u, sys; "
              "print([m for m in ('torch', 'transformers') if u.find_spec(m) or m in sys.modules])")
-    done = subprocess.run([*venv_python, "-I", "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    *remote, python = venv_python
+    done = subprocess.run(over(remote)([python, "-I", "-c", probe]), capture_output=True, text=True, timeout=60,
+                          check=True)
     assert done.stdout.strip() == "[]"
 
 
 @pytest.mark.slow
-def test_flashed_launcher_answers_through_an_edge_from_a_folder(exported, tmp_path: Path) -> None:
+def test_flashed_launcher_answers_through_an_edge_from_a_folder(exported, runtime: Path, tmp_path: Path) -> None:
     import time
 
     bundle, edge, image = exported
     dest = tmp_path / "device"
     start = time.monotonic()
-    first = flash(bundle, str(dest))
+    first = flash(bundle, str(dest), runtime)
     seconds = time.monotonic() - start
     assert first.install == "made the venv" and first.launcher == str(dest / "bin" / "covspec-device")
     assert any(n.startswith("runtime/lib/libcovspec_et.so") for n in first.copied)
     torch_free([str(dest / "runtime" / "venv" / "bin" / "python")])
     ids = check_answers([str(dest / "bin" / "covspec-device")], edge, image)
-    again = flash(bundle, str(dest))
+    again = flash(bundle, str(dest), runtime)
     assert again.copied == [] and again.install == "venv already made"
     wheel = next((dest / "runtime" / "wheels").glob("numpy-*.whl"))
     data = bytearray(wheel.read_bytes())
     data[len(data) // 2] ^= 0xFF
     wheel.write_bytes(bytes(data))
-    repaired = flash(bundle, str(dest))
+    repaired = flash(bundle, str(dest), runtime)
     assert repaired.copied == [f"runtime/wheels/{wheel.name}", RUNTIME_MANIFEST]
     assert repaired.install == "venv already made"
     print(f"flash to a folder with the runtime: {seconds:.1f} s (venv made); covspec = target_only, {len(ids)} tokens")
 
 
 @pytest.mark.slow
-def test_flashed_launcher_answers_through_an_edge_over_ssh(exported, tmp_path: Path, sshd) -> None:
+def test_flashed_launcher_answers_through_an_edge_over_ssh(exported, runtime: Path, tmp_path: Path, sshd) -> None:
     ssh, port, user = sshd
     bundle, edge, image = exported
     dest = tmp_path / "jetson" / "covspec"
     target = parse_target(f"ssh://{user}@127.0.0.1:{port}{dest}", ssh=ssh)
-    first = flash(bundle, target)
+    first = flash(bundle, target, runtime)
     assert first.install == "made the venv" and load_bundle(dest / "bundle").manifest == load_bundle(bundle).manifest
     remote = [*ssh, "-p", str(port), f"{user}@127.0.0.1"]
     torch_free([*remote, str(dest / "runtime" / "venv" / "bin" / "python")])
     check_answers([*remote, str(dest / "bin" / "covspec-device")], edge, image)
-    assert flash(bundle, target).copied == []
+    assert flash(bundle, target, runtime).copied == []
