@@ -134,7 +134,7 @@ def _declare(lib: ctypes.CDLL) -> None:
 def probe_in_child(path: Path, library: Path, llama_kernels: bool = True) -> list[str]:
     """Loads `path` in a child process first: a file that aborts the runtime aborts the child only.
     Returns the kernels the child's runtime reported missing (ExecuTorch logs them by name)."""
-    command = [sys.executable, "-m", "covspec.device_runtime.et_native", "probe", str(path), str(library)]
+    command = [sys.executable, "-P", "-m", "covspec.device_runtime.et_native", "probe", str(path), str(library)]
     done = subprocess.run(command + ([] if llama_kernels else ["--no-llama-kernels"]), capture_output=True, text=True,
                           check=False, timeout=300)
     if done.returncode == 0:
