@@ -147,11 +147,14 @@ def test_bench_worker_settings_round_trip_through_one_file(tmp_path):
 
 
 def test_load_bench_device_settings(tmp_path):
+    from covspec.edge_runtime.settings import EdgeSettings
+
     args = build_parser().parse_args(["bench", "--draft", "d", "--devices", "1,2", "--replay", "--prompts", "4",
                                       "--start", "10", "--out", str(tmp_path)])
     s = load.worker_settings(args, "tcp://127.0.0.1:1", "covspec", 2, 1, tmp_path / "rows.jsonl", tmp_path / "go")
     assert s.modes == ("covspec",) and s.link == "2dev" and s.device == 1
     assert s.start == 14  # after device 0's four prompts
-    assert s.go == str(tmp_path / "go") and s.replay_file == str(tmp_path / "recorded-loaded.msgpack")
-    alone = load.worker_settings(args, "tcp://127.0.0.1:1", "covspec", 1, 0, tmp_path / "rows.jsonl", tmp_path / "go")
-    assert alone.replay_file == str(tmp_path / "recorded.msgpack")  # a lone device: the edge may draft for it
+    offered = EdgeSettings().draft_sessions  # up to that many devices the edge may draft for them
+    assert s.go == str(tmp_path / "go") and s.replay_file == str(tmp_path / "recorded.msgpack")
+    loaded = load.worker_settings(args, "tcp://127.0.0.1:1", "covspec", offered + 1, 0, tmp_path / "r", tmp_path / "go")
+    assert loaded.replay_file == str(tmp_path / "recorded-loaded.msgpack")  # past that, devices draft themselves

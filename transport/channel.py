@@ -19,9 +19,11 @@ of after every retry's timeout; it logs progress to the `covspec.transport` logg
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,6 +37,8 @@ from zmq.utils.monitor import recv_monitor_message
 from covspec.errors import CovspecError
 
 from .protocol import DEFAULT_LIMITS, Error, ErrorCode, Limits, Message, ProtocolError, decode, encode
+
+_MONITORS = itertools.count()  # socket monitors made by this process
 
 
 class PeerUnavailable(CovspecError):
@@ -365,7 +369,9 @@ class Client:
 
     def _connect(self) -> MeteredSocket:
         sock = make_socket(self._ctx, zmq.DEALER, max_msg_bytes=self.limits.max_total_bytes, client_keys=self.keys)
-        self._monitor = sock.get_monitor_socket()
+        # a name of its own: pyzmq's default (the socket's fd) can still be bound by a closed socket's monitor
+        # that ZeroMQ's reaper has not torn down yet, when a new socket gets the same fd ("Address already in use")
+        self._monitor = sock.get_monitor_socket(addr=f"inproc://covspec-monitor-{next(_MONITORS)}-{uuid.uuid4().hex}")
         old = getattr(self, "_watch", None)  # a retry's fresh socket: a link that was down stays down since then
         self._watch = LinkWatch(old.down_since if old is not None and not old.up else time.monotonic())
         self._said = 0.0
