@@ -393,6 +393,13 @@ def edge_drafting_rate(stats: OnlineStats, offer: EdgeOffer, k_max: int = 16) ->
 LONG_LINK_STEPS = 2.0  # a round trip of at least this many target steps is a long link (see place_drafting)
 
 
+def long_link(stats: OnlineStats, target_step_s: float | None) -> bool:
+    """Whether the link's round trip costs at least LONG_LINK_STEPS target steps: the target's streaming
+    time per token when the edge said it, else the verify line's one-token pass."""
+    step = target_step_s or stats.costs().verify(1)
+    return step > 0 and stats.rtt >= LONG_LINK_STEPS * step
+
+
 def place_drafting(stats: OnlineStats, offer: EdgeOffer | None, target_step_s: float | None,
                    k_max: int = 16, min_rounds: int = 3, margin: float = 0.05) -> str:
     """Where the rest of the answer is drafted: EDGE when the edge offers (it has a draft and is not
@@ -411,8 +418,7 @@ def place_drafting(stats: OnlineStats, offer: EdgeOffer | None, target_step_s: f
     the measured rates decide, the edge needing to be `margin` faster; the cost model decides before."""
     if offer is None or not offer.offers:
         return DEVICE
-    long_link = bool(target_step_s) and stats.rtt >= LONG_LINK_STEPS * target_step_s
-    if stats.rounds < min_rounds and not long_link:
+    if stats.rounds < min_rounds and not long_link(stats, target_step_s):
         return DEVICE
     measured = stats.s_per_token()
     if offer.s_per_token and measured:

@@ -38,10 +38,10 @@ from covspec.device_runtime.records import Answer, RoundRecord, final_answer
 from covspec.device_runtime.speculation import STREAM, Flight, Speculation
 from covspec.generation import generate
 from covspec.images import load_image
-from covspec.models.common import DecodeState
+from covspec.models.common import DecodeState, VisualTokens
 from covspec.models.draft import as_draft
 from covspec.modes import MODE_OPTIONS, MODES, STREAMING_MODES, SpecOptions
-from covspec.policy import EDGE, EdgeOffer, OnlineStats, place_drafting
+from covspec.policy import EDGE, EdgeOffer, OnlineStats, long_link, place_drafting
 from covspec.pruning import merged_visual, score_and_select
 from covspec.sampling import SamplingParams
 from covspec.transport import protocol as wire
@@ -49,6 +49,7 @@ from covspec.transport.channel import Client, ClientKeys, RemoteError
 
 __all__ = ["MAX_REOPENS", "Answer", "DeviceRuntime", "EdgeRefused", "RoundRecord", "final_answer"]
 
+PROBE_EVERY = 4  # answers drafted on the edge in a row before the device drafts one to measure itself again
 MAX_REOPENS = 3  # edge restarts survived within one answer
 
 
@@ -71,6 +72,7 @@ class DeviceRuntime:
         self.edge_step_s: float | None = None  # the target's streaming time per token, as the last OPENED said
         self.edge_offer: EdgeOffer | None = None  # what the edge last said of drafting itself (placement)
         self.yielded_round: int | None = None  # the last stream ended early: the edge's next round (it gave drafting back)
+        self.edge_streak = 0  # answers in a row drafted on the edge (see _probes_device)
         self.welcome = self._hello()
         # the drafting policy's estimates per set of mechanisms and greedy-or-sampled, carried from one
         # request to the next: acceptance, step, round-trip and verify times belong to this draft, edge
@@ -139,6 +141,13 @@ class DeviceRuntime:
         end = time.perf_counter()
         return Answer("draft_only", result.ids, result.text, ttft_s=(first[0] if first else end) - start,
                       latency_s=end - start)
+
+    def _probes_device(self, options: SpecOptions, stats: OnlineStats) -> bool:
+        """After PROBE_EVERY answers in a row drafted on the edge over a link that is not long, the device
+        drafts one itself: placement compares the edge's measured pace with this device's, which is
+        measured only while it drafts; a pace read off a few early rounds (short windows on priors, a
+        busy moment) would otherwise keep drafting on the edge for good where the device is faster."""
+        return options.placement and self.edge_streak >= PROBE_EVERY and not long_link(stats, self.edge_step_s)
 
     def _hands_over(self, options: SpecOptions | None, stats: OnlineStats | None) -> bool:
         """Whether a speculative answer is drafted on the edge from its start (policy.place_drafting on
@@ -232,6 +241,8 @@ class DeviceRuntime:
         # 1. OPEN (before the draft's prefill, or after it with the pruned indices), STREAM(draft) right behind it
         # when the edge drafts this answer (policy.place_drafting), and the draft's prefill
         stats = self.learned.setdefault((options, params.greedy), self._new_stats())
+        if self._probes_device(options, stats):  # this answer drafted here: the device's pace measured again
+            options = replace(options, placement=False)
         hand_over = self._hands_over(options, stats)
         sent_open, first_logits, state, kept, stream = self._open_and_prefill(open_msg, image_bytes, prompt, options,
                                                                               hand_over)
@@ -268,6 +279,7 @@ class DeviceRuntime:
                 spec.extend(self._stream_rest(open_msg, spec.committed, stats, stream=stream, draft=spec.edge_drafts))
                 step, stream = (None if self.yielded_round is None else spec.resume(self.yielded_round)), None
         self.edge_offer = spec.edge_offer
+        self.edge_streak = self.edge_streak + 1 if spec.edge_drafts or spec.gave_back > 0 else 0
         ids = final_answer(spec.committed, self.draft.eos_token_ids, max_new_tokens)
         return Answer(open_msg.mode, ids, self.draft.decode(ids), ttft_s=ttft, latency_s=time.perf_counter() - start,
                       rounds=spec.rounds, kept=None if kept is None else len(kept),
@@ -275,29 +287,46 @@ class DeviceRuntime:
                       edge_drafted=spec.edge_drafts or spec.gave_back > 0)
 
     def _open_and_prefill(self, open_msg: wire.Open, image_bytes: bytes, prompt: str, options: SpecOptions,
-                          hand_over: bool = False) -> tuple[wire.Message, np.ndarray, DecodeState,
+                          hand_over: bool = False) -> tuple[wire.Message, np.ndarray | None, Any,
                                                             np.ndarray | None, tuple[wire.Message, float] | None]:
         """Sends the OPEN (before the draft's own prefill, so the edge prefills meanwhile; after the
         pruning when the target prunes too) and prefills the draft: (OPEN sent, the draft's first
         logits [V], its state, the kept visual tokens' indices or None, the STREAM sent right behind the
-        OPEN when `hand_over`: the edge drafts this answer, the draft is prefilled for a hand-back only)."""
+        OPEN when `hand_over`). With `hand_over` the edge drafts this answer: the draft is prefilled only
+        if the edge gives drafting back (the state is then a function that prefills it, and there are no
+        first logits), so the device spends nothing on an answer the edge drafts."""
         stream = None
         open_msg.edge_draft = True if hand_over else None  # the edge prefills its draft with the target
         if not options.prune_target:
             sent_open = self.client.send(open_msg)  # the edge prefills while the device does
             stream = self._send_stream(open_msg, True) if hand_over else None
-        visual = self.draft.encode_image(self.draft.preprocess(load_image(image_bytes)))
+        pixels = self.draft.preprocess(load_image(image_bytes))
+        visual = kept = None
+        if options.prune_target or not hand_over:
+            visual, kept = self._encode_and_prune(pixels, prompt, options)
+        if options.prune_target:
+            open_msg.kept = None if kept is None else kept.astype(np.int32)
+            sent_open = self.client.send(open_msg)
+            stream = self._send_stream(open_msg, True) if hand_over else None
+        if hand_over:
+            def prefill() -> DecodeState:
+                v, k = (visual, kept) if visual is not None else self._encode_and_prune(pixels, prompt, options)
+                return self.draft.prefill(v, prompt, kept=k)[1]
+
+            return sent_open, None, prefill, kept, stream
+        first_logits, state = self.draft.prefill(visual, prompt, kept=kept)  # [V] the first token's
+        return sent_open, first_logits, state, kept, stream
+
+    def _encode_and_prune(self, pixels: dict[str, Any], prompt: str,
+                          options: SpecOptions) -> tuple[VisualTokens, np.ndarray | None]:
+        """The draft's visual tokens (the dropped ones merged in, with options.merge) and the kept ones' indices."""
+        visual = self.draft.encode_image(pixels)
         kept = None
         if options.keep < 1.0:
             kept = score_and_select(visual, self.draft.prompt_embeddings(prompt), options.keep, options.prune_method)
             if options.merge:
                 visual = merged_visual(visual, kept)
-        if options.prune_target:
-            open_msg.kept = None if kept is None else kept.astype(np.int32)
-            sent_open = self.client.send(open_msg)
-            stream = self._send_stream(open_msg, True) if hand_over else None
-        first_logits, state = self.draft.prefill(visual, prompt, kept=kept)  # [V] the first token's
-        return sent_open, first_logits, state, kept, stream
+        return visual, kept
 
     def _send(self, flight: Flight) -> None:
         """Sends a window's VERIFY now; the flight keeps the sent copy (its seq) and the time."""

@@ -80,13 +80,17 @@ class Branch:
 class Speculation:
     """The device's part of one speculative answer: its Drafter, the rounds, the windows in flight."""
 
-    def __init__(self, draft: DraftModel, state: DecodeState, params: SamplingParams, options: SpecOptions,
-                 stats: OnlineStats, sid: int, max_new_tokens: int, window: int, vocab: int,
+    def __init__(self, draft: DraftModel, state: DecodeState | Callable[[], DecodeState], params: SamplingParams,
+                 options: SpecOptions, stats: OnlineStats, sid: int, max_new_tokens: int, window: int, vocab: int,
                  ready: Callable[[], bool], edge_offer: EdgeOffer | None = None) -> None:
         """`state`: the draft's prefilled prompt; `stats`: the drafting policy's estimates (updated
         here); `window`: the fixed window without the adaptive policy; `vocab`: the target's
         vocabulary width; `ready()`: whether a reply is waiting; `edge_offer`: what the edge last said
         of drafting itself (updated from OPENED and each RESULT)."""
+        # `state`: a function that prefills the draft when the edge drafts this answer from the start (the
+        # draft is then prefilled only if the edge gives drafting back)
+        self.prefill = state if callable(state) else None
+        state = None if callable(state) else state
         self.draft, self.state, self.params, self.options, self.stats = as_draft(draft), state, params, options, stats
         self.sid, self.max_new_tokens, self.window, self.vocab, self.ready = sid, max_new_tokens, window, vocab, ready
         self.rng = None if params.greedy else params.rng()
@@ -94,6 +98,7 @@ class Speculation:
         self.gated = None if gate is None else lambda w: gate.stop(float(w.margins[-1]), len(w))
         self.eos = draft.eos_token_ids
         self.drafter: Drafter | None = None  # made on the first window's guess, or at OPENED
+        self.pending: list[int] = []  # the answer so far while there is no drafter (the edge drafts it)
         self.informed = False  # the policy's estimates come from measurements, not priors
         self.streams = False  # the edge streams the answer from the start (decided before OPENED)
         self.edge_step_s: float | None = None
@@ -117,11 +122,11 @@ class Speculation:
     @property
     def committed(self) -> list[int]:
         """The answer so far (the tokens both sides agreed on, plus a device-drawn correction)."""
-        return self.drafter.committed
+        return self.drafter.committed if self.drafter is not None else self.pending
 
     def extend(self, streamed: list[int]) -> None:
         """The tokens the edge streamed after the committed ones."""
-        self.drafter.committed.extend(streamed)
+        self.committed.extend(streamed)
 
     # --- events --------------------------------------------------------------------------------
     def start(self, first_logits: np.ndarray, informed: bool, edge_step_s: float | None,
@@ -160,6 +165,8 @@ class Speculation:
         early = self.early
         if early is not None and self.drafter.committed[0] == opened.token and not opened.done:
             self.in_flight = early  # the guess was right: the edge verifies the first window next
+        elif self.state is None:  # not prefilled: the edge drafts this answer (see `resume`)
+            self.pending = [opened.token]
         else:
             if self.drafter is None:
                 self.drafter = Drafter(self.draft, self.state, opened.token, self.params, self.rng)
@@ -268,6 +275,10 @@ class Speculation:
             self.edge_offer = replace(self.edge_offer, offers=False)
         if self.committed[-1] in self.eos or len(self.committed) >= self.max_new_tokens:
             return None
+        if self.drafter is None:  # prefilled only now: the committed tokens are fed with the next window
+            self.state = self.prefill()
+            self.drafter = Drafter(self.draft, self.state, self.pending[0], self.params, self.rng)
+            self.drafter.committed = list(self.pending)
         return self._next_window()
 
     # --- steps ---------------------------------------------------------------------------------

@@ -182,3 +182,45 @@ def test_the_drafter_rolls_its_own_cache_back(models):
         drafter.restart(7)
         assert drafter.committed == [7] and drafter.state.length == drafter.prompt_length
 
+
+
+def test_a_device_that_hands_drafting_over_at_open_prefills_only_when_it_comes_back(models):
+    """Handed over at OPEN (the edge drafts the answer), the device spends nothing on its draft; when the
+    edge gives drafting back after some streamed tokens, the draft is prefilled then, fed what was streamed
+    in one pass, and the answer goes on to the target's own."""
+    target, draft = models
+    draft = as_draft(draft)
+    picture = image(7)
+    n = 24
+    expected = reference(target, picture, n)
+    session = TargetSession.open(target, target.encode_image(target.preprocess(picture)), PROMPT, None, GREEDY, n)
+    edge = InProcessEdge(session, target.vocab_size)
+    prefills = []
+
+    def prefill():
+        prefills.append(1)
+        return draft.prefill(draft.encode_image(draft.preprocess(picture)), PROMPT)[1]
+
+    stats = OnlineStats(t_draft=0.001, rtt=0.001, prior_v0=0.005, prior_v1=0.001)
+    spec = Speculation(draft, prefill, GREEDY, replace(MODE_OPTIONS["covspec"], keep=1.0), stats, sid=1,
+                       max_new_tokens=n, window=4, vocab=target.vocab_size, ready=lambda: False)
+    assert spec.start(None, informed=False, edge_step_s=None, hand_over=True) is None  # nothing drafted here
+    step = spec.on_opened(wire.Opened(sid=1, token=session.committed[0], done=session.done), None)
+    assert step is STREAM and not prefills
+    tokens = session.stream()  # the edge's own generation (here: the target's streaming)
+    next(tokens)  # the first token went out in OPENED
+    streamed = [next(tokens) for _ in range(5)]  # five tokens, then it gives drafting back
+    spec.extend(streamed)
+    assert not prefills and spec.committed == expected[:6]
+    step = spec.resume(next_round=0)
+    assert prefills == [1]
+    while isinstance(step, Flight):
+        if not step.sent:
+            edge.send(step)
+        for ahead in spec.while_waiting():
+            edge.send(ahead)
+        step = spec.on_result(edge.reply(step.msg), reopened=False)
+    assert len(spec.rounds) >= 1  # drafted and verified here after the hand-back
+    if step is STREAM:  # this random draft's windows do not pay: the rest is streamed
+        spec.extend(edge.stream())
+    assert final_answer(spec.committed, draft.eos_token_ids, n) == expected and prefills == [1]

@@ -52,7 +52,10 @@ def test_a_device_that_has_not_drafted_yet_drafts_first_unless_the_link_is_long(
     long = estimates(rtt=0.15)  # 6 target steps per round trip: nothing to learn by drafting first
     long.rounds = 0
     assert place_drafting(long, OFFER, target_step_s=0.025) == EDGE
-    assert place_drafting(long, OFFER, target_step_s=None) == DEVICE  # no target step known: no yardstick
+    assert place_drafting(long, OFFER, target_step_s=None) == EDGE  # no target step said: the verify line's pass
+    short = estimates(rtt=0.03)  # 1.5 one-token verify passes (20.5 ms)
+    short.rounds = 0
+    assert place_drafting(short, OFFER, target_step_s=None) == DEVICE
 
 
 def test_a_loaded_edge_is_not_asked_to_draft():
