@@ -1,6 +1,6 @@
 """The bundle's tokenizer without transformers: the `tokenizers` library on tokenizer.json, with the
 few PreTrainedTokenizerFast methods the runtime calls (encode, decode, get_vocab, bos/eos ids,
-convert_ids_to_tokens). Special tokens and decoding options come from tokenizer_config.json /
+convert_ids_to_tokens, len, all_special_tokens). Special tokens and decoding options come from tokenizer_config.json /
 special_tokens_map.json as transformers reads them, so ids, text and the vocabulary fingerprint are
 the same as with transformers (a test holds them equal).
 """
@@ -47,6 +47,13 @@ class BundleTokenizer:
 
     def convert_ids_to_tokens(self, i: int) -> str | None:
         return self.backend.id_to_token(int(i))
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        return [t.content for t in self.backend.get_added_tokens_decoder().values() if t.special]
 
 
 def clean_up_tokenization(text: str) -> str:
