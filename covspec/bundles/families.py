@@ -210,7 +210,10 @@ class QwenRules(FamilyRules):
     def default_limits(self) -> list[str]:
         rows, cols = self.patch_grid
         return [f"one fixed grid of {rows}x{cols} patches: no native resolution (any image is resized to "
-                f"{self.side}x{self.side} px, its aspect ratio not kept)", "images only: no video"]
+                f"{self.side}x{self.side} px, its aspect ratio not kept)", "images only: no video",
+                "ExecuTorch's own MultimodalRunner runs model.pte on text-only prompts only (its image path "
+                "passes an RGB image, not the vision encoder's patches, and 1-D cache positions, not the image "
+                "tokens' M-RoPE [3, k] positions); the CoVSpec runtime runs images"]
 
     def grid(self, n: int) -> tuple[int, int] | None:
         rows, cols = self.patch_grid
