@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,6 +18,7 @@ from tiny_models import build_llava, build_qwen2_5_vl
 
 from covspec.bundles.bundle import BundleError, load_bundle
 from covspec.export.manifest import FORMAT_VERSION, MANIFEST, sha256_file, write_manifest
+from covspec.models.draft import as_draft
 
 PROMPTS = ["what is the color ?", "how many circle are there ?", "describe the image .", "is there a red square ?"]
 COLORS = [(200, 30, 30), (10, 200, 30), (30, 30, 220)]
@@ -146,7 +148,9 @@ def agreement(eager, exported, max_new_tokens: int = 24) -> tuple[int, int, floa
     """(tokens equal at the same position, tokens, max |logit difference| over prefill + a window +
     a rollback and re-forward)."""
     from covspec.generation import generate
+    from covspec.models.draft import as_draft
 
+    eager, exported = as_draft(eager), as_draft(exported)  # numpy both
     same = total = 0
     worst = 0.0
     for image in images():
@@ -158,13 +162,13 @@ def agreement(eager, exported, max_new_tokens: int = 24) -> tuple[int, int, floa
             va, vb = eager.encode_image(eager.preprocess(image)), exported.encode_image(exported.preprocess(image))
             la, sa = eager.prefill(va, prompt)
             lb, sb = exported.prefill(vb, prompt)
-            worst = max(worst, float((la - lb).abs().max()))
-            window = torch.tensor([5, 9, 12, 7])
-            worst = max(worst, float((eager.forward(sa, window) - exported.forward(sb, window)).abs().max()))
+            worst = max(worst, float(np.abs(la - lb).max()))
+            window = np.array([5, 9, 12, 7])
+            worst = max(worst, float(np.abs(eager.forward(sa, window) - exported.forward(sb, window)).max()))
             eager.truncate(sa, sa.length - 3)
             exported.truncate(sb, sb.length - 3)
-            window = torch.tensor([11, 4])
-            worst = max(worst, float((eager.forward(sa, window) - exported.forward(sb, window)).abs().max()))
+            window = np.array([11, 4])
+            worst = max(worst, float(np.abs(eager.forward(sa, window) - exported.forward(sb, window)).max()))
     return same, total, worst
 
 
@@ -174,20 +178,20 @@ def test_fp32_bundle_matches_eager(tiny: Path, fp32_bundles: tuple[Path, Path], 
     from covspec.bundles.adapter import BundleAdapter
     from covspec.models import load_adapter
 
-    eager = load_adapter(tiny)
+    eager = as_draft(load_adapter(tiny))  # numpy, as the bundle's
     exported = BundleAdapter(fp32_bundles[0], backend=backend)
     assert exported.fingerprint() == eager.fingerprint()
     assert exported.vocab_size == eager.vocab_size and exported.eos_token_ids == eager.eos_token_ids
     visual_a = eager.encode_image(eager.preprocess(images()[0]))
     visual_b = exported.encode_image(exported.preprocess(images()[0]))
-    assert torch.allclose(visual_a.embeds, visual_b.embeds, atol=1e-5)
-    assert torch.allclose(visual_a.activity, visual_b.activity, atol=1e-4)
-    assert torch.allclose(visual_a.attention, visual_b.attention, atol=1e-5)
-    assert torch.allclose(eager.prompt_embeddings(PROMPTS[0]), exported.prompt_embeddings(PROMPTS[0]), atol=1e-2)
-    kept = torch.tensor([0, 3, 5, 6, 10, 15])
+    assert np.allclose(visual_a.embeds, visual_b.embeds, atol=1e-5)
+    assert np.allclose(visual_a.activity, visual_b.activity, atol=1e-4)
+    assert np.allclose(visual_a.attention, visual_b.attention, atol=1e-5)
+    assert np.allclose(eager.prompt_embeddings(PROMPTS[0]), exported.prompt_embeddings(PROMPTS[0]), atol=1e-2)
+    kept = np.array([0, 3, 5, 6, 10, 15])
     la, _ = eager.prefill(visual_a, PROMPTS[1], kept=kept)
     lb, _ = exported.prefill(visual_b, PROMPTS[1], kept=kept)
-    assert (la - lb).abs().max() < 1e-4
+    assert np.abs(la - lb).max() < 1e-4
     same, total, worst = agreement(eager, exported)
     assert same == total and worst < 1e-4
 
@@ -219,7 +223,7 @@ def test_prompt_over_the_static_cache_is_refused(fp32_bundles: tuple[Path, Path]
     visual = exported.encode_image(exported.preprocess(images()[0]))
     _, state = exported.prefill(visual, PROMPTS[0])
     with pytest.raises(PromptError, match="over the bundle's 96 cache positions"):
-        exported.forward(state, torch.ones(96 - state.length + 1, dtype=torch.long))
+        exported.forward(state, np.ones(96 - state.length + 1, dtype=np.int64))
 
 
 @pytest.mark.slow
