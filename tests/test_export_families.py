@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -32,19 +33,20 @@ def greedy_eager(eager, visual: VisualTokens, prompt: str, n: int) -> list[int]:
 
 
 def greedy_programs(programs, eager, visual: VisualTokens, prompt: str, n: int) -> tuple[list[int], torch.Tensor]:
-    """The exported decoder on the eager adapter's prefill inputs (embeds, unpruned positions)."""
+    """The exported decoder (numpy in and out) on the eager adapter's prefill inputs (embeds, unpruned positions)."""
     inputs = eager.prefill_inputs(visual, prompt)
     t = int(inputs.embeds.shape[0])
     state = DecodeState(cache=programs.new_cache(), length=0)
-    logits = programs.decoder(state, torch.zeros(1, t, dtype=torch.long), inputs.embeds[None].float(),
-                              torch.ones(1, t, dtype=torch.bool), flat_positions(inputs.positions), 0)[0]  # [T, V]
-    first = logits[-1]
+    logits = programs.decoder(state, np.zeros((1, t), dtype=np.int64), inputs.embeds[None].float().numpy(),
+                              np.ones((1, t), dtype=np.bool_), flat_positions(inputs.positions).numpy(), 0)[0]  # [T, V]
+    first = torch.from_numpy(logits[-1].copy())
     out, length = [], t
     for _ in range(n):
         out.append(int(logits[-1].argmax()))
         pos = eager._positions(DecodeState(cache=None, length=length, extra=dict(inputs.extra)), 1)  # [1|3, (1,) 1]
-        logits = programs.decoder(state, torch.tensor([out[-1:]]), torch.zeros(1, 1, inputs.embeds.shape[1]),
-                                  torch.zeros(1, 1, dtype=torch.bool), flat_positions(pos), length)[0]
+        logits = programs.decoder(state, np.asarray([out[-1:]], dtype=np.int64),
+                                  np.zeros((1, 1, inputs.embeds.shape[1]), dtype=np.float32),
+                                  np.zeros((1, 1), dtype=np.bool_), flat_positions(pos).numpy(), length)[0]
         length += 1
     return out, first
 
@@ -83,7 +85,8 @@ def test_exported_programs_equal_eager(exported: tuple[Path, Path, str], backend
     for color in COLORS:
         pixels = eager.preprocess(Image.new("RGB", BUILDERS[family][1], color))
         reference = eager.encode_image(pixels)
-        embeds, activity, *attention = programs.vision(pixels["pixel_values"])
+        embeds, activity, *attention = (torch.from_numpy(np.array(a)) for a in
+                                        programs.vision(pixels["pixel_values"].numpy()))  # the programs take numpy
         assert torch.allclose(embeds, reference.embeds, atol=1e-5)
         assert torch.allclose(activity, reference.activity, atol=1e-4)
         if reference.attention is not None:
