@@ -57,6 +57,10 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise BundleError(f"bundle {folder}: {MANIFEST} lists no files")
     version = manifest.get("format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION:  # the device runtime is the older side
+        raise BundleError(f"bundle {folder}: {MANIFEST} has format version {version}, newer than this device "
+                          f"runtime reads (version {FORMAT_VERSION}); update the runtime: reflash with `covspec "
+                          "device flash` from the exporting covspec, or pip install -U 'covspec[device]'")
     if version != FORMAT_VERSION:
         old = " (version 1: vision.pte + decoder.pte, before the ExecuTorch multimodal layout)" if version == 1 else ""
         raise BundleError(f"bundle {folder}: {MANIFEST} has format version {version!r}{old}, this runtime reads "
