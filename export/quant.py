@@ -133,9 +133,17 @@ class Int8Embedding(torch.nn.Module):
         return self.qweight[ids].float() * self.scale[ids][..., None]
 
 
-def prepare_for_quantization(tower: torch.nn.Module, decoder: torch.nn.Module) -> None:
+UNTIE_HEAD_ABOVE = 1 << 24  # V * d: a tied output head larger than this gets an int8 table of its own
+
+
+def prepare_for_quantization(tower: torch.nn.Module, decoder: torch.nn.Module,
+                             untie_above: int = UNTIE_HEAD_ABOVE) -> None:
     """Module swaps a quantized bundle makes on its own copy of the model: the vision tower's patch
-    Conv2d becomes a PatchLinear, the decoder's input embedding an Int8Embedding."""
+    Conv2d becomes a PatchLinear, the decoder's input embedding an Int8Embedding. A tied output head
+    reads the same int8 rows (`Int8TiedHead`, weight-only) while the table is small; a large one
+    (V * d above `untie_above`: Qwen2.5-VL's 151936 x 2048) becomes a Linear of its own, quantized with
+    the other Linear layers, because the weight-only head dequantizes the whole table on every step (at
+    Qwen's 3B width that made the int8 ONNX step 1.83x eager's): it costs a second int8 copy of the table."""
     embeddings = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
     conv = getattr(embeddings, "patch_embedding", None)
     if isinstance(conv, torch.nn.Conv2d):
@@ -148,8 +156,19 @@ def prepare_for_quantization(tower: torch.nn.Module, decoder: torch.nn.Module) -
         head = getattr(decoder, "lm_head", None)
         tied = isinstance(head, torch.nn.Linear) and head.weight.data_ptr() == embed.weight.data_ptr()
         decoder.embed_tokens = Int8Embedding(embed)
-        if tied:  # the output projection reads the same int8 rows: no second copy of the table
+        if tied and embed.weight.numel() > untie_above:  # its own Linear: XNNPACK's / ORT's int8 GEMM
+            decoder.lm_head = untied_head(head)
+        elif tied:  # the output projection reads the same int8 rows: no second copy of the table
             decoder.lm_head = Int8TiedHead(decoder.embed_tokens)
+
+
+def untied_head(head: torch.nn.Linear) -> torch.nn.Linear:
+    """A copy of a tied output projection with a weight of its own."""
+    out = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+    out.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    if head.bias is not None:
+        out.bias = torch.nn.Parameter(head.bias.detach().clone(), requires_grad=False)
+    return out
 
 
 class Int8TiedHead(torch.nn.Module):

@@ -357,3 +357,28 @@ def test_the_edge_bundle_carries_the_draft_and_the_edge_serves_it(tmp_path: Path
     skipped = load_bundle(build_edge_bundle(target, tmp_path / "edge2", backend="pytorch", draft=other)).manifest
     assert "draft" not in skipped and "tokenizer" in skipped["draft_skipped"]
     assert bundle_draft(tmp_path / "edge2") is None
+
+
+def test_a_large_tied_head_gets_an_int8_table_of_its_own() -> None:
+    """A tied output head reads the input embedding's int8 rows while the table is small; past
+    `untie_above` it becomes a Linear of its own (quantized with the other Linears), since the weight-only
+    tied head dequantizes the whole table on every step."""
+    from covspec.export.quant import Int8Embedding, Int8TiedHead, prepare_for_quantization
+
+    def tied() -> torch.nn.Module:
+        decoder = torch.nn.Module()
+        decoder.embed_tokens = torch.nn.Embedding(50, 8)
+        decoder.lm_head = torch.nn.Linear(8, 50, bias=False)
+        decoder.lm_head.weight = decoder.embed_tokens.weight  # tied
+        return decoder
+
+    small = tied()
+    prepare_for_quantization(torch.nn.Module(), small, untie_above=50 * 8)
+    assert isinstance(small.embed_tokens, Int8Embedding) and isinstance(small.lm_head, Int8TiedHead)
+    large = tied()
+    reference = large.embed_tokens.weight.detach().clone()
+    prepare_for_quantization(torch.nn.Module(), large, untie_above=50 * 8 - 1)
+    assert isinstance(large.embed_tokens, Int8Embedding) and type(large.lm_head) is torch.nn.Linear
+    assert torch.equal(large.lm_head.weight, reference)  # the same projection, a weight of its own
+    x = torch.randn(3, 8)
+    assert torch.allclose(large.lm_head(x), x @ reference.T)
