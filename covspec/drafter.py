@@ -50,8 +50,6 @@ class Window:
                       self.runner_up[start:], self.step_s[start:])
 
 
-def empty_window() -> Window:
-    return Window(np.zeros(0, dtype=np.int64), None, np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.int64), [])
 
 
 def runner_up_token(top2: np.ndarray, token: int) -> int:
@@ -72,15 +70,19 @@ class Drafter:
         self.rng = rng
 
     def draft(self, k: int, stop: Callable[[Window], bool] | None = None) -> Window:
-        """Drafts up to k tokens after the committed ones; `stop(window so far)` ends it early (the
-        margin gate, or a reply that arrived while drafting a branch)."""
+        """Drafts up to k tokens after the committed ones; `stop(window so far, without q)` ends it early
+        (the margin gate, or a reply that arrived while drafting a branch)."""
         ids: list[int] = []
         q_rows: list[np.ndarray] = []
         margins: list[float] = []
         runner_up: list[int] = []
         step_s: list[float] = []
         eos = self.adapter.eos_token_ids
-        window = empty_window()
+
+        def window(with_q: bool) -> Window:  # q [k, V] stacked once, for the window returned
+            return Window(np.asarray(ids, dtype=np.int64), np.stack(q_rows) if with_q and q_rows else None,
+                          np.asarray(margins, dtype=np.float32), np.asarray(runner_up, dtype=np.int64), step_s)
+
         for i in range(k):
             t0 = time.perf_counter()
             if i == 0:  # feed the committed tokens not yet in the cache, in one pass
@@ -102,11 +104,9 @@ class Drafter:
             margins.append(float(p[top2[0]] - p[top2[1]]))
             runner_up.append(runner_up_token(top2, token))
             step_s.append(time.perf_counter() - t0)
-            window = Window(np.asarray(ids, dtype=np.int64), np.stack(q_rows) if q_rows else None,
-                            np.asarray(margins, dtype=np.float32), np.asarray(runner_up, dtype=np.int64), step_s)
-            if token in eos or (stop is not None and stop(window)):  # nothing follows an end of answer
-                return window
-        return window
+            if token in eos or (stop is not None and stop(window(with_q=False))):  # nothing follows an end
+                break
+        return window(with_q=True)
 
     def commit(self, window: Window, accepted: int, next_token_id: int | None) -> None:
         """Keeps the first `accepted` drafted tokens and the edge's next token (None when an accepted

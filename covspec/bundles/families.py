@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from covspec.errors import PromptError
+from covspec.models.common import check_no_placeholder, encode_text, normalize, pil_resize
 
 MAX_IMAGE_SIZE = 4096  # the Idefics3 processor's bound on its first resize
 
@@ -65,15 +65,8 @@ def patchify(pixels: np.ndarray, patch: int, merge: int, temporal: int) -> np.nd
     return np.ascontiguousarray(x.reshape(rows * cols, c * t * p * p), dtype=np.float32)
 
 
-def resize(image: Image.Image, height: int, width: int, resample: int) -> Image.Image:
-    return image if image.size == (width, height) else image.resize((width, height), resample=resample)
 
 
-def normalize(pixels: np.ndarray, rescale: float, mean: Any, std: Any) -> np.ndarray:
-    """[H, W, C] uint8 -> [C, H, W] float32, rescaled and normalized (as covspec.models.base.normalize)."""
-    out = pixels.astype(np.float32) * np.float32(rescale)
-    out = (out - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
 def unpruned_positions(t: int, image_start: int, kept: np.ndarray, n_visual: int) -> tuple[np.ndarray, dict[str, int]]:
@@ -87,16 +80,8 @@ def unpruned_positions(t: int, image_start: int, kept: np.ndarray, n_visual: int
     return positions, {"position_offset": offset}
 
 
-def check_placeholders(ids: list[int], forbidden: set[int], tokenizer: Any) -> None:
-    """The prompt's text must not contain an image placeholder token: it would be taken for a visual token."""
-    found = forbidden.intersection(ids)
-    if found:
-        names = ", ".join(sorted(str(tokenizer.convert_ids_to_tokens(i)) for i in found))
-        raise PromptError(f"the prompt contains the image placeholder token {names}: remove it")
 
 
-def encode(tokenizer: Any, text: str) -> list[int]:
-    return [int(i) for i in tokenizer.encode(text, add_special_tokens=False)] if text else []
 
 
 @dataclass
@@ -138,9 +123,9 @@ class FamilyRules:
         """ids with n image tokens where the manifest's before_image / after_image text says, and where
         the first stands."""
         entry = self.manifest["prompt"]
-        before = encode(tokenizer, entry["before_image"])
-        after = encode(tokenizer, entry["after_image"].format(prompt=prompt))
-        check_placeholders(after[1:], self.placeholder_ids, tokenizer)
+        before = encode_text(tokenizer, entry["before_image"])
+        after = encode_text(tokenizer, entry["after_image"].format(prompt=prompt))
+        check_no_placeholder(after[1:], self.placeholder_ids, tokenizer)
         return before + [self.image_token_id] * n + after, len(before)
 
     def prefill_positions(self, t: int, image_start: int, kept: np.ndarray, n_visual: int,
@@ -182,8 +167,8 @@ class Idefics3Rules(FamilyRules):
         image = image.convert("RGB")
         longest = (s.get("size") or {}).get("longest_edge")
         if bool(s.get("do_resize", True)) and longest:
-            image = resize(image, *longest_edge_size(image.height, image.width, int(longest)), resample)
-        image = resize(image, self.side, self.side, resample)
+            image = pil_resize(image, *longest_edge_size(image.height, image.width, int(longest)), resample)
+        image = pil_resize(image, self.side, self.side, resample)
         pixels = normalize(np.asarray(image), float(s.get("rescale_factor", 1 / 255)),
                            s.get("image_mean", (0.5, 0.5, 0.5)), s.get("image_std", (0.5, 0.5, 0.5)))
         return pixels[None]
@@ -227,7 +212,7 @@ class QwenRules(FamilyRules):
         rows, cols = self.patch_grid
         patch = self.side // rows
         temporal = width // (3 * patch * patch)
-        image = resize(image.convert("RGB"), self.side, self.side, int(s.get("resample", Image.Resampling.BICUBIC)))
+        image = pil_resize(image.convert("RGB"), self.side, self.side, int(s.get("resample", Image.Resampling.BICUBIC)))
         pixels = normalize(np.asarray(image), float(s.get("rescale_factor", 1 / 255)),
                            s.get("image_mean", (0.48145466, 0.4578275, 0.40821073)),
                            s.get("image_std", (0.26862954, 0.26130258, 0.27577711)))

@@ -30,14 +30,14 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from covspec.tools.export_agreement import program_bytes
+from covspec.tools.export_agreement import common_prefix, program_bytes
 
 FAMILIES = {"llava": "build_llava", "idefics3": "build_idefics3", "qwen2_5_vl": "build_qwen2_5_vl"}  # tiny_models
 SCHEMES = {"fp32": "none", "int8": "int8"}  # label -> build_device_bundle quant
@@ -63,13 +63,6 @@ class Agreement:
         return self.tokens_equal / self.tokens if self.tokens else float("nan")
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def agreement(reference: list[list[int]], other: list[list[int]]) -> Agreement:
