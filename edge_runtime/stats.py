@@ -13,7 +13,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from covspec.policy import fit_line
 from covspec.transport.channel import ByteCounters
 
 request_log = logging.getLogger("covspec.edge.requests")
@@ -46,17 +45,6 @@ class SessionUsage:
             "stream_ms": round(self.stream_s * 1000, 2),
             "duration_ms": round((time.monotonic() - self.opened_at) * 1000, 2),
         }
-
-
-def cost_timings(step_s: float | None, verify_sums: list[float]) -> dict[str, float]:
-    """What the devices' drafting policies price windows with (sent in OPENED): the target's streaming
-    time per token and, once windows of more than one length were verified, the verify-time line
-    fitted on `verify_sums` (covspec.policy.add_point)."""
-    out = {"step_s": step_s} if step_s else {}
-    line = fit_line(verify_sums, min_spread=0.25)
-    if line is not None:  # a steep slope can put the intercept below 0: no pass takes negative time
-        out["verify_v0_s"], out["verify_v1_s"] = max(line[0], 0.0), line[1]
-    return out
 
 
 def log_completion(sid: int, usage: SessionUsage, tokens: int, end: str) -> None:
