@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from covspec.bundles.backend import bundle_backend, load_draft
 from covspec.errors import CovspecError
+from covspec.modes import Mode
 
 if TYPE_CHECKING:
     from covspec.calibration.profile import CalibrationProfile
@@ -261,11 +262,11 @@ def describe_answer(record: dict[str, Any]) -> str:
         figures.append(f"decode {record['decode_tokens_per_s']:.1f} tokens/s")
     figures += [f"up {record['up_per_token']:.0f} B/token", f"down {record['down_per_token']:.0f} B/token"]
     mode = record["mode"]
-    if mode == "target_only":
+    if mode == Mode.TARGET_ONLY:
         how = "the edge generated every token (target_only)"
-    elif mode == "edge_sd":
+    elif mode == Mode.EDGE_SD:
         how = "the edge drafted with its own draft and verified (edge_sd)"
-    elif mode == "draft_only":
+    elif mode == Mode.DRAFT_ONLY:
         how = f"the draft alone ({record['draft']}), no edge"
     else:
         how = f"draft {record['draft']}, "

@@ -13,7 +13,7 @@ import pytest
 
 from covspec.cli import build_parser, main
 from covspec.cli.common import HelpFormatter
-from covspec.modes import MODE_OPTIONS, MODES, SpecOptions, mode_labels, split_label
+from covspec.modes import MODE_OPTIONS, MODES, Mode, SpecOptions, mode_labels, split_label
 from covspec.tools import bench, fuzz, load
 from covspec.tools.worker import WorkerSettings
 from covspec.transport import link
@@ -64,6 +64,7 @@ def test_modes_table_margin_default_is_the_policys():
 
     assert SpecOptions().margin_threshold == MARGIN_THRESHOLD
     assert MODES == ("target_only", "draft_only", "edge_sd", *MODE_OPTIONS)
+    assert tuple(Mode) == MODES  # the enum the code compares with names every mode, in the table's order
 
 
 def test_bench_modes_are_checked_against_the_table(capsys):

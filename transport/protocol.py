@@ -418,7 +418,8 @@ def _cross(msg: Message, limits: Limits) -> None:
             fail(ErrorCode.BAD_MESSAGE, f"dists: shape {list(msg.dists.shape)}, expected [{k}, V>0]")
     if isinstance(msg, Result) and (msg.cand_ids is None) != (msg.cand_probs is None):
         fail(ErrorCode.BAD_MESSAGE, "cand_ids/cand_probs: both or neither")
-    if isinstance(msg, Result) and msg.cand_ids is not None and msg.cand_ids.shape != msg.cand_probs.shape:
+    if (isinstance(msg, Result) and msg.cand_ids is not None and msg.cand_probs is not None
+            and msg.cand_ids.shape != msg.cand_probs.shape):
         fail(ErrorCode.BAD_MESSAGE, f"cand_probs: shape {list(msg.cand_probs.shape)}, expected {list(msg.cand_ids.shape)}")
 
 

@@ -10,13 +10,24 @@ import time
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import msgpack
 import numpy as np
 
-if TYPE_CHECKING:
-    from covspec.tools.worker import WorkerSettings
+
+class ReplaySettings(Protocol):
+    """What a replaying worker reads of its settings (covspec.tools.worker.WorkerSettings)."""
+
+    modes: tuple[str, ...]
+    replay_file: str | None
+    start: int
+    prompts: int
+    edge: str
+    go: str | None
+    device: int
+    rows: str
+    link: str
 
 
 def wait_for_go(go: Path, device: int, timeout_s: float = 600.0) -> None:
@@ -172,7 +183,7 @@ def replay(client, record: dict) -> dict:
             "replay_matches": replies == record["replies"]}
 
 
-def run_replay_worker(s: WorkerSettings) -> int:
+def run_replay_worker(s: ReplaySettings) -> int:
     """A load-generating device: replays its share of the recorded requests in its one mode."""
     from covspec.transport.channel import Client
 
