@@ -458,6 +458,12 @@ class Client:
                                           f"attempt(s) of {timeout_s:g} s each: {self._watch.why_down(self.endpoint)}")
         raise PeerUnavailable(self.endpoint, f"{sent.TYPE} (seq {sent.seq})", attempts, timeout_s)
 
+    def reconnect(self) -> None:
+        """A fresh socket and connection to the endpoint (behind a balancer: maybe another edge);
+        replies still due on the old one are dropped with it."""
+        self._close_socket()
+        self._sock = self._connect()
+
     def _close_socket(self) -> None:
         self._sock.sock.disable_monitor()
         self._monitor.close(linger=0)
