@@ -56,7 +56,7 @@ __all__ = ["MAX_REOPENS", "Answer", "DeviceRuntime", "EdgeRefused", "RoundRecord
 
 PROBE_EVERY = 4  # answers drafted on the edge in a row before the device drafts one to measure itself again
 MAX_REOPENS = 3  # edge restarts survived within one answer
-MAX_MOVES = 4  # DRAINING edges left in a row for one OPEN (connecting again each time)
+MAX_MOVES = 5  # DRAINING edges left in a row for one OPEN (connecting again each time)
 MOVE_PAUSE_S = 0.25  # the pause before the n-th connection after the first, times n (a balancer's health check catching up)
 T = TypeVar("T")
 
