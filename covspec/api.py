@@ -84,8 +84,9 @@ def serve_edge(model: str | Path, settings: EdgeSettings | None = None, *, threa
                draft: str | Path | None = None) -> None:
     """Serves the target checkpoint (or edge bundle) `model` with `settings` (EdgeSettings: bind
     address, keys, limits, placement; default: tcp://127.0.0.1:5555 with no authentication) until
-    interrupted or `stop_after_s`. `metrics`: HOST:PORT for a Prometheus GET /metrics of the edge's
-    counters (off by default). `on_ready(server, metrics address or None)` is called once it listens."""
+    interrupted, `stop_after_s`, or drained (`EdgeServer.drain()`, which `covspec edge serve` calls on
+    SIGTERM). `metrics`: HOST:PORT for a Prometheus GET /metrics of the edge's counters, and the
+    /healthz and /readyz probes (off by default). `on_ready(server, metrics address or None)` is called once it listens."""
     from covspec.edge_runtime.settings import EdgeSettings
 
     settings = settings or EdgeSettings()
@@ -97,9 +98,10 @@ def serve_edge(model: str | Path, settings: EdgeSettings | None = None, *, threa
     serving: list[EdgeServer] = []  # the server once it is up (the metrics read it)
     exporter = None
     if metrics:
-        from covspec.edge_runtime.metrics import MetricsServer
+        from covspec.edge_runtime.metrics import LOADING, MetricsServer
 
-        exporter = MetricsServer(metrics, lambda: serving[0].stats() if serving else {})
+        exporter = MetricsServer(metrics, lambda: serving[0].stats() if serving else {},
+                                 health=lambda: serving[0].health() if serving else LOADING)
     try:
         import torch
 

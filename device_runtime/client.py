@@ -23,6 +23,10 @@ An edge that restarts mid-answer is survived: the Client's retries reach the new
 socket, which answers UNKNOWN_SESSION; the device re-OPENs the session with the tokens it already
 has (`Open.prefix`; the edge prefills prompt + prefix) and carries on from there, so a greedy answer
 is the one it would have been without the restart.
+
+An edge that is draining (shutting down) answers an OPEN with DRAINING: the device connects again at
+once (a fresh socket; behind a balancer the new TCP connection lands on another replica) and sends
+the OPEN there, with the answer so far when it was resuming (`_moving`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -52,6 +56,9 @@ __all__ = ["MAX_REOPENS", "Answer", "DeviceRuntime", "EdgeRefused", "RoundRecord
 
 PROBE_EVERY = 4  # answers drafted on the edge in a row before the device drafts one to measure itself again
 MAX_REOPENS = 3  # edge restarts survived within one answer
+MAX_MOVES = 5  # DRAINING edges left in a row for one OPEN (connecting again each time)
+MOVE_PAUSE_S = 0.25  # the pause before the n-th connection after the first, times n (a balancer's health check catching up)
+T = TypeVar("T")
 
 
 class EdgeRefused(Exception):
@@ -84,6 +91,7 @@ class DeviceRuntime:
         self.profile = profile
         self.client = Client(edge, timeout_s=timeout_s, retries=retries, keys=keys)
         self.reopens = 0
+        self.moves = 0  # OPENs answered DRAINING, and so sent again on a new connection
         self.edge_step_s: float | None = None  # the target's streaming time per token, as the last OPENED said
         self.edge_offer: EdgeOffer | None = None  # what the edge last said of drafting itself (placement)
         self.yielded_round: int | None = None  # the last stream ended early: the edge's next round (it gave drafting back)
@@ -128,7 +136,7 @@ class DeviceRuntime:
             raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
         prompt = self.draft.check_prompt(prompt)
         up0, down0 = self.client.counters.bytes_sent, self.client.counters.bytes_recv
-        reopens0 = self.reopens
+        reopens0, moves0 = self.reopens, self.moves
         start = time.perf_counter()
         if mode == Mode.DRAFT_ONLY:
             answer = self._draft_only(image_bytes, prompt, params, max_new_tokens, start)
@@ -138,14 +146,15 @@ class DeviceRuntime:
                                  temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                                  seed=params.seed, max_new_tokens=max_new_tokens)
             if mode in STREAMING_MODES:
-                answer = self._target_only(open_msg, max_new_tokens, start)
+                answer = self._moving(lambda: self._target_only(open_msg, max_new_tokens, start))
             else:
-                answer = self._speculative(open_msg, image_bytes, prompt, params, max_new_tokens, window, start,
-                                           options or MODE_OPTIONS[mode])
+                answer = self._moving(lambda: self._speculative(open_msg, image_bytes, prompt, params, max_new_tokens,
+                                                                window, start, options or MODE_OPTIONS[mode]))
             self.client.request(wire.Close(sid=sid))
         answer.bytes_up = self.client.counters.bytes_sent - up0
         answer.bytes_down = self.client.counters.bytes_recv - down0
         answer.reopens = self.reopens - reopens0
+        answer.moves = self.moves - moves0
         return answer
 
     def _draft_only(self, image_bytes: bytes, prompt: str, params: SamplingParams, max_new_tokens: int,
@@ -232,7 +241,22 @@ class DeviceRuntime:
         """The edge lost the session (it restarted): open it again with the answer so far."""
         self.reopens += 1
         msg = replace(open_msg, prefix=np.asarray(committed, dtype=np.int32))
-        return self._expect(self.client.request(msg), wire.Opened)
+        return self._expect(self._moving(lambda: self.client.request(msg)), wire.Opened)
+
+    def _moving(self, attempt: Callable[[], T]) -> T:
+        """`attempt()` (what starts with an OPEN), made again on a new connection each time the edge
+        answers DRAINING (it is shutting down: behind a balancer the new connection reaches another
+        replica), at most MAX_MOVES times. The OPEN was refused, so nothing of the session is lost."""
+        for moved in range(MAX_MOVES + 1):
+            try:
+                return attempt()
+            except RemoteError as err:
+                if err.code != wire.ErrorCode.DRAINING or moved == MAX_MOVES:
+                    raise
+            self.moves += 1
+            time.sleep(MOVE_PAUSE_S * moved)
+            self.client.reconnect()
+        raise AssertionError("unreachable")
 
     def _await_resuming(self, sent: wire.Verify, open_msg: wire.Open,
                         committed: list[int]) -> tuple[wire.Message, bool]:

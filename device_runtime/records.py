@@ -35,6 +35,7 @@ class Answer:
     streamed_rest: bool = False  # the adaptive policy found speculation not paying and switched to STREAM
     edge_drafted: bool = False  # that STREAM asked the edge to draft the rest itself (draft placement)
     reopens: int = 0  # times the session was re-OPENed with the answer so far (the edge had lost it)
+    moves: int = 0  # times an edge answered an OPEN with DRAINING and the device connected again (another edge)
 
     @property
     def decode_tokens_per_s(self) -> float:

@@ -3,10 +3,16 @@
 `covspec_edge_<name>`; the per-type and per-code ones ("requests.OPEN", "errors.LIMIT") as one
 family with a label (`covspec_edge_requests_by_type_total{type="OPEN"}`). A small HTTP server on a
 thread of its own (the standard library's); it only reads the counters.
+
+Beside them, what a balancer and an orchestrator probe (JSON bodies, `health()`'s): GET /healthz,
+liveness: 200 while the edge's loop turns (and while the target loads), 503 when it has stalled;
+GET /readyz, readiness: 200 once the target is loaded and serving, 503 while it loads and from the
+moment it drains (SIGTERM) until it exits, so a balancer sends it no new connection.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -65,20 +71,33 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-class MetricsServer:
-    """GET /metrics on `address`, answered with render(stats()) from a daemon thread."""
+LOADING = {"live": True, "ready": False, "loading": True}  # health() before the target is loaded
+PROBES = {"/healthz": "live", "/readyz": "ready"}
 
-    def __init__(self, address: str, stats: Callable[[], dict[str, int | float]]):
+
+class MetricsServer:
+    """GET /metrics on `address`, answered with render(stats()) from a daemon thread; GET /healthz and
+    /readyz with health() as JSON, 200 when its "live" / "ready" is true, else 503."""
+
+    def __init__(self, address: str, stats: Callable[[], dict[str, int | float]],
+                 health: Callable[[], dict[str, object]] = lambda: LOADING):
         host, port = parse_address(address)
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404, "the metrics are at /metrics")
-                    return
-                body = render(read(stats)).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE)
+                path = self.path.split("?")[0]
+                if path in PROBES:
+                    state = health()
+                    self._send(200 if state.get(PROBES[path]) else 503, "application/json",
+                               (json.dumps(state) + "\n").encode())
+                elif path == "/metrics":
+                    self._send(200, CONTENT_TYPE, render(read(stats)).encode())
+                else:
+                    self.send_error(404, "the metrics are at /metrics, the probes at /healthz and /readyz")
+
+            def _send(self, status: int, content_type: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

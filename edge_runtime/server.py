@@ -21,6 +21,12 @@ target is scored in one packed pass, and the new sessions' OPENs are prefilled i
 without batching, each VERIFY using its precomputed window and each OPEN its precomputed prefill
 (the rules stay in the handlers and TargetSession).
 
+Draining (`drain()`, called on SIGTERM by `covspec edge serve`): the open sessions are served to the
+end, every OPEN that would start a session is refused with ERROR DRAINING (the device opens it on
+another edge), and `serve_forever` returns once no session is unfinished (and the last one finished
+was given a moment for its CLOSE) or `settings.drain_timeout_s` has passed. `health()` is what the
+HTTP /healthz and /readyz answer (edge_runtime.metrics): live while the loop turns, ready until drained.
+
 Where each part lives: this module, the socket loop, the gathering of a round's requests and the
 dispatch of each to its handler with its `RequestContext` (edge_runtime.context); the handlers,
 edge_runtime.handlers; the session table with its quotas and idle expiry, edge_runtime.table; the
@@ -54,6 +60,9 @@ from covspec.transport.channel import MeteredSocket, Request, bind, make_socket,
 __all__ = ["EdgeServer", "EdgeSettings"]
 
 log = logging.getLogger("covspec.edge")
+
+CLOSE_GRACE_S = 0.5  # a drained edge waits this long after its last session's activity, for the CLOSE
+STALL_S = 60.0  # /healthz fails when the loop has not come round for this long (a pass that hangs)
 
 
 class EdgeServer:
@@ -91,6 +100,8 @@ class EdgeServer:
             self.close()
             raise
         self.endpoint = self.sock.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.draining_since: float | None = None  # when drain() was called (monotonic)
+        self.turned = time.monotonic()  # when the loop last came round (liveness)
 
     @property
     def sessions(self) -> dict[int, TargetSession]:
@@ -127,20 +138,61 @@ class EdgeServer:
             self.auth.stop()
             self.ctx.term()
 
+    # --- draining and health ------------------------------------------------------------------
+    def drain(self) -> None:
+        """Stops taking new sessions (OPENs get DRAINING) and lets serve_forever return once the open
+        ones are finished. Only sets a flag: safe to call from a signal handler or another thread."""
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
+
+    def drained(self) -> bool:
+        """Draining and nothing left to serve: no unfinished session, no edge-drafted stream, and the
+        last session active at least CLOSE_GRACE_S ago (its device's CLOSE is on its way)."""
+        if self.draining_since is None or self.streams:
+            return False
+        sessions = list(self.table.sessions.values())
+        quiet = time.monotonic() - max((s.last_active for s in sessions), default=0.0) > CLOSE_GRACE_S
+        return all(s.done for s in sessions) and (not sessions or quiet)
+
+    def health(self) -> dict[str, object]:
+        """What /healthz and /readyz answer: `live` (the loop came round within STALL_S), `ready`
+        (live and not draining), with the open sessions and how long the edge has been draining."""
+        now = time.monotonic()
+        live = now - self.turned < STALL_S
+        draining = None if self.draining_since is None else round(now - self.draining_since, 3)
+        return {"live": live, "ready": live and draining is None, "draining_s": draining,
+                "sessions_open": len(self.table.sessions)}
+
+    def _refuse_if_draining(self, msg: wire.Message) -> None:
+        """A draining edge starts no session: an OPEN other than the retry of an open one gets DRAINING."""
+        if self.draining_since is None or not isinstance(msg, wire.Open):
+            return
+        existing = self.table.sessions.get(msg.sid)
+        if existing is None or existing.open_seq != msg.seq:
+            raise wire.ProtocolError(wire.ErrorCode.DRAINING, "this edge is draining (shutting down): open the session "
+                                     "on another edge (connect again; behind a balancer that reaches another replica)")
+
     # --- the loop ----------------------------------------------------------------------------
     def serve_forever(self, stop_after_s: float | None = None) -> None:
+        """Serves until `stop_after_s`, or once drained (or drain_timeout_s after drain() was called)."""
         deadline = None if stop_after_s is None else time.monotonic() + stop_after_s
         while deadline is None or time.monotonic() < deadline:
-            self.serve_once(timeout_s=0.5)
+            self.serve_once(timeout_s=0.05 if self.draining_since is not None else 0.5)
+            if self.draining_since is not None and (
+                    self.drained() or time.monotonic() - self.draining_since > self.settings.drain_timeout_s):
+                left = sum(1 for s in self.table.sessions.values() if not s.done)
+                log.info("drained in %.2f s (%d unfinished session(s) left)", time.monotonic() - self.draining_since, left)
+                return
 
     def serve_once(self, timeout_s: float) -> None:
         """Handles the next request (with those gathered behind it), waiting at most timeout_s for one
         (not at all while edge-drafted streams are in progress), then advances those streams a round."""
+        self.turned = time.monotonic()
         got = self.sock.recv_request(0.0 if self.streams else timeout_s)
         self.free_idle_sessions()
         if got is not None:
             gathered = self._gather(Incoming(got, self._decode(got)))
-            prepared = self.prepass.run(gathered, self.table)
+            prepared = self.prepass.run(self._not_refused(gathered), self.table)
             for incoming in gathered:
                 request = incoming.request
                 for reply in self.handle(request.frames, request.device, decoded=incoming.msg, prepared=prepared):
@@ -235,6 +287,12 @@ class EdgeServer:
                 verifying.add(incoming.msg.sid)
         return gathered
 
+    def _not_refused(self, gathered: list[Incoming]) -> list[Incoming]:
+        """The round's requests less the OPENs a draining edge refuses (their prefill is not batched)."""
+        if self.draining_since is None:
+            return gathered
+        return [i for i in gathered if not isinstance(i.msg, wire.Open)]
+
     # --- dispatch ----------------------------------------------------------------------------
     def handle(self, frames: list, device: str = "local", decoded: wire.Message | None = None,
                prepared: Prepared | None = None):
@@ -250,6 +308,7 @@ class EdgeServer:
             handler = self.HANDLERS.get(type(msg))
             if handler is None:
                 raise wire.ProtocolError(wire.ErrorCode.BAD_MESSAGE, f"{msg.TYPE} is not a request")
+            self._refuse_if_draining(msg)
             yield from handler(self, ctx, msg)
         except wire.ProtocolError as err:
             # an undecodable message is answered at the sid/seq decode could still read

@@ -45,6 +45,9 @@ class EdgeSettings:
     # edge drafting beat device drafting in aggregate up to 4 devices and lost from 8 on
     # (results/load-edge-sd: covspec with 1 was 0.89-0.96x edge_sd at 1-4 devices, 1.5x / 1.7x at 8 / 16)
     draft_sessions: int = 4
+    # SIGTERM drains the edge: open sessions finish, new OPENs get DRAINING; it exits when none is
+    # unfinished or after this many seconds (keep it under the orchestrator's grace period)
+    drain_timeout_s: float = 60.0
 
     def check(self) -> None:
         """Raises ValueError naming a setting that makes no sense."""
@@ -62,5 +65,7 @@ class EdgeSettings:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.draft_sessions < 0:
             raise ValueError(f"draft_sessions must be at least 0, got {self.draft_sessions}")
+        if not self.drain_timeout_s >= 0:
+            raise ValueError(f"drain_timeout_s must be at least 0, got {self.drain_timeout_s}")
         if not 0 <= self.batch_wait_ms <= 1000:
             raise ValueError(f"batch_wait_ms must lie in [0, 1000], got {self.batch_wait_ms}")

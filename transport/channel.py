@@ -120,6 +120,7 @@ class LinkWatch:
     up: bool = False
     tcp: bool = False
     refused: int | None = None  # a HANDSHAKE_FAILURES event
+    drops: int = 0  # connections lost after their handshake (ZeroMQ reconnects by itself)
 
     def on_event(self, event: int, now: float) -> None:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -130,6 +131,7 @@ class LinkWatch:
             self.refused = event
         elif event == zmq.EVENT_DISCONNECTED and self.up:
             self.up, self.tcp, self.down_since = False, False, now
+            self.drops += 1
 
     def why_down(self, endpoint: str) -> str:
         if self.tcp:
@@ -369,6 +371,7 @@ class Client:
         self.stale = 0  # replies dropped because their seq was not awaited
         self._ctx = ctx or zmq.Context.instance()
         self._seq = 0
+        self._lost_upto = 0  # requests up to this seq went out on a connection that dropped: no reply can come
         self._sock = self._connect()
 
     def _connect(self) -> MeteredSocket:
@@ -386,9 +389,12 @@ class Client:
         """Reads the socket monitor; raises HandshakeRefused on a refused handshake, PeerUnavailable
         when the edge was never reached within connect_timeout_s (or, once lost, reconnect_timeout_s)."""
         now = time.monotonic()
-        while self._monitor.poll(0):
-            self._watch.on_event(recv_monitor_message(self._monitor)["event"], now)
         watch = self._watch
+        drops = watch.drops
+        while self._monitor.poll(0):
+            watch.on_event(recv_monitor_message(self._monitor)["event"], now)
+        if watch.drops > drops:  # the edge (or the balancer's replica) went away with what was sent
+            self._lost_upto = self._seq
         if watch.refused == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self.keys is None:
             watch.refused = None  # not a refusal: a CURVE edge answers a keyless device with FAILED_PROTOCOL;
             watch.tcp = True  # this is a connection dropped mid-handshake (a link emulator whose edge is not up)
@@ -418,12 +424,19 @@ class Client:
         return msg
 
     def recv(self, seq: int, timeout_s: float | None = None) -> Message | None:
-        """The next reply to request `seq`, or None on timeout. Raises RemoteError on an ERROR reply."""
+        """The next reply to request `seq`, or None on timeout, or at once (once what had arrived is
+        read) when the connection it went out on dropped: the edge's reply cannot come then, and
+        the caller's retry goes out on the reconnection (behind a balancer, another replica). Raises
+        RemoteError on an ERROR reply."""
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         while (left := deadline - time.monotonic()) > 0:
             self._check_link()
-            got = self._sock.recv_frames(min(left, 0.25))
+            lost = seq <= self._lost_upto
+            got = self._sock.recv_frames(0.0 if lost else min(left, 0.25))
             if got is None:
+                if lost:
+                    log.info("the connection to %s dropped with request %d unanswered", self.endpoint, seq)
+                    return None
                 continue
             reply = decode(got[1], self.limits)
             if isinstance(reply, Error) and reply.code == ErrorCode.DUPLICATE:  # a duplicated request's answer
@@ -461,6 +474,12 @@ class Client:
             raise PeerUnavailable.because(self.endpoint, f"no reply from {self.endpoint} to {sent.TYPE} after {attempts} "
                                           f"attempt(s) of {timeout_s:g} s each: {self._watch.why_down(self.endpoint)}")
         raise PeerUnavailable(self.endpoint, f"{sent.TYPE} (seq {sent.seq})", attempts, timeout_s)
+
+    def reconnect(self) -> None:
+        """A fresh socket and connection to the endpoint (behind a balancer: maybe another edge);
+        replies still due on the old one are dropped with it."""
+        self._close_socket()
+        self._sock = self._connect()
 
     def _close_socket(self) -> None:
         self._sock.sock.disable_monitor()

@@ -60,6 +60,7 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 10  # the edge failed; its log says why
     UNAUTHORIZED = 11  # peer not allowed
     DUPLICATE = 12  # a repeat of a request already answered in full; a client drops it like a stale reply
+    DRAINING = 13  # an OPEN refused by an edge that is shutting down: open it on another edge (a new connection)
 
 
 class ProtocolError(CovspecError):

@@ -43,6 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="open sessions per device: per public key with CURVE, per connection without")
     g.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s,
                    help="seconds before an idle session is freed")
+    g.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout_s,
+                   help="on SIGTERM the edge drains: open sessions finish, new OPENs are refused (DRAINING: the "
+                        "device tries another edge), and it exits when none is unfinished or after this many "
+                        "seconds (keep it under the orchestrator's grace period); SIGINT (Ctrl-C) stops at once")
     g.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
                    help="the largest answer a session may ask for")
     g.add_argument("--max-message-bytes", type=int, default=DEFAULT_LIMITS.max_total_bytes,
@@ -117,6 +121,8 @@ def server_keys(args: argparse.Namespace):
 
 def run_serve(args: argparse.Namespace) -> int:
     import logging
+    import signal
+    import time
     from dataclasses import replace
 
     from covspec import api
@@ -140,19 +146,36 @@ def run_serve(args: argparse.Namespace) -> int:
                             limits=limits, keys=keys, batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch,
                             device=args.device, dtype=args.dtype, static_cache=args.static_cache,
                             cuda_graphs=args.cuda_graphs, static_len=args.static_len,
-                            draft_sessions=args.draft_sessions)
+                            draft_sessions=args.draft_sessions, drain_timeout_s=args.drain_timeout)
+    serving = []
 
     def ready(server, metrics: str | None) -> None:
         auth = "no authentication (--auth none)" if keys is None else f"CURVE, devices allowed from {keys.allow_dir}"
         print(f"edge serving {args.model} on {server.endpoint} ({args.threads} threads), {auth}", flush=True)
         if metrics:
-            print(f"edge metrics on http://{metrics}/metrics", flush=True)
+            print(f"edge metrics on http://{metrics}/metrics, probes on /healthz and /readyz", flush=True)
+        serving.append(server)
+        signal.signal(signal.SIGTERM, lambda *_: drain(server))
+
+    def drain(server) -> None:
+        if server.draining_since is not None:  # draining already (a burst of SIGTERMs); Ctrl-C stops at once
+            return
+        server.drain()
+        print(f"edge draining (SIGTERM): {len(server.sessions)} session(s) open, new OPENs refused; exits when "
+              f"they are finished or after {settings.drain_timeout_s:g} s", flush=True)
 
     try:
         api.serve_edge(args.model, settings, threads=args.threads, metrics=args.metrics, on_ready=ready,
                        draft=args.draft)
     except KeyboardInterrupt:
         print("edge stopped", flush=True)
+        return 0
+    if serving and serving[0].draining_since is not None:
+        server = serving[0]
+        left = sum(1 for s in server.sessions.values() if not s.done)
+        print(f"edge drained in {time.monotonic() - server.draining_since:.2f} s, {left} unfinished session(s) "
+              f"left{' (drain timeout)' if left else ''}", flush=True)
+        return 1 if left else 0
     return 0
 
 
