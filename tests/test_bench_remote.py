@@ -305,3 +305,12 @@ def test_bench_config_is_where_the_flags_and_defaults_come_from():
         covspec.bench(unknown_flag=1)
     source = Path(covspec.api.__file__).read_text() + Path(bench.__file__).read_text()
     assert "covspec.cli" not in source  # the library asks no parser for its defaults
+
+
+def test_the_device_side_of_the_bench_imports_no_torch():
+    """A torch-free device (a flashed Jetson with covspec[device,bench]) runs the bench against its edge."""
+    code = ("import sys; sys.modules['torch'] = sys.modules['transformers'] = None\n"
+            "import covspec.tools.bench, covspec.tools.load, covspec.tools.worker, covspec.tools.replay\n"
+            "import covspec.tools.edge_probe, covspec.tools.prompts, covspec.device_runtime.client")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -1,16 +1,24 @@
 """`covspec bench`: end-to-end runs with the edge, the link emulator and the device as separate
-processes, as a user would deploy them, over held-out demo prompts, per mode and link profile.
+processes, as a user would deploy them, per mode and link profile.
 
-    edge  : `covspec edge serve` (1 thread)              <- tcp ->  link emulator (`covspec link`)
-    device: `python -m covspec.tools.worker worker-LINK.json` (1 thread) <- tcp ->  link emulator
+    edge  : `covspec edge serve` (1 thread), the bench's own on --target; or with --edge tcp://HOST:PORT
+            one already running (a GPU server), asked first what it serves (INFO: a draft that does not
+            tokenize like its target, or edge_sd on an edge without a draft, refused before any answer)
+    link  : `covspec link --profile P` in front of the edge for each of --links ("direct": none)
+    device: `python -m covspec.tools.worker worker-LINK.json` (1 thread)
 
-The device worker (covspec/tools/worker.py) gets its settings as one JSON file in the output folder
-and writes one JSON row per request (answer ids, time to first token, latency, decode tokens/s,
-bytes up/down counted on its socket, rounds, accepted lengths, score on the task); this process
-gathers the rows, the emulator's own byte counts, and writes results.jsonl,
-results.csv and summary.md (with the command that made them) into the output folder, and prints a
-short table (latency, tokens/s, speed-up over target_only, bytes up per token, same answers).
-`--bundle DIR --backend executorch|onnx`: the devices run the exported draft instead of the checkpoint.
+The prompts: the demo's held-out ones, or the user's (`--prompts-file`, covspec/tools/prompts.py: JSON
+Lines of image + prompt + optional reference, or a folder of images with --question), every image
+checked before anything runs. The device worker (covspec/tools/worker.py) gets its settings as one JSON
+file in the output folder and writes one JSON row per request (answer ids, time to first token, latency,
+per-token latency, decode tokens/s, bytes up/down counted on its socket, rounds, accepted lengths, task
+score, the edge's busy and CPU time for the answer from its counters); this process gathers the rows and
+writes results.jsonl / results.csv (a row per request), summary.jsonl / summary.csv / summary.md (per
+link and mode: TTFT, latency and per-token latency at p50 / p90 / p99 and the mean, with the command
+that made them), the edge's side (verify batches, busy share, CPU per answer: STATS, or its Prometheus
+endpoint with --edge-metrics) and plots (latency CDFs among them), and prints a short table.
+`--devices N` is a load run instead (covspec/tools/load.py), `covspec bench merge DIR...` merges runs.
+Its settings: BenchConfig (covspec/tools/bench_config.py).
 """
 
 from __future__ import annotations
@@ -175,12 +183,12 @@ def run_bench(args: argparse.Namespace) -> Path:
 def short_table(summary: list[dict]):
     """The figures a first look wants, per link and mode: request latency p50 / p99, time to first
     token p50, decode tokens/s, speed-up over target_only on the same link (its mean latency over this
-    mode's), bytes up per token, same answers."""
+    mode's), bytes up per token, answers the same as target_only's. n: requests."""
     from rich.table import Table
 
     table = Table(title="covspec bench: per request (speed-up: target_only's mean latency over the mode's)")
-    for name in ("link", "mode", "n", "latency p50 ms", "p99 ms", "TTFT p50 ms", "decode tok/s", "speed-up",
-                 "up B/token", "same as target"):
+    for name in ("link", "mode", "n", "lat p50 ms", "lat p99 ms", "TTFT p50", "tok/s", "speed-up", "up B/tok",
+                 "same"):
         table.add_column(name, justify="left" if name in ("link", "mode") else "right", no_wrap=True)
     for s in summary:
         speedup = "" if np.isnan(s["speedup"]) else f"{s['speedup']:.2f}x"

@@ -130,8 +130,6 @@ def edge_reader(s: WorkerSettings):
 
 
 def run_worker(s: WorkerSettings) -> int:
-    import torch
-
     from covspec.bundles.backend import load_draft
     from covspec.device_runtime.client import DeviceRuntime
     from covspec.modes import split_label
@@ -140,7 +138,10 @@ def run_worker(s: WorkerSettings) -> int:
     from covspec.tools.procs import process_cpu_s
     from covspec.tools.replay import Arrivals
 
-    torch.set_num_threads(1)
+    if not s.bundle:  # a checkpoint draft runs on torch; a bundle's runtime takes its threads at load, torch-free
+        import torch
+
+        torch.set_num_threads(1)
     params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
     items = worker_items(s)
     draft = load_draft(None if s.bundle else s.draft, s.bundle, s.backend, threads=1)
