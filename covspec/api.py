@@ -287,19 +287,21 @@ def describe_answer(record: dict[str, Any]) -> str:
 # --- the bench ---------------------------------------------------------------------------------
 def bench(**options: Any) -> Path:
     """`covspec bench` with `options` named as its flags (links="loopback,4g", modes=("target_only",
-    "covspec"), prompts=4, bundle="runs/export/device", backend="onnx", out="runs/bench", ...); the
-    others keep the CLI's defaults. Returns the output folder (summary.md, results.jsonl, plots)."""
+    "covspec"), prompts=4, bundle="runs/export/device", backend="onnx", out="runs/bench",
+    edge="tcp://HOST:PORT", prompts_file="my/prompts.jsonl", ...); the others keep BenchConfig's
+    defaults (covspec/tools/bench_config.py). Returns the output folder (summary.md, results.jsonl, plots)."""
+    import argparse
     import shlex
+    from dataclasses import asdict
 
-    from covspec.cli import build_parser
     from covspec.tools import bench as bench_tool
+    from covspec.tools.bench_config import BenchConfig
 
-    args = build_parser().parse_args(["bench"])
-    unknown = sorted(set(options) - set(vars(args)))
-    if unknown:
-        raise TypeError(f"bench: unknown options {', '.join(unknown)}")
-    for name, value in options.items():
-        setattr(args, name, tuple(value.split(",")) if name == "modes" and isinstance(value, str) else value)
+    try:
+        config = BenchConfig(**options)
+    except TypeError as err:
+        raise TypeError(f"bench: {err}") from None
+    args = argparse.Namespace(**asdict(config), action=None, dirs=[])
     args.command_line = "covspec.bench(" + ", ".join(f"{k}={shlex.quote(repr(v))}" for k, v in options.items()) + ")"
     bench_tool.run(args)
     return Path(args.out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -229,5 +230,15 @@ def on_stats(server: EdgeState, ctx: RequestContext, msg: wire.Stats):
     yield wire.StatsReply(sid=msg.sid, seq=msg.seq, counters=server.stats())
 
 
+def on_info(server: EdgeState, ctx: RequestContext, msg: wire.Info):
+    """What this edge serves: a bench or a device asks before its first answer (no draft needed)."""
+    from covspec import __version__
+
+    draft = None if server.drafting is None else Path(str(getattr(server.drafting.adapter, "path", "draft"))).name
+    yield wire.InfoReply(sid=msg.sid, seq=msg.seq, version=f"covspec-edge {__version__}", protocol=wire.PROTOCOL_VERSION,
+                         fingerprint=server.fingerprint, family=server.adapter.family, model=server.name,
+                         vocab_size=server.adapter.vocab_size, draft=draft)
+
+
 HANDLERS = {wire.Hello: on_hello, wire.Open: on_open, wire.Verify: on_verify, wire.Stream: on_stream,
-            wire.Close: on_close, wire.Ping: on_ping, wire.Stats: on_stats}
+            wire.Close: on_close, wire.Ping: on_ping, wire.Stats: on_stats, wire.Info: on_info}

@@ -189,6 +189,7 @@ class EdgeServer:
         (not at all while edge-drafted streams are in progress), then advances those streams a round."""
         self.turned = time.monotonic()
         got = self.sock.recv_request(0.0 if self.streams else timeout_s)
+        busy_from = time.perf_counter()  # the edge's busy time: handling requests and advancing streams
         self.free_idle_sessions()
         if got is not None:
             gathered = self._gather(Incoming(got, self._decode(got)))
@@ -203,6 +204,8 @@ class EdgeServer:
                         self._reply(reply, request.peer)
         if self.streams:
             self._advance_streams()
+        if got is not None or self.streams:
+            self.counters.busy_s += time.perf_counter() - busy_from
 
     def _advance_streams(self) -> None:
         """One round of every edge-drafted stream (edge_runtime.drafting.advance), its chunks sent; a

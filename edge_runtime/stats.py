@@ -73,6 +73,7 @@ class EdgeCounters:
     windows_ahead: int = 0  # windows sent before the previous RESULT (pipelined) and verified
     windows_dropped: int = 0  # windows sent ahead on an outcome that did not happen, dropped unverified
     refused_handshakes: int = 0  # CURVE handshakes refused: devices whose public key is not allowed
+    busy_s: float = 0.0  # wall time spent handling requests and advancing edge-drafted streams
 
     def snapshot(self, sessions_open: int, wire: ByteCounters) -> dict[str, int | float]:
         out: dict[str, int | float] = {
@@ -87,6 +88,7 @@ class EdgeCounters:
             "prefill_batches": self.prefill_batches, "batched_prefills": self.batched_prefills,
             "windows_ahead": self.windows_ahead, "windows_dropped": self.windows_dropped,
             "refused_handshakes": self.refused_handshakes,
+            "busy_s": round(self.busy_s, 6), "cpu_s": round(time.process_time(), 6),  # process CPU, all threads
             "bytes_in": wire.bytes_recv, "bytes_out": wire.bytes_sent,
             "messages_in": wire.msgs_recv, "messages_out": wire.msgs_sent,
         }

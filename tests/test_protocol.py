@@ -39,6 +39,9 @@ SAMPLES: list[P.Message] = [
     P.Pong(seq=9, t=123.456),
     P.Stats(seq=10),
     P.StatsReply(seq=10, counters={"requests": 12, "errors.BAD_MESSAGE": 1, "uptime_s": 3.5}),
+    P.Info(seq=11),
+    P.InfoReply(seq=11, version="covspec-edge 0.1.0", protocol=1, fingerprint="ab" * 32, family="llava", model="t",
+                vocab_size=100, draft="d"),
     P.Error(sid=7, seq=3, code=ErrorCode.UNKNOWN_SESSION, message="session 7 expired"),
 ]
 

@@ -22,7 +22,8 @@ Conventions:
 - ROUTER sockets: the identity frame(s) that ZeroMQ prepends on receive (and expects on send) are not
   part of the message. The caller strips them before `decode` and prepends them to `encode`'s output.
 - Requests -> replies: HELLO -> WELCOME, OPEN -> OPENED, VERIFY -> RESULT, STREAM -> STREAMED...
-  (until one with done=True), CLOSE -> CLOSED, PING -> PONG, STATS -> STATSREPLY; any request -> ERROR.
+  (until one with done=True), CLOSE -> CLOSED, PING -> PONG, STATS -> STATSREPLY, INFO -> INFOREPLY; any
+  request -> ERROR.
 """
 
 from __future__ import annotations
@@ -237,6 +238,23 @@ class StatsReply(Message):
 
 
 @dataclass(kw_only=True, eq=False)
+class Info(Message):
+    TYPE: ClassVar[str] = "INFO"
+
+
+@dataclass(kw_only=True, eq=False)
+class InfoReply(Message):
+    TYPE: ClassVar[str] = "INFOREPLY"
+    version: str  # the edge software's version ("covspec-edge 0.1.0")
+    protocol: int  # PROTOCOL_VERSION the edge speaks
+    fingerprint: str  # the target's tokenizer fingerprint (what HELLO checks a draft against)
+    family: str  # the target's model family
+    model: str  # the target's name
+    vocab_size: int
+    draft: str | None = None  # the draft the edge runs for edge_sd (and covspec's hand-over); None: no draft
+
+
+@dataclass(kw_only=True, eq=False)
 class Error(Message):
     TYPE: ClassVar[str] = "ERROR"
     code: ErrorCode
@@ -361,6 +379,9 @@ _FIELDS: dict[type[Message], dict[str, Check]] = {
     Pong: {"t": _float(-1e12, 1e12)},
     Stats: {},
     StatsReply: {"counters": _counters},
+    Info: {},
+    InfoReply: {"version": _NAME, "protocol": _int(1, U31), "fingerprint": _NAME, "family": _NAME, "model": _NAME,
+                "vocab_size": _int(1, U31), "draft": _opt(_NAME)},
     Error: {"code": _code, "message": _str(4096)},
 }
 

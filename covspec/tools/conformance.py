@@ -449,6 +449,17 @@ def check_stats(edge: Edge) -> str:
     return f"{len(reply.counters)} counters"
 
 
+def check_info(edge: Edge) -> str:
+    reply = expect(edge.request(wire.Info()), wire.InfoReply, "INFO")
+    if reply.protocol != wire.PROTOCOL_VERSION:
+        raise CheckFailed(f"INFOREPLY says protocol {reply.protocol}, the edge answered version-{wire.PROTOCOL_VERSION} messages")
+    welcome = edge.welcome
+    if welcome is not None and (reply.fingerprint, reply.model) != (welcome.fingerprint, welcome.model):
+        raise CheckFailed(f"INFOREPLY names target {reply.model} ({reply.fingerprint[:12]}...), WELCOME "
+                          f"{welcome.model} ({welcome.fingerprint[:12]}...)")
+    return f"{reply.version}, target {reply.model}, " + (f"draft {reply.draft}" if reply.draft else "no draft")
+
+
 CHECKS: tuple[tuple[str, Callable[[Edge], str]], ...] = (
     ("ping_pong", check_ping),
     ("hello_fingerprint", check_hello),
@@ -465,6 +476,7 @@ CHECKS: tuple[tuple[str, Callable[[Edge], str]], ...] = (
     ("unknown_session", check_unknown_session),
     ("limits", check_limits),
     ("stats", check_stats),
+    ("info", check_info),
 )
 
 
