@@ -58,8 +58,6 @@ def static_target(adapter: VLMAdapter, settings: EdgeSettings) -> VLMAdapter:
     target = StaticTarget.create(adapter, slots=settings.max_sessions + 1, max_len=settings.static_len,
                                  cuda_graphs=settings.cuda_graphs)
     graphs = f"{target.verifier.warm()} CUDA graphs" if target.verifier.cuda_graphs else "eager passes"
-    if settings.cuda_graphs and not target.verifier.cuda_graphs:
-        graphs += f" (CUDA graphs need CUDA; the target is on {adapter.device})"
     log.info("static verify path: %d slots x %d positions (%.1f MiB), windows padded to %s, %s",
              settings.max_sessions + 1, target.verifier.pool.max_len, target.verifier.pool.bytes / 2**20,
              ",".join(map(str, target.verifier.buckets)), graphs)

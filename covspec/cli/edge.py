@@ -100,7 +100,7 @@ def add_static_args(parser: argparse.ArgumentParser) -> None:
                         "tokens and batches to 1,2,4,8 sessions: static shapes")
     g.add_argument("--cuda-graphs", action="store_true",
                    help="the static path with each shape's pass captured as a CUDA graph (implies --static-cache; "
-                        "on CUDA only, elsewhere the same passes run eagerly)")
+                        "CUDA only: with the target elsewhere, an error)")
     g.add_argument("--static-len", type=int, default=EdgeSettings().static_len,
                    help="positions per session in the static cache (capped at the model's)")
 
