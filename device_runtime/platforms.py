@@ -21,7 +21,7 @@ ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64"}
 # Ubuntu 22.04 has python3.11 in its archive); android= is set on Android (getprop)
 PROBE = ('echo "machine=$(uname -m)"; echo "python=$(python3 -V 2>&1)"; '
          'echo "libc=$(getconf GNU_LIBC_VERSION 2>/dev/null)"; '
-         'for p in python3.13 python3.12 python3.11; do command -v $p >/dev/null 2>&1 && echo "alt=$p"; done; '
+         'for p in python3.13 python3.12 python3.11; do $p -V >/dev/null 2>&1 && echo "alt=$p"; done; '
          'echo "android=$(getprop ro.build.version.release 2>/dev/null)"')
 # What a runtime can be made for: the machines PyPI has executorch/onnxruntime manylinux wheels for,
 # the Pythons covspec (requires-python) and those wheels share, the lowest glibc of those wheels
