@@ -58,6 +58,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the device runtime to install: auto (built on this machine for its platform, cached in "
                    "~/.cache/covspec/device-runtime), none (the bundle alone) or a runtime folder built on a "
                    "machine of the target's platform (python -m covspec.device_runtime.runtime_payload build)")
+    q.add_argument("--platform", metavar="linux-MACHINE",
+                   help="a folder target's platform (an SD card image, a rootfs): linux-aarch64 or linux-x86_64 "
+                   "(default: this machine's; ssh and adb targets are asked)")
+    q.add_argument("--python", metavar="X.Y", help="the folder target's Python, with --platform (e.g. 3.11)")
+    q.add_argument("--glibc", metavar="X.Y", help="the folder target's glibc, with --platform, where known "
+                   "(otherwise the launcher checks it at first start)")
     q.set_defaults(handler=run_flash)
 
 
@@ -119,7 +125,15 @@ def run_flash(args: argparse.Namespace) -> int:
     from covspec.device_runtime.flash import FlashError, flash
 
     try:
-        report = flash(args.bundle, args.to, args.runtime, log=lambda line: print(line, file=sys.stderr))
+        platform = None
+        if args.platform or args.python or args.glibc:
+            from covspec.device_runtime.platforms import from_flags
+
+            if not (args.platform and args.python):
+                raise ValueError("--platform and --python go together (e.g. --platform linux-aarch64 --python 3.11)")
+            platform = from_flags(args.platform, args.python, args.glibc)
+        report = flash(args.bundle, args.to, args.runtime, log=lambda line: print(line, file=sys.stderr),
+                       platform=platform)
     except (BundleError, FlashError, ValueError) as err:
         raise CovspecError(f"flash: {err}") from err
     print(f"{report.target}: {len(report.copied)} files copied, {len(report.skipped)} already there, "
@@ -127,4 +141,6 @@ def run_flash(args: argparse.Namespace) -> int:
     if report.runtime:
         print(f"runtime for {report.runtime}: {report.install}; on the device:\n  {report.launcher} run "
               "--edge tcp://HOST:PORT --image IMAGE --prompt 'QUESTION'")
+    if report.note:
+        print(report.note)
     return 0
