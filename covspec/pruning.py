@@ -1,4 +1,4 @@
-"""Training-free visual-token pruning on the device (DESIGN.md, mechanism 1): keep k of N tokens.
+"""Training-free visual-token pruning on the device (docs/DESIGN.md, mechanism 1): keep k of N tokens.
 Numpy only (the device runs it without torch); inputs may be numpy arrays or CPU tensors.
 
 `score_and_select(visual, query, keep, method)` returns the sorted indices [k] of the visual tokens

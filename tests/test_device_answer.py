@@ -15,6 +15,7 @@ import tiny_models
 import torch
 from PIL import Image
 
+from covspec.device_runtime.config import AnswerConfig
 from covspec.device_runtime.records import final_answer
 from covspec.device_runtime.speculation import STREAM, TRANSITIONS, AnswerPhase, Flight, Speculation
 from covspec.drafter import Drafter
@@ -97,8 +98,8 @@ def answer(target, draft, picture: Image.Image, mode: str, n: int, stats: Online
     draft = as_draft(draft)  # numpy in and out, as DeviceRuntime sees it
     first_logits, state = draft.prefill(draft.encode_image(draft.preprocess(picture)), PROMPT)
     stats = stats or OnlineStats(t_draft=0.001, rtt=0.001, prior_v0=0.005, prior_v1=0.001)
-    spec = Speculation(draft, state, GREEDY, replace(MODE_OPTIONS[mode], keep=1.0), stats, sid=1,
-                       max_new_tokens=n, window=4, vocab=target.vocab_size, ready=lambda: False)
+    ask = AnswerConfig(mode, GREEDY, max_new_tokens=n, window=4, options=replace(MODE_OPTIONS[mode], keep=1.0))
+    spec = Speculation(draft, state, ask, stats, sid=1, vocab=target.vocab_size, ready=lambda: False)
     first = spec.start(first_logits, informed=stats.rounds > 0, edge_step_s=None)
     if first is not None:
         edge.send(first)
@@ -203,8 +204,8 @@ def test_a_device_that_hands_drafting_over_at_open_prefills_only_when_it_comes_b
         return draft.prefill(draft.encode_image(draft.preprocess(picture)), PROMPT)[1]
 
     stats = OnlineStats(t_draft=0.001, rtt=0.001, prior_v0=0.005, prior_v1=0.001)
-    spec = Speculation(draft, prefill, GREEDY, replace(MODE_OPTIONS["covspec"], keep=1.0), stats, sid=1,
-                       max_new_tokens=n, window=4, vocab=target.vocab_size, ready=lambda: False)
+    ask = AnswerConfig("covspec", GREEDY, max_new_tokens=n, window=4, options=replace(MODE_OPTIONS["covspec"], keep=1.0))
+    spec = Speculation(draft, prefill, ask, stats, sid=1, vocab=target.vocab_size, ready=lambda: False)
     assert spec.start(None, informed=False, edge_step_s=None, hand_over=True) is None  # nothing drafted here
     step = spec.on_opened(wire.Opened(sid=1, token=session.committed[0], done=session.done), None)
     assert step is STREAM and not prefills
@@ -253,9 +254,9 @@ def test_every_phase_transition(models):
         session = TargetSession.open(target, visual, PROMPT, None, GREEDY, n)
         logits, prefilled = draft.prefill(draft.encode_image(draft.preprocess(picture)), PROMPT)
         stats = stats or OnlineStats(t_draft=0.001, rtt=0.001, prior_v0=0.005, prior_v1=0.001)
-        spec = Speculation(draft, prefilled if state is None else state, GREEDY,
-                           replace(MODE_OPTIONS.get(mode, mode), keep=1.0), stats, sid=1, max_new_tokens=n, window=4,
-                           vocab=target.vocab_size, ready=lambda: False, edge_offer=offer)
+        options = replace(MODE_OPTIONS.get(mode, mode), keep=1.0)
+        spec = Speculation(draft, prefilled if state is None else state, AnswerConfig(options=options, max_new_tokens=n),
+                           stats, sid=1, vocab=target.vocab_size, ready=lambda: False, edge_offer=offer)
         return spec, InProcessEdge(session, target.vocab_size), logits
 
     def opened(spec: Speculation, edge: InProcessEdge, edge_step_s=None, done=False):
