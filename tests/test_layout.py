@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"covspec": "covspec", "export": "covspec.export", "device_runtime": "covspec.device_runtime",
             "edge_runtime": "covspec.edge_runtime", "transport": "covspec.transport",
-            "calibration": "covspec.calibration"}
+            "calibration": "covspec.calibration", "benchmarks": "benchmarks"}
 MAX_FUNCTION_LINES = 60
 
 
@@ -122,6 +122,13 @@ def cli_imports(path: Path) -> list[str]:
 
     visit(ast.parse(path.read_text()), None)
     return found
+
+
+def test_nothing_installed_imports_the_studies() -> None:
+    """benchmarks/ is not installed: no module of the package may need it."""
+    needing = {a: sorted(b for b in deps if b.startswith("benchmarks"))
+               for a, deps in graph(typing=True).items() if not a.startswith("benchmarks")}
+    assert not any(needing.values()), {a: b for a, b in needing.items() if b}
 
 
 def test_no_library_module_imports_the_cli() -> None:
