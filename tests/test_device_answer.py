@@ -89,6 +89,19 @@ class InProcessEdge:
         return list(tokens)
 
 
+def drive(edge: InProcessEdge, spec: Speculation, step) -> object:
+    """The rounds from `step` until the answer is complete or handed to the edge (STREAM)."""
+    while isinstance(step, Flight):
+        if not step.sent:
+            edge.send(step)
+        for ahead in spec.while_waiting():
+            edge.send(ahead)
+        reply = edge.reply(step.msg)
+        assert isinstance(reply, wire.Result), reply
+        step = spec.on_result(reply, reopened=False)
+    return step
+
+
 @torch.inference_mode()
 def answer(target, draft, picture: Image.Image, mode: str, n: int, stats: OnlineStats | None = None,
            ) -> tuple[list[int], Speculation, list[str]]:
@@ -104,15 +117,7 @@ def answer(target, draft, picture: Image.Image, mode: str, n: int, stats: Online
     if first is not None:
         edge.send(first)
     edge.trace.append("OPENED")
-    step = spec.on_opened(wire.Opened(sid=1, token=session.committed[0], done=session.done), None)
-    while isinstance(step, Flight):
-        if not step.sent:
-            edge.send(step)
-        for ahead in spec.while_waiting():
-            edge.send(ahead)
-        reply = edge.reply(step.msg)
-        assert isinstance(reply, wire.Result), reply
-        step = spec.on_result(reply, reopened=False)
+    step = drive(edge, spec, spec.on_opened(wire.Opened(sid=1, token=session.committed[0], done=session.done), None))
     if step is STREAM:
         step = spec.streamed(edge.stream(), next_round=None)
     assert step is None and spec.phase is AnswerPhase.DONE
@@ -215,28 +220,12 @@ def test_a_device_that_hands_drafting_over_at_open_prefills_only_when_it_comes_b
     assert spec.phase is AnswerPhase.EDGE_DRAFTING
     step = spec.streamed(streamed, next_round=0)  # resumes drafting here
     assert prefills == [1] and spec.committed == expected[:6] and spec.phase is AnswerPhase.SPECULATING
-    while isinstance(step, Flight):
-        if not step.sent:
-            edge.send(step)
-        for ahead in spec.while_waiting():
-            edge.send(ahead)
-        step = spec.on_result(edge.reply(step.msg), reopened=False)
+    step = drive(edge, spec, step)
     assert len(spec.rounds) >= 1  # drafted and verified here after the hand-back
     if step is STREAM:  # this random draft's windows do not pay: the rest is streamed
         step = spec.streamed(edge.stream(), next_round=None)
     assert step is None
     assert final_answer(spec.committed, draft.eos_token_ids, n) == expected and prefills == [1]
-
-
-def drive(edge: InProcessEdge, spec: Speculation, step) -> object:
-    """The rounds from `step` until the answer is complete or handed to the edge (STREAM)."""
-    while isinstance(step, Flight):
-        if not step.sent:
-            edge.send(step)
-        for ahead in spec.while_waiting():
-            edge.send(ahead)
-        step = spec.on_result(edge.reply(step.msg), reopened=False)
-    return step
 
 
 def test_every_phase_transition(models):
