@@ -39,8 +39,10 @@ from typing import Any, TypeVar
 import numpy as np
 
 from covspec.calibration.profile import CalibrationProfile
+from covspec.device_runtime.config import AnswerConfig
 from covspec.device_runtime.records import Answer, RoundRecord, final_answer
 from covspec.device_runtime.speculation import STREAM, AnswerPhase, Flight, Speculation
+from covspec.errors import CovspecError
 from covspec.generation import generate
 from covspec.images import load_image
 from covspec.models.common import DecodeState, VisualTokens
@@ -61,7 +63,7 @@ MOVE_PAUSE_S = 0.25  # the pause before the n-th connection after the first, tim
 T = TypeVar("T")
 
 
-class EdgeRefused(Exception):
+class EdgeRefused(CovspecError):
     """The edge answered with something other than what the protocol promises."""
 
 
@@ -231,8 +233,7 @@ class DeviceRuntime:
                     index += 1
                     tokens.extend(int(t) for t in chunk.tokens)
                     if chunk.done:  # an edge that got loaded may give drafting back before the end
-                        yielded = chunk.timings.get("yielded_round")
-                        self.yielded_round = None if yielded is None else int(yielded)
+                        self.yielded_round = chunk.yielded_round
                         return tokens
         raise EdgeRefused(f"the edge stopped streaming (no chunk within {self.client.timeout_s} s, "
                           f"{MAX_REOPENS} reopen(s) tried)")
@@ -287,8 +288,9 @@ class DeviceRuntime:
         stream, kept = opening.stream, opening.kept
         sent_before = self.client.counters.bytes_sent
         state = opening.state if opening.state is not None else opening.prefill
-        spec = Speculation(self.draft, state, params, options, stats, open_msg.sid, max_new_tokens, window,
-                           self.welcome.vocab_size, ready=lambda: self.client.poll(0.0), edge_offer=self.edge_offer)
+        ask = AnswerConfig(open_msg.mode, params, max_new_tokens, window, options)
+        spec = Speculation(self.draft, state, ask, stats, open_msg.sid, self.welcome.vocab_size,
+                           ready=lambda: self.client.poll(0.0), edge_offer=self.edge_offer)
         # 2. while the edge prefills: the first window on the draft's guess of its first token
         informed = stats.rounds > 0 or self.profile is not None  # estimates from measurements, not priors
         first = spec.start(opening.first_logits, informed, self.edge_step_s, hand_over)

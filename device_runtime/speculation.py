@@ -30,11 +30,11 @@ from enum import Enum
 
 import numpy as np
 
+from covspec.device_runtime.config import AnswerConfig
 from covspec.device_runtime.records import RoundRecord
 from covspec.drafter import Drafter, Window
 from covspec.models.common import DecodeState
 from covspec.models.draft import DraftModel, as_draft
-from covspec.modes import SpecOptions
 from covspec.policy import (
     EDGE,
     EdgeOffer,
@@ -47,7 +47,7 @@ from covspec.policy import (
     speculation_could_pay,
     speculation_pays,
 )
-from covspec.sampling import SamplingParams, correct_decoupled
+from covspec.sampling import correct_decoupled
 from covspec.sampling import next_token as pick_token
 from covspec.transport import protocol as wire
 
@@ -117,19 +117,21 @@ class WindowsInFlight:
 class Speculation:
     """The device's part of one speculative answer: its Drafter, the rounds, the windows in flight."""
 
-    def __init__(self, draft: DraftModel, state: DecodeState | Callable[[], DecodeState], params: SamplingParams,
-                 options: SpecOptions, stats: OnlineStats, sid: int, max_new_tokens: int, window: int, vocab: int,
-                 ready: Callable[[], bool], edge_offer: EdgeOffer | None = None) -> None:
-        """`state`: the draft's prefilled prompt; `stats`: the drafting policy's estimates (updated
-        here); `window`: the fixed window without the adaptive policy; `vocab`: the target's
-        vocabulary width; `ready()`: whether a reply is waiting; `edge_offer`: what the edge last said
-        of drafting itself (updated from OPENED and each RESULT)."""
+    def __init__(self, draft: DraftModel, state: DecodeState | Callable[[], DecodeState], ask: AnswerConfig,
+                 stats: OnlineStats, sid: int, vocab: int, ready: Callable[[], bool],
+                 edge_offer: EdgeOffer | None = None) -> None:
+        """`state`: the draft's prefilled prompt; `ask`: the answer's sampling, length, fixed window
+        (without the adaptive policy) and mechanisms (`ask.spec_options()`); `stats`: the drafting
+        policy's estimates (updated here); `vocab`: the target's vocabulary width; `ready()`: whether a
+        reply is waiting; `edge_offer`: what the edge last said of drafting itself (updated from OPENED
+        and each RESULT)."""
         # `state`: a function that prefills the draft when the edge drafts this answer from the start (the
         # draft is then prefilled only if the edge gives drafting back)
         self.prefill = state if callable(state) else None
         self.state: DecodeState | None = None if callable(state) else state
+        params, options = ask.params, ask.spec_options()
         self.draft, self.params, self.options, self.stats = as_draft(draft), params, options, stats
-        self.sid, self.max_new_tokens, self.window, self.vocab, self.ready = sid, max_new_tokens, window, vocab, ready
+        self.sid, self.max_new_tokens, self.window, self.vocab, self.ready = sid, ask.max_new_tokens, ask.window, vocab, ready
         self.rng = None if params.greedy else params.rng()
         gate = MarginGate(options.margin_threshold) if options.adaptive else None
         self.gated = None if gate is None else lambda w: gate.stop(float(w.margins[-1]), len(w))
@@ -258,7 +260,7 @@ class Speculation:
             self.stats.prior_v0, self.stats.prior_v1 = opened.timings["verify_v0_s"], opened.timings["verify_v1_s"]
         if opened.done:
             return self._done()
-        self.edge_offer = EdgeOffer.from_timings(opened.timings) or self.edge_offer
+        self.edge_offer = EdgeOffer.from_reply(opened) or self.edge_offer
         if self.hand_to is None and windows.in_flight is None and self._edge_drafting_wins(edge_step_s):
             self.hand_to = AnswerPhase.EDGE_DRAFTING  # the edge drafts faster than this device over this link
         if self.hand_to is not None:  # the first window's verdict, if the edge verifies it, then the streaming
@@ -337,7 +339,7 @@ class Speculation:
         self._record(drafted, result, wait_s, reopened, None if not windows.branches else hit is not None)
         if result.done or self.committed[-1] in self.eos or len(self.committed) >= self.max_new_tokens:
             return self._done()
-        self.edge_offer = EdgeOffer.from_timings(result.timings) or self.edge_offer
+        self.edge_offer = EdgeOffer.from_reply(result) or self.edge_offer
         if windows.in_flight is None and not self.device_root and self._edge_drafting_wins(self.edge_step_s):
             return self._hand(AnswerPhase.EDGE_DRAFTING)  # the edge drafts the rest faster than this device
         if windows.in_flight is None and self.options.adaptive and not self.device_root and speculation_loses(

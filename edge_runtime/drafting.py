@@ -107,17 +107,30 @@ class EdgeDrafting:
         """Whether the edge drafts for a device that could draft for itself, with `unfinished` sessions open."""
         return unfinished <= self.draft_sessions
 
-    def timings(self, unfinished: int, s_per_token: float | None) -> dict[str, float]:
+    def offer(self, unfinished: int, s_per_token: float | None) -> DraftOffer:
         """What a device's placement rule reads (sent in OPENED and RESULT): whether the edge offers
-        to draft, and what its drafting measured (draft step, per-token acceptance, and `s_per_token`,
-        its drafted streams' pace: costs.EdgeCosts)."""
-        out = {"edge_draft": 1.0 if self.offers(unfinished) else 0.0, "edge_sessions": float(unfinished)}
+        to draft, its unfinished sessions, and what its drafting measured (draft step, per-token
+        acceptance, and `s_per_token`, its drafted streams' pace: costs.EdgeCosts)."""
+        timings: dict[str, float] = {}
         stats = self.stats.get(True) or self.stats.get(False)
         if stats is not None and stats.rounds:
-            out["edge_draft_step_s"], out["edge_acceptance"] = stats.t_draft, stats.acceptance
+            timings["edge_draft_step_s"], timings["edge_acceptance"] = stats.t_draft, stats.acceptance
         if s_per_token:
-            out["edge_sd_s_per_token"] = s_per_token
-        return out
+            timings["edge_sd_s_per_token"] = s_per_token
+        return DraftOffer(self.offers(unfinished), unfinished, timings)
+
+
+@dataclass
+class DraftOffer:
+    """The edge's drafting offer, as OPENED and RESULT carry it (covspec.policy.EdgeOffer reads it)."""
+
+    offers: bool
+    sessions: int  # unfinished sessions on the edge
+    timings: dict[str, float]  # what its drafting measured
+
+    def apply(self, reply: wire.Opened | wire.Result) -> None:
+        reply.offers_draft, reply.edge_sessions = self.offers, self.sessions
+        reply.timings.update(self.timings)
 
 
 def start_drafting(session: TargetSession, draft: EdgeDraft, drafting: EdgeDrafting, max_pixels: int) -> Drafter:
@@ -211,7 +224,7 @@ class DraftedStream:
         (`yielded_round`), from which the device's windows go on."""
         last = self.session.last
         reply = self._streamed(self.pending, True)
-        reply.timings["yielded_round"] = float(0 if last is None else last.round + 1)
+        reply.yielded_round = 0 if last is None else last.round + 1
         self.pending = []
         return reply
 

@@ -18,7 +18,7 @@ import torch
 from covspec.edge_runtime.batching import Window
 from covspec.edge_runtime.context import RequestContext
 from covspec.edge_runtime.costs import EdgeCosts
-from covspec.edge_runtime.drafting import DraftedStream, EdgeDraft, EdgeDrafting, start_drafting
+from covspec.edge_runtime.drafting import DraftedStream, DraftOffer, EdgeDraft, EdgeDrafting, start_drafting
 from covspec.edge_runtime.planning import Outcome, VerifyPlan, plan_verify
 from covspec.edge_runtime.session import RoundAnswer, SessionError, TargetSession
 from covspec.edge_runtime.settings import EdgeSettings
@@ -46,7 +46,7 @@ class EdgeState(Protocol):
     drafting: EdgeDrafting | None
     streams: list[DraftedStream]  # edge-drafted STREAMs in progress
 
-    def draft_timings(self) -> dict[str, float]: ...
+    def draft_offer(self) -> DraftOffer | None: ...
 
     def stats(self) -> dict[str, int | float]: ...
 
@@ -133,7 +133,9 @@ def _attach_draft(server: EdgeState, session: TargetSession, msg: wire.Open) -> 
         start = time.perf_counter()
         session.edge_draft.synced(server.drafting.adapter, session.committed, server.settings.max_image_pixels)
         session.usage.prefill_s += time.perf_counter() - start
-    session.opened.timings.update(server.draft_timings())
+    offer = server.draft_offer()
+    if offer is not None:
+        offer.apply(session.opened)
 
 
 def _verified(server: EdgeState, session: TargetSession, msg: wire.Verify, plan: VerifyPlan,
@@ -170,10 +172,13 @@ def on_verify(server: EdgeState, ctx: RequestContext, msg: wire.Verify):
     v = answer.verdict
     cand_ids = None if v.support_ids is None else v.support_ids.numpy().astype(np.int32)
     cand_probs = None if v.support_probs is None else v.support_probs.numpy().astype(np.float32)
-    yield wire.Result(sid=msg.sid, seq=msg.seq, round=answer.round, accepted=v.accepted,
-                      token=v.next_token, done=answer.done,
-                      cand_ids=cand_ids, cand_probs=cand_probs,
-                      timings={"verify_s": answer.verify_s, **server.draft_timings()})
+    result = wire.Result(sid=msg.sid, seq=msg.seq, round=answer.round, accepted=v.accepted,
+                         token=v.next_token, done=answer.done,
+                         cand_ids=cand_ids, cand_probs=cand_probs, timings={"verify_s": answer.verify_s})
+    offer = server.draft_offer()
+    if offer is not None:
+        offer.apply(result)
+    yield result
 
 
 def _streamed(msg: wire.Stream, index: int, chunk: list[int], done: bool, start: float) -> wire.Streamed:

@@ -43,7 +43,7 @@ import zmq
 
 from covspec.edge_runtime.context import Incoming, Prepared, RequestContext
 from covspec.edge_runtime.costs import EdgeCosts
-from covspec.edge_runtime.drafting import DraftedStream, EdgeDrafting, advance
+from covspec.edge_runtime.drafting import DraftedStream, DraftOffer, EdgeDrafting, advance
 from covspec.edge_runtime.handlers import HANDLERS
 from covspec.edge_runtime.prepass import Prepass
 from covspec.edge_runtime.session import SessionError, TargetSession
@@ -119,12 +119,12 @@ class EdgeServer:
     def stats(self) -> dict[str, int | float]:
         return self.counters.snapshot(len(self.table.sessions), self.sock.counters)
 
-    def draft_timings(self) -> dict[str, float]:
-        """What a device's draft placement reads (edge_runtime.drafting): none without a draft here."""
+    def draft_offer(self) -> DraftOffer | None:
+        """What a device's draft placement reads (edge_runtime.drafting): None without a draft here."""
         if self.drafting is None:
-            return {}
-        return self.drafting.timings(sum(1 for s in self.table.sessions.values() if not s.done),
-                                     self.costs.drafted_s_per_token)
+            return None
+        return self.drafting.offer(sum(1 for s in self.table.sessions.values() if not s.done),
+                                   self.costs.drafted_s_per_token)
 
     def _refused(self, key: str) -> None:
         """A device's CURVE handshake refused (called on the authenticator's thread)."""

@@ -25,6 +25,7 @@ import torch
 
 from covspec.edge_runtime.batching import Window, commit
 from covspec.edge_runtime.stats import SessionUsage
+from covspec.errors import CovspecError
 from covspec.models.base import DecodeState, VLMAdapter
 from covspec.modes import VerifyScheme
 from covspec.sampling import SamplingParams
@@ -32,7 +33,7 @@ from covspec.sampling_torch import next_token
 from covspec.speculative import Verdict, verify_decoupled, verify_full, verify_greedy
 
 
-class SessionError(Exception):
+class SessionError(CovspecError):
     """A request that does not fit the session's state (wrong round, wrong root, finished)."""
 
 

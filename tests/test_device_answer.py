@@ -15,6 +15,7 @@ import tiny_models
 import torch
 from PIL import Image
 
+from covspec.device_runtime.config import AnswerConfig
 from covspec.device_runtime.records import final_answer
 from covspec.device_runtime.speculation import STREAM, TRANSITIONS, AnswerPhase, Flight, Speculation
 from covspec.drafter import Drafter
@@ -88,6 +89,19 @@ class InProcessEdge:
         return list(tokens)
 
 
+def drive(edge: InProcessEdge, spec: Speculation, step) -> object:
+    """The rounds from `step` until the answer is complete or handed to the edge (STREAM)."""
+    while isinstance(step, Flight):
+        if not step.sent:
+            edge.send(step)
+        for ahead in spec.while_waiting():
+            edge.send(ahead)
+        reply = edge.reply(step.msg)
+        assert isinstance(reply, wire.Result), reply
+        step = spec.on_result(reply, reopened=False)
+    return step
+
+
 @torch.inference_mode()
 def answer(target, draft, picture: Image.Image, mode: str, n: int, stats: OnlineStats | None = None,
            ) -> tuple[list[int], Speculation, list[str]]:
@@ -97,21 +111,13 @@ def answer(target, draft, picture: Image.Image, mode: str, n: int, stats: Online
     draft = as_draft(draft)  # numpy in and out, as DeviceRuntime sees it
     first_logits, state = draft.prefill(draft.encode_image(draft.preprocess(picture)), PROMPT)
     stats = stats or OnlineStats(t_draft=0.001, rtt=0.001, prior_v0=0.005, prior_v1=0.001)
-    spec = Speculation(draft, state, GREEDY, replace(MODE_OPTIONS[mode], keep=1.0), stats, sid=1,
-                       max_new_tokens=n, window=4, vocab=target.vocab_size, ready=lambda: False)
+    ask = AnswerConfig(mode, GREEDY, max_new_tokens=n, window=4, options=replace(MODE_OPTIONS[mode], keep=1.0))
+    spec = Speculation(draft, state, ask, stats, sid=1, vocab=target.vocab_size, ready=lambda: False)
     first = spec.start(first_logits, informed=stats.rounds > 0, edge_step_s=None)
     if first is not None:
         edge.send(first)
     edge.trace.append("OPENED")
-    step = spec.on_opened(wire.Opened(sid=1, token=session.committed[0], done=session.done), None)
-    while isinstance(step, Flight):
-        if not step.sent:
-            edge.send(step)
-        for ahead in spec.while_waiting():
-            edge.send(ahead)
-        reply = edge.reply(step.msg)
-        assert isinstance(reply, wire.Result), reply
-        step = spec.on_result(reply, reopened=False)
+    step = drive(edge, spec, spec.on_opened(wire.Opened(sid=1, token=session.committed[0], done=session.done), None))
     if step is STREAM:
         step = spec.streamed(edge.stream(), next_round=None)
     assert step is None and spec.phase is AnswerPhase.DONE
@@ -203,8 +209,8 @@ def test_a_device_that_hands_drafting_over_at_open_prefills_only_when_it_comes_b
         return draft.prefill(draft.encode_image(draft.preprocess(picture)), PROMPT)[1]
 
     stats = OnlineStats(t_draft=0.001, rtt=0.001, prior_v0=0.005, prior_v1=0.001)
-    spec = Speculation(draft, prefill, GREEDY, replace(MODE_OPTIONS["covspec"], keep=1.0), stats, sid=1,
-                       max_new_tokens=n, window=4, vocab=target.vocab_size, ready=lambda: False)
+    ask = AnswerConfig("covspec", GREEDY, max_new_tokens=n, window=4, options=replace(MODE_OPTIONS["covspec"], keep=1.0))
+    spec = Speculation(draft, prefill, ask, stats, sid=1, vocab=target.vocab_size, ready=lambda: False)
     assert spec.start(None, informed=False, edge_step_s=None, hand_over=True) is None  # nothing drafted here
     step = spec.on_opened(wire.Opened(sid=1, token=session.committed[0], done=session.done), None)
     assert step is STREAM and not prefills
@@ -214,28 +220,12 @@ def test_a_device_that_hands_drafting_over_at_open_prefills_only_when_it_comes_b
     assert spec.phase is AnswerPhase.EDGE_DRAFTING
     step = spec.streamed(streamed, next_round=0)  # resumes drafting here
     assert prefills == [1] and spec.committed == expected[:6] and spec.phase is AnswerPhase.SPECULATING
-    while isinstance(step, Flight):
-        if not step.sent:
-            edge.send(step)
-        for ahead in spec.while_waiting():
-            edge.send(ahead)
-        step = spec.on_result(edge.reply(step.msg), reopened=False)
+    step = drive(edge, spec, step)
     assert len(spec.rounds) >= 1  # drafted and verified here after the hand-back
     if step is STREAM:  # this random draft's windows do not pay: the rest is streamed
         step = spec.streamed(edge.stream(), next_round=None)
     assert step is None
     assert final_answer(spec.committed, draft.eos_token_ids, n) == expected and prefills == [1]
-
-
-def drive(edge: InProcessEdge, spec: Speculation, step) -> object:
-    """The rounds from `step` until the answer is complete or handed to the edge (STREAM)."""
-    while isinstance(step, Flight):
-        if not step.sent:
-            edge.send(step)
-        for ahead in spec.while_waiting():
-            edge.send(ahead)
-        step = spec.on_result(edge.reply(step.msg), reopened=False)
-    return step
 
 
 def test_every_phase_transition(models):
@@ -253,9 +243,9 @@ def test_every_phase_transition(models):
         session = TargetSession.open(target, visual, PROMPT, None, GREEDY, n)
         logits, prefilled = draft.prefill(draft.encode_image(draft.preprocess(picture)), PROMPT)
         stats = stats or OnlineStats(t_draft=0.001, rtt=0.001, prior_v0=0.005, prior_v1=0.001)
-        spec = Speculation(draft, prefilled if state is None else state, GREEDY,
-                           replace(MODE_OPTIONS.get(mode, mode), keep=1.0), stats, sid=1, max_new_tokens=n, window=4,
-                           vocab=target.vocab_size, ready=lambda: False, edge_offer=offer)
+        options = replace(MODE_OPTIONS.get(mode, mode), keep=1.0)
+        spec = Speculation(draft, prefilled if state is None else state, AnswerConfig(options=options, max_new_tokens=n),
+                           stats, sid=1, vocab=target.vocab_size, ready=lambda: False, edge_offer=offer)
         return spec, InProcessEdge(session, target.vocab_size), logits
 
     def opened(spec: Speculation, edge: InProcessEdge, edge_step_s=None, done=False):

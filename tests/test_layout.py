@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"covspec": "covspec", "export": "covspec.export", "device_runtime": "covspec.device_runtime",
             "edge_runtime": "covspec.edge_runtime", "transport": "covspec.transport",
-            "calibration": "covspec.calibration"}
+            "calibration": "covspec.calibration", "benchmarks": "benchmarks"}
 MAX_FUNCTION_LINES = 60
 
 
@@ -124,11 +124,30 @@ def cli_imports(path: Path) -> list[str]:
     return found
 
 
+def test_nothing_installed_imports_the_studies() -> None:
+    """benchmarks/ is not installed: no module of the package may need it."""
+    needing = {a: sorted(b for b in deps if b.startswith("benchmarks"))
+               for a, deps in graph(typing=True).items() if not a.startswith("benchmarks")}
+    assert not any(needing.values()), {a: b for a, b in needing.items() if b}
+
+
 def test_no_library_module_imports_the_cli() -> None:
     """The CLI derives from the library (its configuration objects), never the other way round."""
     offenders = {name: where for name, path in modules().items()
                  if not (name == "covspec.cli" or name.startswith("covspec.cli.")) and (where := cli_imports(path))}
     assert set(offenders) <= CLI_IMPORT_EXCEPTIONS, f"library modules importing covspec.cli: {offenders}"
+
+
+# edited in parallel by issue 28's session (device_runtime/flash.py, runtime_payload.py): derived at the merge
+BARE_EXCEPTIONS = {"covspec.device_runtime.flash.FlashError", "covspec.device_runtime.runtime_payload.PayloadError"}
+
+
+def test_errors_derive_from_covspec_error() -> None:
+    """Every exception class of ours derives from CovspecError (the CLI prints those as one line)."""
+    bare = [f"{name}.{node.name}" for name, path in modules().items() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ClassDef) and node.name != "CovspecError"
+            and any(isinstance(b, ast.Name) and b.id in ("Exception", "BaseException") for b in node.bases)]
+    assert set(bare) <= BARE_EXCEPTIONS, f"exceptions not under covspec.errors.CovspecError: {sorted(set(bare) - BARE_EXCEPTIONS)}"
 
 
 def test_no_long_functions_in_the_runtimes() -> None:

@@ -149,7 +149,8 @@ def _lying_array_spec(frames: list[bytes], rng: random.Random) -> list[bytes]:
 def _random_frames(frames: list[bytes], rng: random.Random) -> list[bytes]:
     if rng.random() < 0.5:
         return [rng.randbytes(rng.randrange(0, 300)) for _ in range(rng.randint(1, 4))]
-    value = rng.choice([*HOSTILE_VALUES, {"v": 1}, {"v": 1, "type": "VERIFY"}, [1, "VERIFY"]])
+    v = wire.PROTOCOL_VERSION
+    value = rng.choice([*HOSTILE_VALUES, {"v": v}, {"v": v, "type": "VERIFY"}, [v, "VERIFY"]])
     return [msgpack.packb(value)]
 
 
