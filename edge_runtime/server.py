@@ -62,6 +62,10 @@ __all__ = ["EdgeServer", "EdgeSettings"]
 log = logging.getLogger("covspec.edge")
 
 CLOSE_GRACE_S = 0.5  # a drained edge waits this long after its last session's activity, for the CLOSE
+# a draining edge stays up at least this long, refusing OPENs, so that a balancer's readiness check
+# takes it out of rotation before it goes (deploy/haproxy.cfg: 2 failed checks 0.5 s apart); one that
+# exits sooner is still in rotation, and a device sent back to it loses its OPEN with the connection
+DRAIN_LINGER_S = 2.0
 STALL_S = 60.0  # /healthz fails when the loop has not come round for this long (a pass that hangs)
 
 
@@ -146,9 +150,10 @@ class EdgeServer:
             self.draining_since = time.monotonic()
 
     def drained(self) -> bool:
-        """Draining and nothing left to serve: no unfinished session, no edge-drafted stream, and the
-        last session active at least CLOSE_GRACE_S ago (its device's CLOSE is on its way)."""
-        if self.draining_since is None or self.streams:
+        """Draining for DRAIN_LINGER_S at least, and nothing left to serve: no unfinished session, no
+        edge-drafted stream, and the last session active at least CLOSE_GRACE_S ago (its device's
+        CLOSE is on its way)."""
+        if self.draining_since is None or self.streams or time.monotonic() - self.draining_since < DRAIN_LINGER_S:
             return False
         sessions = list(self.table.sessions.values())
         quiet = time.monotonic() - max((s.last_active for s in sessions), default=0.0) > CLOSE_GRACE_S

@@ -382,6 +382,7 @@ class Client:
         old = getattr(self, "_watch", None)  # a retry's fresh socket: a link that was down stays down since then
         self._watch = LinkWatch(old.down_since if old is not None and not old.up else time.monotonic())
         self._said = 0.0
+        self._lost_upto = 0  # a fresh socket: what is sent (or sent again) on it is not lost yet
         sock.connect(self.endpoint)
         return MeteredSocket(sock, self.counters)
 
