@@ -256,7 +256,7 @@ def test_task_score_is_token_f1_against_the_reference():
 
 
 def test_percentiles_and_arrivals():
-    from covspec.tools.bench import percentiles
+    from covspec.tools.figures import percentiles
     from covspec.tools.replay import Arrivals
 
     p = percentiles([i / 1000 for i in range(1, 101)], "latency_ms")
