@@ -58,7 +58,8 @@ def plot_cdfs(path: Path, panels: dict[str, dict[str, list[float]]], xlabel: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(1 + 4.5 * len(panels), 4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(1 + 4.5 * len(panels), 4), squeeze=False, sharex=True,
+                             sharey=True)
     for ax, (panel, series) in zip(axes[0], panels.items(), strict=True):
         for label, values in series.items():
             values = np.sort(np.asarray(_clean(values), dtype=float))
