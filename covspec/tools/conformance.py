@@ -544,9 +544,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`covspec conformance`'s handler: 0 when no check failed."""
-    from covspec.cli.common import client_keys
+    from covspec.tools.edge_probe import client_keys
 
-    outcomes = run_suite(args.edge, client_keys(args), fingerprint=args.fingerprint, prompt=args.prompt,
+    outcomes = run_suite(args.edge, client_keys(args.key, args.edge_key), fingerprint=args.fingerprint, prompt=args.prompt,
                          timeout_s=args.timeout, only=args.check)
     if args.json:
         print(json.dumps([asdict(o) for o in outcomes], indent=1))

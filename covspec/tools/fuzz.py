@@ -74,6 +74,9 @@ def seed_messages(sid: int, image: bytes) -> list[wire.Message]:
         wire.Pong(seq=7, t=1.0),
         wire.Stats(seq=8),
         wire.StatsReply(seq=8, counters={"requests": 1}),
+        wire.Info(seq=10),
+        wire.InfoReply(seq=10, version="covspec-edge 0.1.0", protocol=1, fingerprint="sha256:0", family="llava",
+                       model="t", vocab_size=100, draft="d"),
         wire.Error(sid=sid, seq=9, code=wire.ErrorCode.BAD_STATE, message="x"),
     ]
 

@@ -108,6 +108,8 @@ def run_devices(args: argparse.Namespace, out: Path, endpoint: str, mode: str, n
             if p.poll() is None:
                 p.kill()
         log.close()
+        for path in [go, *(Path(f"{go}.ready.{i}") for i in range(n))]:  # the start signal, spent
+            path.unlink(missing_ok=True)
     return [json.loads(line) for path in files for line in path.read_text().splitlines()]
 
 
@@ -119,7 +121,7 @@ def summarise_load(rows: list[dict], mode: str, n: int, batches: dict[str, float
     counters (edge_probe.edge_side: busy share, busy and CPU ms per answer), which take precedence.
     Open loop (`rate`): `response` is the latency a user sees, from the request's arrival, queueing
     at a busy device included; closed loop it equals the request latency."""
-    from covspec.tools.bench import percentiles
+    from covspec.tools.figures import percentiles
 
     tokens = sum(r["tokens"] for r in rows)
     span = max(r["t_end"] for r in rows) - min(r["t_start"] for r in rows)
@@ -165,7 +167,7 @@ LOAD_FIELDS = ("mode", "devices", "rate", "requests", "tokens", "answers_per_s",
 
 
 def write_load(out: Path, summary: list[dict], args: argparse.Namespace, rows: list[dict] | None = None) -> None:
-    from covspec.tools.bench import _f, write_table
+    from covspec.tools.figures import _f, write_table
 
     (out / "load.json").write_text(json.dumps({"summary": summary, "command": args.command_line,
                                                "edge": getattr(args, "edge_info", None)}, indent=1))
@@ -219,7 +221,7 @@ def plot_load(out: Path, summary: list[dict], rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from covspec.tools.bench import plot_cdfs
+    from covspec.tools.figures import plot_cdfs
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in dict.fromkeys(s["mode"] for s in summary):
