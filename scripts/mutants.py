@@ -56,7 +56,7 @@ MUTANTS = [
            "positions = self.rules.step_positions(state.length + 1, state.extra, k)"),
     Mutant("bundle_slot", "off-by-one cache slot written by the decoder", "covspec/bundles/adapter.py",
            "c(is_image[None, start:end]), c(positions[..., start:end]), state.length)",
-           "c(is_image[None, start:end]), c(positions[..., start:end]), state.length + (start > 0))"),
+           "c(is_image[None, start:end]), c(positions[..., start:end]), state.length + 1)"),
     Mutant("stale_kv_rollback", "a stale KV slot left after a rejection's rollback", "covspec/drafter.py",
            "        self.adapter.truncate(self.state, self.prompt_length + self.fed)\n        if next_token_id",
            "        self.adapter.truncate(self.state, self.prompt_length + self.fed + (accepted < fed_drafts))\n"

@@ -259,3 +259,46 @@ def test_the_native_shim_gives_the_bindings_logits_on_the_demo_pte(demo_bundle, 
     assert (native["steps"].argmax(-1) == steps.argmax(-1)).all()
     np.testing.assert_allclose(native["window"], reference["logits"][1][8:24], atol=1e-3)
     print(f"native shim vs bindings, demo model.pte: max |diff| {np.abs(native['steps'] - steps).max():.2e}")
+
+
+def test_a_folder_flash_of_the_demo_bundle_answers_through_a_real_edge(demo_bundle, native_library, edge, reference,
+                                                                       tmp_path) -> None:
+    """`covspec device flash` of the exported demo bundle to a folder (the bundle alone: the runtime payload's
+    wheelhouse and venv are tests/test_flash.py's slow test), then the device on the flashed copy, torch-free,
+    through a real edge: target_only's answers and the eager draft's acceptance per round."""
+    from covspec.device_runtime.flash import flash
+
+    report = flash(demo_bundle, str(tmp_path / "phone"), runtime="none")
+    flashed = tmp_path / "phone" / "bundle"
+    assert report.verified == len(report.copied) > 0 and (flashed / "model.pte").is_file()
+    payload = json.dumps([(image.hex(), prompt) for image, prompt in requests()])
+    out = run_torch_free(DEVICE_BODY, [str(flashed), edge.endpoint, "executorch", "vanilla_sd", str(WINDOW),
+                                       str(MAX_NEW)],
+                         stdin=payload, env={"COVSPEC_ET_NATIVE": str(native_library), "PYTHONPATH": ""})
+    check_device({"vanilla_sd": out["executorch/vanilla_sd"]}, reference, "flashed folder")
+
+
+def test_executorchs_multimodal_runner_gives_the_target_answers_on_the_demo_pte(demo_bundle, reference) -> None:
+    """ExecuTorch's own C++ MultimodalRunner (the wheel's bindings of the runner Android uses) on the demo
+    draft's model.pte (LLaVA layout): its greedy text on the held-out image prompts equals our runtime's
+    greedy text on the same bundle (Idefics3 and Qwen2.5-VL: tests/test_runner_families.py, slow: one
+    tiny export each)."""
+    from executorch.extension.llm.runner import MultimodalRunner
+    from test_export_multimodal import runner_text, visible_words
+
+    from covspec.bundles.adapter import BundleAdapter
+    from covspec.generation import generate
+    from covspec.images import load_image
+
+    ours = BundleAdapter(demo_bundle, backend="executorch")
+    runner = MultimodalRunner(str(demo_bundle / "model.pte"), str(demo_bundle / "runner_tokenizer.json"))
+    specials = list(ours.tokenizer.all_special_tokens)
+    compared = 0
+    for image_bytes, prompt in requests()[:3]:
+        image = load_image(image_bytes)
+        ids = generate(ours, image, prompt, max_new_tokens=16).ids
+        n = next((i for i, t in enumerate(ids) if t >= len(ours.tokenizer) or t in ours.eos_token_ids), len(ids))
+        theirs = runner_text(runner, ours, image, prompt, max_new_tokens=max(n, 1))
+        assert visible_words(theirs, specials) == ours.decode(ids[:n]).split(), (prompt, theirs)
+        compared += n
+    assert compared >= 16, compared
