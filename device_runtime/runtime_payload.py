@@ -108,10 +108,7 @@ def build_payload(cache: str | Path | None = None, log=print, target: Platform |
         changed = build_covspec_wheel(folder, log)
         covspec_wheel = next((folder / "runtime/wheels").glob("covspec-*.whl"))
         changed |= download_dependencies(folder, covspec_wheel, target, log)
-        if target.machine == here.machine:
-            changed |= build_native(folder, log)
-        else:
-            changed |= cross_build_native(folder, target, log)
+        changed |= build_native(folder, log, None if target.machine == here.machine else target)
         write_scripts(folder, target)
         write_runtime_manifest(folder, target)
         if changed:
@@ -232,42 +229,6 @@ def download_dependencies(folder: Path, covspec_wheel: Path, here: Platform, log
     return True
 
 
-def build_native(folder: Path, log) -> bool:
-    """The shim, linked with RUNPATH $ORIGIN, beside copies of the executorch wheel's libraries it needs.
-    Skipped (ONNX bundles only) when there is no executorch wheel or no g++ here, said so."""
-    from covspec.device_runtime import et_native
-
-    lib = folder / "runtime" / "lib"
-    try:
-        root = et_native.executorch_root()
-    except et_native.NativeRuntimeError as err:
-        log(f"note: the runtime carries no native ExecuTorch shim (.pte bundles will not run): {err}")
-        shutil.rmtree(lib, ignore_errors=True)
-        return False
-    needed = [root / "lib" / f"lib{name}.so" for name in et_native.ET_LIBS]
-    key = tree_key_of([*et_native.SOURCES, *needed])
-    if fresh(folder, "native", key) and (lib / et_native.LIBRARY_NAME).is_file():
-        return False
-    log("building the native ExecuTorch shim (RUNPATH $ORIGIN)")
-    shutil.rmtree(lib, ignore_errors=True)
-    lib.mkdir(parents=True)
-    command = [("-Wl,-rpath,$ORIGIN" if arg.startswith("-Wl,-rpath,") else arg)
-               for arg in et_native.compile_command(lib / et_native.LIBRARY_NAME, root)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        log("note: no g++ here: the runtime carries no native ExecuTorch shim (.pte bundles will not run); "
-            "apt-get install g++ and flash again")
-        shutil.rmtree(lib)
-        return False
-    if done.returncode != 0:
-        raise PayloadError(f"building the native shim failed:\n{done.stderr.strip()[-2000:]}")
-    for path in needed:
-        shutil.copy2(path, lib / path.name)
-    stamp(folder, "native", key)
-    return True
-
-
 CROSS_COMPILERS = {"aarch64": "aarch64-linux-gnu-g++", "x86_64": "x86_64-linux-gnu-g++"}
 CROSS_PACKAGES = {"aarch64": "g++-aarch64-linux-gnu", "x86_64": "g++-x86-64-linux-gnu"}
 
@@ -306,32 +267,48 @@ def target_executorch(target: Platform, log) -> Path:
     return root / "executorch"
 
 
-def cross_build_native(folder: Path, target: Platform, log) -> bool:
-    """The shim cross-compiled for `target` against its executorch wheel (RUNPATH $ORIGIN), beside copies of
-    the wheel's libraries it needs. Skipped, said so, where this machine has no cross compiler."""
+def build_native(folder: Path, log, target: Platform | None = None) -> bool:
+    """The shim, linked with RUNPATH $ORIGIN, beside copies of the executorch wheel's libraries it needs:
+    against this machine's wheel with g++, or for a `target` of another machine against its wheel
+    (downloaded) with its cross g++. Skipped, said so, where there is no executorch wheel or no compiler
+    (the runtime then runs ONNX bundles only)."""
     from covspec.device_runtime import et_native
 
     lib = folder / "runtime" / "lib"
-    compiler = CROSS_COMPILERS.get(target.machine)
-    if compiler is None or shutil.which(compiler) is None:
-        log(f"note: no {compiler or 'cross compiler'} here: the runtime carries no native ExecuTorch shim for "
-            f"{target.machine} (.pte bundles will not run there; ONNX bundles will); apt-get install "
-            f"{CROSS_PACKAGES.get(target.machine, 'a cross g++')} and flash again")
+
+    def skip(why: str) -> bool:
+        log(f"note: the runtime carries no native ExecuTorch shim (.pte bundles will not run; ONNX ones will): {why}")
         shutil.rmtree(lib, ignore_errors=True)
         return False
-    root = target_executorch(target, log)
+
+    if target is None:
+        compiler, package = "g++", "g++"
+        try:
+            root = et_native.executorch_root()
+        except et_native.NativeRuntimeError as err:
+            return skip(str(err))
+    else:
+        compiler = CROSS_COMPILERS.get(target.machine, "")
+        package = CROSS_PACKAGES.get(target.machine, "a cross g++")
+        if not compiler or shutil.which(compiler) is None:
+            return skip(f"no {compiler or 'cross compiler'} here: apt-get install {package} and flash again")
+        root = target_executorch(target, log)
     needed = [root / "lib" / f"lib{name}.so" for name in et_native.ET_LIBS]
     key = tree_key_of([*et_native.SOURCES, *needed]) + compiler
     if fresh(folder, "native", key) and (lib / et_native.LIBRARY_NAME).is_file():
         return False
-    log(f"cross-compiling the native ExecuTorch shim for {target.machine} ({compiler}, RUNPATH $ORIGIN)")
+    machine = target.machine if target else "this machine"
+    log(f"building the native ExecuTorch shim for {machine} ({compiler}, RUNPATH $ORIGIN)")
     shutil.rmtree(lib, ignore_errors=True)
     lib.mkdir(parents=True)
     command = [compiler if i == 0 else ("-Wl,-rpath,$ORIGIN" if arg.startswith("-Wl,-rpath,") else arg)
                for i, arg in enumerate(et_native.compile_command(lib / et_native.LIBRARY_NAME, root))]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        return skip(f"no {compiler} here: apt-get install {package} and flash again")
     if done.returncode != 0:
-        raise PayloadError(f"cross-compiling the native shim for {target.machine} failed:\n{done.stderr.strip()[-2000:]}")
+        raise PayloadError(f"building the native shim for {machine} failed:\n{done.stderr.strip()[-2000:]}")
     for path in needed:
         shutil.copy2(path, lib / path.name)
     stamp(folder, "native", key)

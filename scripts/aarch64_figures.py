@@ -3,7 +3,13 @@ for this x86_64 machine into a folder, each answering the same held-out prompts 
 loopback, in covspec and covspec_no_placement (drafting forced on the device), on the .pte (native shim;
 cross-built for aarch64) and on ONNX; target_only's answers from the x86 device are the reference.
 
-    python scripts/aarch64_figures.py --out results/aarch64 [--prompts 8] [--max-new-tokens 24]
+The adaptive policy reads the device's measured draft step: under qemu the draft steps 20-100x slower, so
+the policy rightly lets the edge stream more, and the two devices draft different windows. The draft
+itself is therefore also compared with those timing-fed choices pinned: covspec_no_placement with a fixed
+window of 4 and no branches or windows ahead (`covspec_no_placement@4`), whose rounds depend on the draft's
+tokens alone; its acceptance must match x86's within 0.05.
+
+    python scripts/aarch64_figures.py --out results/aarch64 [--prompts 8] [--max-new-tokens 32]
 
 Writes OUT/figures.json (every answer, the device's own acceptance = accepted / drafted over its rounds, and
 per platform: flash time, reflash copies, first start, runtime size on the target, start-up to the first
@@ -25,15 +31,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE_SH = REPO / "scripts" / "aarch64_device.sh"
-MODES = ("covspec", "covspec_no_placement")
+MODES = ("covspec", "covspec_no_placement", "covspec_no_placement@4")
+PINNED = "covspec_no_placement@4"  # the draft check: acceptance within 0.05 of x86's
 BACKENDS = ("executorch", "onnx")
 
 # Runs on the device, in the flashed runtime's venv (torch-free): answers every request in each mode and
 # backend, with the device's own rounds
 DRIVER = r"""
 import json, sys, time
+from dataclasses import replace
 from covspec.bundles.adapter import BundleAdapter
 from covspec.device_runtime.client import DeviceRuntime
+from covspec.modes import MODE_OPTIONS
 from covspec.sampling import SamplingParams
 
 bundle, edge, backends, modes, requests, max_new = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4].split(","), json.load(open(sys.argv[5])), int(sys.argv[6])
@@ -42,14 +51,19 @@ for backend in backends:
     t0 = time.perf_counter()
     device = DeviceRuntime(BundleAdapter(bundle, backend=backend), edge, timeout_s=600)
     load_s = time.perf_counter() - t0
-    for mode in modes:
+    for label in modes:
+        mode, _, k = label.partition("@")
+        # MODE@K: the mode with the timing-fed choices pinned (fixed window K, no branches, nothing ahead)
+        options = replace(MODE_OPTIONS[mode], adaptive=False, branching=False, ahead=False) if k else None
         rows = []
         for img, prompt in requests:
-            a = device.answer(bytes.fromhex(img), prompt, mode, SamplingParams(), max_new_tokens=max_new)
+            a = device.answer(bytes.fromhex(img), prompt, mode, SamplingParams(), max_new_tokens=max_new,
+                              window=int(k or 4), options=options)
             rows.append({"ids": a.ids, "drafted": sum(r.drafted for r in a.rounds),
                          "accepted": sum(r.accepted for r in a.rounds), "draft_s": sum(r.draft_s for r in a.rounds),
-                         "rounds": len(a.rounds), "latency_s": a.latency_s, "edge_drafted": a.edge_drafted})
-        out[f"{backend}/{mode}"] = rows
+                         "rounds": len(a.rounds), "latency_s": a.latency_s, "edge_drafted": a.edge_drafted,
+                         "streamed_rest": a.streamed_rest})
+        out[f"{backend}/{label}"] = rows
     out[f"{backend}/load_s"] = load_s
     device.close()
 import platform
@@ -124,7 +138,7 @@ def measure_platform(name: str, bundle: Path, edge: str, requests_file: Path, im
                   ",".join(("target_only", *MODES) if name == "x86_64" else MODES), str(requests_file), str(max_new)],
                  env=device_env(rt), cwd="/", timeout=6 * 3600)
     answers = json.loads(driven.stdout.strip().splitlines()[-1])
-    log(f"{name}: {len(BACKENDS) * len(MODES)} x {len(json.loads(requests_file.read_text()))} answers in "
+    log(f"{name}: {len(answers) - 2 - len(BACKENDS)} x {len(json.loads(requests_file.read_text()))} answers in "
         f"{time.perf_counter() - t0:.0f} s")
     return {
         "flash_s": flash_s, "flash_report": flashed.stdout.strip(), "reflash_s": reflash_s, "reflash_report": again,
@@ -142,6 +156,10 @@ def acceptance(rows: list[dict]) -> float:
     return sum(r["accepted"] for r in rows) / drafted if drafted else float("nan")
 
 
+def rounds(rows: list[dict]) -> int:
+    return sum(r["rounds"] for r in rows)
+
+
 def step_ms(rows: list[dict]) -> float:
     drafted = sum(r["drafted"] for r in rows)
     return 1000 * sum(r["draft_s"] for r in rows) / drafted if drafted else float("nan")
@@ -150,9 +168,9 @@ def step_ms(rows: list[dict]) -> float:
 def summarize(figures: dict) -> list[str]:
     x86, arm = figures["x86_64"], figures["aarch64"]
     lines = ["| | x86_64 (this machine) | aarch64 (qemu-user on this machine) |", "|---|---|---|"]
-    for key, label, fmt in (("flash_s", "flash (runtime cached, bundle + runtime copied)", "{:.1f} s"),
+    for key, label, fmt in (("flash_s", "flash, runtime cached (x86: venv made at flash time)", "{:.1f} s"),
+                            ("first_start_s", "first start (aarch64: venv made on the device, offline)", "{:.1f} s"),
                             ("reflash_s", "reflash of the unchanged target", "{:.1f} s"),
-                            ("first_start_s", "first start (venv made on the device, offline)", "{:.0f} s"),
                             ("startup_to_open_s", "launcher start-up to the first OPEN", "{:.1f} s")):
         lines.append(f"| {label} | {fmt.format(x86[key])} | {fmt.format(arm[key])} |")
     lines.append(f"| runtime on the target (wheels, lib, venv) | {x86['runtime_bytes'] / 1e6:.0f} MB | "
@@ -160,8 +178,9 @@ def summarize(figures: dict) -> list[str]:
     for backend in BACKENDS:
         for mode in MODES:
             k = f"{backend}/{mode}"
-            lines.append(f"| {k}: device acceptance (accepted/drafted) | {acceptance(x86['answers'][k]):.3f} | "
-                         f"{acceptance(arm['answers'][k]):.3f} |")
+            lines.append(f"| {k}: device acceptance (accepted/drafted; rounds) | {acceptance(x86['answers'][k]):.3f} "
+                         f"({rounds(x86['answers'][k])}) | {acceptance(arm['answers'][k]):.3f} "
+                         f"({rounds(arm['answers'][k])}) |")
             lines.append(f"| {k}: draft step per drafted token | {step_ms(x86['answers'][k]):.1f} ms | "
                          f"{step_ms(arm['answers'][k]):.1f} ms |")
     return lines
@@ -171,10 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--cache", default=str(Path(os.environ.get("COVSPEC_CACHE") or Path.home() / ".cache/covspec")))
     args = parser.parse_args(argv)
-    from covspec.demo.task import sample_split
+    from covspec.demo.task import make_item, split_seed
     from covspec.images import png_bytes
     from covspec.tools.procs import free_port, start_edge, stop_edge
 
@@ -188,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     export = export_demo(Path(args.cache))
-    items = list(sample_split("heldout", args.prompts, seed=0))
+    # held-out describe questions: the long answers (mixed questions are mostly one-token answers)
+    items = [make_item("heldout", i, split_seed("heldout", 0), qtype="describe") for i in range(args.prompts)]
     work = Path(tempfile.mkdtemp(prefix="covspec-aarch64-"))
     requests_file = work / "requests.json"
     requests_file.write_text(json.dumps([(png_bytes(i.image).hex(), i.question) for i in items]))
@@ -214,13 +234,16 @@ def main(argv: list[str] | None = None) -> int:
                 got = figures[name]["answers"][k]
                 checks[f"{name} {k}: answers equal target_only's"] = (
                     [r["ids"] for r in got] == [r["ids"] for r in reference[f"{backend}/target_only"]])
-                if name == "aarch64":
+                if name == "aarch64" and mode == PINNED:
                     diff = abs(acceptance(got) - acceptance(reference[k]))
                     checks[f"aarch64 {k}: acceptance within 0.05 of x86's ({diff:.3f})"] = diff <= 0.05
     figures["checks"] = checks
     (out / "figures.json").write_text(json.dumps(figures, indent=1) + "\n")
     lines = [f"# The demo bundle on an emulated aarch64 device beside x86_64 ({args.prompts} held-out prompts)", "",
-             "The aarch64 column measures qemu-user emulation on this 2-core x86 machine, not a Jetson.", "",
+             "The aarch64 column measures qemu-user emulation on this 2-core x86 machine, not a Jetson. In covspec",
+             "and covspec_no_placement the policy reads each device's measured draft step, so the emulated device",
+             f"(20-100x slower) drafts fewer rounds and lets the edge stream; {PINNED} pins those choices",
+             "(fixed window 4, no branches or windows ahead) and compares the draft itself.", "",
              f"    {figures['command']}", "", *summarize(figures), "",
              f"aarch64 native shim: {figures['aarch64']['native_file']}", "",
              "aarch64 wheels: " + ", ".join(figures["aarch64"]["wheels"]), "",
