@@ -54,7 +54,7 @@ def test_load_run_with_one_and_two_devices(tmp_path: Path):
     assert [(s["devices"], s["requests"]) for s in summary] == [(1, 1), (2, 2)]
     assert all(s["aggregate_tps"] > 0 and s["latency_p99_ms"] >= s["latency_p50_ms"] for s in summary)
     assert summary[0]["edge_batches"] == 0  # one device: nothing to batch with
-    assert "| vanilla_sd | 2 | 2 |" in (out / "load.md").read_text()
+    assert "| vanilla_sd | 2 |  | 2 |" in (out / "load.md").read_text()  # closed loop: no rate
 
 
 @pytest.mark.slow

@@ -144,6 +144,10 @@ def test_bench_through_4g_to_a_curve_edge(pair, tmp_path: Path):
         rows = check_run(out, modes, 12, "4g")
         assert all(r["ttft_s"] >= 0.040 for r in rows)  # 4g's round trip, at least once per answer
         assert json.loads((out / "link-4g.json").read_text())["bytes_up"] >= sum(r["bytes_up"] for r in rows)
+        assert main(["keys", "gen", "--out", str(keys / "strangers"), "--name", "stranger"]) == 0
+        start = time.monotonic()
+        assert bench.main([*argv[:2], "--key", str(keys / "strangers" / "stranger.key_secret"), *argv[4:]]) == 2
+        assert time.monotonic() - start < 30  # a key the edge does not admit: said before any answer
     finally:
         stop_edge(edge)
 
