@@ -71,7 +71,7 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-LOADING = {"live": True, "ready": False, "loading": True}  # health() before the target is loaded
+LOADING: dict[str, object] = {"live": True, "ready": False, "loading": True}  # health() before the target is loaded
 PROBES = {"/healthz": "live", "/readyz": "ready"}
 
 
