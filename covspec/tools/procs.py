@@ -64,11 +64,11 @@ def edge_draft_options(args) -> list[str]:
     """`covspec edge serve --draft` for a bench whose modes draft on the edge (edge_sd, and the covspec
     modes that may hand drafting over): `--edge-draft PATH`, else the devices' draft; none for
     `--edge-draft none` or modes that never draft there."""
-    from covspec.modes import MODE_OPTIONS, split_label
+    from covspec.modes import MODE_OPTIONS, Mode, split_label
 
     path = getattr(args, "edge_draft", None) or args.draft
     modes = [split_label(label)[0] for label in args.modes]
-    if path == "none" or not any(m == "edge_sd" or (m in MODE_OPTIONS and MODE_OPTIONS[m].placement) for m in modes):
+    if path == "none" or not any(m == Mode.EDGE_SD or (m in MODE_OPTIONS and MODE_OPTIONS[m].placement) for m in modes):
         return []
     return ["--draft", str(path)]
 
