@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     edge = start_edge(export / "edge", endpoint, work / "edge.log")
     figures: dict = {"prompts": [i.question for i in items], "max_new_tokens": args.max_new_tokens,
+                     "qemu_cpu": os.environ.get("COVSPEC_QEMU_CPU", "cortex-a76"),
                      "command": f"python scripts/aarch64_figures.py --out {args.out} --prompts {args.prompts} "
                                 f"--max-new-tokens {args.max_new_tokens}"}
     try:
