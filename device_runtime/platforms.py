@@ -119,12 +119,12 @@ def unbuildable(target: Platform) -> str | None:
                 f"{SUPPORTED}; use a glibc distribution (Debian, Ubuntu, Yocto with glibc)")
     if target.glibc != UNKNOWN and version_tuple(target.glibc) < version_tuple(MIN_GLIBC):
         return (f"its glibc {target.glibc} is older than {MIN_GLIBC}, the oldest the executorch and onnxruntime "
-                f"wheels take: the runtime is made for {SUPPORTED}; upgrade the OS (e.g. Ubuntu 20.04 or newer)")
+                f"wheels take: the runtime is made for {SUPPORTED}; upgrade the OS (e.g. Ubuntu 22.04, JetPack 6)")
     if target.python not in PYTHONS:
         have = f"its python3 is {target.python}" if target.python else "it has no python3"
         return (f"{have}: the runtime is made for {SUPPORTED} (covspec needs Python >= 3.11); install one beside "
-                "it (Ubuntu 22.04 / JetPack 6: apt-get install python3.11 python3.11-venv) and flash again: the "
-                "flash finds python3.11 by itself")
+                "it (Ubuntu 22.04 / JetPack 6: apt-get install python3.11 python3.11-venv) and flash again (over ssh "
+                "the flash finds python3.11 by itself; for a folder, give --python 3.11)")
     return None
 
 

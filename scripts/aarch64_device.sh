@@ -12,7 +12,8 @@
 # into a cached folder, no root file system image), run by qemu-aarch64-static with -L ROOT: qemu looks every
 # absolute path up under ROOT first, so the device has its own /usr/lib, and an aarch64 /proc/cpuinfo and
 # /sys/devices/system/cpu/{possible,present} (= 0-1) that onnxruntime's cpuinfo reads instead of the host's
-# x86 ones (it crashes on those). ROOT/usr/local/bin/python3 is a wrapper that runs the emulated python with
+# x86 ones (it crashes on those). The CPU is a Cortex-A76 (see wrapper() below for why not qemu's `max`).
+# ROOT/usr/local/bin/python3 is a wrapper that runs the emulated python with
 # argv[0] kept (qemu -0), so a venv made by it runs through the wrapper too: no binfmt_misc needed. The
 # launcher's own shell is this machine's /bin/sh; every Python and native library it runs is aarch64.
 # It shares this machine's network: an edge on 127.0.0.1 is reachable.
@@ -66,22 +67,30 @@ root() {
     skip "apt-get download of the arm64 packages failed (dpkg --add-architecture arm64 && apt-get update?)"
   for deb in "$CACHE"/debs/*.deb; do dpkg -x "$deb" "$ROOT"; done
   mkdir -p "$ROOT/proc" "$ROOT/sys/devices/system/cpu" "$ROOT/usr/local/bin"
+  machine=$(qemu-aarch64-static -cpu cortex-a76 -L "$ROOT" "$ROOT/usr/bin/python3.11" -c 'import platform; print(platform.machine())') ||
+    skip "the emulated python does not start (qemu-aarch64-static -L $ROOT $ROOT/usr/bin/python3.11)"
+  [ "$machine" = aarch64 ] || skip "the emulated python says machine $machine, not aarch64"
+  touch "$ROOT/.covspec-ready"
+  say "ready: $ROOT (python3: $ROOT/usr/local/bin/python3)"
+}
+
+# The emulated CPU: a Cortex-A76 (ARMv8.2 with dot product and fp16, the class of Jetson Orin's Cortex-A78AE),
+# not qemu's default `max`: under `max` (SVE2, SME, i8mm) the int8 kernels of both ExecuTorch's XNNPACK and
+# ONNX Runtime computed a wrong draft here (qemu 7.2), while under cortex-a76 the draft equals x86's token for
+# token. COVSPEC_QEMU_CPU picks another (qemu-aarch64-static -cpu help).
+wrapper() {
+  [ -n "$ROOT" ] && [ -f "$ROOT/.covspec-ready" ] || skip "no device root made ($ROOT)"
   for n in 0 1; do
-    printf 'processor\t: %s\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x3\nCPU part\t: 0xd0c\nCPU revision\t: 1\n\n' $n
+    printf 'processor\t: %s\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x4\nCPU part\t: 0xd0b\nCPU revision\t: 1\n\n' $n
   done > "$ROOT/proc/cpuinfo"
   for f in possible present online; do echo 0-1 > "$ROOT/sys/devices/system/cpu/$f"; done
   cat > "$ROOT/usr/local/bin/python3" <<EOF
 #!/bin/sh
 # the emulated device's python3 (aarch64, Python 3.11): argv[0] kept, so that a venv made by it runs through here
-exec qemu-aarch64-static -L "$ROOT" -0 "\$0" "$ROOT/usr/bin/python3.11" "\$@"
+exec qemu-aarch64-static -cpu "\${COVSPEC_QEMU_CPU:-cortex-a76}" -L "$ROOT" -0 "\$0" "$ROOT/usr/bin/python3.11" "\$@"
 EOF
   chmod 755 "$ROOT/usr/local/bin/python3"
   ln -sf python3 "$ROOT/usr/local/bin/python3.11"
-  machine=$("$ROOT/usr/local/bin/python3" -c 'import platform; print(platform.machine())') ||
-    skip "the emulated python does not start (qemu-aarch64-static -L $ROOT $ROOT/usr/bin/python3.11)"
-  [ "$machine" = aarch64 ] || skip "the emulated python says machine $machine, not aarch64"
-  touch "$ROOT/.covspec-ready"
-  say "ready: $ROOT (python3: $ROOT/usr/local/bin/python3)"
 }
 
 device_env() {
@@ -92,17 +101,17 @@ device_env() {
 cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
-  setup) tools; root; echo "$ROOT" ;;
+  setup) tools; root; wrapper; echo "$ROOT" ;;
   root) echo "$ROOT" ;;
-  python) root; device_env; exec python3 "$@" ;;
+  python) root; wrapper; device_env; exec python3 "$@" ;;
   flash)
     [ $# -ge 1 ] || { echo "usage: $0 flash BUNDLE [covspec device flash options]" >&2; exit 2; }
-    tools; root
+    tools; root; wrapper
     bundle=$1; shift
     ${COVSPEC:-covspec} device flash --bundle "$bundle" --to "$DEVICE_DIR" --platform linux-aarch64 --python 3.11 "$@"
     ;;
   run)
-    root; device_env
+    root; wrapper; device_env
     [ -x "$DEVICE_DIR/bin/covspec-device" ] || { echo "nothing flashed in $DEVICE_DIR: $0 flash BUNDLE first" >&2; exit 2; }
     exec "$DEVICE_DIR/bin/covspec-device" "$@"
     ;;

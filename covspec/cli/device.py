@@ -58,9 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--to", required=True, help="DIR, ssh://user@host[:port]/path or adb://SERIAL/path: receives "
                    "bundle/, runtime/ and the launcher bin/covspec-device")
     q.add_argument("--runtime", default="auto", metavar="auto|none|PATH",
-                   help="the device runtime to install: auto (built on this machine for its platform, cached in "
-                   "~/.cache/covspec/device-runtime), none (the bundle alone) or a runtime folder built on a "
-                   "machine of the target's platform (python -m covspec.device_runtime.runtime_payload build)")
+                   help="the device runtime to install: auto (made on this machine for the target's platform, cached in "
+                   "~/.cache/covspec/device-runtime), none (the bundle alone) or a runtime folder made for the "
+                   "target's platform (python -m covspec.device_runtime.runtime_payload build [--platform "
+                   "linux-aarch64 --python 3.11])")
     q.add_argument("--platform", metavar="linux-MACHINE",
                    help="a folder target's platform (an SD card image, a rootfs): linux-aarch64 or linux-x86_64 "
                    "(default: this machine's; ssh and adb targets are asked)")
