@@ -45,7 +45,7 @@ ABI_VERSION = 4
 ET_LIBS = ("executorch", "executorch_kernels_optimized", "executorch_backend_xnnpack", "executorch_threadpool")
 
 # numpy dtype <-> ExecuTorch ScalarType code (c10 numbering)
-DTYPES = {np.dtype(np.uint8): 0, np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.int32): 3,
+DTYPES: dict[np.dtype, int] = {np.dtype(np.uint8): 0, np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.int32): 3,
           np.dtype(np.int64): 4, np.dtype(np.float16): 5, np.dtype(np.float32): 6, np.dtype(np.float64): 7,
           np.dtype(np.bool_): 11}
 CODES = {code: dtype for dtype, code in DTYPES.items()}
@@ -192,10 +192,10 @@ class NativeProgram:
         if llama_kernels and self._lib.et_register_llama_kernels() < 0:
             raise NativeRuntimeError(f"{lib_path}: registering the llama:: kernels failed")
         self.missing_kernels = probe_in_child(self.path, lib_path, llama_kernels) if probe else []
-        err = ctypes.create_string_buffer(_ERR_BYTES)
-        self._handle = self._lib.et_load(str(self.path).encode(), err, _ERR_BYTES)
+        message = ctypes.create_string_buffer(_ERR_BYTES)
+        self._handle = self._lib.et_load(str(self.path).encode(), message, _ERR_BYTES)
         if not self._handle:
-            raise NativeProgramError(f"{self.path}: {err.value.decode(errors='replace')}; the file is corrupt or "
+            raise NativeProgramError(f"{self.path}: {message.value.decode(errors='replace')}; the file is corrupt or "
                                      f"not a program of this kind ({REEXPORT_FIX})")
         self._io = _Buffers()
         count = self._lib.et_method_count(self._handle)
@@ -224,7 +224,7 @@ class NativeProgram:
                 raise TypeError(f"{name} input {i}: dtype {a.dtype} is not one the native runtime takes "
                                 f"({', '.join(str(d) for d in DTYPES)})")
             io.dtypes[i], io.ndims[i], io.data[i] = code, a.ndim, a.__array_interface__["data"][0]
-            io.sizes[at:at + a.ndim] = a.shape
+            io.sizes[at:at + a.ndim] = list(a.shape)
             at += a.ndim
             arrays.append(a)
         count = self._lib.et_run(self._handle, name.encode(), n, io.dtypes, io.ndims, io.sizes, io.data, io.err, _ERR_BYTES)

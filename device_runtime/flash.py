@@ -53,17 +53,19 @@ from covspec.device_runtime.runtime_payload import (
     build_payload,
     load_payload,
 )
+from covspec.errors import CovspecError
 from covspec.export.manifest import MANIFEST, sha256_file
 
 BUNDLE_DIR = "bundle"
 
 
-class FlashError(Exception):
+class FlashError(CovspecError):
     """The bundle could not be put on the target intact."""
 
 
 class Target(Protocol):
-    description: str
+    @property
+    def description(self) -> str: ...
 
     def checksums(self, names: list[str]) -> dict[str, str]:
         """sha256 of each of `names` that exists on the target."""

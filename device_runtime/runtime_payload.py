@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from covspec.device_runtime.platforms import Platform, local_platform
+from covspec.errors import CovspecError
 from covspec.export.manifest import sha256_file
 
 RUNTIME_MANIFEST = "runtime/runtime.json"
@@ -53,7 +54,7 @@ SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01: the covspec wheel's zip timestamp
 REPO = Path(__file__).resolve().parent.parent
 
 
-class PayloadError(Exception):
+class PayloadError(CovspecError):
     """The runtime payload cannot be built or is not intact; the message says the fix."""
 
 
