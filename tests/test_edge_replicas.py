@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,8 @@ from covspec.device_runtime.client import DeviceRuntime
 from covspec.generation import generate
 from covspec.models import load_adapter
 from covspec.sampling import SamplingParams
+from covspec.tools.balancer import haproxy_config, server_states
+from covspec.tools.procs import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -60,11 +61,6 @@ def haproxy() -> str:
     if not found:
         pytest.skip(f"apt-get install haproxy failed: {done.stderr.strip()[-300:]}")
     return found
-
-
-def free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        return s.getsockname()[1]
 
 
 def health(address: str) -> dict:
@@ -97,29 +93,6 @@ class Replica:
         self.proc.wait()
 
 
-def haproxy_config(replicas: list[Replica], front: int, stats: Path) -> str:
-    """deploy/haproxy.cfg as shipped, with this test's ports and stats socket."""
-    text = (ROOT / "deploy" / "haproxy.cfg").read_text()
-    text = text.replace("/tmp/covspec-haproxy.sock", str(stats))
-    text = re.sub(r"bind 127\.0\.0\.1:5555", f"bind 127.0.0.1:{front}", text)
-    servers = [f"    server {r.name} 127.0.0.1:{r.port} port {r.metrics.rsplit(':', 1)[1]}" for r in replicas]
-    text = re.sub(r"(    server edge\d .*\n)+", "\n".join(servers) + "\n", text)
-    assert text.count("    server ") == len(replicas)
-    return text
-
-
-def server_states(stats: Path) -> dict[str, str]:
-    """HAProxy's `show stat` over its stats socket: each server's status (UP, DOWN, ...)."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(str(stats))
-        s.sendall(b"show stat\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    rows = [line.split(",") for line in data.decode().splitlines() if line and not line.startswith("#")]
-    return {row[1]: row[17] for row in rows if row[0] == "covspec_replicas" and row[1] not in ("BACKEND",)}
-
-
 def wait_for(condition, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -142,7 +115,9 @@ def test_three_replicas_behind_haproxy_survive_a_kill_and_a_drain(models, tmp_pa
                  for im in row] for row in images]
     replicas = [Replica(target, f"edge{i + 1}") for i in range(3)]
     front, stats = free_port(), tmp_path / "haproxy.sock"
-    (tmp_path / "haproxy.cfg").write_text(haproxy_config(replicas, front, stats))
+    servers = [(r.name, r.port, int(r.metrics.rsplit(":", 1)[1])) for r in replicas]
+    (tmp_path / "haproxy.cfg").write_text(haproxy_config((ROOT / "deploy" / "haproxy.cfg").read_text(), front,
+                                                         servers, stats))
     assert subprocess.run([binary, "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True).returncode == 0
     balancer = subprocess.Popen([binary, "-db", "-f", str(tmp_path / "haproxy.cfg")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
