@@ -27,6 +27,7 @@ from covspec.calibration.profile import CalibrationProfile
 from covspec.device_runtime.client import DeviceRuntime
 from covspec.errors import CovspecError
 from covspec.models.base import VLMAdapter
+from covspec.modes import Mode
 from covspec.policy import MARGIN_BINS, margin_bin
 from covspec.sampling import SamplingParams
 from covspec.transport import protocol as wire
@@ -87,7 +88,7 @@ def measure_verify(client: Client, image: bytes, prompt: str, ks: Iterable[int] 
 def stream_target_only(client: Client, image: bytes, prompt: str, max_new_tokens: int) -> tuple[list[int], float]:
     """One target-only request on a fresh session: (the answer's tokens, the edge's streaming time
     in seconds after the first token)."""
-    sid, opened = _open(client, image, prompt, "target_only", max_new_tokens)
+    sid, opened = _open(client, image, prompt, Mode.TARGET_ONLY, max_new_tokens)
     tokens, elapsed = [opened.token], 0.0
     if not opened.done:
         seq = client.send(wire.Stream(sid=sid, chunk=max_new_tokens)).seq

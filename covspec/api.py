@@ -4,8 +4,8 @@
 
     device_dir, edge_dir = covspec.export("weights/draft", "weights/target", "runs/export", reuse=True)
     covspec.serve_edge(edge_dir, bind="tcp://127.0.0.1:5555")            # blocks; Ctrl-C stops it
-    answer = covspec.answer("tcp://127.0.0.1:5555", "photo.png", "describe the image .",
-                            bundle=device_dir, backend="onnx", mode="covspec")
+    device = covspec.DeviceConfig("tcp://127.0.0.1:5555", bundle=device_dir, backend="onnx")
+    answer = covspec.answer(device, "photo.png", "describe the image .", covspec.AnswerConfig(mode="covspec"))
     print(answer.text, covspec.answer_record(answer)["decode_tokens_per_s"])
     out = covspec.bench(links="loopback", modes=("target_only", "covspec"), prompts=4)
 
@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from covspec.bundles.backend import bundle_backend, load_draft
+from covspec.device_runtime.config import AnswerConfig, DeviceConfig
 from covspec.errors import CovspecError
+from covspec.modes import Mode
 
 if TYPE_CHECKING:
     from covspec.calibration.profile import CalibrationProfile
@@ -30,11 +32,9 @@ if TYPE_CHECKING:
     from covspec.edge_runtime.server import EdgeServer
     from covspec.edge_runtime.settings import EdgeSettings
     from covspec.models.base import VLMAdapter
-    from covspec.modes import SpecOptions
-    from covspec.sampling import SamplingParams
     from covspec.transport.channel import ClientKeys
 
-__all__ = ["answer", "answer_record", "bench", "bundle_backend", "check_bind", "check_edge", "draft_name", "export",
+__all__ = ["AnswerConfig", "DeviceConfig", "answer", "answer_record", "bench", "bundle_backend", "check_bind", "check_edge", "draft_name", "export",
            "exported", "load_draft", "open_device", "serve_edge"]
 
 
@@ -194,31 +194,29 @@ def open_device(edge: str, draft: VLMAdapter, *, keys: ClientKeys | None = None,
         raise CovspecError(f"the edge at {edge}: {err}") from err
 
 
-def answer(edge: str, image: str | Path | bytes, prompt: str, *, draft: VLMAdapter | None = None,
-           model: str | Path | None = None, bundle: str | Path | None = None, backend: str = "auto",
-           mode: str = "covspec", params: SamplingParams | None = None, max_new_tokens: int = 64, window: int = 4,
-           options: SpecOptions | None = None, keys: ClientKeys | None = None, timeout_s: float = 30.0,
-           retries: int = 2, profile: CalibrationProfile | None = None) -> Answer:
-    """One answer to `prompt` about `image` (a file or its bytes) through the edge at `edge`, in
-    `mode` (covspec/modes.py). The draft: `draft` (an adapter), or `model` (a checkpoint), or `bundle`
-    run by `backend`. Greedy unless `params` says otherwise."""
+def answer(device: DeviceConfig, image: str | Path | bytes, prompt: str, ask: AnswerConfig | None = None, *,
+           draft: VLMAdapter | None = None) -> Answer:
+    """One answer to `prompt` about `image` (a file or its bytes) through the edge `device.edge`, as
+    `ask` says (its mode, covspec/modes.py, sampling and length; default: AnswerConfig(), greedy
+    covspec). The draft: `draft` (an adapter already loaded), else the device's `model` or `bundle`."""
     from covspec.device_runtime.client import EdgeRefused
-    from covspec.sampling import SamplingParams
 
     if isinstance(image, str | Path):
         from covspec.images import load_image
 
         load_image(image)  # unreadable, too large: an ImageError naming the file, before the edge sees it
         image = Path(image).read_bytes()
-    draft = draft or load_draft(model, bundle, backend)
-    device = open_device(edge, draft, keys=keys, timeout_s=timeout_s, retries=retries, profile=profile)
+    ask = ask or AnswerConfig()
+    draft = draft or load_draft(device.model, device.bundle, device.backend, device.threads)
+    runtime = open_device(device.edge, draft, keys=device.keys, timeout_s=device.timeout_s, retries=device.retries,
+                          profile=device.profile)
     try:
-        return device.answer(image, prompt, mode, params or SamplingParams(), max_new_tokens, window=window,
-                             options=options)
+        return runtime.answer(image, prompt, ask.mode, ask.params, ask.max_new_tokens, window=ask.window,
+                              options=ask.options)
     except EdgeRefused as err:
-        raise CovspecError(f"the edge at {edge}: {err}") from err
+        raise CovspecError(f"the edge at {device.edge}: {err}") from err
     finally:
-        device.close()
+        runtime.close()
 
 
 def _figure(value: float, digits: int = 3) -> float | None:
@@ -263,11 +261,11 @@ def describe_answer(record: dict[str, Any]) -> str:
         figures.append(f"decode {record['decode_tokens_per_s']:.1f} tokens/s")
     figures += [f"up {record['up_per_token']:.0f} B/token", f"down {record['down_per_token']:.0f} B/token"]
     mode = record["mode"]
-    if mode == "target_only":
+    if mode == Mode.TARGET_ONLY:
         how = "the edge generated every token (target_only)"
-    elif mode == "edge_sd":
+    elif mode == Mode.EDGE_SD:
         how = "the edge drafted with its own draft and verified (edge_sd)"
-    elif mode == "draft_only":
+    elif mode == Mode.DRAFT_ONLY:
         how = f"the draft alone ({record['draft']}), no edge"
     else:
         how = f"draft {record['draft']}, "
@@ -286,19 +284,21 @@ def describe_answer(record: dict[str, Any]) -> str:
 # --- the bench ---------------------------------------------------------------------------------
 def bench(**options: Any) -> Path:
     """`covspec bench` with `options` named as its flags (links="loopback,4g", modes=("target_only",
-    "covspec"), prompts=4, bundle="runs/export/device", backend="onnx", out="runs/bench", ...); the
-    others keep the CLI's defaults. Returns the output folder (summary.md, results.jsonl, plots)."""
+    "covspec"), prompts=4, bundle="runs/export/device", backend="onnx", out="runs/bench",
+    edge="tcp://HOST:PORT", prompts_file="my/prompts.jsonl", ...); the others keep BenchConfig's
+    defaults (covspec/tools/bench_config.py). Returns the output folder (summary.md, results.jsonl, plots)."""
+    import argparse
     import shlex
+    from dataclasses import asdict
 
-    from covspec.cli import build_parser
     from covspec.tools import bench as bench_tool
+    from covspec.tools.bench_config import BenchConfig
 
-    args = build_parser().parse_args(["bench"])
-    unknown = sorted(set(options) - set(vars(args)))
-    if unknown:
-        raise TypeError(f"bench: unknown options {', '.join(unknown)}")
-    for name, value in options.items():
-        setattr(args, name, tuple(value.split(",")) if name == "modes" and isinstance(value, str) else value)
+    try:
+        config = BenchConfig(**options)
+    except TypeError as err:
+        raise TypeError(f"bench: {err}") from None
+    args = argparse.Namespace(**asdict(config), action=None, dirs=[])
     args.command_line = "covspec.bench(" + ", ".join(f"{k}={shlex.quote(repr(v))}" for k, v in options.items()) + ")"
     bench_tool.run(args)
     return Path(args.out)

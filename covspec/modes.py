@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
 # policy.MARGIN_THRESHOLD, the drafting policy's default gate (a test keeps the two equal): this module
 # is read by the CLI to build its parser, so it imports nothing heavy (policy and pruning import torch)
@@ -57,7 +58,36 @@ MODE_OPTIONS: dict[str, SpecOptions] = {
     "covspec_no_placement": replace(COVSPEC, placement=False),
 }
 MODES = ("target_only", "draft_only", "edge_sd", *MODE_OPTIONS)
-STREAMING_MODES = ("target_only", "edge_sd")  # the device only opens and streams (no draft runs on it)
+
+
+class Mode(StrEnum):
+    """Every mode by name: a str (OPEN.mode carries the value), compared as `mode == Mode.EDGE_SD`."""
+
+    TARGET_ONLY = "target_only"
+    DRAFT_ONLY = "draft_only"
+    EDGE_SD = "edge_sd"
+    VANILLA_SD = "vanilla_sd"
+    COVSPEC = "covspec"
+    COVSPEC_NO_PRUNE = "covspec_no_prune"
+    COVSPEC_NO_ADAPTIVE = "covspec_no_adaptive"
+    COVSPEC_NO_BRANCH = "covspec_no_branch"
+    COVSPEC_NO_AHEAD = "covspec_no_ahead"
+    COVSPEC_NO_DECOUPLED = "covspec_no_decoupled"
+    COVSPEC_NO_PLACEMENT = "covspec_no_placement"
+
+
+STREAMING_MODES = (Mode.TARGET_ONLY, Mode.EDGE_SD)  # the device only opens and streams (no draft runs on it)
+NO_EDGE_DRAFT = (Mode.TARGET_ONLY, Mode.DRAFT_ONLY)  # modes an edge's draft has no part in
+
+
+class VerifyScheme(StrEnum):
+    """How the edge verifies a window (edge_runtime.session.TargetSession.verify): greedy (argmax
+    match), full (the device sent every drafted token's full q, VERIFY.dists) or decoupled (the device
+    sent q(x_i) only, VERIFY.q, and draws the correction itself)."""
+
+    GREEDY = "greedy"
+    FULL = "full"
+    DECOUPLED = "decoupled"
 
 
 def pruning_options(mode: str, keep: float | None, merge: bool) -> SpecOptions | None:

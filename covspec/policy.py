@@ -1,4 +1,4 @@
-"""Adaptive drafting on the device (DESIGN.md, mechanisms 2 and 3): how long each window is, when it
+"""Adaptive drafting on the device (docs/DESIGN.md, mechanisms 2 and 3): how long each window is, when it
 stops early, and which branches to draft while a window is being verified. Plain functions and
 dataclasses; the device runtime feeds `OnlineStats` after every round and asks `choose_window`.
 
@@ -39,6 +39,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from covspec.transport import protocol as wire
 
 # --- margin gate ---------------------------------------------------------------------------------
 
@@ -360,7 +362,7 @@ DEVICE, EDGE = "device", "edge"
 
 @dataclass(frozen=True)
 class EdgeOffer:
-    """What the edge says of its own drafting in OPENED and RESULT timings (edge_runtime.drafting):
+    """What the edge says of its own drafting in OPENED and RESULT (edge_runtime.drafting.DraftOffer):
     whether it offers to draft for this device now (it has a draft and is not loaded), how many
     unfinished sessions it holds, and its draft step and per-token acceptance once it measured them."""
 
@@ -371,11 +373,13 @@ class EdgeOffer:
     s_per_token: float | None = None  # measured pace of the edge's own drafted streams
 
     @classmethod
-    def from_timings(cls, timings: dict[str, float]) -> EdgeOffer | None:
-        """The offer in a reply's timings; None from an edge without a draft (it says nothing)."""
-        if "edge_draft" not in timings:
+    def from_reply(cls, reply: wire.Opened | wire.Result) -> EdgeOffer | None:
+        """The offer in an OPENED or RESULT (its fields, and what the edge's drafting measured in its
+        timings); None from an edge without a draft (it says nothing)."""
+        if reply.offers_draft is None:
             return None
-        return cls(offers=timings["edge_draft"] > 0, sessions=int(timings.get("edge_sessions", 0)),
+        timings = reply.timings
+        return cls(offers=reply.offers_draft, sessions=reply.edge_sessions or 0,
                    draft_step_s=timings.get("edge_draft_step_s"), acceptance=timings.get("edge_acceptance"),
                    s_per_token=timings.get("edge_sd_s_per_token"))
 

@@ -1,4 +1,4 @@
-"""Training-free visual-token pruning on the device (DESIGN.md, mechanism 1): keep k of N tokens.
+"""Training-free visual-token pruning on the device (docs/DESIGN.md, mechanism 1): keep k of N tokens.
 Numpy only (the device runs it without torch); inputs may be numpy arrays or CPU tensors.
 
 `score_and_select(visual, query, keep, method)` returns the sorted indices [k] of the visual tokens
@@ -37,7 +37,7 @@ adds the argmax, O(N k^2) after the O(N k d) kernel rows it reads (L is never bu
 CoVSpec grounded ("covspec_grounded"): the same greedy MAP, its (theta, w_rel) chosen per prompt:
 (GROUNDED_THETA, GROUNDED_REL_WEIGHT) when query_grounding (the largest token-to-word cosine) is at
 least GROUNDING_THRESHOLD, else (COVER_THETA, COVER_REL_WEIGHT), coverage for prompts that name
-nothing in the image. Chosen on the val split only (covspec.tools.prune_tune).
+nothing in the image. Chosen on the val split only (benchmarks.prune_tune).
 
 Baselines for comparison, same signature:
     "random"     k uniformly random tokens (a numpy Generator makes it reproducible)
@@ -74,7 +74,7 @@ KERNEL_EPS = 1e-3  # jitter on the similarity kernel: keeps it positive definite
 # "describe the image ." read 0.05-0.16 and every other question 0.18-0.77 (count questions lowest).
 GROUNDING_THRESHOLD = 0.17
 # "covspec_grounded": the CoVSpec score with its settings chosen by the prompt's grounding, on val only
-# (covspec.tools.prune_tune, 1,000 val items per draft at 25% kept, results/prune-report/val): a grounded
+# (benchmarks.prune_tune, 1,000 val items per draft at 25% kept, results/prune-report/val): a grounded
 # question keeps the tokens it names (relevance-led quality, a little diversity); a prompt that names
 # nothing (describe, count all) keeps the most different tokens (theta 0: the DPP's volume alone,
 # coverage of every object), where relevance is noise.

@@ -33,19 +33,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
 
 from covspec.calibration.profile import CalibrationProfile
+from covspec.device_runtime.config import AnswerConfig
 from covspec.device_runtime.records import Answer, RoundRecord, final_answer
-from covspec.device_runtime.speculation import STREAM, Flight, Speculation
+from covspec.device_runtime.speculation import STREAM, AnswerPhase, Flight, Speculation
+from covspec.errors import CovspecError
 from covspec.generation import generate
 from covspec.images import load_image
 from covspec.models.common import DecodeState, VisualTokens
 from covspec.models.draft import as_draft
-from covspec.modes import MODE_OPTIONS, MODES, STREAMING_MODES, SpecOptions
+from covspec.modes import MODE_OPTIONS, MODES, STREAMING_MODES, Mode, SpecOptions
 from covspec.policy import EDGE, EdgeOffer, OnlineStats, long_link, place_drafting
 from covspec.pruning import merged_visual, score_and_select
 from covspec.sampling import SamplingParams
@@ -61,8 +63,22 @@ MOVE_PAUSE_S = 0.25  # the pause before the n-th connection after the first, tim
 T = TypeVar("T")
 
 
-class EdgeRefused(Exception):
+class EdgeRefused(CovspecError):
     """The edge answered with something other than what the protocol promises."""
+
+
+@dataclass
+class Opening:
+    """What `_open_and_prefill` did: the OPEN as sent, the kept visual tokens' indices (or None), the
+    STREAM sent right behind the OPEN (when drafting was handed over) and the draft's prefill: its first
+    logits [V] and state, or (handed over) a function that prefills it when the edge gives drafting back."""
+
+    sent: wire.Message
+    kept: np.ndarray | None
+    stream: tuple[wire.Message, float] | None
+    first_logits: np.ndarray | None = None
+    state: DecodeState | None = None
+    prefill: Callable[[], DecodeState] | None = None
 
 
 class DeviceRuntime:
@@ -105,7 +121,7 @@ class DeviceRuntime:
         return OnlineStats(**{**self.profile.policy_priors(getattr(self.draft, "backend", "eager")), "rtt": self.rtt_s})
 
     @staticmethod
-    def _expect(reply: wire.Message, kind: type) -> wire.Message:
+    def _expect(reply: wire.Message, kind: type[wire.Message]) -> Any:
         if not isinstance(reply, kind):
             raise EdgeRefused(f"expected {kind.TYPE}, the edge sent {reply.TYPE}")
         return reply
@@ -124,7 +140,7 @@ class DeviceRuntime:
         up0, down0 = self.client.counters.bytes_sent, self.client.counters.bytes_recv
         reopens0, moves0 = self.reopens, self.moves
         start = time.perf_counter()
-        if mode == "draft_only":
+        if mode == Mode.DRAFT_ONLY:
             answer = self._draft_only(image_bytes, prompt, params, max_new_tokens, start)
         else:
             sid = int.from_bytes(np.random.default_rng().bytes(7), "little") or 1
@@ -149,7 +165,7 @@ class DeviceRuntime:
         result = generate(self.draft, load_image(image_bytes), prompt, params, max_new_tokens,
                           on_token=lambda _: first.append(time.perf_counter()) if not first else None)
         end = time.perf_counter()
-        return Answer("draft_only", result.ids, result.text, ttft_s=(first[0] if first else end) - start,
+        return Answer(Mode.DRAFT_ONLY, result.ids, result.text, ttft_s=(first[0] if first else end) - start,
                       latency_s=end - start)
 
     def _probes_device(self, options: SpecOptions, stats: OnlineStats) -> bool:
@@ -217,8 +233,7 @@ class DeviceRuntime:
                     index += 1
                     tokens.extend(int(t) for t in chunk.tokens)
                     if chunk.done:  # an edge that got loaded may give drafting back before the end
-                        yielded = chunk.timings.get("yielded_round")
-                        self.yielded_round = None if yielded is None else int(yielded)
+                        self.yielded_round = chunk.yielded_round
                         return tokens
         raise EdgeRefused(f"the edge stopped streaming (no chunk within {self.client.timeout_s} s, "
                           f"{MAX_REOPENS} reopen(s) tried)")
@@ -269,21 +284,23 @@ class DeviceRuntime:
         if self._probes_device(options, stats):  # this answer drafted here: the device's pace measured again
             options = replace(options, placement=False)
         hand_over = self._hands_over(options, stats)
-        sent_open, first_logits, state, kept, stream = self._open_and_prefill(open_msg, image_bytes, prompt, options,
-                                                                              hand_over)
+        opening = self._open_and_prefill(open_msg, image_bytes, prompt, options, hand_over)
+        stream, kept = opening.stream, opening.kept
         sent_before = self.client.counters.bytes_sent
-        spec = Speculation(self.draft, state, params, options, stats, open_msg.sid, max_new_tokens, window,
-                           self.welcome.vocab_size, ready=lambda: self.client.poll(0.0), edge_offer=self.edge_offer)
+        state = opening.state if opening.state is not None else opening.prefill
+        ask = AnswerConfig(open_msg.mode, params, max_new_tokens, window, options)
+        spec = Speculation(self.draft, state, ask, stats, open_msg.sid, self.welcome.vocab_size,
+                           ready=lambda: self.client.poll(0.0), edge_offer=self.edge_offer)
         # 2. while the edge prefills: the first window on the draft's guess of its first token
         informed = stats.rounds > 0 or self.profile is not None  # estimates from measurements, not priors
-        first = spec.start(first_logits, informed, self.edge_step_s, hand_over)
+        first = spec.start(opening.first_logits, informed, self.edge_step_s, hand_over)
         if first is not None:
             self._send(first)
         # 3. a STREAM right behind OPEN (and the first window) when the edge's streaming wins on this link
-        if stream is None and spec.streams:
-            stream = self._send_stream(open_msg, spec.edge_drafts)
+        if stream is None and spec.hand_to is not None:
+            stream = self._send_stream(open_msg, spec.hand_to is AnswerPhase.EDGE_DRAFTING)
         # 4. OPENED: the target's first token; the edge's streaming time for the policy
-        opened = self._expect(self._await(sent_open), wire.Opened)
+        opened = self._expect(self._await(opening.sent), wire.Opened)
         ttft = time.perf_counter() - start
         self.edge_step_s = opened.timings.get("step_s") or (
             self.profile.target_step_ms / 1000 if self.profile and self.profile.target_step_ms else None)
@@ -301,25 +318,23 @@ class DeviceRuntime:
             # 6. the edge generates the rest alone (drafting with its own draft or not), unless it gets
             # loaded and gives drafting back: then the rounds go on from where it stopped
             if step is STREAM:
-                spec.extend(self._stream_rest(open_msg, spec.committed, stats, stream=stream, draft=spec.edge_drafts))
-                step, stream = (None if self.yielded_round is None else spec.resume(self.yielded_round)), None
+                tokens = self._stream_rest(open_msg, spec.committed, stats, stream=stream,
+                                           draft=spec.phase is AnswerPhase.EDGE_DRAFTING)
+                step, stream = spec.streamed(tokens, self.yielded_round), None
         self.edge_offer = spec.edge_offer
-        self.edge_streak = self.edge_streak + 1 if spec.edge_drafts or spec.gave_back > 0 else 0
+        self.edge_streak = self.edge_streak + 1 if spec.edge_drafted else 0
         ids = final_answer(spec.committed, self.draft.eos_token_ids, max_new_tokens)
         return Answer(open_msg.mode, ids, self.draft.decode(ids), ttft_s=ttft, latency_s=time.perf_counter() - start,
                       rounds=spec.rounds, kept=None if kept is None else len(kept),
                       decode_bytes_up=self.client.counters.bytes_sent - sent_before, streamed_rest=spec.streamed_rest,
-                      edge_drafted=spec.edge_drafts or spec.gave_back > 0)
+                      edge_drafted=spec.edge_drafted)
 
     def _open_and_prefill(self, open_msg: wire.Open, image_bytes: bytes, prompt: str, options: SpecOptions,
-                          hand_over: bool = False) -> tuple[wire.Message, np.ndarray | None, Any,
-                                                            np.ndarray | None, tuple[wire.Message, float] | None]:
+                          hand_over: bool = False) -> Opening:
         """Sends the OPEN (before the draft's own prefill, so the edge prefills meanwhile; after the
-        pruning when the target prunes too) and prefills the draft: (OPEN sent, the draft's first
-        logits [V], its state, the kept visual tokens' indices or None, the STREAM sent right behind the
-        OPEN when `hand_over`). With `hand_over` the edge drafts this answer: the draft is prefilled only
-        if the edge gives drafting back (the state is then a function that prefills it, and there are no
-        first logits), so the device spends nothing on an answer the edge drafts."""
+        pruning when the target prunes too) and prefills the draft. With `hand_over` the edge drafts
+        this answer: the draft is prefilled only if the edge gives drafting back (`Opening.prefill`, and
+        there are no first logits), so the device spends nothing on an answer the edge drafts."""
         stream = None
         open_msg.edge_draft = True if hand_over else None  # the edge prefills its draft with the target
         if not options.prune_target:
@@ -338,9 +353,10 @@ class DeviceRuntime:
                 v, k = (visual, kept) if visual is not None else self._encode_and_prune(pixels, prompt, options)
                 return self.draft.prefill(v, prompt, kept=k)[1]
 
-            return sent_open, None, prefill, kept, stream
+            return Opening(sent_open, kept, stream, prefill=prefill)
+        assert visual is not None  # encoded above: not handed over
         first_logits, state = self.draft.prefill(visual, prompt, kept=kept)  # [V] the first token's
-        return sent_open, first_logits, state, kept, stream
+        return Opening(sent_open, kept, stream, first_logits=first_logits, state=state)
 
     def _encode_and_prune(self, pixels: dict[str, Any], prompt: str,
                           options: SpecOptions) -> tuple[VisualTokens, np.ndarray | None]:

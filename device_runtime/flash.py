@@ -8,13 +8,18 @@ TARGET is a local folder, `ssh://[user@]host[:port]/path` or `adb://SERIAL/path`
                             launcher bin/covspec-device, which answers with the bundle through an edge
 
 The source bundle and runtime are verified first; with a runtime, the target's platform (machine,
-python3, glibc) is read over its shell and a runtime built for another is refused before anything is
-copied. Files whose sha256 on the target already matches are skipped; the others are written under a
+python3, glibc) is read over its shell, or given for a folder (an SD card image, a rootfs) with
+`--platform linux-aarch64 --python 3.11`; `--runtime auto` makes the runtime for that platform (on another
+machine than this one: its wheels downloaded for its tags, the native shim cross-compiled;
+runtime_payload.py), a platform nothing can be made for (Android, armv7, an old Python or glibc) is refused
+naming what is supported and the fix, and a given runtime made for another platform is refused before
+anything is copied. Files whose sha256 on the target already matches are skipped; the others are written under a
 temporary name and renamed into place. If anything of a bundle or runtime is copied, its manifest is
 removed first and written last, so a half-flashed target never carries a manifest that claims files it
 lacks. Every file's checksum is then read back from the target side and compared. Last, on folder and
-ssh targets, runtime/install.sh makes the runtime's venv offline from its wheels (once per runtime);
-adb targets (untested here: no device was reachable) make it on the launcher's first run.
+ssh targets of this machine's platform, runtime/install.sh makes the runtime's venv offline from its wheels
+(once per runtime); a folder for another platform and adb targets (untested here: no device was reachable)
+make it on the launcher's first start, with the target's own Python.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from covspec.device_runtime.platforms import (
     local_platform,
     mismatch,
     parse_probe,
+    unbuildable,
 )
 from covspec.device_runtime.runtime_payload import (
     INSTALLER,
@@ -203,21 +209,34 @@ class FlashReport:
     runtime: str = ""  # the runtime's platform, "" when none was flashed
     install: str = ""  # what runtime/install.sh did: "made the venv", "venv already made", "on first run"
     launcher: str = ""  # the launcher's path on the target
+    note: str = ""  # what was and was not installed, where that is not the whole runtime (adb)
 
 
-def flash(bundle_dir: str | Path, to: str | Target, runtime: str | Path = "auto", log=print) -> FlashReport:
-    """Copies the bundle to TARGET/bundle and, unless `runtime` is "none", the runtime (`auto`: this
-    machine's, built or cached; else a payload folder) to TARGET/runtime and TARGET/bin, only the files
-    that differ; verifies them there, then installs the runtime's venv (folder and ssh targets)."""
+def flash(bundle_dir: str | Path, to: str | Target, runtime: str | Path = "auto", log=print,
+          platform: Platform | None = None) -> FlashReport:
+    """Copies the bundle to TARGET/bundle and, unless `runtime` is "none", the runtime (`auto`: made on this
+    machine for the target's platform, built or cached; else a payload folder) to TARGET/runtime and
+    TARGET/bin, only the files that differ; verifies them there, then installs the runtime's venv (folder
+    and ssh targets of this machine's platform). `platform`: a folder target's, as given (--platform)."""
     bundle = load_bundle(bundle_dir)  # refuses a bundle whose manifest does not match its files
     target = parse_target(to) if isinstance(to, str) else to
+    if platform is not None and not isinstance(target, FolderTarget):
+        raise FlashError(f"{target.description}: --platform/--python are for a folder target; an ssh or adb "
+                         "target is asked for its own (uname -m, python3 -V, glibc)")
     payload = None
     if str(runtime) != "none":
-        there = parse_probe(target.shell(PROBE))  # first: an unreachable or foreign target costs no build
+        # first: an unreachable, unsupported or foreign target costs no build
+        there = platform or parse_probe(target.shell(PROBE))
+        here = local_platform()
         if str(runtime) == "auto":
-            here = local_platform()
-            check_platform(target, there, {"machine": here.machine, "python": here.python}, "built here")
-        payload = resolve_runtime(runtime, log)
+            problem = unbuildable(there)
+            if problem:
+                raise FlashError(f"{target.description} is {there.describe()}: no covspec device runtime can be "
+                                 f"made for it: {problem}")
+        native = there.machine == here.machine and there.python == here.python
+        if isinstance(target, FolderTarget) and platform is not None and not native:
+            target.installs = False  # another platform's Python makes the venv, at the launcher's first start
+        payload = resolve_runtime(runtime, log, None if native else there)
         check_platform(target, there, payload.platform,
                        "built here" if str(runtime) == "auto" else f"at {payload.folder}")
     groups = [(bundle_files(bundle), f"{BUNDLE_DIR}/{MANIFEST}")]
@@ -239,12 +258,22 @@ def flash(bundle_dir: str | Path, to: str | Target, runtime: str | Path = "auto"
         report.runtime = describe_runtime(payload.platform)
         report.install = install(target)
         report.launcher = target.path(LAUNCHER)
+    elif isinstance(target, ShellTarget) and target.description.startswith("adb://"):
+        report.note = ADB_NOTE
     return report
 
 
-def resolve_runtime(runtime: str | Path, log) -> Payload:
+ADB_NOTE = ("installed on the Android device: bundle/ (the .pte programs and tokenizer an app's ExecuTorch "
+            "LlmModule loads, manifest.json with their sha256) and nothing else; NOT installed: the Python device "
+            "runtime and its launcher (they need glibc Linux and python3; Android has bionic), so nothing on the "
+            "device answers yet: the app speaks the wire protocol (transport/protocol.py) itself, or calls the "
+            "native shim's C API (device_runtime/native/et_shim.cpp); see the README's Android section")
+
+
+def resolve_runtime(runtime: str | Path, log, target: Platform | None = None) -> Payload:
+    """`auto`: the payload made here for `target` (None: this machine); else the folder given."""
     try:
-        folder = build_payload(log=log) if str(runtime) == "auto" else Path(runtime)
+        folder = build_payload(log=log, target=target) if str(runtime) == "auto" else Path(runtime)
         return load_payload(folder)
     except PayloadError as err:
         raise FlashError(f"runtime: {err}") from None
@@ -255,12 +284,11 @@ def check_platform(target: Target, there: Platform, runtime: dict, built: str) -
     problem = mismatch(runtime, there)
     if problem is None:
         return
-    need = (f"a {there.machine} machine with Python {there.python or '3'}"
-            + (f" and glibc {there.glibc} or older" if there.glibc else ""))
+    flags = f"--platform linux-{there.machine} --python {there.python or '3.11'}"
     raise FlashError(f"{target.description} is {there.describe()}, but the runtime {built} is for "
-                     f"{describe_runtime(runtime)} ({problem}). Build a runtime on {need} "
-                     "(`python -m covspec.device_runtime.runtime_payload build` in a covspec checkout with the "
-                     "executorch wheel) and give its folder as --runtime PATH, or copy the bundle alone with "
+                     f"{describe_runtime(runtime)} ({problem}). Flash with --runtime auto (made here for the "
+                     f"target's platform), or give --runtime PATH of a runtime made for it (`python -m "
+                     f"covspec.device_runtime.runtime_payload build {flags}`), or copy the bundle alone with "
                      "--runtime none")
 
 
@@ -298,9 +326,13 @@ def install(target: Target) -> str:
     runtime/install.sh (offline; nothing to do when its venv was made from this runtime.json)."""
     launcher, installer = target.path(LAUNCHER), target.path(INSTALLER)
     target.shell(f"chmod 755 {launcher} {installer}")
-    if not getattr(target, "installs", True):
-        return "venv made on the launcher's first run (adb: untested, no device was reachable)"
     stamp = target.path("runtime/venv/covspec-runtime.json")
+    if not getattr(target, "installs", True):
+        if isinstance(target, FolderTarget):
+            made = target.shell(f"cmp -s {target.path(RUNTIME_MANIFEST)} {stamp} && echo ready; true")
+            return ("venv already made" if made.strip() == "ready" else
+                    "venv made on the target by the launcher's first start, with the target's own Python (offline)")
+        return "venv made on the launcher's first run (adb: untested, no device was reachable)"
     out = target.shell(f"if cmp -s {target.path(RUNTIME_MANIFEST)} {stamp}; then echo ready; "
                        f"else sh {installer} && echo made; fi")
     return "venv already made" if out.strip().endswith("ready") else "made the venv"

@@ -1,5 +1,13 @@
-"""The device runtime `covspec device flash` installs beside the bundle, built on this machine for its
-own platform and cached in ~/.cache/covspec/device-runtime/<platform>/ (COVSPEC_CACHE moves ~/.cache/covspec).
+"""The device runtime `covspec device flash` installs beside the bundle, made on this machine for the
+target's platform (its own, or another: linux-aarch64 from an x86_64 workstation) and cached in
+~/.cache/covspec/device-runtime/<platform>/ (COVSPEC_CACHE moves ~/.cache/covspec).
+
+For another platform the wheels are `pip download`ed for its tags and Python, and the native shim is
+cross-compiled (`aarch64-linux-gnu-g++`) against that platform's executorch wheel's headers and libraries,
+downloaded once into the cache. Cross-compiling rather than compiling on the device at first start: the
+executorch wheel the compile needs pulls in torch (2 GB) on the device, Yocto and most Jetson images carry
+no g++, and a library built here is checked here (`file`, its glibc symbols) and sha256-verified on the
+target like every other file; the price is one Debian package on the workstation.
 
 A payload is a folder laid out as the flash target is (paths relative to the target's root):
 
@@ -10,9 +18,10 @@ A payload is a folder laid out as the flash target is (paths relative to the tar
     runtime/lib/libcovspec_et.so  the native ExecuTorch shim (RUNPATH $ORIGIN) and the libexecutorch*.so it links
     runtime/runtime.json          the platform it runs on and every file's sha256 (the runtime manifest)
 
-    build_payload(cache=None) -> Path       this machine's payload (rebuilt only where its inputs changed)
+    build_payload(cache=None, target=None) -> Path   the payload for `target` (default: this machine),
+                                                     rebuilt only where its inputs changed
     load_payload(folder) -> Payload         a payload folder, its files checked against runtime.json
-    python -m covspec.device_runtime.runtime_payload build [--cache DIR]   prints the payload's folder
+    python -m covspec.device_runtime.runtime_payload build [--cache DIR] [--platform linux-aarch64 --python 3.11]
 """
 
 from __future__ import annotations
@@ -88,21 +97,22 @@ def load_payload(folder: str | Path) -> Payload:
 
 
 # --- building ----------------------------------------------------------------------------------------
-def build_payload(cache: str | Path | None = None, log=print) -> Path:
-    """This machine's payload, in `cache` (default cache_root()/<platform>): the covspec wheel, the
-    dependency wheels and the native shim are each rebuilt only when their inputs changed."""
+def build_payload(cache: str | Path | None = None, log=print, target: Platform | None = None) -> Path:
+    """The payload for `target` (default: this machine), in `cache` (default cache_root()/<platform>): the
+    covspec wheel, the dependency wheels and the native shim are each rebuilt only when their inputs changed."""
     here = local_platform()
-    folder = Path(cache) if cache else cache_root() / here.key
+    target = target or here
+    folder = Path(cache) if cache else cache_root() / target.key
     folder.mkdir(parents=True, exist_ok=True)
     with locked(folder / ".lock"):
         changed = build_covspec_wheel(folder, log)
         covspec_wheel = next((folder / "runtime/wheels").glob("covspec-*.whl"))
-        changed |= download_dependencies(folder, covspec_wheel, here, log)
-        changed |= build_native(folder, log)
-        write_scripts(folder, here)
-        write_runtime_manifest(folder, here)
+        changed |= download_dependencies(folder, covspec_wheel, target, log)
+        changed |= build_native(folder, log, None if target.machine == here.machine else target)
+        write_scripts(folder, target)
+        write_runtime_manifest(folder, target)
         if changed:
-            log(f"runtime for {here.describe()} built in {folder}")
+            log(f"runtime for {target.describe()} built in {folder}")
     return folder
 
 
@@ -219,36 +229,86 @@ def download_dependencies(folder: Path, covspec_wheel: Path, here: Platform, log
     return True
 
 
-def build_native(folder: Path, log) -> bool:
-    """The shim, linked with RUNPATH $ORIGIN, beside copies of the executorch wheel's libraries it needs.
-    Skipped (ONNX bundles only) when there is no executorch wheel or no g++ here, said so."""
+CROSS_COMPILERS = {"aarch64": "aarch64-linux-gnu-g++", "x86_64": "x86_64-linux-gnu-g++"}
+CROSS_PACKAGES = {"aarch64": "g++-aarch64-linux-gnu", "x86_64": "g++-x86-64-linux-gnu"}
+
+
+def executorch_pin() -> str:
+    """The executorch version this tree exports with (pyproject's `export` extra)."""
+    text = (REPO / "pyproject.toml").read_text()
+    found = re.search(r'"executorch==([^"]+)"', text)
+    if not found:
+        raise PayloadError("pyproject.toml pins no executorch==VERSION: cannot pick the target's executorch wheel")
+    return found[1]
+
+
+def target_executorch(target: Platform, log) -> Path:
+    """The target's executorch wheel's include/ and lib/, unpacked once into the cache (no torch: --no-deps,
+    and only those two folders are taken). Returns the unpacked `executorch` folder."""
+    import zipfile
+
+    version = executorch_pin()
+    root = cache_root() / "executorch" / f"{version}-{target.machine}"
+    if (root / "executorch" / "lib").is_dir() and (root / "executorch" / "include").is_dir():
+        return root / "executorch"
+    log(f"downloading the executorch {version} wheel for {target.machine} (its headers and libraries, once)")
+    with tempfile.TemporaryDirectory(prefix="covspec-et-") as scratch:
+        tags = [arg for tag in target.manylinux_tags() for arg in ("--platform", tag)]
+        pip(["download", "--no-deps", "--only-binary=:all:", *tags, "--python-version", target.python,
+             "--implementation", "cp", "-d", scratch, f"executorch=={version}"],
+            what=f"downloading executorch {version} for {target.machine}")
+        wheel = next(Path(scratch).glob("executorch-*.whl"))
+        unpack = Path(scratch) / "unpacked"
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(unpack, [n for n in z.namelist() if n.startswith(("executorch/include/", "executorch/lib/"))])
+        shutil.rmtree(root, ignore_errors=True)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(unpack), root)
+    return root / "executorch"
+
+
+def build_native(folder: Path, log, target: Platform | None = None) -> bool:
+    """The shim, linked with RUNPATH $ORIGIN, beside copies of the executorch wheel's libraries it needs:
+    against this machine's wheel with g++, or for a `target` of another machine against its wheel
+    (downloaded) with its cross g++. Skipped, said so, where there is no executorch wheel or no compiler
+    (the runtime then runs ONNX bundles only)."""
     from covspec.device_runtime import et_native
 
     lib = folder / "runtime" / "lib"
-    try:
-        root = et_native.executorch_root()
-    except et_native.NativeRuntimeError as err:
-        log(f"note: the runtime carries no native ExecuTorch shim (.pte bundles will not run): {err}")
+
+    def skip(why: str) -> bool:
+        log(f"note: the runtime carries no native ExecuTorch shim (.pte bundles will not run; ONNX ones will): {why}")
         shutil.rmtree(lib, ignore_errors=True)
         return False
+
+    if target is None:
+        compiler, package = "g++", "g++"
+        try:
+            root = et_native.executorch_root()
+        except et_native.NativeRuntimeError as err:
+            return skip(str(err))
+    else:
+        compiler = CROSS_COMPILERS.get(target.machine, "")
+        package = CROSS_PACKAGES.get(target.machine, "a cross g++")
+        if not compiler or shutil.which(compiler) is None:
+            return skip(f"no {compiler or 'cross compiler'} here: apt-get install {package} and flash again")
+        root = target_executorch(target, log)
     needed = [root / "lib" / f"lib{name}.so" for name in et_native.ET_LIBS]
-    key = tree_key_of([*et_native.SOURCES, *needed])
+    key = tree_key_of([*et_native.SOURCES, *needed]) + compiler
     if fresh(folder, "native", key) and (lib / et_native.LIBRARY_NAME).is_file():
         return False
-    log("building the native ExecuTorch shim (RUNPATH $ORIGIN)")
+    machine = target.machine if target else "this machine"
+    log(f"building the native ExecuTorch shim for {machine} ({compiler}, RUNPATH $ORIGIN)")
     shutil.rmtree(lib, ignore_errors=True)
     lib.mkdir(parents=True)
-    command = [("-Wl,-rpath,$ORIGIN" if arg.startswith("-Wl,-rpath,") else arg)
-               for arg in et_native.compile_command(lib / et_native.LIBRARY_NAME, root)]
+    command = [compiler if i == 0 else ("-Wl,-rpath,$ORIGIN" if arg.startswith("-Wl,-rpath,") else arg)
+               for i, arg in enumerate(et_native.compile_command(lib / et_native.LIBRARY_NAME, root))]
     try:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
     except FileNotFoundError:
-        log("note: no g++ here: the runtime carries no native ExecuTorch shim (.pte bundles will not run); "
-            "apt-get install g++ and flash again")
-        shutil.rmtree(lib)
-        return False
+        return skip(f"no {compiler} here: apt-get install {package} and flash again")
     if done.returncode != 0:
-        raise PayloadError(f"building the native shim failed:\n{done.stderr.strip()[-2000:]}")
+        raise PayloadError(f"building the native shim for {machine} failed:\n{done.stderr.strip()[-2000:]}")
     for path in needed:
         shutil.copy2(path, lib / path.name)
     stamp(folder, "native", key)
@@ -266,11 +326,16 @@ INSTALL_SH = r"""#!/bin/sh
 rt=$(cd "$(dirname "$0")" && pwd) || exit 1
 venv="$rt/venv"
 cmp -s "$rt/runtime.json" "$venv/covspec-runtime.json" 2>/dev/null && exit 0
-python=${COVSPEC_PYTHON:-python3}
+python=${COVSPEC_PYTHON:-@COMMAND@}
 fail() { echo "covspec runtime: $*" >&2; rm -rf "$venv.new"; exit 3; }
-command -v "$python" >/dev/null 2>&1 || fail "no $python here: install Python @PYTHON@ (e.g. apt-get install python3 python3-venv)"
-"$python" -c 'import sys; sys.exit(sys.version_info[:2] != (@MAJOR@, @MINOR@))' ||
-  fail "$python is Python $("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])'), this runtime's wheels are for @PYTHON@: set COVSPEC_PYTHON to a Python @PYTHON@, or flash a runtime built with one"
+command -v "$python" >/dev/null 2>&1 || fail "no $python here: install Python @PYTHON@ (e.g. apt-get install python@PYTHON@ python@PYTHON@-venv)"
+here=$("$python" -c 'import platform, sys; print(platform.machine(), "%d.%d" % sys.version_info[:2])') ||
+  fail "$python does not run here"
+case "$here" in
+  "@MACHINE@ @PYTHON@") ;;
+  "@MACHINE@ "*) fail "$python is Python ${here#* }, this runtime's wheels are for @PYTHON@: set COVSPEC_PYTHON to a Python @PYTHON@, or flash a runtime built with one" ;;
+  *) fail "this runtime was flashed for @MACHINE@, Python @PYTHON@, but this device is ${here% *}, Python ${here#* } ($python): flash again for this device (covspec device flash --bundle B --to ... --platform linux-${here% *} --python ${here#* })" ;;
+esac
 echo "covspec runtime: installing into $venv (once)" >&2
 rm -rf "$venv.new"
 "$python" -m venv "$venv.new" >&2 || fail "$python -m venv failed: install the venv module (e.g. apt-get install python3-venv)"
@@ -300,14 +365,20 @@ if [ "$1" = run ]; then
   for arg in "$@"; do case $arg in --bundle|--bundle=*|--model|--model=*) given=yes ;; esac; done
   if [ $given = no ]; then shift; set -- run --bundle "$here/bundle" "$@"; fi
 fi
-exec "$rt/venv/bin/python" -I -c 'import sys; from covspec.cli import device_main; sys.exit(device_main())' "$@"
+COVSPEC_RUNTIME_JSON="$rt/runtime.json"
+export COVSPEC_RUNTIME_JSON
+exec "$rt/venv/bin/python" -I -c 'import os, sys
+from covspec.device_runtime.platforms import check_here
+check_here(os.environ["COVSPEC_RUNTIME_JSON"])
+from covspec.cli import device_main
+sys.exit(device_main())' "$@"
 """
 
 
 def write_scripts(folder: Path, here: Platform) -> None:
-    major, minor = here.python.split(".")
-    for name, text in ((INSTALLER, INSTALL_SH.replace("@PYTHON@", here.python).replace("@MAJOR@", major)
-                        .replace("@MINOR@", minor)), (LAUNCHER, LAUNCHER_SH)):
+    installer = (INSTALL_SH.replace("@PYTHON@", here.python).replace("@MACHINE@", here.machine)
+                 .replace("@COMMAND@", here.python_command))
+    for name, text in ((INSTALLER, installer), (LAUNCHER, LAUNCHER_SH)):
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.is_file() or path.read_text() != text:
@@ -326,7 +397,7 @@ def write_runtime_manifest(folder: Path, here: Platform) -> None:
         "format": FORMAT, "kind": "covspec-device-runtime",
         "platform": {"machine": here.machine, "python": here.python,
                      "glibc": glibc_needed(binaries, [w.name for w in wheels])},
-        "built_on": here.describe(), "native_shim": any(n.endswith("libcovspec_et.so") for n in names),
+        "built_on": local_platform().describe(), "native_shim": any(n.endswith("libcovspec_et.so") for n in names),
         "files": files,
     }
     text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
@@ -359,10 +430,21 @@ def main(argv: list[str] | None = None) -> int:
                                      description="build this machine's device runtime for `covspec device flash`")
     parser.add_argument("action", choices=["build"])
     parser.add_argument("--cache", help="payload folder (default ~/.cache/covspec/device-runtime/<platform>)")
+    parser.add_argument("--platform", help="another target platform (linux-aarch64; default: this machine's)")
+    parser.add_argument("--python", help="the target's Python (MAJOR.MINOR) with --platform")
+    parser.add_argument("--glibc", help="the target's glibc (MAJOR.MINOR) with --platform, where known")
     args = parser.parse_args(argv)
     try:
-        folder = build_payload(args.cache, log=lambda line: print(line, file=sys.stderr))
-    except PayloadError as err:
+        target = None
+        if args.platform:
+            from covspec.device_runtime.platforms import from_flags, unbuildable
+
+            target = from_flags(args.platform, args.python or "", args.glibc)
+            problem = unbuildable(target)
+            if problem:
+                raise PayloadError(f"{target.describe()}: {problem}")
+        folder = build_payload(args.cache, log=lambda line: print(line, file=sys.stderr), target=target)
+    except (PayloadError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(folder)

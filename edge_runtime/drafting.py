@@ -37,14 +37,13 @@ from covspec.edge_runtime.static_target import StaticTarget
 from covspec.edge_runtime.visual import encode
 from covspec.models.base import VLMAdapter
 from covspec.models.draft import as_draft
-from covspec.modes import COVSPEC
+from covspec.modes import COVSPEC, VerifyScheme
 from covspec.policy import MarginGate, OnlineStats, choose_window
 from covspec.sampling import SamplingParams
 from covspec.transport import protocol as wire
 
 log = logging.getLogger("covspec.edge")
 
-RATE_WEIGHT = 0.2  # EWMA weight of an edge-drafted stream's seconds per token
 
 
 def pad_vocab(q: torch.Tensor, width: int) -> torch.Tensor:
@@ -97,7 +96,6 @@ class EdgeDrafting:
     k_max: int = COVSPEC.k_max
     margin_threshold: float = COVSPEC.margin_threshold
     stats: dict[bool, OnlineStats] = field(default_factory=dict)  # greedy or sampled -> estimates
-    s_per_token: float | None = None  # measured: an edge-drafted stream's seconds per token (EWMA)
 
     def policy(self, greedy: bool) -> OnlineStats:
         """The estimates for greedy or sampled sessions: no round trip on the edge."""
@@ -109,22 +107,30 @@ class EdgeDrafting:
         """Whether the edge drafts for a device that could draft for itself, with `unfinished` sessions open."""
         return unfinished <= self.draft_sessions
 
-    def timings(self, unfinished: int) -> dict[str, float]:
+    def offer(self, unfinished: int, s_per_token: float | None) -> DraftOffer:
         """What a device's placement rule reads (sent in OPENED and RESULT): whether the edge offers
-        to draft, and what its drafting measured (draft step, per-token acceptance, s per token)."""
-        out = {"edge_draft": 1.0 if self.offers(unfinished) else 0.0, "edge_sessions": float(unfinished)}
+        to draft, its unfinished sessions, and what its drafting measured (draft step, per-token
+        acceptance, and `s_per_token`, its drafted streams' pace: costs.EdgeCosts)."""
+        timings: dict[str, float] = {}
         stats = self.stats.get(True) or self.stats.get(False)
         if stats is not None and stats.rounds:
-            out["edge_draft_step_s"], out["edge_acceptance"] = stats.t_draft, stats.acceptance
-        if self.s_per_token:
-            out["edge_sd_s_per_token"] = self.s_per_token
-        return out
+            timings["edge_draft_step_s"], timings["edge_acceptance"] = stats.t_draft, stats.acceptance
+        if s_per_token:
+            timings["edge_sd_s_per_token"] = s_per_token
+        return DraftOffer(self.offers(unfinished), unfinished, timings)
 
-    def observe(self, elapsed_s: float, tokens: int) -> None:
-        if tokens > 0:
-            rate = elapsed_s / tokens
-            self.s_per_token = rate if self.s_per_token is None else (
-                (1 - RATE_WEIGHT) * self.s_per_token + RATE_WEIGHT * rate)
+
+@dataclass
+class DraftOffer:
+    """The edge's drafting offer, as OPENED and RESULT carry it (covspec.policy.EdgeOffer reads it)."""
+
+    offers: bool
+    sessions: int  # unfinished sessions on the edge
+    timings: dict[str, float]  # what its drafting measured
+
+    def apply(self, reply: wire.Opened | wire.Result) -> None:
+        reply.offers_draft, reply.edge_sessions = self.offers, self.sessions
+        reply.timings.update(self.timings)
 
 
 def start_drafting(session: TargetSession, draft: EdgeDraft, drafting: EdgeDrafting, max_pixels: int) -> Drafter:
@@ -168,7 +174,7 @@ def finish_round(session: TargetSession, drafter: Drafter, drafting: EdgeDraftin
     round_no = 0 if session.last is None else session.last.round + 1
     q_full = None if greedy else pad_vocab(torch.from_numpy(window.q), session.adapter.vocab_size)  # [k, V]
     before = len(session.committed)
-    answer = session.verify(round_no, session.committed[-1], torch.from_numpy(window.ids), "greedy" if greedy else "full",
+    answer = session.verify(round_no, session.committed[-1], torch.from_numpy(window.ids), VerifyScheme.GREEDY if greedy else VerifyScheme.FULL,
                             q_full=q_full, window=batched)
     drafter.commit(window, answer.verdict.accepted, answer.verdict.next_token)
     drafting.policy(greedy).update(len(window), answer.verdict.accepted, window.step_s, verify_s=answer.verify_s,
@@ -218,7 +224,7 @@ class DraftedStream:
         (`yielded_round`), from which the device's windows go on."""
         last = self.session.last
         reply = self._streamed(self.pending, True)
-        reply.timings["yielded_round"] = float(0 if last is None else last.round + 1)
+        reply.yielded_round = 0 if last is None else last.round + 1
         self.pending = []
         return reply
 

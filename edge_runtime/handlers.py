@@ -1,5 +1,6 @@
 """The edge's answer to each request type: `handler(server, ctx, msg)` yields the replies (several
-for STREAM). A handler raises ProtocolError (or SessionError, PromptError, ImageError, ValueError)
+for STREAM). `server` is what a handler may read and update of the edge (`EdgeState`: EdgeServer is
+one): its sessions, counters and cost model (`costs.observe_*`), never the socket. A handler raises ProtocolError (or SessionError, PromptError, ImageError, ValueError)
 for a request it refuses; `EdgeServer.handle` turns that into the ERROR reply. `ctx` says who sent
 the request and holds the round's batched work, which the handler takes for its own session.
 """
@@ -8,32 +9,48 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from covspec.edge_runtime.batching import Window
 from covspec.edge_runtime.context import RequestContext
-from covspec.edge_runtime.drafting import DraftedStream, EdgeDraft, start_drafting
+from covspec.edge_runtime.costs import EdgeCosts
+from covspec.edge_runtime.drafting import DraftedStream, DraftOffer, EdgeDraft, EdgeDrafting, start_drafting
 from covspec.edge_runtime.planning import Outcome, VerifyPlan, plan_verify
 from covspec.edge_runtime.session import RoundAnswer, SessionError, TargetSession
-from covspec.edge_runtime.stats import SessionUsage
+from covspec.edge_runtime.settings import EdgeSettings
+from covspec.edge_runtime.stats import EdgeCounters, SessionUsage
+from covspec.edge_runtime.table import SessionTable
 from covspec.edge_runtime.visual import encode, kept_indices
-from covspec.modes import MODES
-from covspec.policy import add_point
+from covspec.models.base import VLMAdapter
+from covspec.modes import MODES, NO_EDGE_DRAFT, Mode
 from covspec.sampling import SamplingParams
 from covspec.transport import protocol as wire
 
-if TYPE_CHECKING:
-    from covspec.edge_runtime.server import EdgeServer
-
 log = logging.getLogger("covspec.edge")
 
-VERIFY_DECAY = 0.99  # weight kept by older verify passes in the edge's cost line, per pass
 
+class EdgeState(Protocol):
+    """What the handlers read and update of the edge (edge_runtime.server.EdgeServer)."""
 
-def on_hello(server: EdgeServer, ctx: RequestContext, msg: wire.Hello):
+    adapter: VLMAdapter
+    settings: EdgeSettings
+    name: str
+    fingerprint: str
+    table: SessionTable
+    counters: EdgeCounters
+    costs: EdgeCosts
+    drafting: EdgeDrafting | None
+    streams: list[DraftedStream]  # edge-drafted STREAMs in progress
+
+    def draft_offer(self) -> DraftOffer | None: ...
+
+    def stats(self) -> dict[str, int | float]: ...
+
+def on_hello(server: EdgeState, ctx: RequestContext, msg: wire.Hello):
     if msg.fingerprint != server.fingerprint:
         raise wire.ProtocolError(
             wire.ErrorCode.FINGERPRINT_MISMATCH,
@@ -47,7 +64,7 @@ def on_hello(server: EdgeServer, ctx: RequestContext, msg: wire.Hello):
                        idle_timeout_s=s.idle_timeout_s)
 
 
-def _prefix(server: EdgeServer, msg: wire.Open) -> list[int]:
+def _prefix(server: EdgeState, msg: wire.Open) -> list[int]:
     """The answer so far a resuming device sends (empty for a fresh OPEN), checked against the limits."""
     if msg.max_new_tokens > server.settings.max_new_tokens:
         raise wire.ProtocolError(wire.ErrorCode.LIMIT,
@@ -61,7 +78,7 @@ def _prefix(server: EdgeServer, msg: wire.Open) -> list[int]:
     return prefix
 
 
-def _start(server: EdgeServer, ctx: RequestContext, msg: wire.Open, prefix: list[int]) -> tuple[TargetSession, int]:
+def _start(server: EdgeState, ctx: RequestContext, msg: wire.Open, prefix: list[int]) -> tuple[TargetSession, int]:
     """A new session for the OPEN, prefilled (by this round's batched pass when it did): (session,
     its visual-token count). Its `opened` reply is set."""
     params = SamplingParams(temperature=msg.temperature, top_k=msg.top_k, top_p=msg.top_p, seed=msg.seed)
@@ -78,11 +95,11 @@ def _start(server: EdgeServer, ctx: RequestContext, msg: wire.Open, prefix: list
     prefill_s = time.perf_counter() - start + (prefilled.pass_s if done is not None else 0.0)
     session.usage = SessionUsage(device=ctx.device, mode=msg.mode, prefix=len(prefix), prefill_s=prefill_s)
     session.opened = wire.Opened(sid=msg.sid, seq=msg.seq, token=session.committed[-1], done=session.done,
-                                 timings={"prefill_s": prefill_s, **server._cost_timings()})
+                                 timings={"prefill_s": prefill_s, **server.costs.timings()})
     return session, visual.count
 
 
-def on_open(server: EdgeServer, ctx: RequestContext, msg: wire.Open):
+def on_open(server: EdgeState, ctx: RequestContext, msg: wire.Open):
     if msg.mode not in MODES:
         raise wire.ProtocolError(wire.ErrorCode.BAD_MESSAGE,
                                  f"OPEN.mode: unknown mode {msg.mode!r} (modes: {', '.join(MODES)})")
@@ -90,7 +107,7 @@ def on_open(server: EdgeServer, ctx: RequestContext, msg: wire.Open):
     if retried is not None:
         yield retried.opened  # a retried OPEN
         return
-    if msg.mode == "edge_sd" and server.drafting is None:
+    if msg.mode == Mode.EDGE_SD and server.drafting is None:
         raise wire.ProtocolError(wire.ErrorCode.BAD_STATE, "OPEN.mode edge_sd: this edge has no draft to run "
                                  "(start it with covspec edge serve --draft PATH)")
     prefix = _prefix(server, msg)
@@ -105,21 +122,23 @@ def on_open(server: EdgeServer, ctx: RequestContext, msg: wire.Open):
     yield session.opened
 
 
-def _attach_draft(server: EdgeServer, session: TargetSession, msg: wire.Open) -> None:
+def _attach_draft(server: EdgeState, session: TargetSession, msg: wire.Open) -> None:
     """With a draft on the edge: the session's edge draft (prefilled now for edge_sd and for a device
     that says it hands drafting over, OPEN.edge_draft; on the first edge-drafted STREAM otherwise) and
     what the device's placement rule reads, in OPENED."""
-    if server.drafting is None or msg.mode in ("target_only", "draft_only"):
+    if server.drafting is None or msg.mode in NO_EDGE_DRAFT:
         return
     session.edge_draft = EdgeDraft(msg)
-    if (msg.mode == "edge_sd" or msg.edge_draft) and not session.done:
+    if (msg.mode == Mode.EDGE_SD or msg.edge_draft) and not session.done:
         start = time.perf_counter()
         session.edge_draft.synced(server.drafting.adapter, session.committed, server.settings.max_image_pixels)
         session.usage.prefill_s += time.perf_counter() - start
-    session.opened.timings.update(server.draft_timings())
+    offer = server.draft_offer()
+    if offer is not None:
+        offer.apply(session.opened)
 
 
-def _verified(server: EdgeServer, session: TargetSession, msg: wire.Verify, plan: VerifyPlan,
+def _verified(server: EdgeState, session: TargetSession, msg: wire.Verify, plan: VerifyPlan,
               window: Window | None) -> RoundAnswer:
     """Runs the planned round (or finds the answered one again) and counts a new round's tokens."""
     q_full = None if msg.dists is None else torch.from_numpy(msg.dists.copy())  # [k, V]
@@ -133,14 +152,13 @@ def _verified(server: EdgeServer, session: TargetSession, msg: wire.Verify, plan
         usage = session.usage
         usage.rounds, usage.drafted, usage.accepted = usage.rounds + 1, usage.drafted + k, usage.accepted + accepted
         usage.verify_s += answer.verify_s
-        if k:
-            server.verify_sums = add_point(server.verify_sums, k, answer.verify_s, decay=VERIFY_DECAY)
+        server.costs.observe_verify(k, answer.verify_s)
         server.counters.tokens_verified += k
         server.counters.tokens_accepted += accepted
     return answer
 
 
-def on_verify(server: EdgeServer, ctx: RequestContext, msg: wire.Verify):
+def on_verify(server: EdgeState, ctx: RequestContext, msg: wire.Verify):
     window = ctx.prepared.windows.pop(msg.sid, None)  # this round's batched pass over its window, if any
     session = server.table.active(msg, ctx.device)
     plan = plan_verify(session, msg, server.adapter.vocab_size)
@@ -154,10 +172,13 @@ def on_verify(server: EdgeServer, ctx: RequestContext, msg: wire.Verify):
     v = answer.verdict
     cand_ids = None if v.support_ids is None else v.support_ids.numpy().astype(np.int32)
     cand_probs = None if v.support_probs is None else v.support_probs.numpy().astype(np.float32)
-    yield wire.Result(sid=msg.sid, seq=msg.seq, round=answer.round, accepted=v.accepted,
-                      token=v.next_token, done=answer.done,
-                      cand_ids=cand_ids, cand_probs=cand_probs,
-                      timings={"verify_s": answer.verify_s, **server.draft_timings()})
+    result = wire.Result(sid=msg.sid, seq=msg.seq, round=answer.round, accepted=v.accepted,
+                         token=v.next_token, done=answer.done,
+                         cand_ids=cand_ids, cand_probs=cand_probs, timings={"verify_s": answer.verify_s})
+    offer = server.draft_offer()
+    if offer is not None:
+        offer.apply(result)
+    yield result
 
 
 def _streamed(msg: wire.Stream, index: int, chunk: list[int], done: bool, start: float) -> wire.Streamed:
@@ -165,7 +186,7 @@ def _streamed(msg: wire.Stream, index: int, chunk: list[int], done: bool, start:
                          done=done, timings={"elapsed_s": time.perf_counter() - start})
 
 
-def on_stream(server: EdgeServer, ctx: RequestContext, msg: wire.Stream):
+def on_stream(server: EdgeState, ctx: RequestContext, msg: wire.Stream):
     """The rest of the answer: drafted and verified on the edge for an edge_sd session or a STREAM that
     asks for it (when the edge has a draft), yielded as a DraftedStream that the server advances a
     round at a time between requests; else generated by the target alone here, a token at a time."""
@@ -175,7 +196,7 @@ def on_stream(server: EdgeServer, ctx: RequestContext, msg: wire.Stream):
                                  f"STREAM seq {msg.seq} of session {msg.sid} was served already (a duplicate)")
     if any(stream.session is session for stream in server.streams):
         raise wire.ProtocolError(wire.ErrorCode.BAD_STATE, f"session {msg.sid} is being streamed already")
-    if session.edge_draft is not None and (session.usage.mode == "edge_sd" or msg.draft):
+    if session.edge_draft is not None and (session.usage.mode == Mode.EDGE_SD or msg.draft):
         drafter = start_drafting(session, session.edge_draft, server.drafting, server.settings.max_image_pixels)
         session.stream_seqs.add(msg.seq)
         yield DraftedStream(msg.sid, session, drafter, msg)
@@ -195,25 +216,34 @@ def on_stream(server: EdgeServer, ctx: RequestContext, msg: wire.Stream):
             index, chunk = index + 1, []
     elapsed = time.perf_counter() - start
     session.usage.stream_s += elapsed
-    if session.usage.streamed:  # per streamed token, sending included: what a device weighs drafting against
-        server.step_s = elapsed / session.usage.streamed
+    server.costs.observe_stream(elapsed, session.usage.streamed)
     session.last_active = time.monotonic()
     yield _streamed(msg, index, chunk, True, start)
 
 
-def on_close(server: EdgeServer, ctx: RequestContext, msg: wire.Close):
+def on_close(server: EdgeState, ctx: RequestContext, msg: wire.Close):
     if server.table.close(msg.sid, ctx.device) is not None:
         server.counters.sessions_closed += 1
     yield wire.Closed(sid=msg.sid, seq=msg.seq)  # closing twice (a retried CLOSE) is fine
 
 
-def on_ping(server: EdgeServer, ctx: RequestContext, msg: wire.Ping):
+def on_ping(server: EdgeState, ctx: RequestContext, msg: wire.Ping):
     yield wire.Pong(sid=msg.sid, seq=msg.seq, t=msg.t, pad=bytes(msg.echo) if msg.echo else None)
 
 
-def on_stats(server: EdgeServer, ctx: RequestContext, msg: wire.Stats):
+def on_stats(server: EdgeState, ctx: RequestContext, msg: wire.Stats):
     yield wire.StatsReply(sid=msg.sid, seq=msg.seq, counters=server.stats())
 
 
+def on_info(server: EdgeState, ctx: RequestContext, msg: wire.Info):
+    """What this edge serves: a bench or a device asks before its first answer (no draft needed)."""
+    from covspec import __version__
+
+    draft = None if server.drafting is None else Path(str(getattr(server.drafting.adapter, "path", "draft"))).name
+    yield wire.InfoReply(sid=msg.sid, seq=msg.seq, version=f"covspec-edge {__version__}", protocol=wire.PROTOCOL_VERSION,
+                         fingerprint=server.fingerprint, family=server.adapter.family, model=server.name,
+                         vocab_size=server.adapter.vocab_size, draft=draft)
+
+
 HANDLERS = {wire.Hello: on_hello, wire.Open: on_open, wire.Verify: on_verify, wire.Stream: on_stream,
-            wire.Close: on_close, wire.Ping: on_ping, wire.Stats: on_stats}
+            wire.Close: on_close, wire.Ping: on_ping, wire.Stats: on_stats, wire.Info: on_info}

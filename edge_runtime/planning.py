@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from covspec.edge_runtime.session import TargetSession
+from covspec.modes import VerifyScheme
 from covspec.transport import protocol as wire
 
 
@@ -32,25 +33,25 @@ class Outcome(Enum):
 @dataclass(frozen=True)
 class VerifyPlan:
     outcome: Outcome
-    scheme: str  # greedy | full | decoupled
+    scheme: VerifyScheme
     root: int  # the token the window follows
     draft: torch.Tensor  # [k] int64, the drafted tokens as sent
     problem: str = ""  # why dropped or refused
     ids: torch.Tensor | None = None  # [k'+1] the root and the drafts within the token limit (VERIFY only)
 
 
-def scheme_of(msg: wire.Verify) -> str:
+def scheme_of(msg: wire.Verify) -> VerifyScheme:
     """full: the draft's whole distributions came along; decoupled: its probability of each token; greedy: neither."""
     if msg.dists is not None:
-        return "full"
-    return "decoupled" if msg.q is not None else "greedy"
+        return VerifyScheme.FULL
+    return VerifyScheme.DECOUPLED if msg.q is not None else VerifyScheme.GREEDY
 
 
-def check_message(session: TargetSession, msg: wire.Verify, scheme: str, vocab: int) -> None:
+def check_message(session: TargetSession, msg: wire.Verify, scheme: VerifyScheme, vocab: int) -> None:
     """Raises ProtocolError when the VERIFY does not fit its session whatever the round."""
-    if scheme != "greedy" and session.params.greedy:
+    if scheme != VerifyScheme.GREEDY and session.params.greedy:
         raise wire.ProtocolError(wire.ErrorCode.BAD_MESSAGE, "VERIFY: q/dists sent for a greedy session")
-    if scheme == "greedy" and not session.params.greedy:
+    if scheme == VerifyScheme.GREEDY and not session.params.greedy:
         raise wire.ProtocolError(wire.ErrorCode.BAD_MESSAGE, "VERIFY: a sampling session needs q or dists")
     if msg.dists is not None and msg.dists.shape[1] != vocab:
         raise wire.ProtocolError(wire.ErrorCode.BAD_MESSAGE,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 
@@ -22,7 +23,7 @@ from covspec.edge_runtime.static_target import StaticTarget
 from covspec.edge_runtime.stats import EdgeCounters
 from covspec.edge_runtime.table import SessionTable
 from covspec.edge_runtime.visual import encode, kept_indices
-from covspec.models.base import PrefillInputs, VisualTokens, VLMAdapter
+from covspec.models.base import CachedDecoderAdapter, PrefillInputs, VisualTokens, VLMAdapter
 from covspec.transport import protocol as wire
 
 log = logging.getLogger("covspec.edge")
@@ -71,8 +72,8 @@ class Prepass:
     prefills_batch: bool = field(init=False)  # whether OPEN prefills can share a pass
 
     def __post_init__(self) -> None:
-        static = isinstance(self.adapter, StaticTarget)
-        self.prefills_batch = can_prefill_batch(self.adapter.inner if static else self.adapter)
+        adapter = self.adapter
+        self.prefills_batch = can_prefill_batch(adapter.inner if isinstance(adapter, StaticTarget) else adapter)
 
     def run(self, gathered: list[Incoming], table: SessionTable) -> Prepared:
         windows = self.windows(gathered, table)
@@ -111,14 +112,15 @@ class Prepass:
         (retried OPENs and ones refused for their image or prompt are left to the handler)."""
         opens = [i.msg for i in first_requests(gathered) if isinstance(i.msg, wire.Open) and i.msg.sid
                  and not (i.msg.sid in table.sessions and table.sessions[i.msg.sid].open_seq == i.msg.seq)]
-        if len(opens) < 2 or not self.prefills_batch:
+        adapter = self.adapter
+        if len(opens) < 2 or not self.prefills_batch or not isinstance(adapter, CachedDecoderAdapter | StaticTarget):
             return {}
         prepared = {}
         for msg in opens:
             try:
                 visual = encode(self.adapter, msg, self.max_image_pixels)
                 with torch.inference_mode():
-                    prepared[msg.sid] = (msg.seq, visual, self.adapter.prefill_inputs(visual, msg.prompt, kept_indices(msg)))
+                    prepared[msg.sid] = (msg.seq, visual, adapter.prefill_inputs(visual, msg.prompt, kept_indices(msg)))
             except Exception:  # refused by the handler, which says why
                 continue
         return prepared
@@ -132,8 +134,9 @@ class Prepass:
         start = time.perf_counter()
         try:
             batch = [inputs for _, _, inputs in prepared.values()]
-            static = isinstance(self.adapter, StaticTarget)  # its states then go into their slots
-            results = self.adapter.prefill_batch(batch) if static else prefill_batch(self.adapter, batch)
+            adapter = self.adapter  # a StaticTarget's states then go into their slots
+            results = (adapter.prefill_batch(batch) if isinstance(adapter, StaticTarget)
+                       else prefill_batch(cast(CachedDecoderAdapter, adapter), batch))
         except Exception:
             log.exception("batched prefill failed; the sessions are prefilled one by one")
             return {}

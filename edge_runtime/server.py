@@ -43,16 +43,18 @@ import time
 import zmq
 
 from covspec.edge_runtime.context import Incoming, Prepared, RequestContext
-from covspec.edge_runtime.drafting import DraftedStream, EdgeDrafting, advance
+from covspec.edge_runtime.costs import EdgeCosts
+from covspec.edge_runtime.drafting import DraftedStream, DraftOffer, EdgeDrafting, advance
 from covspec.edge_runtime.handlers import HANDLERS
 from covspec.edge_runtime.prepass import Prepass
 from covspec.edge_runtime.session import SessionError, TargetSession
 from covspec.edge_runtime.settings import EdgeSettings
-from covspec.edge_runtime.stats import EdgeCounters, cost_timings
+from covspec.edge_runtime.stats import EdgeCounters
 from covspec.edge_runtime.table import SessionTable
 from covspec.edge_runtime.target import place_target, static_target
 from covspec.errors import CovspecError, ImageError, PromptError
 from covspec.models.base import VLMAdapter
+from covspec.modes import Mode
 from covspec.transport import protocol as wire
 from covspec.transport.channel import MeteredSocket, Request, bind, make_socket, start_authenticator
 
@@ -81,8 +83,7 @@ class EdgeServer:
         self.streams: list[DraftedStream] = []  # edge-drafted STREAMs in progress, advanced between requests
         self.drafting = None if draft is None else EdgeDrafting(place_target(draft, settings.device, settings.dtype),
                                                                 settings.draft_sessions)
-        self.step_s: float | None = None  # the target's last measured streaming time per token
-        self.verify_sums = [0.0] * 5  # decayed fit of verify time on window size, all sessions (OPENED tells it)
+        self.costs = EdgeCosts()  # step time, verify-time line, drafted pace: what OPENED and RESULT tell devices
         self.settings = settings
         self.name = name
         self.fingerprint = self.adapter.fingerprint()
@@ -123,15 +124,12 @@ class EdgeServer:
     def stats(self) -> dict[str, int | float]:
         return self.counters.snapshot(len(self.table.sessions), self.sock.counters)
 
-    def _cost_timings(self) -> dict[str, float]:
-        """What the devices' drafting policies price windows with (stats.cost_timings)."""
-        return cost_timings(self.step_s, self.verify_sums)
-
-    def draft_timings(self) -> dict[str, float]:
-        """What a device's draft placement reads (edge_runtime.drafting): none without a draft here."""
+    def draft_offer(self) -> DraftOffer | None:
+        """What a device's draft placement reads (edge_runtime.drafting): None without a draft here."""
         if self.drafting is None:
-            return {}
-        return self.drafting.timings(sum(1 for s in self.table.sessions.values() if not s.done))
+            return None
+        return self.drafting.offer(sum(1 for s in self.table.sessions.values() if not s.done),
+                                   self.costs.drafted_s_per_token)
 
     def _refused(self, key: str) -> None:
         """A device's CURVE handshake refused (called on the authenticator's thread)."""
@@ -197,6 +195,7 @@ class EdgeServer:
         (not at all while edge-drafted streams are in progress), then advances those streams a round."""
         self.turned = time.monotonic()
         got = self.sock.recv_request(0.0 if self.streams else timeout_s)
+        busy_from = time.perf_counter()  # the edge's busy time: handling requests and advancing streams
         self.free_idle_sessions()
         if got is not None:
             gathered = self._gather(Incoming(got, self._decode(got)))
@@ -211,6 +210,8 @@ class EdgeServer:
                         self._reply(reply, request.peer)
         if self.streams:
             self._advance_streams()
+        if got is not None or self.streams:
+            self.counters.busy_s += time.perf_counter() - busy_from
 
     def _advance_streams(self) -> None:
         """One round of every edge-drafted stream (edge_runtime.drafting.advance), its chunks sent; a
@@ -233,7 +234,8 @@ class EdgeServer:
         for stream in self.streams:
             for reply in stream.chunks():
                 self._reply(reply, stream.peer)
-            if not stream.session.done and stream.session.usage.mode != "edge_sd" and not self.drafting.offers(unfinished):
+            if (not stream.session.done and stream.session.usage.mode != Mode.EDGE_SD and self.drafting is not None
+                    and not self.drafting.offers(unfinished)):
                 self._reply(stream.give_back(), stream.peer)  # loaded: a device that can draft drafts again
                 self.counters.drafting_given_back += 1
             elif not stream.session.done:
@@ -250,7 +252,7 @@ class EdgeServer:
         self.counters.tokens_streamed += stream.streamed
         self.counters.tokens_edge_drafted += stream.streamed
         if stream.session.done:  # a whole drafted stream's rate: what OPENED tells devices
-            self.drafting.observe(elapsed, stream.streamed)
+            self.costs.observe_drafted(elapsed, stream.streamed)
 
     def free_idle_sessions(self) -> None:
         self.counters.sessions_idle_freed += self.table.free_idle()

@@ -25,13 +25,15 @@ import torch
 
 from covspec.edge_runtime.batching import Window, commit
 from covspec.edge_runtime.stats import SessionUsage
+from covspec.errors import CovspecError
 from covspec.models.base import DecodeState, VLMAdapter
+from covspec.modes import VerifyScheme
 from covspec.sampling import SamplingParams
 from covspec.sampling_torch import next_token
 from covspec.speculative import Verdict, verify_decoupled, verify_full, verify_greedy
 
 
-class SessionError(Exception):
+class SessionError(CovspecError):
     """A request that does not fit the session's state (wrong round, wrong root, finished)."""
 
 
@@ -137,7 +139,7 @@ class TargetSession:
         return window is not None and window.length == self.state.length and torch.equal(window.ids, ids)
 
     @torch.inference_mode()
-    def verify(self, round_no: int, root: int, draft_ids: torch.Tensor, scheme: str,
+    def verify(self, round_no: int, root: int, draft_ids: torch.Tensor, scheme: VerifyScheme,
                q_of_draft: torch.Tensor | None = None, q_full: torch.Tensor | None = None,
                window: Window | None = None, pos: int | None = None) -> RoundAnswer:
         """Verifies a window drafted after `root`. scheme: greedy | full | decoupled. `window`: the
@@ -146,6 +148,7 @@ class TargetSession:
         `pos`: given for a window sent ahead, which is dropped (WindowDropped) unless it fits."""
         self.last_active = time.monotonic()
         if self.is_repeat(round_no):
+            assert self.last is not None
             return self.last  # a retry of the round just answered
         self._check_round(round_no, root, pos)
         if not self.root_known:  # the device drew the correction itself
@@ -157,19 +160,21 @@ class TargetSession:
         start = time.perf_counter()
         fed_before = self.fed
         ids = torch.cat([torch.tensor([root]), draft_ids.long()])  # [k+1]
-        batched = self._matches(window, ids)
-        logits = window.logits if batched else self.adapter.forward(self.state, ids)  # [k+1, V]
-        if scheme == "greedy":
+        batched = window is not None and self._matches(window, ids)
+        logits = window.logits if batched and window is not None else self.adapter.forward(self.state, ids)  # [k+1, V]
+        if scheme == VerifyScheme.GREEDY:
             verdict = verify_greedy(draft_ids, logits)
-        elif scheme == "full":
+        elif scheme == VerifyScheme.FULL:
+            assert q_full is not None  # planning.check_message: the full scheme comes with VERIFY.dists
             verdict = verify_full(draft_ids, q_full[:k], logits, self.params, self.generator)
-        elif scheme == "decoupled":
+        elif scheme == VerifyScheme.DECOUPLED:
+            assert q_of_draft is not None  # the decoupled scheme comes with VERIFY.q
             verdict = verify_decoupled(draft_ids, q_of_draft[:k], logits, self.params, self.generator)
         else:
             raise SessionError(f"unknown verification scheme {scheme!r}")
         # keep the root and the accepted drafts in the cache; drop the rejected tail
         self.fed = fed_before + 1 + verdict.accepted
-        if batched:  # the batched pass left the cache as it was: add what is kept
+        if batched and window is not None:  # the batched pass left the cache as it was: add what is kept
             commit(self.state, window, 1 + verdict.accepted)
         else:
             self.adapter.truncate(self.state, self.prompt_length + self.fed)
@@ -181,7 +186,7 @@ class TargetSession:
         else:
             self.committed.append(verdict.next_token)
         self.done = self._finished()
-        shared_s = window.pass_s if batched else 0.0  # the batched pass ran before `start`
+        shared_s = window.pass_s if batched and window is not None else 0.0  # the batched pass ran before `start`
         self.last = RoundAnswer(round=round_no, verdict=verdict, done=self.done,
                                 verify_s=time.perf_counter() - start + shared_s)
         return self.last

@@ -29,7 +29,7 @@ class StaticTarget(VLMAdapter):
         super().__init__(inner.model, inner.tokenizer, inner.path)
         self.inner = inner
         self.verifier = verifier
-        self.family = inner.family
+        self.family = inner.family  # type: ignore[misc]  # the wrapped adapter's family, per instance
 
     @classmethod
     def create(cls, inner: CachedDecoderAdapter, slots: int, max_len: int, cuda_graphs: bool) -> StaticTarget:

@@ -1,6 +1,7 @@
 """Bucketed static-shape verification: windows padded to a few lengths, sessions' keys and values in a
 static cache on the device (edge_runtime.static_cache), and each (batch, window) shape's pass
-captured once as a CUDA graph when asked for on CUDA; elsewhere the very same passes run eagerly.
+captured once as a CUDA graph when asked for (on CUDA only: asked for elsewhere, an error), or the very
+same passes run eagerly.
 
     verify(states, windows):  B windows of n_i tokens -> one pass over [B', b] tokens
         b  = bucket_for(max n_i)              (edge_runtime.buckets.BUCKETS)
@@ -21,7 +22,12 @@ import torch
 from covspec.edge_runtime.batching import attention_implementation, no_mask
 from covspec.edge_runtime.buckets import BATCH_BUCKETS, BUCKETS, bucket_for, check_buckets, pad_ids
 from covspec.edge_runtime.static_cache import SCRATCH, STATIC_ATTENTION, StaticLayout, StaticPool, StaticSlot
+from covspec.errors import CovspecError
 from covspec.models.base import CachedDecoderAdapter, DecodeState
+
+
+class CudaGraphsUnavailable(CovspecError, ValueError):
+    """CUDA graphs asked for where the target is not on CUDA (never a silent fallback to eager passes)."""
 
 
 @dataclass
@@ -93,11 +99,15 @@ class StaticVerifier:
     @classmethod
     def create(cls, adapter: CachedDecoderAdapter, slots: int, max_len: int, cuda_graphs: bool = False,
                buckets: tuple[int, ...] = BUCKETS, batch_buckets: tuple[int, ...] = BATCH_BUCKETS) -> StaticVerifier:
-        """A pool of `slots` sessions of `max_len` positions on the adapter's device, in its dtype. CUDA
-        graphs are used only where asked for and the adapter is on CUDA (the CPU runs the same passes eagerly)."""
+        """A pool of `slots` sessions of `max_len` positions on the adapter's device, in its dtype, its
+        passes captured as CUDA graphs when `cuda_graphs` (the adapter must be on CUDA: asked for
+        elsewhere, CudaGraphsUnavailable; without them the same passes run eagerly on any device)."""
+        if cuda_graphs and adapter.device.type != "cuda":
+            raise CudaGraphsUnavailable(f"CUDA graphs need the target on a CUDA device; it is on {adapter.device}: "
+                                        "drop --cuda-graphs (--static-cache runs the same static path without "
+                                        "graphs), or serve with --device cuda")
         pool = StaticPool.allocate(adapter.text_config, slots, max_len, adapter.device, adapter.dtype)
-        graphs_on = cuda_graphs and adapter.device.type == "cuda"
-        return cls(adapter, pool, check_buckets(buckets), check_buckets(batch_buckets), graphs_on)
+        return cls(adapter, pool, check_buckets(buckets), check_buckets(batch_buckets), cuda_graphs)
 
     @property
     def max_window(self) -> int:

@@ -13,7 +13,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from covspec.policy import fit_line
 from covspec.transport.channel import ByteCounters
 
 request_log = logging.getLogger("covspec.edge.requests")
@@ -48,17 +47,6 @@ class SessionUsage:
         }
 
 
-def cost_timings(step_s: float | None, verify_sums: list[float]) -> dict[str, float]:
-    """What the devices' drafting policies price windows with (sent in OPENED): the target's streaming
-    time per token and, once windows of more than one length were verified, the verify-time line
-    fitted on `verify_sums` (covspec.policy.add_point)."""
-    out = {"step_s": step_s} if step_s else {}
-    line = fit_line(verify_sums, min_spread=0.25)
-    if line is not None:  # a steep slope can put the intercept below 0: no pass takes negative time
-        out["verify_v0_s"], out["verify_v1_s"] = max(line[0], 0.0), line[1]
-    return out
-
-
 def log_completion(sid: int, usage: SessionUsage, tokens: int, end: str) -> None:
     request_log.info(json.dumps(usage.record(sid, tokens, end)))
 
@@ -85,6 +73,7 @@ class EdgeCounters:
     windows_ahead: int = 0  # windows sent before the previous RESULT (pipelined) and verified
     windows_dropped: int = 0  # windows sent ahead on an outcome that did not happen, dropped unverified
     refused_handshakes: int = 0  # CURVE handshakes refused: devices whose public key is not allowed
+    busy_s: float = 0.0  # wall time spent handling requests and advancing edge-drafted streams
 
     def snapshot(self, sessions_open: int, wire: ByteCounters) -> dict[str, int | float]:
         out: dict[str, int | float] = {
@@ -99,6 +88,7 @@ class EdgeCounters:
             "prefill_batches": self.prefill_batches, "batched_prefills": self.batched_prefills,
             "windows_ahead": self.windows_ahead, "windows_dropped": self.windows_dropped,
             "refused_handshakes": self.refused_handshakes,
+            "busy_s": round(self.busy_s, 6), "cpu_s": round(time.process_time(), 6),  # process CPU, all threads
             "bytes_in": wire.bytes_recv, "bytes_out": wire.bytes_sent,
             "messages_in": wire.msgs_recv, "messages_out": wire.msgs_sent,
         }

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from covspec.edge_runtime.session import TargetSession
 from covspec.edge_runtime.settings import EdgeSettings
 from covspec.edge_runtime.stats import log_completion
+from covspec.modes import STREAMING_MODES
 from covspec.transport import protocol as wire
 
 log = logging.getLogger("covspec.edge")
@@ -98,4 +99,4 @@ class SessionTable:
         """Sessions that may send a VERIFY now: open, not finished, not streaming-only (target_only, edge_sd)
         and not streaming the rest (a device that sent STREAM sends no VERIFY after it)."""
         return sum(1 for s in self.sessions.values() if not s.done and s.usage is not None and not s.stream_seqs
-                   and s.usage.mode not in ("target_only", "edge_sd"))
+                   and s.usage.mode not in STREAMING_MODES)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from covspec.bundles.bundle import BundleError, load_bundle
 from covspec.errors import CovspecError
@@ -24,6 +24,12 @@ if TYPE_CHECKING:
     from covspec.edge_runtime.settings import EdgeSettings
 
 log = logging.getLogger("covspec.edge")
+
+
+def as_adapter(view: Any) -> VLMAdapter:
+    """A duck-typed target (models.torch_view.TorchView: an exported bundle seen through torch) where a
+    VLMAdapter is expected: it speaks the interface the edge drives without deriving from it."""
+    return cast(VLMAdapter, view)
 
 
 def place_target(adapter: VLMAdapter, device: str = "cpu", dtype: str = "float32") -> VLMAdapter:
@@ -52,8 +58,6 @@ def static_target(adapter: VLMAdapter, settings: EdgeSettings) -> VLMAdapter:
     target = StaticTarget.create(adapter, slots=settings.max_sessions + 1, max_len=settings.static_len,
                                  cuda_graphs=settings.cuda_graphs)
     graphs = f"{target.verifier.warm()} CUDA graphs" if target.verifier.cuda_graphs else "eager passes"
-    if settings.cuda_graphs and not target.verifier.cuda_graphs:
-        graphs += f" (CUDA graphs need CUDA; the target is on {adapter.device})"
     log.info("static verify path: %d slots x %d positions (%.1f MiB), windows padded to %s, %s",
              settings.max_sessions + 1, target.verifier.pool.max_len, target.verifier.pool.bytes / 2**20,
              ",".join(map(str, target.verifier.buckets)), graphs)
@@ -82,7 +86,8 @@ def load_target(path: str | Path, threads: int | None = None, device: str = "cpu
         from covspec.bundles.adapter import BundleAdapter
         from covspec.models.torch_view import TorchView
 
-        adapter = place_target(TorchView(BundleAdapter(bundle, backend="onnx", threads=threads)), device, dtype)
+        adapter = place_target(as_adapter(TorchView(BundleAdapter(bundle, backend="onnx", threads=threads))),
+                               device, dtype)
         return adapter, f"edge bundle {path}: ONNX Runtime"
     if backend == "tensorrt":
         from covspec.export.tensorrt_engine import tensorrt_unavailable
@@ -92,7 +97,7 @@ def load_target(path: str | Path, threads: int | None = None, device: str = "cpu
             from covspec.bundles.adapter import BundleAdapter
             from covspec.models.torch_view import TorchView
 
-            return (TorchView(BundleAdapter(bundle, backend="tensorrt", threads=threads)),
+            return (as_adapter(TorchView(BundleAdapter(bundle, backend="tensorrt", threads=threads))),
                     f"edge bundle {path}: TensorRT engine")
         return (load_adapter(checkpoint, dtype=kind, device=str(where)),
                 f"edge bundle {path}: its checkpoint with PyTorch, {placed} (TensorRT engine not usable here: {missing})")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from covspec.bundles.families import rules_for
+from covspec.errors import CovspecError
 from covspec.export import quant as q
 from covspec.export.cached_decoder import CachedDecoder
 from covspec.export.families import (
@@ -47,7 +48,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 Step = Callable[[str], None]
 
 
-class ExportUnsupported(Exception):
+class ExportUnsupported(CovspecError):
     """A model family or format this export cannot produce: the message names the cause and the fallback."""
 
 

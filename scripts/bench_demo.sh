@@ -19,30 +19,30 @@ covspec bench --links loopback,wifi,4g,weak --question-type describe --prompts 1
 # edge_sd (the edge drafts itself) beside covspec with placement and every ablation, paired comparison
 covspec bench --modes target_only,vanilla_sd@8,edge_sd,covspec,covspec_no_prune,covspec_no_adaptive,covspec_no_branch,covspec_no_ahead,covspec_no_placement \
   --links loopback,wifi,4g,weak --prompts 16 --question-type describe --out results/bench-edge-sd
-python -m covspec.tools.paired results/bench-edge-sd --a covspec --b edge_sd
+python -m benchmarks.paired results/bench-edge-sd --a covspec --b edge_sd
 # sampling: bytes per token of full-distribution upload vs decoupled verification
 covspec bench --links loopback --question-type describe --prompts 8 --temperature 1 --top-p 0.9 --seed 1 \
   --modes target_only,vanilla_sd,covspec,covspec_no_decoupled --out results/bench-sampling
 # pruning: draft accuracy per method and keep ratio
 mkdir -p results/prune
-python -m covspec.tools.prune_eval --draft "$D" --target "$T" --limit 300 --ratios 0.1 0.25 0.5 0.75 1.0 --json results/prune/sweep.json
+python -m benchmarks.prune_eval --draft "$D" --target "$T" --limit 300 --ratios 0.1 0.25 0.5 0.75 1.0 --json results/prune/sweep.json
 # the pruning study's fine-patch draft (144 visual tokens, merging), and its end-to-end cost
-python -m covspec.tools.prune_eval --draft covspec/demo/weights/draft_fine --target "$T" --limit 300 \
+python -m benchmarks.prune_eval --draft covspec/demo/weights/draft_fine --target "$T" --limit 300 \
   --ratios 0.1 0.25 0.5 0.75 1.0 --merge --json results/prune-fine/sweep.json
 covspec bench --draft covspec/demo/weights/draft_fine --links loopback,wifi --question-type describe --prompts 16 \
   --modes target_only,vanilla_sd@8,covspec,covspec_no_prune --keep 0.25 --merge --out results/bench-fine
 # what pruning saves the draft's prefill, selection included
-python -m covspec.tools.prefill_cost --draft "$D" --reps 50 --json results/prefill/draft.json
-python -m covspec.tools.prefill_cost --draft covspec/demo/weights/draft_fine --merge --reps 50 --json results/prefill/draft_fine.json
-python -m covspec.tools.prefill_cost --shape qwen2-0.5b --tokens 576 --reps 10 --threads 2 --json results/prefill/qwen2-0.5b-576.json
+python -m benchmarks.prefill_cost --draft "$D" --reps 50 --json results/prefill/draft.json
+python -m benchmarks.prefill_cost --draft covspec/demo/weights/draft_fine --merge --reps 50 --json results/prefill/draft_fine.json
+python -m benchmarks.prefill_cost --shape qwen2-0.5b --tokens 576 --reps 10 --threads 2 --json results/prefill/qwen2-0.5b-576.json
 # ... and on the exported int8 bundles the device runs (ExecuTorch and ONNX Runtime)
 covspec export --draft "$D" --target "$T" --out runs/export-int8 --quant int8
 covspec export --draft covspec/demo/weights/draft_fine --target "$T" --out runs/export-fine-int8 --quant int8 --edge-backend pytorch
 for backend in executorch onnx; do
   tag=$([ "$backend" = executorch ] && echo pte || echo onnx)
-  python -m covspec.tools.prefill_cost --bundle runs/export-int8/device --backend "$backend" --reps 50 \
+  python -m benchmarks.prefill_cost --bundle runs/export-int8/device --backend "$backend" --reps 50 \
     --json "results/prefill/draft-$tag-int8.json"
-  python -m covspec.tools.prefill_cost --bundle runs/export-fine-int8/device --backend "$backend" --merge --reps 50 \
+  python -m benchmarks.prefill_cost --bundle runs/export-fine-int8/device --backend "$backend" --merge --reps 50 \
     --json "results/prefill/draft_fine-$tag-int8.json"
 done
 # load: N devices against one edge (replayed draft windows), batched verification

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The project's test command: sets up .venv, then `ruff check` and `pytest`.
+# The project's test command: sets up .venv, then `ruff check`, `mypy` (its files and settings:
+# pyproject.toml's [tool.mypy]) and `pytest`.
 # Extra arguments go to pytest (e.g. `bash scripts/test.sh -m slow`).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,5 +16,7 @@ if [ ! -x /usr/sbin/sshd ] && ! command -v sshd >/dev/null && [ "$(id -u)" = 0 ]
 fi
 echo "[test] ruff check"
 ruff check .
+echo "[test] mypy (the runtimes, the wire, the bundles)"
+mypy
 echo "[test] pytest"
 python -m pytest "$@"

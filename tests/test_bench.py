@@ -28,7 +28,9 @@ def test_bench_runs_every_mode_through_the_link(tmp_path: Path):
     stats = json.loads((out / "link-wifi.json").read_text())
     sent_up = sum(r["bytes_up"] for r in rows)
     assert stats["bytes_up"] >= sent_up, "the link carried fewer bytes than the socket sent"
-    assert (out / "summary.md").read_text().count("| wifi |") == 4
+    assert (out / "summary.md").read_text().count("| wifi |") == 4 + 1  # a row per mode, and the edge's side
+    summary = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    assert all(s["latency_ms_p50"] <= s["latency_ms_p99"] and s["requests"] == 2 for s in summary)
     for plot in ("tokens_per_s.png", "bytes_per_token.png", "accepted_length.png"):
         assert (out / plot).stat().st_size > 1000
 

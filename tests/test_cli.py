@@ -13,7 +13,7 @@ import pytest
 
 from covspec.cli import build_parser, main
 from covspec.cli.common import HelpFormatter
-from covspec.modes import MODE_OPTIONS, MODES, SpecOptions, mode_labels, split_label
+from covspec.modes import MODE_OPTIONS, MODES, Mode, SpecOptions, mode_labels, split_label
 from covspec.tools import bench, fuzz, load
 from covspec.tools.worker import WorkerSettings
 from covspec.transport import link
@@ -64,6 +64,7 @@ def test_modes_table_margin_default_is_the_policys():
 
     assert SpecOptions().margin_threshold == MARGIN_THRESHOLD
     assert MODES == ("target_only", "draft_only", "edge_sd", *MODE_OPTIONS)
+    assert tuple(Mode) == MODES  # the enum the code compares with names every mode, in the table's order
 
 
 def test_bench_modes_are_checked_against_the_table(capsys):
@@ -158,3 +159,22 @@ def test_load_bench_device_settings(tmp_path):
     assert s.go == str(tmp_path / "go") and s.replay_file == str(tmp_path / "recorded.msgpack")
     loaded = load.worker_settings(args, "tcp://127.0.0.1:1", "covspec", offered + 1, 0, tmp_path / "r", tmp_path / "go")
     assert loaded.replay_file == str(tmp_path / "recorded-loaded.msgpack")  # past that, devices draft themselves
+
+
+def test_device_and_edge_flags_derive_from_their_configuration():
+    """`device run`'s defaults are AnswerConfig's and DeviceConfig's, `edge serve`'s EdgeSettings'."""
+    from covspec.cli.common import sampling_params
+    from covspec.device_runtime.config import AnswerConfig, DeviceConfig
+    from covspec.edge_runtime.settings import EdgeSettings
+
+    args = build_parser().parse_args(["device", "run", "--edge", "tcp://127.0.0.1:1", "--image", "x.png",
+                                      "--prompt", "what is it ?"])
+    ask, device = AnswerConfig(), DeviceConfig(edge=args.edge)
+    assert (args.mode, args.window, args.max_new_tokens) == (ask.mode, ask.window, ask.max_new_tokens)
+    assert sampling_params(args) == ask.params and ask.params.greedy
+    assert (args.timeout, args.retries, args.backend) == (device.timeout_s, device.retries, device.backend)
+    edge, settings = build_parser().parse_args(["edge", "serve", "--model", "m"]), EdgeSettings()
+    assert (edge.bind, edge.max_sessions, edge.idle_timeout, edge.max_new_tokens, edge.batch_wait_ms, edge.max_batch,
+            edge.draft_sessions) == (settings.bind, settings.max_sessions, settings.idle_timeout_s,
+                                     settings.max_new_tokens, settings.batch_wait_ms, settings.max_batch,
+                                     settings.draft_sessions)

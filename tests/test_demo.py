@@ -358,7 +358,7 @@ def test_report_split_has_its_own_seed_held_out_layouts_and_every_type_in_propor
     assert all(offset == 0 for split, offset in SEED_OFFSETS.items() if split != "report")
     items = list(sample_split("report", 2 * REPORT_BLOCK))
     assert {i.seed for i in items} == {REPORT_SEED} and {i.split for i in items} == {"report"}
-    assert all(scene_split(i.scene) == "heldout" for i in items)  # layouts no training run drew
+    assert all(scene_split(i.scene) == "report" for i in items)  # a bucket of its own
     for block in (items[:REPORT_BLOCK], items[REPORT_BLOCK:]):  # each block exactly in proportion
         assert Counter(i.qtype for i in block) == Counter(TYPE_WEIGHTS)
         assert sum(i.slices["unseen"] for i in block) == round(UNSEEN_FRACTION * REPORT_BLOCK)
@@ -374,3 +374,47 @@ def test_report_split_has_its_own_seed_held_out_layouts_and_every_type_in_propor
     assert sum(u for _, u in plan) == round(UNSEEN_FRACTION * REPORT_SIZE)
     with pytest.raises(ValueError, match="report split"):
         build_pool("report", 2, 0)
+
+
+def _old_scene_for(split: str, index: int, seed: int):
+    """scene_for as it was before the report split had a bucket of its own (train: hash bucket < 8, val: 8,
+    heldout: 9, on the first hash alone): what the shipped weights were trained on."""
+    import hashlib
+    import random
+
+    from covspec.demo.task import UNSEEN_FRACTION, random_scene
+
+    rng = random.Random(f"covspec-demo:{seed}:{split}:{index}")
+    want_unseen = split == "heldout" and rng.random() < UNSEEN_FRACTION
+    buckets = {"train": range(8), "val": (8,), "heldout": (9,)}[split]
+    while True:
+        scene = random_scene(rng, want_unseen)
+        if int.from_bytes(hashlib.sha256(scene.key().encode()).digest()[:4], "big") % 10 in buckets:
+            return scene
+
+
+def test_report_layouts_are_their_own_and_no_other_split_changed():
+    """All 2,000 report items: layouts of the report's bucket, none among the 12,000 training and 480
+    validation scenes the shipped weights were trained on (settings in covspec_demo.json, drawn here by
+    the old rule) nor among the first 2,000 held-out items; held-out and validation items are what they
+    were before the report had a bucket, index by index; training items differ only where the old draw
+    was a report layout."""
+    import json
+
+    from covspec.demo import default_draft_path
+    from covspec.demo.task import LEGACY_TRAINING, REPORT_SEED, REPORT_SIZE, scene_for
+
+    settings = json.loads((default_draft_path() / "covspec_demo.json").read_text())["settings"]
+    seed, pool, val = settings["seed"], settings["pool_size"], settings["val_size"]
+    assert (seed, pool) == LEGACY_TRAINING
+    report = [scene_for("report", i, REPORT_SEED) for i in range(REPORT_SIZE)]
+    assert all(scene_split(s) == "report" for s in report)
+    trained = [_old_scene_for("train", i, seed) for i in range(pool)]
+    seen = {s.key() for s in trained} | {_old_scene_for("val", i, seed).key() for i in range(val)}
+    heldout = [scene_for("heldout", i, 0) for i in range(REPORT_SIZE)]
+    assert not {s.key() for s in report} & (seen | {s.key() for s in heldout})
+    assert [s.key() for s in heldout[:500]] == [_old_scene_for("heldout", i, 0).key() for i in range(500)]
+    assert all(scene_for("val", i, seed) == _old_scene_for("val", i, seed) for i in range(val))
+    moved = [i for i, old in enumerate(trained[:2000]) if scene_split(old) == "report"]
+    assert 0 < len(moved) < 100  # about 1 in 64 of the training draws
+    assert all(scene_for("train", i, seed) == old for i, old in enumerate(trained[:2000]) if i not in moved)

@@ -15,16 +15,17 @@ import tiny_models
 import torch
 from PIL import Image
 
+from covspec.device_runtime.config import AnswerConfig
 from covspec.device_runtime.records import final_answer
-from covspec.device_runtime.speculation import STREAM, Flight, Speculation
+from covspec.device_runtime.speculation import STREAM, TRANSITIONS, AnswerPhase, Flight, Speculation
 from covspec.drafter import Drafter
 from covspec.edge_runtime.planning import Outcome, plan_verify
 from covspec.edge_runtime.session import TargetSession
 from covspec.generation import generate
 from covspec.models import load_adapter
 from covspec.models.draft import as_draft
-from covspec.modes import MODE_OPTIONS
-from covspec.policy import OnlineStats
+from covspec.modes import MODE_OPTIONS, SpecOptions
+from covspec.policy import EdgeOffer, OnlineStats
 from covspec.sampling import SamplingParams
 from covspec.transport import protocol as wire
 
@@ -88,6 +89,19 @@ class InProcessEdge:
         return list(tokens)
 
 
+def drive(edge: InProcessEdge, spec: Speculation, step) -> object:
+    """The rounds from `step` until the answer is complete or handed to the edge (STREAM)."""
+    while isinstance(step, Flight):
+        if not step.sent:
+            edge.send(step)
+        for ahead in spec.while_waiting():
+            edge.send(ahead)
+        reply = edge.reply(step.msg)
+        assert isinstance(reply, wire.Result), reply
+        step = spec.on_result(reply, reopened=False)
+    return step
+
+
 @torch.inference_mode()
 def answer(target, draft, picture: Image.Image, mode: str, n: int, stats: OnlineStats | None = None,
            ) -> tuple[list[int], Speculation, list[str]]:
@@ -97,23 +111,16 @@ def answer(target, draft, picture: Image.Image, mode: str, n: int, stats: Online
     draft = as_draft(draft)  # numpy in and out, as DeviceRuntime sees it
     first_logits, state = draft.prefill(draft.encode_image(draft.preprocess(picture)), PROMPT)
     stats = stats or OnlineStats(t_draft=0.001, rtt=0.001, prior_v0=0.005, prior_v1=0.001)
-    spec = Speculation(draft, state, GREEDY, replace(MODE_OPTIONS[mode], keep=1.0), stats, sid=1,
-                       max_new_tokens=n, window=4, vocab=target.vocab_size, ready=lambda: False)
+    ask = AnswerConfig(mode, GREEDY, max_new_tokens=n, window=4, options=replace(MODE_OPTIONS[mode], keep=1.0))
+    spec = Speculation(draft, state, ask, stats, sid=1, vocab=target.vocab_size, ready=lambda: False)
     first = spec.start(first_logits, informed=stats.rounds > 0, edge_step_s=None)
     if first is not None:
         edge.send(first)
     edge.trace.append("OPENED")
-    step = spec.on_opened(wire.Opened(sid=1, token=session.committed[0], done=session.done), None)
-    while isinstance(step, Flight):
-        if not step.sent:
-            edge.send(step)
-        for ahead in spec.while_waiting():
-            edge.send(ahead)
-        reply = edge.reply(step.msg)
-        assert isinstance(reply, wire.Result), reply
-        step = spec.on_result(reply, reopened=False)
+    step = drive(edge, spec, spec.on_opened(wire.Opened(sid=1, token=session.committed[0], done=session.done), None))
     if step is STREAM:
-        spec.extend(edge.stream())
+        step = spec.streamed(edge.stream(), next_round=None)
+    assert step is None and spec.phase is AnswerPhase.DONE
     return final_answer(spec.committed, draft.eos_token_ids, n), spec, edge.trace
 
 
@@ -202,25 +209,104 @@ def test_a_device_that_hands_drafting_over_at_open_prefills_only_when_it_comes_b
         return draft.prefill(draft.encode_image(draft.preprocess(picture)), PROMPT)[1]
 
     stats = OnlineStats(t_draft=0.001, rtt=0.001, prior_v0=0.005, prior_v1=0.001)
-    spec = Speculation(draft, prefill, GREEDY, replace(MODE_OPTIONS["covspec"], keep=1.0), stats, sid=1,
-                       max_new_tokens=n, window=4, vocab=target.vocab_size, ready=lambda: False)
+    ask = AnswerConfig("covspec", GREEDY, max_new_tokens=n, window=4, options=replace(MODE_OPTIONS["covspec"], keep=1.0))
+    spec = Speculation(draft, prefill, ask, stats, sid=1, vocab=target.vocab_size, ready=lambda: False)
     assert spec.start(None, informed=False, edge_step_s=None, hand_over=True) is None  # nothing drafted here
     step = spec.on_opened(wire.Opened(sid=1, token=session.committed[0], done=session.done), None)
     assert step is STREAM and not prefills
     tokens = session.stream()  # the edge's own generation (here: the target's streaming)
     next(tokens)  # the first token went out in OPENED
     streamed = [next(tokens) for _ in range(5)]  # five tokens, then it gives drafting back
-    spec.extend(streamed)
-    assert not prefills and spec.committed == expected[:6]
-    step = spec.resume(next_round=0)
-    assert prefills == [1]
-    while isinstance(step, Flight):
-        if not step.sent:
-            edge.send(step)
-        for ahead in spec.while_waiting():
-            edge.send(ahead)
-        step = spec.on_result(edge.reply(step.msg), reopened=False)
+    assert spec.phase is AnswerPhase.EDGE_DRAFTING
+    step = spec.streamed(streamed, next_round=0)  # resumes drafting here
+    assert prefills == [1] and spec.committed == expected[:6] and spec.phase is AnswerPhase.SPECULATING
+    step = drive(edge, spec, step)
     assert len(spec.rounds) >= 1  # drafted and verified here after the hand-back
     if step is STREAM:  # this random draft's windows do not pay: the rest is streamed
-        spec.extend(edge.stream())
+        step = spec.streamed(edge.stream(), next_round=None)
+    assert step is None
     assert final_answer(spec.committed, draft.eos_token_ids, n) == expected and prefills == [1]
+
+
+def test_every_phase_transition(models):
+    """Each transition of TRANSITIONS, driven by the rule that takes it, the answer the target's each
+    time; a transition the table does not hold raises."""
+    target, draft = models
+    draft = as_draft(draft)
+    n = 24
+    picture = image(3)
+    expected = reference(target, picture, n)
+    visual = target.encode_image(target.preprocess(picture))
+    taken: set[tuple[AnswerPhase, AnswerPhase]] = set()
+
+    def new(mode: str | SpecOptions, state=None, stats=None, offer=None) -> tuple[Speculation, InProcessEdge, np.ndarray]:
+        session = TargetSession.open(target, visual, PROMPT, None, GREEDY, n)
+        logits, prefilled = draft.prefill(draft.encode_image(draft.preprocess(picture)), PROMPT)
+        stats = stats or OnlineStats(t_draft=0.001, rtt=0.001, prior_v0=0.005, prior_v1=0.001)
+        options = replace(MODE_OPTIONS.get(mode, mode), keep=1.0)
+        spec = Speculation(draft, prefilled if state is None else state, AnswerConfig(options=options, max_new_tokens=n),
+                           stats, sid=1, vocab=target.vocab_size, ready=lambda: False, edge_offer=offer)
+        return spec, InProcessEdge(session, target.vocab_size), logits
+
+    def opened(spec: Speculation, edge: InProcessEdge, edge_step_s=None, done=False):
+        session = edge.session
+        return spec.on_opened(wire.Opened(sid=1, token=session.committed[0], done=done or session.done), edge_step_s)
+
+    def finish(spec: Speculation, edge: InProcessEdge, step) -> None:
+        if step is STREAM:
+            step = spec.streamed(edge.stream(), next_round=None)
+        assert step is None and spec.phase is AnswerPhase.DONE
+        assert final_answer(spec.committed, draft.eos_token_ids, n) == expected
+        taken.update(zip(spec.history, spec.history[1:], strict=False))
+
+    # PREFILLING -> SPECULATING -> DONE: rounds to the end
+    spec, edge, logits = new("vanilla_sd")
+    spec.start(logits, informed=False, edge_step_s=None)
+    finish(spec, edge, drive(edge, spec, opened(spec, edge)))
+    # PREFILLING -> DONE: the answer was complete at OPENED
+    spec, edge, logits = new("vanilla_sd")
+    spec.start(logits, informed=False, edge_step_s=None)
+    assert opened(spec, edge, done=True) is None and spec.history == [AnswerPhase.PREFILLING, AnswerPhase.DONE]
+    taken.add((AnswerPhase.PREFILLING, AnswerPhase.DONE))
+    # PREFILLING -> STREAMING -> DONE: an informed device on an edge that streams far faster than it drafts
+    # decides before OPENED (its first window, sent on a guess, is verified first)
+    spec, edge, logits = new("covspec", stats=OnlineStats(t_draft=0.001, rtt=0.001, prior_v0=0.005, prior_v1=0.001))
+    spec.stats.rounds = 5
+    spec.start(logits, informed=True, edge_step_s=1e-6)
+    assert spec.hand_to is AnswerPhase.STREAMING
+    finish(spec, edge, drive(edge, spec, opened(spec, edge, edge_step_s=1e-6)))
+    assert spec.streamed_rest and not spec.edge_drafted
+    # SPECULATING -> STREAMING: the target's streaming turns out faster mid-answer
+    spec, edge, logits = new("covspec_no_branch")
+    spec.start(logits, informed=False, edge_step_s=None)
+    step = opened(spec, edge)
+    assert spec.phase is AnswerPhase.SPECULATING
+    spec.edge_step_s = 1e-6
+    step = drive(edge, spec, step)
+    assert step is STREAM and spec.phase is AnswerPhase.STREAMING
+    finish(spec, edge, step)
+    # SPECULATING -> EDGE_DRAFTING -> DONE: an edge that offers to draft, measured far faster, after 3 rounds
+    offer = EdgeOffer(offers=True, draft_step_s=1e-7, acceptance=0.99, s_per_token=1e-7)
+    spec, edge, logits = new(SpecOptions(placement=True), offer=offer)  # fixed windows, stop-and-wait
+    spec.start(logits, informed=False, edge_step_s=None)
+    step = drive(edge, spec, opened(spec, edge))
+    assert step is STREAM and spec.phase is AnswerPhase.EDGE_DRAFTING and len(spec.rounds) >= 3
+    finish(spec, edge, step)
+    assert spec.edge_drafted
+    # PREFILLING -> EDGE_DRAFTING -> SPECULATING -> ...: handed over at OPEN, given back after 5 tokens
+    spec, edge, _ = new("covspec")
+    assert spec.start(None, informed=False, edge_step_s=None, hand_over=True) is None
+    assert opened(spec, edge) is STREAM and spec.phase is AnswerPhase.EDGE_DRAFTING
+    tokens = edge.session.stream()
+    next(tokens)  # the first token went out in OPENED
+    step = drive(edge, spec, spec.streamed([next(tokens) for _ in range(5)], next_round=0))
+    if step is STREAM:
+        step = spec.streamed(edge.stream(), next_round=None)
+    finish(spec, edge, step)
+    # PREFILLING -> EDGE_DRAFTING -> DONE: handed over at OPEN, drafted to the end there
+    spec, edge, _ = new("covspec")
+    spec.start(None, informed=False, edge_step_s=None, hand_over=True)
+    finish(spec, edge, opened(spec, edge))
+    assert taken == {(a, b) for a, targets in TRANSITIONS.items() for b in targets}
+    with pytest.raises(RuntimeError, match="no transition from DONE to SPECULATING"):
+        spec.resume(0)

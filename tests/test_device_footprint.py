@@ -1,4 +1,4 @@
-"""covspec/tools/device_footprint.py: the size of a folder on disk, and the summary and table of
+"""benchmarks/device_footprint.py: the size of a folder on disk, and the summary and table of
 fabricated device results (no processes, no timing)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 import os
 from pathlib import Path
 
-from covspec.tools.device_footprint import site_packages, summarise, table, tree_bytes
+from benchmarks.device_footprint import site_packages, summarise, table, tree_bytes
 
 
 def test_tree_bytes_counts_files_once_and_skips_symlinks(tmp_path: Path) -> None:

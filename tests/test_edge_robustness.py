@@ -31,7 +31,7 @@ def hostile_messages(rng: random.Random, sid: int) -> list[list[bytes]]:
     if kind == 0:  # random bytes
         return [[rng.randbytes(rng.randrange(0, 200)) for _ in range(rng.randrange(1, 4))]]
     if kind == 1:  # wrong protocol version
-        return [[msgpack.packb({**header, "v": rng.choice([0, 2, 99, "1", None])}), tokens]]
+        return [[msgpack.packb({**header, "v": rng.choice([0, wire.PROTOCOL_VERSION + 1, 99, "1", None])}), tokens]]
     if kind == 2:  # wrong types in fields
         key = rng.choice(["sid", "seq", "round", "type", "bin"])
         return [[msgpack.packb({**header, key: rng.choice(["x", -1, 2**64 - 1, [], {}, 1.5, None])}), tokens]]
@@ -49,7 +49,7 @@ def hostile_messages(rng: random.Random, sid: int) -> list[list[bytes]]:
         bad = np.array([rng.randrange(10**6, 2**31 - 1), -5], dtype="<i4").tobytes()
         return [[msgpack.packb(header), bad]]
     # an OPEN with a broken image
-    open_header = {"v": 1, "type": "OPEN", "sid": rng.randrange(1, 2**40), "seq": 1, "prompt": "what is it ?",
+    open_header = {"v": wire.PROTOCOL_VERSION, "type": "OPEN", "sid": rng.randrange(1, 2**40), "seq": 1, "prompt": "what is it ?",
                    "mode": "vanilla_sd", "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None,
                    "max_new_tokens": 8, "bin": [["image", "bytes", [64]]]}
     return [[msgpack.packb(open_header), rng.randbytes(64)]]

@@ -77,12 +77,12 @@ def test_wrong_protocol_version_is_refused_clearly(world):
     root, target, edge = world
     with Client(edge.endpoint, timeout_s=10, retries=0, keys=client_keys(root, "allowed", "phone")) as client:
         sock = client._sock.sock
-        hello = {"v": 2, "type": "HELLO", "sid": 0, "seq": 77, "fingerprint": "x", "family": "llava", "model": "d"}
+        hello = {"v": 1, "type": "HELLO", "sid": 0, "seq": 77, "fingerprint": "x", "family": "llava", "model": "d"}  # an older device
         sock.send_multipart([msgpack.packb(hello)])
         assert sock.poll(10_000, zmq.POLLIN)
         reply = wire.decode(sock.recv_multipart())
     assert isinstance(reply, wire.Error) and reply.code == wire.ErrorCode.BAD_VERSION and reply.seq == 77
-    assert "protocol version 2" in reply.message and "this side speaks 1" in reply.message
+    assert "protocol version 1" in reply.message and f"this side speaks {wire.PROTOCOL_VERSION}" in reply.message
 
 
 def test_sessions_per_device_and_owner_only(world):

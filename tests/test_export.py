@@ -114,13 +114,33 @@ def test_edge_backend_choice_names_the_reason() -> None:
         choose_backend("tflite")
 
 
-def test_tensorrt_engine_build() -> None:
+def test_tensorrt_engine_gives_onnx_runtimes_logits(tmp_path: Path) -> None:
+    """Where TensorRT and a GPU are present: the edge bundle with backend tensorrt (engine built from the
+    decoder ONNX, fp16) gives ONNX Runtime's logits on the same windows (a prefill of 6, then 3 more
+    tokens on the cache it returned) within fp16's tolerance, and the same greedy tokens."""
     from covspec.export.tensorrt_engine import tensorrt_unavailable
 
     missing = tensorrt_unavailable()
     if missing is not None:
         pytest.skip(f"TensorRT engine build not run here: {missing}")
-    pytest.skip("TensorRT present: run the slow edge-bundle test with backend='tensorrt'")
+    from covspec.bundles.programs import open_programs
+    from covspec.export.edge_bundle import build_edge_bundle
+
+    edge = load_bundle(build_edge_bundle(build_llava(tmp_path / "llava"), tmp_path / "edge", backend="tensorrt",
+                                         max_len=64, max_chunk=8))
+    assert edge.manifest["backend"] == "tensorrt" and (edge.folder / "decoder.engine").is_file()
+    onnx, engine = open_programs("onnx", edge), open_programs("tensorrt", edge)
+    hidden = int(edge.manifest["decoder"]["hidden"])
+    rng = np.random.default_rng(0)
+    caches = {"onnx": onnx.new_cache(), "tensorrt": engine.new_cache()}
+    for start, k in ((0, 6), (6, 3)):
+        inputs = (rng.integers(0, 40, (1, k)).astype(np.int64), np.zeros((1, k, hidden), np.float32),
+                  np.zeros((1, k), np.bool_), np.arange(start, start + k, dtype=np.int64),
+                  np.arange(start, start + k, dtype=np.int64))
+        (want, caches["onnx"]), (got, caches["tensorrt"]) = (
+            programs._run(*inputs, caches[name]) for name, programs in (("onnx", onnx), ("tensorrt", engine)))
+        np.testing.assert_allclose(got, want, atol=5e-2, rtol=5e-2)
+        assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
 def test_unsupported_family_names_the_cause_and_fallback(tmp_path: Path) -> None:

@@ -1,11 +1,11 @@
-"""covspec.tools.export_agreement's scoring and aggregation on a tiny fabricated input (no export, no model)."""
+"""benchmarks.export_agreement's scoring and aggregation on a tiny fabricated input (no export, no model)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from covspec.tools.export_agreement import (
+from benchmarks.export_agreement import (
     END,
     Answers,
     checks,

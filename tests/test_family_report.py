@@ -1,11 +1,11 @@
-"""The family report's pure pieces (covspec/tools/family_report.py): agreement and logit margins."""
+"""The family report's pure pieces (benchmarks/family_report.py): agreement and logit margins."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from covspec.tools.family_report import END, agreement, make_pairs, top_margins
+from benchmarks.family_report import END, agreement, make_pairs, top_margins
 
 
 def test_agreement_counts_positions_up_to_the_first_divergence_over_the_longer_answer() -> None:

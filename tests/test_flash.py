@@ -248,13 +248,16 @@ def test_target_of_another_machine_is_refused_before_anything_is_copied(bundle: 
     here = local_platform().machine
     other = "aarch64" if here != "aarch64" else "x86_64"
     target = parse_target(f"ssh://me@jetson{dest}", ssh=fake_ssh(tmp_path, machine=other))
-    for runtime in (payload, "auto"):  # auto: refused from the probe, before the runtime is built
-        with pytest.raises(FlashError) as err:
-            flash(bundle, target, runtime=runtime)
-        message = str(err.value)
-        assert f"is {other}, Python" in message and f"is for {here}, Python" in message
-        assert f"the machine is {other}, not {here}" in message and "--runtime PATH" in message
-        assert "runtime_payload build" in message and "--runtime none" in message
+    with pytest.raises(FlashError) as err:  # a runtime given for another machine (auto makes one for it)
+        flash(bundle, target, runtime=payload)
+    message = str(err.value)
+    assert f"is {other}, Python" in message and f"is for {here}, Python" in message
+    assert f"the machine is {other}, not {here}" in message and "--runtime PATH" in message
+    assert f"runtime_payload build --platform linux-{other}" in message and "--runtime none" in message
+    (tmp_path / "r").mkdir()
+    riscv = parse_target(f"ssh://me@board{dest}", ssh=fake_ssh(tmp_path / "r", machine="riscv64"))
+    with pytest.raises(FlashError, match="riscv64 has no executorch/onnxruntime wheels"):
+        flash(bundle, riscv, runtime="auto")  # refused from the probe, before any runtime is built
     assert not dest.exists()
     assert len(flash(bundle, target, runtime="none").copied) == 4  # the bundle alone still goes
 

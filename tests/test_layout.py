@@ -1,6 +1,7 @@
 """The house rules of the tree, checked on the source: the device and the edge meet only on the wire
-(neither imports the other), no import cycle between our modules, and no function over 60 lines in
-the two runtimes."""
+(neither imports the other), no import cycle between our modules (nor one that imports under
+`TYPE_CHECKING` close), no library module importing the CLI, and no function over 60 lines in the
+two runtimes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"covspec": "covspec", "export": "covspec.export", "device_runtime": "covspec.device_runtime",
             "edge_runtime": "covspec.edge_runtime", "transport": "covspec.transport",
-            "calibration": "covspec.calibration"}
+            "calibration": "covspec.calibration", "benchmarks": "benchmarks"}
 MAX_FUNCTION_LINES = 60
 
 
@@ -25,9 +26,9 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def imports(path: Path, name: str, known: set[str]) -> set[str]:
+def imports(path: Path, name: str, known: set[str], typing: bool = False) -> set[str]:
     """The modules of ours that `path` imports at run time, at any depth (module level or inside
-    functions; not under `if TYPE_CHECKING:`, which only type checkers read)."""
+    functions; not under `if TYPE_CHECKING:`, which only type checkers read, unless `typing`)."""
     out = set()
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     tree = ast.parse(path.read_text())
@@ -35,7 +36,7 @@ def imports(path: Path, name: str, known: set[str]) -> set[str]:
                    and isinstance(block.test, ast.Name) and block.test.id == "TYPE_CHECKING"
                    for stmt in block.body for n in ast.walk(stmt)}
     for node in ast.walk(tree):
-        if id(node) in typing_only:
+        if id(node) in typing_only and not typing:
             continue
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
@@ -50,9 +51,9 @@ def imports(path: Path, name: str, known: set[str]) -> set[str]:
     return out
 
 
-def graph() -> dict[str, set[str]]:
+def graph(typing: bool = False) -> dict[str, set[str]]:
     mods = modules()
-    return {name: imports(path, name, set(mods)) - {name} for name, path in mods.items()}
+    return {name: imports(path, name, set(mods), typing) - {name} for name, path in mods.items()}
 
 
 def test_the_runtimes_meet_only_on_the_wire() -> None:
@@ -82,11 +83,71 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str]:
     return []
 
 
-def test_no_import_cycle() -> None:
+def design_edges(g: dict[str, set[str]]) -> dict[str, set[str]]:
     # a package's __init__ importing its own submodules (or they it) is not a cycle of design
-    edges = {a: {b for b in deps if not (a.startswith(b + ".") or b.startswith(a + "."))} for a, deps in graph().items()}
-    cycle = find_cycle(edges)
+    return {a: {b for b in deps if not (a.startswith(b + ".") or b.startswith(a + "."))} for a, deps in g.items()}
+
+
+def test_no_import_cycle() -> None:
+    cycle = find_cycle(design_edges(graph()))
     assert not cycle, f"import cycle: {' -> '.join(cycle)}"
+
+
+def test_no_import_cycle_under_type_checking() -> None:
+    """An import under `TYPE_CHECKING` hides a cycle from the interpreter, not from the reader: the
+    modules still need each other (the edge's handlers take a Protocol of the server, not the server)."""
+    cycle = find_cycle(design_edges(graph(typing=True)))
+    assert not cycle, f"import cycle through TYPE_CHECKING: {' -> '.join(cycle)}"
+
+
+# a module's own command-line entry point (`python -m ...`: main) and the handlers the one CLI parser calls
+# back (covspec/cli's TOOLS: add_arguments, run) are the CLI's, wherever they live
+CLI_FUNCTIONS = {"main", "add_arguments", "run"}
+CLI_IMPORT_EXCEPTIONS = {"covspec.api"}  # api.bench builds the parser for its defaults: removed by issue 31's BenchConfig
+
+
+def cli_imports(path: Path) -> list[str]:
+    """Where `path` imports covspec.cli outside CLI_FUNCTIONS: "line N in FUNCTION" (or "module level")."""
+    found = []
+
+    def visit(node: ast.AST, function: str | None) -> None:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            function = node.name if function is None else function  # the outermost function decides
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        if any(n == "covspec.cli" or n.startswith("covspec.cli.") for n in names) and function not in CLI_FUNCTIONS:
+            found.append(f"line {node.lineno} in {function or 'module level'}")
+        for child in ast.iter_child_nodes(node):
+            visit(child, function)
+
+    visit(ast.parse(path.read_text()), None)
+    return found
+
+
+def test_nothing_installed_imports_the_studies() -> None:
+    """benchmarks/ is not installed: no module of the package may need it."""
+    needing = {a: sorted(b for b in deps if b.startswith("benchmarks"))
+               for a, deps in graph(typing=True).items() if not a.startswith("benchmarks")}
+    assert not any(needing.values()), {a: b for a, b in needing.items() if b}
+
+
+def test_no_library_module_imports_the_cli() -> None:
+    """The CLI derives from the library (its configuration objects), never the other way round."""
+    offenders = {name: where for name, path in modules().items()
+                 if not (name == "covspec.cli" or name.startswith("covspec.cli.")) and (where := cli_imports(path))}
+    assert set(offenders) <= CLI_IMPORT_EXCEPTIONS, f"library modules importing covspec.cli: {offenders}"
+
+
+# edited in parallel by issue 28's session (device_runtime/flash.py, runtime_payload.py): derived at the merge
+BARE_EXCEPTIONS = {"covspec.device_runtime.flash.FlashError", "covspec.device_runtime.runtime_payload.PayloadError"}
+
+
+def test_errors_derive_from_covspec_error() -> None:
+    """Every exception class of ours derives from CovspecError (the CLI prints those as one line)."""
+    bare = [f"{name}.{node.name}" for name, path in modules().items() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ClassDef) and node.name != "CovspecError"
+            and any(isinstance(b, ast.Name) and b.id in ("Exception", "BaseException") for b in node.bases)]
+    assert set(bare) <= BARE_EXCEPTIONS, f"exceptions not under covspec.errors.CovspecError: {sorted(set(bare) - BARE_EXCEPTIONS)}"
 
 
 def test_no_long_functions_in_the_runtimes() -> None:
@@ -108,3 +169,7 @@ def test_the_checks_can_fail() -> None:
     assert "covspec.transport.channel" in g["covspec.tools.procs"]  # imported inside wait_for_edge
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) == []
+    typed = graph(typing=True)
+    assert "covspec.calibration.profile" in typed["covspec.api"] and "covspec.calibration.profile" not in g["covspec.api"]
+    sample = ROOT / "covspec" / "api.py"
+    assert any("in bench" in where for where in cli_imports(sample))  # an import inside a function is seen

@@ -85,14 +85,17 @@ def test_measured_paces_decide_once_both_are_known():
     assert place_drafting(stats, edge_slower, target_step_s=0.025) == DEVICE
     assert place_drafting(stats, edge_faster, target_step_s=0.025) == EDGE
     assert place_drafting(stats, close_call, target_step_s=0.025) == DEVICE
-    assert EdgeOffer.from_timings({"edge_draft": 1.0, "edge_sd_s_per_token": 0.002}).s_per_token == 0.002
+    opened = wire.Opened(token=1, offers_draft=True, edge_sessions=1, timings={"edge_sd_s_per_token": 0.002})
+    assert EdgeOffer.from_reply(opened).s_per_token == 0.002
     assert OnlineStats().s_per_token() is None  # nothing measured: the model decides
 
 
-def test_offer_read_from_timings():
-    assert EdgeOffer.from_timings({"verify_s": 0.01}) is None
-    offer = EdgeOffer.from_timings({"edge_draft": 1.0, "edge_sessions": 2.0, "edge_acceptance": 0.8})
-    assert offer == EdgeOffer(offers=True, sessions=2, acceptance=0.8)
+def test_offer_read_from_the_reply():
+    assert EdgeOffer.from_reply(wire.Result(round=0, accepted=1, timings={"verify_s": 0.01})) is None  # no draft there
+    reply = wire.Result(round=0, accepted=1, offers_draft=True, edge_sessions=2, timings={"edge_acceptance": 0.8})
+    assert EdgeOffer.from_reply(wire.decode(wire.encode(reply))) == EdgeOffer(offers=True, sessions=2, acceptance=0.8)
+    declines = wire.Opened(token=3, offers_draft=False, edge_sessions=9)
+    assert EdgeOffer.from_reply(wire.decode(wire.encode(declines))) == EdgeOffer(offers=False, sessions=9)
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
-"""covspec.tools.prefill_cost: the selection + prefill table (its figures are a benchmark, not asserted here)."""
+"""benchmarks.prefill_cost: the selection + prefill table (its figures are a benchmark, not asserted here)."""
 
 import json
 
 import pytest
 
+from benchmarks.prefill_cost import main, random_llava
 from covspec.demo import WEIGHTS
-from covspec.tools.prefill_cost import main, random_llava
 
 
 def test_prefill_cost_measures_every_ratio_against_the_unpruned_prefill(tmp_path, capsys):
@@ -20,7 +20,7 @@ def test_prefill_cost_measures_every_ratio_against_the_unpruned_prefill(tmp_path
         assert r["saved_ms"] == pytest.approx(full - r["total_ms"])
     assert rows[0]["select_ms"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
-    assert "Command: python -m covspec.tools.prefill_cost --draft" in out.with_suffix(".txt").read_text()
+    assert "Command: python -m benchmarks.prefill_cost --draft" in out.with_suffix(".txt").read_text()
     assert "| 0.25 | 9 |" in capsys.readouterr().out
 
 

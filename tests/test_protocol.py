@@ -39,6 +39,9 @@ SAMPLES: list[P.Message] = [
     P.Pong(seq=9, t=123.456),
     P.Stats(seq=10),
     P.StatsReply(seq=10, counters={"requests": 12, "errors.BAD_MESSAGE": 1, "uptime_s": 3.5}),
+    P.Info(seq=11),
+    P.InfoReply(seq=11, version="covspec-edge 0.1.0", protocol=1, fingerprint="ab" * 32, family="llava", model="t",
+                vocab_size=100, draft="d"),
     P.Error(sid=7, seq=3, code=ErrorCode.UNKNOWN_SESSION, message="session 7 expired"),
 ]
 
@@ -70,6 +73,13 @@ def test_encode_converts_numpy_and_lists() -> None:
     assert back.sid == 3 and back.tokens.dtype == np.int32 and back.q.dtype == np.float32
 
 
+def test_a_mode_enum_travels_as_its_string() -> None:
+    from covspec.modes import Mode
+
+    back = decode(encode(P.Open(sid=1, seq=1, image=b"x", prompt="p", mode=Mode.EDGE_SD)))
+    assert type(back.mode) is str and back.mode == "edge_sd" == Mode.EDGE_SD
+
+
 def test_bandwidth_of_vanilla_upload() -> None:
     dists = np.full((8, 152064), 1 / 152064, f32)
     frames = encode(P.Verify(sid=1, seq=1, round=0, tokens=np.arange(8, dtype=i32), dists=dists))
@@ -93,7 +103,7 @@ def edit(frames: list[bytes], drop: tuple[str, ...] = (), **changes: object) -> 
 
 
 def head(**fields: object) -> bytes:
-    return msgpack.packb({"v": 1, "sid": 1, "seq": 1, **fields})
+    return msgpack.packb({"v": P.PROTOCOL_VERSION, "sid": 1, "seq": 1, **fields})
 
 
 NESTED = b"\x91" * 5000 + b"\xc0"  # [[[[...nil...]]]] 5000 deep
@@ -114,7 +124,7 @@ MALFORMED = [
     ("invalid utf-8", [BAD_UTF8], ErrorCode.BAD_MESSAGE, "header"),
     ("int map key", [msgpack.packb({1: 2})], ErrorCode.BAD_MESSAGE, "header"),
     ("missing v", edit(VERIFY, drop=("v",)), ErrorCode.BAD_MESSAGE, "header.v"),
-    ("wrong version", edit(VERIFY, v=2), ErrorCode.BAD_VERSION, "protocol version 2"),
+    ("wrong version", edit(VERIFY, v=P.PROTOCOL_VERSION + 1), ErrorCode.BAD_VERSION, f"protocol version {P.PROTOCOL_VERSION + 1}"),
     ("version as str", edit(VERIFY, v="1"), ErrorCode.BAD_VERSION, "header.v"),
     ("version as bool", edit(VERIFY, v=True), ErrorCode.BAD_VERSION, "header.v"),
     ("unknown type", edit(VERIFY, type="FOO"), ErrorCode.BAD_MESSAGE, "header.type"),
@@ -243,7 +253,7 @@ leaf = st.one_of(
 value = st.recursive(leaf, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=4), kids, max_size=4),
                      max_leaves=12)
 header = st.dictionaries(st.sampled_from(NAMES), value, max_size=8).map(
-    lambda h: {"v": 1, "sid": 1, "seq": 1, **h})
+    lambda h: {"v": P.PROTOCOL_VERSION, "sid": 1, "seq": 1, **h})
 bins = st.lists(st.tuples(st.sampled_from(["tokens", "q", "dists", "image", "kept", "cand_ids", "x"]),
                           st.sampled_from(["<i4", "<f4", "bytes", "<f8", 3]),
                           st.lists(st.integers(-2, 6), max_size=3)).map(list), max_size=3)

@@ -1,4 +1,4 @@
-"""End-to-end acceptance with pruning (covspec.tools.prune_accept) on tiny models."""
+"""End-to-end acceptance with pruning (benchmarks.prune_accept) on tiny models."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import json
 
 import tiny_models
 
+from benchmarks.prune_accept import main, speculate
+from benchmarks.prune_eval import target_answer
 from covspec.demo.task import make_item
 from covspec.models import load_adapter
-from covspec.tools.prune_accept import main, speculate
-from covspec.tools.prune_eval import target_answer
 
 
 def test_a_draft_that_is_the_target_has_every_drafted_token_accepted(tmp_path):
@@ -35,4 +35,4 @@ def test_prune_accept_reports_pruned_against_unpruned_on_the_same_items(tmp_path
         assert all(0 <= a <= d for a, d in zip(run["accepted"], run["drafted"], strict=True))
         assert all(j <= n for j, n in zip(run["rejections"], run["rounds"], strict=True))
     text = (tmp_path / "accept.txt").read_text()
-    assert text.startswith("Command: python -m covspec.tools.prune_accept") and "| covspec@0.25 | 0.25 |" in text
+    assert text.startswith("Command: python -m benchmarks.prune_accept") and "| covspec@0.25 | 0.25 |" in text

@@ -160,7 +160,7 @@ def test_degenerate_inputs():
 def test_prune_sweep_on_tiny_models(tmp_path):
     import tiny_models
 
-    from covspec.tools.prune_eval import format_rows, prune_sweep
+    from benchmarks.prune_eval import format_rows, prune_sweep
 
     draft = tiny_models.build_llava(tmp_path / "draft", seed=1)
     rows = prune_sweep(draft, draft, limit=1, ratios=(0.25, 1.0), methods=("covspec", "random"))
@@ -179,9 +179,9 @@ def test_prune_sweep_on_tiny_models(tmp_path):
 
 
 def test_the_oracle_reference_keeps_one_token_of_every_object_first():
+    from benchmarks.prune_eval import oracle_kept
     from covspec.demo.data import token_cells
     from covspec.demo.task import make_item
-    from covspec.tools.prune_eval import oracle_kept
 
     cells = token_cells()
     for index in range(20):
@@ -232,7 +232,7 @@ def test_prune_eval_writes_intervals_paired_differences_and_reuses_its_items(tmp
 
     import tiny_models
 
-    from covspec.tools.prune_eval import main
+    from benchmarks.prune_eval import main
 
     draft = str(tiny_models.build_llava(tmp_path / "draft", seed=1))
     out = tmp_path / "sweep.json"
@@ -250,7 +250,7 @@ def test_prune_eval_writes_intervals_paired_differences_and_reuses_its_items(tmp
         assert r["overall"] == pytest.approx(sum(items["configs"][next(
             k for k in items["configs"] if k.startswith(r["method"]))]["scores"]) / 6)
     text = (tmp_path / "sweep.txt").read_text()
-    assert text.startswith("Command: python -m covspec.tools.prune_eval") and (tmp_path / "sweep.png").exists()
+    assert text.startswith("Command: python -m benchmarks.prune_eval") and (tmp_path / "sweep.png").exists()
     assert "| covspec@0.25 - none@1 | 0.25 |" in text and "| covspec@0.25 - random@0.25 | 0.25 |" in text
     # --reuse adds a method without re-running the others (their per-item scores are kept as they were)
     again = tmp_path / "more.json"
@@ -278,7 +278,7 @@ def test_query_grounding_reads_whether_the_prompt_names_something_in_the_image()
 
 
 def test_settings_are_searched_on_val_only():
-    from covspec.tools.prune_tune import tune
+    from benchmarks.prune_tune import tune
 
     for split in ("report", "heldout", "train"):
         with pytest.raises(ValueError, match="val"):

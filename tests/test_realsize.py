@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from covspec.tools.realsize_models import (
+from benchmarks.realsize_models import (
     QWEN,
     SMOLVLM,
     Shape,

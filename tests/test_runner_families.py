@@ -86,7 +86,7 @@ def visible_words(text: str, specials: list[str]) -> list[str]:
 
 def text_only_ids(ours, prompt: str) -> list[int]:
     """The family's chat prompt without an image."""
-    from covspec.bundles.families import encode
+    from covspec.models.common import encode_text
 
     if ours.family == "qwen2_5_vl":
         from covspec.models.qwen2_5_vl import SYSTEM_PROMPT
@@ -95,7 +95,7 @@ def text_only_ids(ours, prompt: str) -> list[int]:
                 "<|im_start|>assistant\n")
     else:
         text = f"<|im_start|>User:{prompt}<end_of_utterance>\nAssistant:"
-    return encode(ours.tokenizer, text)
+    return encode_text(ours.tokenizer, text)
 
 
 def our_text_only_greedy(ours, ids: list[int], max_new_tokens: int) -> list[int]:

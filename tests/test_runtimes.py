@@ -200,11 +200,11 @@ def test_the_edge_tells_devices_its_verify_time_line(pair):
     family, target, other, _ = pair
     edge = RunningEdge(target)
     try:
-        assert "verify_v0_s" not in edge.server._cost_timings()  # nothing verified yet: no line
+        assert "verify_v0_s" not in edge.server.costs.timings()  # nothing verified yet: no line
         device = DeviceRuntime(load_adapter(other), edge.endpoint, timeout_s=20)
         for window in (2, 2, 6, 6):  # windows of one length give no slope; two lengths do
             device.answer(png(window), PROMPTS[0], "vanilla_sd", SamplingParams(), max_new_tokens=12, window=window)
-        timings = edge.server._cost_timings()
+        timings = edge.server.costs.timings()
         assert {"verify_v0_s", "verify_v1_s"} <= set(timings), family
         assert timings["verify_v1_s"] >= 0.0
         options = replace(MODE_OPTIONS["covspec"], keep=1.0)
@@ -223,20 +223,19 @@ def test_a_steep_verify_line_is_sent_with_its_intercept_at_zero_and_an_unencodab
     negative intercept, OPENED could not be encoded (timings are non-negative on the wire) and the
     edge's loop died. Now the intercept is sent as 0, and a reply that does not encode is answered
     with an INTERNAL error while the edge keeps serving."""
-    from covspec.policy import add_point
-
     family, target, other, _ = pair
     edge = RunningEdge(target)
     try:
-        edge.server.verify_sums = add_point(add_point([0.0] * 5, 1, 0.001), 9, 0.010)  # v0 = -0.125 ms
-        assert edge.server._cost_timings()["verify_v0_s"] == 0.0
+        edge.server.costs.observe_verify(1, 0.001)
+        edge.server.costs.observe_verify(9, 0.010)  # v0 = -0.125 ms
+        assert edge.server.costs.timings()["verify_v0_s"] == 0.0
         device = DeviceRuntime(load_adapter(other), edge.endpoint, timeout_s=20)
         answer = device.answer(png(1), PROMPTS[1], "covspec", SamplingParams(), max_new_tokens=8)
         assert answer.ids
-        edge.server._cost_timings = lambda: {"verify_v0_s": -1.0}  # an edge bug, as it was
+        edge.server.costs.timings = lambda: {"verify_v0_s": -1.0}  # an edge bug, as it was
         with pytest.raises(RemoteError, match="could not encode its OPENED"):
             device.answer(png(1), PROMPTS[1], "covspec", SamplingParams(), max_new_tokens=8)
-        del edge.server._cost_timings
+        del edge.server.costs.timings
         assert device.answer(png(1), PROMPTS[1], "covspec", SamplingParams(), max_new_tokens=8).ids == answer.ids
         device.close()
     finally:

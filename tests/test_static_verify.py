@@ -15,7 +15,7 @@ import torch
 from covspec.demo import default_target_path
 from covspec.demo.task import sample_split
 from covspec.edge_runtime.buckets import BATCH_BUCKETS, BUCKETS, bucket_for, check_buckets, pad_ids
-from covspec.edge_runtime.static_verify import StaticVerifier
+from covspec.edge_runtime.static_verify import CudaGraphsUnavailable, StaticVerifier
 from covspec.edge_runtime.target import place_target
 from covspec.models import load_adapter
 
@@ -100,8 +100,10 @@ def test_single_session_forward_and_bounds() -> None:
     adapter = load_adapter(default_target_path())
     item = next(sample_split("heldout", 1, seed=0))
     (state,) = prefilled(adapter, [item.question], [item.image])
-    verifier = StaticVerifier.create(adapter, slots=1, max_len=state.length + 8, cuda_graphs=True)
-    assert not verifier.cuda_graphs, "CUDA graphs are never used off CUDA"
+    if adapter.device.type != "cuda":  # asked for off CUDA: a clear error, not eager passes in their place
+        with pytest.raises(CudaGraphsUnavailable, match="CUDA graphs need the target on a CUDA device; it is on cpu"):
+            StaticVerifier.create(adapter, slots=1, max_len=state.length + 8, cuda_graphs=True)
+    verifier = StaticVerifier.create(adapter, slots=1, max_len=state.length + 8)
     static = verifier.open(copy.deepcopy(state))
     window = torch.tensor([5, 6, 7])
     torch.testing.assert_close(verifier.forward(static, window), adapter.forward(state, window), atol=1e-4, rtol=1e-4)
@@ -156,3 +158,18 @@ def test_cuda_graphs_replay_what_the_eager_pass_computes() -> None:
             eager.commit(s, t)
     assert sorted(graphs.graphs) == [(4, 1), (4, 8), (4, 16)]  # each shape captured once
     assert graphs.warm() == len(BATCH_BUCKETS) * len(BUCKETS)
+
+
+def test_cuda_graphs_off_cuda_is_a_clear_cli_error(capsys) -> None:
+    """`covspec edge serve --cuda-graphs` with the target on the CPU: one line naming the cause and the
+    fix, exit status 2, no server started (never eager passes quietly in place of the graphs)."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here: --cuda-graphs on a CPU target is refused only where --device is cpu")
+    from covspec.cli import main
+
+    code = main(["edge", "serve", "--model", str(default_target_path()), "--bind", "tcp://127.0.0.1:*",
+                 "--auth", "none", "--cuda-graphs", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "CUDA graphs need the target on a CUDA device; it is on cpu" in err and "--static-cache" in err, err
+    assert "Traceback" not in err

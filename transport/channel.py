@@ -27,7 +27,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -102,7 +102,7 @@ def bind(sock: zmq.Socket, endpoint: str) -> None:
                             "addresses?)") from None
 
 
-HANDSHAKE_FAILURES = {
+HANDSHAKE_FAILURES: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the edge does not admit this device's CURVE key (add its public key "
                                      "NAME.key to the edge's --allow folder and restart the edge)",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the security handshake failed (is --edge-key the edge's own public key, "
@@ -159,7 +159,7 @@ class ByteCounters:
     msgs_sent: int = 0
     msgs_recv: int = 0
 
-    def add(self, frames: list[bytes], sent: bool) -> None:
+    def add(self, frames: Sequence[bytes | zmq.Frame], sent: bool) -> None:
         n = sum(len(f) for f in frames)
         wire = n + sum(2 if len(f) < 256 else 9 for f in frames)
         if sent:
@@ -223,11 +223,13 @@ def load_server_keys(secret_file: str | Path, allow_dir: str | Path) -> ServerKe
     if not any(allow.glob("*.key")):
         raise KeyFileError(f"{allow}: holds no device public key (*.key), so no device could connect")
     public, secret = _load(secret_file, secret=True)
+    assert secret is not None  # a secret key file holds both keys
     return ServerKeys(public, secret, allow)
 
 
 def load_client_keys(secret_file: str | Path, server_public_file: str | Path) -> ClientKeys:
     public, secret = _load(secret_file, secret=True)
+    assert secret is not None  # a secret key file holds both keys
     server_public, _ = _load(server_public_file, secret=False)
     return ClientKeys(public, secret, server_public)
 
@@ -308,8 +310,10 @@ class MeteredSocket:
         """Queues the message without ever blocking. A DEALER with no usable connection (an edge
         that refused the CURVE handshake, or is down) drops it and returns False: the request then
         times out like a lost one, and the Client retries on a fresh socket."""
+        assert peer is not None or not self.router, "a ROUTER sends to a peer"
         try:
-            self.sock.send_multipart([peer, *frames] if self.router else frames, copy=False, flags=zmq.NOBLOCK)
+            self.sock.send_multipart([peer, *frames] if peer is not None and self.router else frames, copy=False,
+                                     flags=zmq.NOBLOCK)
         except zmq.Again:
             self.dropped += 1
             return False
@@ -337,7 +341,7 @@ class MeteredSocket:
         user_id = None
         if frames:
             try:
-                user_id = frames[0].get("User-Id") or None
+                user_id = str(frames[0].get("User-Id")) or None
             except zmq.ZMQError:  # no such property: the connection is not authenticated
                 user_id = None
         self.counters.add(frames, sent=False)

@@ -22,7 +22,8 @@ Conventions:
 - ROUTER sockets: the identity frame(s) that ZeroMQ prepends on receive (and expects on send) are not
   part of the message. The caller strips them before `decode` and prepends them to `encode`'s output.
 - Requests -> replies: HELLO -> WELCOME, OPEN -> OPENED, VERIFY -> RESULT, STREAM -> STREAMED...
-  (until one with done=True), CLOSE -> CLOSED, PING -> PONG, STATS -> STATSREPLY; any request -> ERROR.
+  (until one with done=True), CLOSE -> CLOSED, PING -> PONG, STATS -> STATSREPLY, INFO -> INFOREPLY; any
+  request -> ERROR.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import numpy as np
 
 from covspec.errors import CovspecError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the edge's drafting offer and a yielded stream's next round are fields, not timings
 
 U31 = 2**31 - 1  # token ids, rounds, counts
 U63 = 2**63 - 1  # session ids, sequence numbers
@@ -157,6 +158,8 @@ class Opened(Message):
     TYPE: ClassVar[str] = "OPENED"
     token: int  # the target's first generated token
     done: bool = False
+    offers_draft: bool | None = None  # an edge with a draft: whether it offers to draft this answer (None: no draft)
+    edge_sessions: int | None = None  # with offers_draft: the unfinished sessions the edge holds
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -181,6 +184,8 @@ class Result(Message):
     done: bool = False
     cand_ids: np.ndarray | None = None  # int32 [m] support of the target's p at the rejected position
     cand_probs: np.ndarray | None = None  # float32 [m] p at those ids (device samples the correction)
+    offers_draft: bool | None = None  # as in OPENED
+    edge_sessions: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -197,6 +202,7 @@ class Streamed(Message):
     index: int  # 0, 1, 2... chunk number
     tokens: np.ndarray  # int32 [n]
     done: bool = False
+    yielded_round: int | None = None  # last chunk of a stream the edge stopped drafting: the session's next round
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -234,6 +240,23 @@ class Stats(Message):
 class StatsReply(Message):
     TYPE: ClassVar[str] = "STATSREPLY"
     counters: dict[str, int | float] = field(default_factory=dict)  # the edge's counters, by name
+
+
+@dataclass(kw_only=True, eq=False)
+class Info(Message):
+    TYPE: ClassVar[str] = "INFO"
+
+
+@dataclass(kw_only=True, eq=False)
+class InfoReply(Message):
+    TYPE: ClassVar[str] = "INFOREPLY"
+    version: str  # the edge software's version ("covspec-edge 0.1.0")
+    protocol: int  # PROTOCOL_VERSION the edge speaks
+    fingerprint: str  # the target's tokenizer fingerprint (what HELLO checks a draft against)
+    family: str  # the target's model family
+    model: str  # the target's name
+    vocab_size: int
+    draft: str | None = None  # the draft the edge runs for edge_sd (and covspec's hand-over); None: no draft
 
 
 @dataclass(kw_only=True, eq=False)
@@ -350,17 +373,21 @@ _FIELDS: dict[type[Message], dict[str, Check]] = {
         "top_k": _int(0, U31), "top_p": _float(0.0, 1.0, lo_open=True), "seed": _opt(_int(0, U64)),
         "max_new_tokens": _int(1, U31), "edge_draft": _opt(_bool),
     },
-    Opened: {"token": _ID, "done": _bool, "timings": _timings},
+    Opened: {"token": _ID, "done": _bool, "offers_draft": _opt(_bool), "edge_sessions": _opt(_ID), "timings": _timings},
     Verify: {"round": _ID, "pos": _opt(_ID), "root": _opt(_ID)},
-    Result: {"round": _ID, "accepted": _ID, "token": _opt(_ID), "done": _bool, "timings": _timings},
+    Result: {"round": _ID, "accepted": _ID, "token": _opt(_ID), "done": _bool, "offers_draft": _opt(_bool),
+             "edge_sessions": _opt(_ID), "timings": _timings},
     Stream: {"chunk": _int(1, U31), "draft": _opt(_bool)},
-    Streamed: {"index": _ID, "done": _bool, "timings": _timings},
+    Streamed: {"index": _ID, "done": _bool, "yielded_round": _opt(_ID), "timings": _timings},
     Close: {},
     Closed: {},
     Ping: {"t": _float(-1e12, 1e12), "echo": _int(0, MAX_ECHO_BYTES)},
     Pong: {"t": _float(-1e12, 1e12)},
     Stats: {},
     StatsReply: {"counters": _counters},
+    Info: {},
+    InfoReply: {"version": _NAME, "protocol": _int(1, U31), "fingerprint": _NAME, "family": _NAME, "model": _NAME,
+                "vocab_size": _int(1, U31), "draft": _opt(_NAME)},
     Error: {"code": _code, "message": _str(4096)},
 }
 
@@ -419,7 +446,8 @@ def _cross(msg: Message, limits: Limits) -> None:
             fail(ErrorCode.BAD_MESSAGE, f"dists: shape {list(msg.dists.shape)}, expected [{k}, V>0]")
     if isinstance(msg, Result) and (msg.cand_ids is None) != (msg.cand_probs is None):
         fail(ErrorCode.BAD_MESSAGE, "cand_ids/cand_probs: both or neither")
-    if isinstance(msg, Result) and msg.cand_ids is not None and msg.cand_ids.shape != msg.cand_probs.shape:
+    if (isinstance(msg, Result) and msg.cand_ids is not None and msg.cand_probs is not None
+            and msg.cand_ids.shape != msg.cand_probs.shape):
         fail(ErrorCode.BAD_MESSAGE, f"cand_probs: shape {list(msg.cand_probs.shape)}, expected {list(msg.cand_ids.shape)}")
 
 
@@ -592,9 +620,12 @@ def _check_sizes(header_bytes: int, total_bytes: int, limits: Limits) -> None:
 
 
 def _plain(v: Any) -> Any:
-    """numpy scalars and IntEnums -> Python scalars, so that np.int64(3) encodes like 3."""
+    """numpy scalars, IntEnums and StrEnums (covspec.modes.Mode) -> Python scalars, so that np.int64(3)
+    encodes like 3 and Mode.COVSPEC like "covspec"."""
     if isinstance(v, enum.IntEnum):
         return int(v)
+    if isinstance(v, enum.StrEnum):
+        return str(v)
     return v.item() if isinstance(v, np.generic) else v
 
 

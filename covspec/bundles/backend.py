@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from covspec.errors import CovspecError
 
 if TYPE_CHECKING:
+    from covspec.bundles.adapter import BundleAdapter
     from covspec.models.base import VLMAdapter
 
 
@@ -35,7 +36,7 @@ def bundle_backend(bundle: str | Path, backend: str = "auto") -> str:
 
 
 def load_draft(model: str | Path | None = None, bundle: str | Path | None = None, backend: str = "auto",
-               threads: int | None = None) -> VLMAdapter:
+               threads: int | None = None) -> VLMAdapter | BundleAdapter:
     """The device's draft: an exported device bundle run by `backend` (executorch, onnx, or auto: see
     bundle_backend), or a Hugging Face checkpoint folder (`model`). Exactly one of the two."""
     if (model is None) == (bundle is None):
@@ -53,4 +54,5 @@ def load_draft(model: str | Path | None = None, bundle: str | Path | None = None
             raise CovspecError(f"--backend: {err}") from err
     from covspec.models import load_adapter
 
+    assert model is not None  # one of the two, checked above
     return load_adapter(model)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from covspec.errors import CovspecError
 from covspec.export.manifest import FORMAT_VERSION, MANIFEST, sha256_file
 
 PROGRAM_PARTS = ("model", "vision", "decoder")  # the keys of a manifest's programs[fmt] that name files
@@ -16,7 +17,7 @@ REEXPORT = ("re-export it with this version of covspec: covspec export --draft D
             "--out OUT, then use OUT/device or OUT/edge")
 
 
-class BundleError(Exception):
+class BundleError(CovspecError):
     """A bundle folder that cannot be used as it is."""
 
 

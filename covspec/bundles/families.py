@@ -200,7 +200,7 @@ class QwenRules(FamilyRules):
                 "passes an RGB image, not the vision encoder's patches, and 1-D cache positions, not the image "
                 "tokens' M-RoPE [3, k] positions); the CoVSpec runtime runs images"]
 
-    def grid(self, n: int) -> tuple[int, int] | None:
+    def grid(self, n: int) -> tuple[int, int]:
         rows, cols = self.patch_grid
         return rows // self.merge, cols // self.merge
 

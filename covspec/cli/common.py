@@ -118,11 +118,9 @@ def add_client_key_args(parser: argparse.ArgumentParser, key_help: str) -> None:
 
 
 def client_keys(args: argparse.Namespace):
-    from covspec.transport.channel import load_client_keys
+    from covspec.tools.edge_probe import client_keys as keys_of
 
-    if bool(args.key) != bool(args.edge_key):
-        raise CovspecError("--key DEVICE_SECRET_FILE and --edge-key EDGE_PUBLIC_FILE go together")
-    return load_client_keys(args.key, args.edge_key) if args.key else None
+    return keys_of(args.key, args.edge_key)
 
 
 class TokenPrinter:

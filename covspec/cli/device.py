@@ -16,8 +16,11 @@ from covspec.cli.common import (
     sampling_params,
     warn_threads,
 )
+from covspec.device_runtime.config import BACKENDS, AnswerConfig, DeviceConfig
 from covspec.errors import CovspecError
 from covspec.modes import MODES
+
+ANSWER, DEVICE = AnswerConfig(), DeviceConfig(edge="")  # the flags' defaults
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,25 +29,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = add_command(device_sub, "run", "answer an image + question through an edge")
     q.add_argument("--model", help="draft checkpoint folder, run on PyTorch (or --bundle)")
     q.add_argument("--bundle", help="exported device bundle folder (covspec export), run without transformers' model")
-    q.add_argument("--backend", default="auto", choices=["auto", "executorch", "onnx"],
+    q.add_argument("--backend", default=DEVICE.backend, choices=BACKENDS,
                    help="runtime for --bundle (auto: ExecuTorch when the bundle has its .pte, else ONNX Runtime)")
     q.add_argument("--edge", required=True, help="edge endpoint, e.g. tcp://127.0.0.1:5555")
     q.add_argument("--image", required=True,
                    help="image file (PNG, JPEG, ...; at most 2048x2048 pixels, the edge's limit too)")
     q.add_argument("--prompt", required=True, help="question or instruction")
-    q.add_argument("--mode", default="covspec", choices=MODES, metavar="MODE",
+    q.add_argument("--mode", default=str(ANSWER.mode), choices=MODES, metavar="MODE",
                    help=f"how to answer (covspec/modes.py): {', '.join(MODES)}")
-    q.add_argument("--window", type=int, default=4, help="drafted tokens per verification")
+    q.add_argument("--window", type=int, default=ANSWER.window, help="drafted tokens per verification")
     q.add_argument("--keep", type=float, default=None,
                    help="share of the draft's visual tokens a pruning mode keeps (default: the mode's own)")
     q.add_argument("--merge", action="store_true",
                    help="merge the dropped visual tokens into the kept ones (a draft trained so: draft_fine)")
-    q.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each edge reply")
-    q.add_argument("--retries", type=int, default=2, help="times a request is sent again, on a fresh socket, after a timeout")
+    q.add_argument("--timeout", type=float, default=DEVICE.timeout_s, help="seconds to wait for each edge reply")
+    q.add_argument("--retries", type=int, default=DEVICE.retries, help="times a request is sent again, on a fresh socket, after a timeout")
     add_threads_arg(q)
     add_client_key_args(q, "this device's secret key file (NAME.key_secret), for an edge with --auth curve")
     q.add_argument("--profile", help="calibration profile (covspec calibrate): the drafting policy's starting estimates")
-    add_sampling_args(q)
+    add_sampling_args(q, max_new_tokens=ANSWER.max_new_tokens)
     q.add_argument("--json", action="store_true",
                    help="print the answer and its figures as one JSON object on stdout (nothing else there)")
     q.set_defaults(handler=run)
@@ -58,6 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the device runtime to install: auto (built on this machine for its platform, cached in "
                    "~/.cache/covspec/device-runtime), none (the bundle alone) or a runtime folder built on a "
                    "machine of the target's platform (python -m covspec.device_runtime.runtime_payload build)")
+    q.add_argument("--platform", metavar="linux-MACHINE",
+                   help="a folder target's platform (an SD card image, a rootfs): linux-aarch64 or linux-x86_64 "
+                   "(default: this machine's; ssh and adb targets are asked)")
+    q.add_argument("--python", metavar="X.Y", help="the folder target's Python, with --platform (e.g. 3.11)")
+    q.add_argument("--glibc", metavar="X.Y", help="the folder target's glibc, with --platform, where known "
+                   "(otherwise the launcher checks it at first start)")
     q.set_defaults(handler=run_flash)
 
 
@@ -94,11 +103,12 @@ def run(args: argparse.Namespace) -> int:
         from covspec.calibration.profile import load_profile
 
         profile = load_profile(args.profile)
+    device = DeviceConfig(args.edge, keys=keys, timeout_s=args.timeout, retries=args.retries, profile=profile,
+                          model=args.model, bundle=args.bundle, backend=args.backend, threads=args.threads)
+    ask = AnswerConfig(args.mode, params, args.max_new_tokens, args.window, options)
     with native_stderr_quiet(args.verbose):
-        draft = api.load_draft(args.model, args.bundle, args.backend, args.threads)
-    answer = api.answer(args.edge, image, args.prompt, draft=draft, mode=args.mode, params=params,
-                        max_new_tokens=args.max_new_tokens, window=args.window, options=options, keys=keys,
-                        timeout_s=args.timeout, retries=args.retries, profile=profile)
+        draft = api.load_draft(device.model, device.bundle, device.backend, device.threads)
+    answer = api.answer(device, image, args.prompt, ask, draft=draft)
     record = api.answer_record(answer, draft=api.draft_name(draft), edge=args.edge)
     if args.json:
         print(json.dumps(record))
@@ -119,7 +129,15 @@ def run_flash(args: argparse.Namespace) -> int:
     from covspec.device_runtime.flash import FlashError, flash
 
     try:
-        report = flash(args.bundle, args.to, args.runtime, log=lambda line: print(line, file=sys.stderr))
+        platform = None
+        if args.platform or args.python or args.glibc:
+            from covspec.device_runtime.platforms import from_flags
+
+            if not (args.platform and args.python):
+                raise ValueError("--platform and --python go together (e.g. --platform linux-aarch64 --python 3.11)")
+            platform = from_flags(args.platform, args.python, args.glibc)
+        report = flash(args.bundle, args.to, args.runtime, log=lambda line: print(line, file=sys.stderr),
+                       platform=platform)
     except (BundleError, FlashError, ValueError) as err:
         raise CovspecError(f"flash: {err}") from err
     print(f"{report.target}: {len(report.copied)} files copied, {len(report.skipped)} already there, "
@@ -127,4 +145,6 @@ def run_flash(args: argparse.Namespace) -> int:
     if report.runtime:
         print(f"runtime for {report.runtime}: {report.install}; on the device:\n  {report.launcher} run "
               "--edge tcp://HOST:PORT --image IMAGE --prompt 'QUESTION'")
+    if report.note:
+        print(report.note)
     return 0

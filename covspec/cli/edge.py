@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     edge_sub = p.add_subparsers(dest="edge_command", required=True, metavar="ACTION")
     q = add_command(edge_sub, "serve", "serve a target checkpoint over ZeroMQ (ROUTER)")
     q.add_argument("--model", required=True, help="target checkpoint folder, or an edge bundle (covspec export's OUT/edge)")
-    q.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
+    q.add_argument("--bind", default=defaults.bind, help="ZeroMQ endpoint to bind")
     q.add_argument("--draft", default=None,
                    help="a draft checkpoint (or edge bundle) of the target's tokenizer, run beside it: serves mode "
                         "edge_sd (the edge drafts and verifies) and covspec devices that hand drafting over "
@@ -100,7 +100,7 @@ def add_static_args(parser: argparse.ArgumentParser) -> None:
                         "tokens and batches to 1,2,4,8 sessions: static shapes")
     g.add_argument("--cuda-graphs", action="store_true",
                    help="the static path with each shape's pass captured as a CUDA graph (implies --static-cache; "
-                        "on CUDA only, elsewhere the same passes run eagerly)")
+                        "CUDA only: with the target elsewhere, an error)")
     g.add_argument("--static-len", type=int, default=EdgeSettings().static_len,
                    help="positions per session in the static cache (capped at the model's)")
 

@@ -1,12 +1,16 @@
 """The procedural visual question-answering task: coloured shapes on a 3x3 grid.
 
-Everything is deterministic from a seed. A scene's split (train / val / heldout) is decided by a
-hash of its layout, so no held-out layout can ever be drawn for training; the colour-shape
+Everything is deterministic from a seed. A scene's split (train / val / heldout / report) is decided
+by a hash of its layout, so no held-out or report layout can ever be drawn for training; the colour-shape
 combinations in `UNSEEN_COMBOS` never appear in a training or validation scene and make the
 held-out "unseen" slice.
 
-The "report" split is for figures only: held-out layouts drawn from a generator seed of its own
-(`REPORT_SEED`, which no training run or settings search reads; settings are chosen on "val"), with
+The "report" split is for figures only: layouts of a hash bucket of its own, which no other split
+draws (`scene_split`: 1 in REPORT_SHARE of the layouts the first hash gives to training, by a second
+hash, so that the held-out and validation layouts stay exactly what they were; the shipped demo
+weights were trained on 12,000 scenes drawn before the report had a bucket, and the report skips
+those layouts: `legacy_training_layouts`; tests/test_demo.py checks all 2,000 report items), drawn from a generator seed
+of its own (`REPORT_SEED`, which no training run or settings search reads; settings are chosen on "val"), with
 every question type and the unseen slice in exact proportion (each block of `REPORT_BLOCK` items
 holds `TYPE_WEIGHTS[t]` items of each type t and `UNSEEN_FRACTION` of unseen scenes, shuffled).
 
@@ -16,6 +20,7 @@ so each image gives 36 visual tokens, most of them background (3 to 5 objects in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import re
@@ -54,7 +59,8 @@ ALL_COMBOS = tuple((c, s) for c in COLOURS for s in SHAPES)
 SEEN_COMBOS = tuple(cs for cs in ALL_COMBOS if cs not in UNSEEN_COMBOS)
 
 SPLITS = ("train", "val", "heldout", "report")
-LAYOUT_SPLIT = {"train": "train", "val": "val", "heldout": "heldout", "report": "heldout"}  # layout hash bucket
+HELD_OUT_SPLITS = ("heldout", "report")  # layouts no training run draws: questions may name unseen combinations
+REPORT_SHARE = 64  # 1 in this many of the training bucket's layouts is the report's (by a second hash)
 REPORT_SEED = 90_417  # the report split's generator seed: read by no training run or settings search
 SEED_OFFSETS = {"train": 0, "val": 0, "heldout": 0, "report": REPORT_SEED}  # split_seed: seed + offset
 QUESTION_TYPES = ("color", "shape", "count", "position", "existence", "relation", "describe")
@@ -141,9 +147,13 @@ class Item:
 # --- scenes ------------------------------------------------------------------------------------
 
 def scene_split(scene: Scene) -> str:
-    """The split a layout belongs to, from a hash of its objects (background ignored)."""
-    bucket = int.from_bytes(hashlib.sha256(scene.key().encode()).digest()[:4], "big") % 10
-    return "train" if bucket < 8 else ("val" if bucket == 8 else "heldout")
+    """The split a layout belongs to, from a hash of its objects (background ignored): of ten buckets
+    8 train, 1 val, 1 heldout; a second hash gives 1 in REPORT_SHARE of the train bucket to the report."""
+    digest = hashlib.sha256(scene.key().encode()).digest()
+    bucket = int.from_bytes(digest[:4], "big") % 10
+    if bucket < 8:
+        return "report" if int.from_bytes(digest[4:8], "big") % REPORT_SHARE == 0 else "train"
+    return "val" if bucket == 8 else "heldout"
 
 
 def random_scene(rng: random.Random, want_unseen: bool = False) -> Scene:
@@ -286,9 +296,27 @@ def report_plan(index: int, seed: int = REPORT_SEED) -> tuple[str, bool]:
     return types[slot], unseen[slot]
 
 
+LEGACY_TRAINING = (0, 12_000)  # (seed, pool size) of the shipped demo weights' training scenes (covspec_demo.json)
+
+
+@functools.cache
+def legacy_training_layouts() -> frozenset[str]:
+    """The layouts of the scenes the shipped demo weights were trained on, drawn by the rule before the
+    report had a bucket (train: the first hash's buckets 0-7): the report split skips them."""
+    seed, size = LEGACY_TRAINING
+    keys = set()
+    for index in range(size):
+        rng = _rng(seed, "train", index)
+        while True:
+            scene = random_scene(rng, False)
+            if int.from_bytes(hashlib.sha256(scene.key().encode()).digest()[:4], "big") % 10 < 8:
+                keys.add(scene.key())
+                break
+    return frozenset(keys)
+
+
 def scene_for(split: str, index: int, seed: int) -> Scene:
-    """The index-th scene of a split: drawn until its layout hashes into the split (the report
-    split's into the held-out bucket)."""
+    """The index-th scene of a split: drawn until its layout hashes into the split."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     rng = _rng(seed, split, index)
@@ -298,7 +326,7 @@ def scene_for(split: str, index: int, seed: int) -> Scene:
         want_unseen = split == "heldout" and rng.random() < UNSEEN_FRACTION
     while True:
         scene = random_scene(rng, want_unseen)
-        if scene_split(scene) == LAYOUT_SPLIT[split]:
+        if scene_split(scene) == split and (split != "report" or scene.key() not in legacy_training_layouts()):
             return scene
 
 
@@ -311,7 +339,7 @@ def make_item(split: str, index: int, seed: int, qtype: str | None = None, scene
             qtype = report_plan(index, seed)[0]
         else:
             qtype = qrng.choices(list(TYPE_WEIGHTS), weights=list(TYPE_WEIGHTS.values()))[0]
-    held_out = LAYOUT_SPLIT[split] == "heldout"
+    held_out = split in HELD_OUT_SPLITS
     question, answer = make_question(scene, qtype, qrng, allow_unseen=held_out)
     return Item(image=draw_scene(scene), question=question, answer=answer, qtype=qtype, scene=scene,
                 split=split, index=index, seed=seed, slices={"unseen": scene.has_unseen})

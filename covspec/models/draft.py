@@ -28,6 +28,8 @@ from covspec.models.common import DecodeState, VisualTokens, to_numpy, visual_to
 class DraftModel(Protocol):
     numpy_io: bool  # True: arrays in and out are numpy
     tokenizer: Any
+    family: str  # the model family, HELLO's
+    path: Any  # where it was loaded from (HELLO names it), or None
 
     @property
     def vocab_size(self) -> int: ...

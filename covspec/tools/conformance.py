@@ -1,7 +1,7 @@
 """`covspec conformance --edge tcp://HOST:PORT`: does an edge keep the rules of transport/PROTOCOL.md?
 
 A suite of named checks a device implementation's author (or an edge's) runs against a running edge,
-speaking raw version-1 messages: requests through `transport.channel.Client`, and resends with the same
+speaking raw messages of this protocol version (transport.protocol.PROTOCOL_VERSION): requests through `transport.channel.Client`, and resends with the same
 `seq` or deliberately malformed frames through a second DEALER of the same keys. Each check passes,
 fails with the reason, or is skipped (saying why); the exit code is 1 when any fails, 2 when no edge
 answers at the address or its CURVE handshake refuses this device (one error line). No torch, no
@@ -40,11 +40,11 @@ DEFAULT_PROMPT = "describe the image ."
 NOT_A_FINGERPRINT = "conformance-check-not-a-fingerprint"
 
 
-class CheckFailed(Exception):
+class CheckFailed(CovspecError):
     """A rule the edge broke: the message says which and what it sent instead."""
 
 
-class CheckSkipped(Exception):
+class CheckSkipped(CovspecError):
     """A check that cannot run against this edge (the reason says why)."""
 
 
@@ -395,7 +395,8 @@ def check_malformed(edge: Edge) -> str:
     seq = edge.raw_seq()
     cases: list[tuple[str, list[bytes], int]] = [
         ("bytes that are not msgpack", [b"\xc1 not a message"], 0),
-        ("an unknown header field", [msgpack.packb({"v": 1, "type": "PING", "sid": 0, "seq": seq, "bogus": 1})], seq),
+        ("an unknown header field", [msgpack.packb({"v": wire.PROTOCOL_VERSION, "type": "PING", "sid": 0, "seq": seq,
+                                                   "bogus": 1})], seq),
         ("a reply type (RESULT) as a request", wire.encode(wire.Result(seq=seq + 1, round=0, accepted=0)), seq + 1),
         ("a frame its header does not declare", [*wire.encode(wire.Ping(seq=seq + 2)), b"extra"], seq + 2),
     ]
@@ -449,6 +450,17 @@ def check_stats(edge: Edge) -> str:
     return f"{len(reply.counters)} counters"
 
 
+def check_info(edge: Edge) -> str:
+    reply = expect(edge.request(wire.Info()), wire.InfoReply, "INFO")
+    if reply.protocol != wire.PROTOCOL_VERSION:
+        raise CheckFailed(f"INFOREPLY says protocol {reply.protocol}, the edge answered version-{wire.PROTOCOL_VERSION} messages")
+    welcome = edge.welcome
+    if welcome is not None and (reply.fingerprint, reply.model) != (welcome.fingerprint, welcome.model):
+        raise CheckFailed(f"INFOREPLY names target {reply.model} ({reply.fingerprint[:12]}...), WELCOME "
+                          f"{welcome.model} ({welcome.fingerprint[:12]}...)")
+    return f"{reply.version}, target {reply.model}, " + (f"draft {reply.draft}" if reply.draft else "no draft")
+
+
 CHECKS: tuple[tuple[str, Callable[[Edge], str]], ...] = (
     ("ping_pong", check_ping),
     ("hello_fingerprint", check_hello),
@@ -465,6 +477,7 @@ CHECKS: tuple[tuple[str, Callable[[Edge], str]], ...] = (
     ("unknown_session", check_unknown_session),
     ("limits", check_limits),
     ("stats", check_stats),
+    ("info", check_info),
 )
 
 
@@ -531,9 +544,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`covspec conformance`'s handler: 0 when no check failed."""
-    from covspec.cli.common import client_keys
+    from covspec.tools.edge_probe import client_keys
 
-    outcomes = run_suite(args.edge, client_keys(args), fingerprint=args.fingerprint, prompt=args.prompt,
+    outcomes = run_suite(args.edge, client_keys(args.key, args.edge_key), fingerprint=args.fingerprint, prompt=args.prompt,
                          timeout_s=args.timeout, only=args.check)
     if args.json:
         print(json.dumps([asdict(o) for o in outcomes], indent=1))

@@ -74,6 +74,9 @@ def seed_messages(sid: int, image: bytes) -> list[wire.Message]:
         wire.Pong(seq=7, t=1.0),
         wire.Stats(seq=8),
         wire.StatsReply(seq=8, counters={"requests": 1}),
+        wire.Info(seq=10),
+        wire.InfoReply(seq=10, version="covspec-edge 0.1.0", protocol=1, fingerprint="sha256:0", family="llava",
+                       model="t", vocab_size=100, draft="d"),
         wire.Error(sid=sid, seq=9, code=wire.ErrorCode.BAD_STATE, message="x"),
     ]
 
@@ -149,7 +152,8 @@ def _lying_array_spec(frames: list[bytes], rng: random.Random) -> list[bytes]:
 def _random_frames(frames: list[bytes], rng: random.Random) -> list[bytes]:
     if rng.random() < 0.5:
         return [rng.randbytes(rng.randrange(0, 300)) for _ in range(rng.randint(1, 4))]
-    value = rng.choice([*HOSTILE_VALUES, {"v": 1}, {"v": 1, "type": "VERIFY"}, [1, "VERIFY"]])
+    v = wire.PROTOCOL_VERSION
+    value = rng.choice([*HOSTILE_VALUES, {"v": v}, {"v": v, "type": "VERIFY"}, [v, "VERIFY"]])
     return [msgpack.packb(value)]
 
 

@@ -12,9 +12,17 @@
    static path with CUDA graphs: covspec vs target_only over loopback (latency, tokens/s, equal answers);
 6. the same with `covspec bench` (the edge a process of its own): covspec vs target_only over loopback and wifi.
 
+Before any timing, every path's logits are compared with the eager DynamicCache pass (`adapter.forward`)
+on the same windows: the static bucketed path eager, with CUDA graphs, and under torch.compile (max
+absolute difference, greedy agreement); a path off by more than --parity-atol, or whose greedy tokens
+differ at more than --parity-disagree of the positions, fails the run. The run exits 1 when any path
+failed (an error, a parity failure, covspec's answers not target_only's, a bench that failed), naming
+them; the report is written either way.
+
 `--cpu-smoke` shrinks everything (2 layers x 64, 2 reps, 1 prompt) to check the script end to end on
 a CPU in seconds; `--shape small` is the CPU figures' shape. Rows go to OUT/verify.json, tables to
-OUT/summary.md, the command to OUT/command.txt.
+OUT/summary.md, the verify times as a plot to OUT/verify_ms.png (with matplotlib), the command to
+OUT/command.txt.
 """
 
 from __future__ import annotations
@@ -112,23 +120,30 @@ def timing(times: list[float]) -> dict[str, float]:
     return {"ms": round(statistics.median(times), 3), "min_ms": round(min(times), 3)}
 
 
+def compiled_pass(backend: str = "inductor"):
+    """eager_pass under torch.compile: inductor in reduce-overhead mode (CUDA graphs of the compiled
+    kernels), or another backend (e.g. "aot_eager": dynamo's tracing and guards without code generation)."""
+    options = {"mode": "reduce-overhead"} if backend == "inductor" else {}
+    return torch.compile(eager_pass, backend=backend, dynamic=False, **options)
+
+
 def verify_paths(adapter, states: list, args, compiled: bool = False) -> dict:
-    """path -> a function(windows) running one verify of these windows on `states`, caches unchanged:
-    the DynamicCache path, the static bucketed path eager and (on CUDA) with CUDA graphs; with
-    `compiled`, only the static path under torch.compile (reduce-overhead)."""
+    """path -> a function(windows) running one verify of these windows on `states`, caches unchanged,
+    returning the logits [n_i, V] of each window: the DynamicCache path, the static bucketed path eager
+    and (on CUDA) with CUDA graphs; with `compiled`, only the static path under torch.compile."""
     variants = {"static_eager": {}}
     if adapter.device.type == "cuda":
         variants["static_graphs"] = {"cuda_graphs": True}
     paths = {}
     if compiled:
-        variants = {"static_compile": {"runner": torch.compile(eager_pass, mode="reduce-overhead", dynamic=False)}}
+        variants = {"static_compile": {"runner": compiled_pass(getattr(args, "compile_backend", "inductor"))}}
     else:
         def dynamic(windows):
             if len(windows) == 1:
-                adapter.forward(states[0], windows[0])
+                logits = adapter.forward(states[0], windows[0])
                 adapter.truncate(states[0], states[0].length - windows[0].numel())
-            else:
-                run_batch(adapter, states, windows)
+                return [logits]
+            return run_batch(adapter, states, windows)
 
         paths["dynamic"] = dynamic
     for name, options in variants.items():
@@ -161,6 +176,78 @@ def measure_verify(adapter, sessions: int, clock: Clock, args, sync, compiled: b
                  else {**base, "path": path, "error": failed[path]} for path in paths]
     print(f"verify {sessions} session(s): done ({clock.left():.0f} s left)", flush=True)
     return rows
+
+
+def parity(adapter, sessions: int, args, compiled: bool = False, windows: tuple[int, ...] = (1, 5, 16)) -> list[dict]:
+    """Rows {sessions, path, window, max_abs_diff, greedy_agreement, ok}: each path's logits on the same
+    windows (after the same prompts) against the eager DynamicCache pass, one session at a time
+    (adapter.forward), in float32."""
+    states = [prefilled(adapter, args.context, seed=i) for i in range(sessions)]
+    paths = verify_paths(adapter, states, args, compiled)
+    paths.pop("dynamic", None)
+    rows = []
+    for n in windows:
+        ids = [torch.arange(5 + i, 5 + i + n) for i in range(sessions)]
+        with torch.inference_mode():
+            want = []
+            for state, window in zip(states, ids, strict=True):
+                want.append(adapter.forward(state, window).float().cpu())
+                adapter.truncate(state, state.length - n)
+        for path, run in paths.items():
+            row = {"sessions": sessions, "path": path, "window": n}
+            try:
+                with torch.inference_mode():
+                    got = [g.float().cpu() for g in run(ids)]
+            except Exception as err:  # the row says why; the run fails on it
+                rows.append({**row, "error": f"{type(err).__name__}: {err}"[:300], "ok": False})
+                continue
+            diff = max(float((g - w).abs().max()) for g, w in zip(got, want, strict=True))
+            agree = float(torch.cat([(g.argmax(-1) == w.argmax(-1)).float() for g, w in zip(got, want, strict=True)]).mean())
+            ok = diff <= args.parity_atol and agree >= 1.0 - args.parity_disagree
+            rows.append({**row, "max_abs_diff": round(diff, 6), "greedy_agreement": round(agree, 4), "ok": ok})
+    print(f"parity {sessions} session(s): " + ", ".join(f"{r['path']}@{r['window']}: "
+                                                       f"{r.get('max_abs_diff', r.get('error'))}" for r in rows), flush=True)
+    return rows
+
+
+def failures(report: dict) -> list[str]:
+    """What failed in the run: errored paths, parity failures, covspec answers that are not target_only's,
+    a bench that failed."""
+    out = [f"verify {r['path']} x{r['sessions']} window {r['window']}: {r['error']}"
+           for r in report["verify"] if "error" in r]
+    out += [f"decode {r['path']} x{r['sessions']}: {r['error']}" for r in report["decode"] if "error" in r]
+    out += [f"parity {r['path']} x{r['sessions']} window {r['window']}: " + (
+            r["error"] if "error" in r else f"max |diff| {r['max_abs_diff']} (> {report['parity_atol']}) or greedy "
+            f"agreement {r['greedy_agreement']}") for r in report.get("parity", []) if not r["ok"]]
+    out += [f"edge {e['settings'] or 'default'}: covspec equals target_only on {e['covspec_equals_target_only']} of "
+            f"{e['prompts']}" for e in report.get("edges", []) if e["covspec_equals_target_only"] != e["prompts"]]
+    out += [f"bench: {b.get('error') or 'exit status ' + str(b.get('rc'))}" for b in report.get("bench", [])
+            if b.get("error") or b.get("rc")]
+    return out
+
+
+def plot(report: dict, out: Path) -> Path | None:
+    """OUT/verify_ms.png: verify ms per window length, each path and session count (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=False)
+    for ax, sessions in zip(axes, (1, BATCH), strict=True):
+        rows = [r for r in report["verify"] if r["sessions"] == sessions and "ms" in r]
+        for path in dict.fromkeys(r["path"] for r in rows):
+            points = [(r["window"], r["ms"]) for r in rows if r["path"] == path]
+            ax.plot(*zip(*points, strict=True), marker="o", label=path)
+        ax.set(title=f"{sessions} session(s)", xlabel="window (tokens)", ylabel="verify ms (median)")
+        ax.legend()
+    fig.suptitle(f"gpu_check: {report['shape']} target, {report['dtype']} on {report['device_name']}")
+    fig.tight_layout()
+    fig.savefig(out / "verify_ms.png", dpi=100)
+    plt.close(fig)
+    return out / "verify_ms.png"
 
 
 def measure_decode(adapter, sessions: int, args, sync) -> list[dict]:
@@ -301,9 +388,16 @@ def summary(report: dict) -> str:
         lines += ["", f"## demo pair, edge in process on {report['device']} ({report['dtype']}), loopback", "",
                   "| edge | prompts | covspec = target_only | target_only ms | covspec ms | target_only tok/s | covspec tok/s |",
                   "|---|---|---|---|---|---|---|"]
-        lines += [f"| {'static, CUDA graphs' if e['settings'] else 'default'} | {e['prompts']} | "
+        lines += [f"| {'static, CUDA graphs' if e['settings'].get('cuda_graphs') else 'static' if e['settings'] else 'default'} | {e['prompts']} | "
                   f"{e['covspec_equals_target_only']} | {e['target_only_latency_ms']} | {e['covspec_latency_ms']} | "
                   f"{e['target_only_tokens_per_s']} | {e['covspec_tokens_per_s']} |" for e in report["edges"]]
+    if report.get("parity"):
+        lines += ["", "## logits of each path vs the eager DynamicCache pass (float32)", "",
+                  "| sessions | path | window | max abs diff | greedy agreement | ok |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['sessions']} | {r['path']} | {r['window']} | {r.get('max_abs_diff', r.get('error', ''))} | "
+                  f"{r.get('greedy_agreement', '')} | {'yes' if r['ok'] else 'NO'} |" for r in report["parity"]]
+    if report.get("failures"):
+        lines += ["", "## FAILED", ""] + [f"- {f}" for f in report["failures"]]
     for bench in report.get("bench", []):
         lines += ["", "## end to end", "", f"`covspec {bench['command']}`", "", "```",
                   bench.get("stdout_tail", bench.get("error", "")), "```"]
@@ -325,6 +419,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=450.0, help="the whole run's time at most")
     p.add_argument("--reserve-s", type=float, default=180.0, help="time kept for the demo pair (answers, edges, bench)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile (reduce-overhead)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile's backend (inductor: reduce-overhead mode; aot_eager: tracing without codegen)")
+    p.add_argument("--parity-atol", type=float, default=None,
+                   help="max |logit difference| of a path to the eager pass (default: 1e-3 in float32, 0.25 otherwise)")
+    p.add_argument("--parity-disagree", type=float, default=None,
+                   help="share of positions whose greedy token may differ from the eager pass's "
+                        "(default: 0 in float32, 0.05 otherwise: bf16 kernels reorder sums)")
     p.add_argument("--links", default="loopback,wifi", help="the bench's links")
     p.add_argument("--bench-prompts", type=int, default=8, help="held-out prompts per link in the bench")
     p.add_argument("--dtype-prompts", type=int, default=20, help="held-out prompts for float32 vs bfloat16 answers")
@@ -338,6 +439,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.device, args.shape, args.reps, args.decode_steps, args.context = "cpu", "smoke", 2, 4, 32
         args.windows = (1, 5, 16)
         args.compile, args.links, args.bench_prompts, args.dtype_prompts = False, "loopback", 1, 2
+    wide = args.dtype != "float32"
+    args.parity_atol = args.parity_atol if args.parity_atol is not None else (0.25 if wide else 1e-3)
+    args.parity_disagree = args.parity_disagree if args.parity_disagree is not None else (0.05 if wide else 0.0)
     return args
 
 
@@ -355,10 +459,15 @@ def main(argv: list[str] | None = None) -> int:
     report = {"command": command, "shape": args.shape, "dtype": args.dtype, "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "context": args.context, "reps": args.reps, "windows": list(args.windows),
-              "threads": torch.get_num_threads(), "verify": [], "decode": []}
+              "threads": torch.get_num_threads(), "verify": [], "decode": [], "parity": [],
+              "parity_atol": args.parity_atol}
     adapter = build_target(args.shape, device, dtype)
     print(f"target {args.shape} built ({sum(p.numel() for p in adapter.model.parameters()) / 1e9:.2f} B params), "
           f"{clock.left():.0f} s left", flush=True)
+    for sessions in (1, BATCH):
+        report["parity"] += parity(adapter, sessions, args)
+    if args.compile and device.type == "cuda":
+        report["parity"] += parity(adapter, 1, args, compiled=True)
     for sessions in (1, BATCH):
         report["verify"] += measure_verify(adapter, sessions, clock, args, sync)
     for sessions in (1, BATCH):
@@ -371,12 +480,17 @@ def main(argv: list[str] | None = None) -> int:
     (out / "verify.json").write_text(json.dumps(report, indent=1))
     if args.demo:
         report["dtype_answers"] = demo_dtype_answers(str(device), args.dtype_prompts)
-        report["edges"] = [edge_in_process(args, args.bench_prompts, **settings)
-                           for settings in ({}, {"cuda_graphs": True})]
+        static = {"cuda_graphs": True} if device.type == "cuda" else {"static_cache": True}
+        report["edges"] = [edge_in_process(args, args.bench_prompts, **settings) for settings in ({}, static)]
         report["bench"] = run_bench(args, out, clock) if args.bench else []
+    report["failures"] = failures(report)
     (out / "verify.json").write_text(json.dumps(report, indent=1))
     (out / "summary.md").write_text(summary(report))
+    plot(report, out)
     print(summary(report), flush=True)
+    if report["failures"]:
+        print(f"gpu_check: FAILED ({len(report['failures'])}): " + "; ".join(report["failures"]), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -53,12 +53,19 @@ def edge_stats(endpoint: str) -> dict[str, float]:
         return dict(client.request(wire.Stats()).counters)
 
 
+def load_label(n: int, rate: float | None) -> str:
+    """The rows' link label of a load run: "4dev" (closed loop) or "4dev@2/s" (open loop, 2 answers/s in all)."""
+    return f"{n}dev" if rate is None else f"{n}dev@{rate:g}/s"
+
+
 def worker_settings(args: argparse.Namespace, endpoint: str, mode: str, n: int, device: int,
-                    rows: Path, go: Path) -> WorkerSettings:
-    """Device `device` of `n` in `mode`: its own --prompts prompts, after those of the devices before it."""
+                    rows: Path, go: Path, rate: float | None = None) -> WorkerSettings:
+    """Device `device` of `n` in `mode`: its own --prompts prompts, after those of the devices before it;
+    open loop, a 1/n share of the arrivals (n Poisson streams at rate/n make one at `rate`)."""
     return WorkerSettings.from_bench(
-        args, edge=endpoint, link=f"{n}dev", modes=(mode,), start=args.start + device * args.prompts, rows=str(rows),
-        device=device, go=str(go), replay_file=str(recording(Path(args.out), n)) if args.replay else None)
+        args, edge=endpoint, link=load_label(n, rate), modes=(mode,), start=args.start + device * args.prompts,
+        rows=str(rows), device=device, go=str(go), rate=None if rate is None else rate / n,
+        replay_file=str(recording(Path(args.out), n)) if args.replay else None)
 
 
 def offered(n: int) -> bool:
@@ -76,17 +83,18 @@ def recording(out: Path, n: int) -> Path:
     return out / ("recorded.msgpack" if offered(n) else "recorded-loaded.msgpack")
 
 
-def run_devices(args: argparse.Namespace, out: Path, endpoint: str, mode: str, n: int) -> list[dict]:
-    """N device workers in `mode`, started together; their rows."""
+def run_devices(args: argparse.Namespace, out: Path, endpoint: str, mode: str, n: int,
+                rate: float | None = None) -> list[dict]:
+    """N device workers in `mode`, started together (open loop at `rate` answers/s in all); their rows."""
     from covspec.tools.procs import one_thread_env
 
-    tag = f"{mode.replace('@', '-')}-{n}"
+    tag = f"{mode.replace('@', '-')}-{n}" + ("" if rate is None else f"-r{rate:g}")
     go = out / f"go-{tag}"
     files = [out / f"rows-{tag}-{i}.jsonl" for i in range(n)]
     for path in [go, *files, *(Path(f"{go}.ready.{i}") for i in range(n))]:
         path.unlink(missing_ok=True)
     log = open(out / f"devices-{tag}.log", "w")
-    commands = [worker_settings(args, endpoint, mode, n, i, files[i], go).save(out / f"worker-{tag}-{i}.json")
+    commands = [worker_settings(args, endpoint, mode, n, i, files[i], go, rate).save(out / f"worker-{tag}-{i}.json")
                 for i in range(n)]
     procs = [subprocess.Popen(command, env=one_thread_env(), stdout=log, stderr=subprocess.STDOUT)
              for command in commands]
@@ -100,74 +108,126 @@ def run_devices(args: argparse.Namespace, out: Path, endpoint: str, mode: str, n
             if p.poll() is None:
                 p.kill()
         log.close()
+        for path in [go, *(Path(f"{go}.ready.{i}") for i in range(n))]:  # the start signal, spent
+            path.unlink(missing_ok=True)
     return [json.loads(line) for path in files for line in path.read_text().splitlines()]
 
 
 def summarise_load(rows: list[dict], mode: str, n: int, batches: dict[str, float], rss_mb: float | None,
-                   edge_cpu_s: float | None = None) -> dict:
+                   edge_cpu_s: float | None = None, rate: float | None = None, edge: dict | None = None) -> dict:
     """`edge_cpu_s`: the CPU time the edge process used while these requests ran. Per request, it is
     what one answer costs the edge; over the span, how busy the edge was (1.0: a one-thread edge
-    saturated, and the aggregate cannot grow with more devices)."""
+    saturated, and the aggregate cannot grow with more devices). `edge`: the edge's side from its own
+    counters (edge_probe.edge_side: busy share, busy and CPU ms per answer), which take precedence.
+    Open loop (`rate`): `response` is the latency a user sees, from the request's arrival, queueing
+    at a busy device included; closed loop it equals the request latency."""
+    from covspec.tools.figures import percentiles
+
     tokens = sum(r["tokens"] for r in rows)
     span = max(r["t_end"] for r in rows) - min(r["t_start"] for r in rows)
     per_device = []
-    for device in sorted({r["device"] for r in rows}):
+    for device in sorted({r["device"] for r in rows}, key=str):
         mine = [r for r in rows if r["device"] == device]
         own = max(r["t_end"] for r in mine) - min(r["t_start"] for r in mine)
         per_device.append(sum(r["tokens"] for r in mine) / max(own, 1e-9))
     latency = np.array([r["latency_s"] for r in rows]) * 1000
     windows = batches.get("batched_windows", 0)
-    return {"mode": mode, "devices": n, "requests": len(rows), "tokens": tokens,
-            "aggregate_tps": tokens / max(span, 1e-9), "device_tps_mean": float(np.mean(per_device)),
-            "device_tps_min": float(np.min(per_device)), "latency_p50_ms": float(np.percentile(latency, 50)),
-            "latency_p99_ms": float(np.percentile(latency, 99)), "edge_batches": int(batches.get("batches", 0)),
-            "windows_per_batch": windows / batches["batches"] if batches.get("batches") else 0.0,
-            "edge_peak_rss_mb": rss_mb,
-            "edge_cpu_ms_per_request": None if edge_cpu_s is None else 1000 * edge_cpu_s / max(len(rows), 1),
-            "edge_busy": None if edge_cpu_s is None else edge_cpu_s / max(span, 1e-9),
-            "replay_matches": None if "replay_matches" not in rows[0] else sum(r["replay_matches"] for r in rows)}
+    summary = {"mode": mode, "devices": n, "rate": rate, "requests": len(rows), "tokens": tokens,
+               "answers_per_s": len(rows) / max(span, 1e-9),
+               "aggregate_tps": tokens / max(span, 1e-9), "device_tps_mean": float(np.mean(per_device)),
+               "device_tps_min": float(np.min(per_device)), "latency_p50_ms": float(np.percentile(latency, 50)),
+               "latency_p99_ms": float(np.percentile(latency, 99)),
+               **{k: v for k, v in percentiles([r["latency_s"] for r in rows], "latency_ms").items()
+                  if k in ("latency_ms_p90", "latency_ms_mean")},
+               **percentiles([r.get("ttft_s") for r in rows], "ttft_ms"),
+               **percentiles([r.get("per_token_s", r["latency_s"] / max(r["tokens"], 1)) for r in rows], "per_token_ms"),
+               **percentiles([r.get("response_s", r["latency_s"]) for r in rows], "response_ms"),
+               "edge_batches": int(batches.get("batches", 0)),
+               "windows_per_batch": windows / batches["batches"] if batches.get("batches") else 0.0,
+               "edge_peak_rss_mb": rss_mb,
+               "edge_cpu_ms_per_request": None if edge_cpu_s is None else 1000 * edge_cpu_s / max(len(rows), 1),
+               "edge_busy": None if edge_cpu_s is None else edge_cpu_s / max(span, 1e-9),
+               "edge_busy_ms_per_request": None,
+               "replay_matches": None if "replay_matches" not in rows[0] else sum(r["replay_matches"] for r in rows)}
+    if edge:  # the edge's own counts: a remote edge's (no /proc here), or the local one's STATS
+        summary.update({k: v for k, v in (("edge_batches", edge["edge_batches"]),
+                                          ("windows_per_batch", edge["windows_per_batch"]),
+                                          ("edge_busy", edge["edge_busy"]),
+                                          ("edge_busy_ms_per_request", edge["edge_busy_ms_per_answer"]),
+                                          ("edge_cpu_ms_per_request", edge["edge_cpu_ms_per_answer"]))
+                        if v is not None})
+    return summary
 
 
-def write_load(out: Path, summary: list[dict], args: argparse.Namespace) -> None:
-    (out / "load.json").write_text(json.dumps({"summary": summary, "command": args.command_line}, indent=1))
+LOAD_FIELDS = ("mode", "devices", "rate", "requests", "tokens", "answers_per_s", "aggregate_tps", "device_tps_mean",
+               "device_tps_min", "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p99", "latency_ms_p50", "latency_ms_p90",
+               "latency_ms_p99", "latency_ms_mean", "per_token_ms_p50", "per_token_ms_p90", "per_token_ms_p99",
+               "response_ms_p50", "response_ms_p90", "response_ms_p99", "edge_batches", "windows_per_batch",
+               "edge_busy", "edge_busy_ms_per_request", "edge_cpu_ms_per_request", "edge_peak_rss_mb", "replay_matches")
+
+
+def write_load(out: Path, summary: list[dict], args: argparse.Namespace, rows: list[dict] | None = None) -> None:
+    from covspec.tools.figures import _f, write_table
+
+    (out / "load.json").write_text(json.dumps({"summary": summary, "command": args.command_line,
+                                               "edge": getattr(args, "edge_info", None)}, indent=1))
+    write_table(out, "load-summary", summary, LOAD_FIELDS)
+    remote = getattr(args, "edge", None)
+    edge = (f"Edge: {args.edge_info or remote}, already running (the bench started none). " if remote else
+            f"Edge: the bench's own, {args.edge_threads} thread{'s' if args.edge_threads > 1 else ''}, batch_wait_ms "
+            f"{args.batch_wait_ms}. ")
     lines = ["# covspec bench --devices", "", f"Command: `{args.command_line}`", "",
-             f"Edge: {args.edge_threads} thread{'s' if args.edge_threads > 1 else ''}, batch_wait_ms {args.batch_wait_ms}. Devices: "
+             edge + "Devices: "
              + ("load generators replaying the messages of a recorded real run, each message after the time the "
                 "recording device spent on its own work before it (no draft running); `replayed equal` counts "
                 "requests whose edge replies equal the recorded ones. "
-                if args.replay else "separate processes running the real draft (1 thread each) on the same "
+                if args.replay else "separate processes running the real draft (1 thread each) on this "
                 "machine. ")
              + (f"Link: each device's connection through the `{args.load_link}` emulator (recording included). "
                 if args.load_link != "loopback" else "Link: none, straight to the edge. ")
              + "A request is one answer; tokens/s counts every answer token (aggregate: over the span of all "
-             "requests; per device: over its own).", "",
-             "| mode | devices | requests | aggregate tok/s | per-device tok/s (mean / min) | latency p50 ms | "
-             "latency p99 ms | edge batches | windows per batch | edge CPU ms per request | edge busy | "
+             "requests; per device: over its own). Closed loop (no rate): each device asks its next prompt once "
+             "it has its answer. Open loop (rate R/s): requests arrive at R per second in all (Poisson), however "
+             "long the answers take; `response` counts from the arrival, the wait for a busy device included. "
+             "Latencies in ms, p50 / p90 / p99.", "",
+             "| mode | devices | rate /s | requests | answers/s | aggregate tok/s | per-device tok/s (mean / min) | "
+             "TTFT p50 / p99 | latency p50 / p90 / p99 | per-token p50 / p99 | response p50 / p90 / p99 | "
+             "edge batches | windows per batch | edge busy | edge busy ms/answer | edge CPU ms/answer | "
              "edge peak RSS MiB | replayed equal |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        rss = "" if s["edge_peak_rss_mb"] is None else f"{s['edge_peak_rss_mb']:.0f}"
         equal = "" if s["replay_matches"] is None else f"{s['replay_matches']}/{s['requests']}"
-        cpu = "" if s.get("edge_cpu_ms_per_request") is None else f"{s['edge_cpu_ms_per_request']:.1f}"
-        busy = "" if s.get("edge_busy") is None else f"{s['edge_busy']:.2f}"
-        lines.append(f"| {s['mode']} | {s['devices']} | {s['requests']} | {s['aggregate_tps']:.1f} | "
-                     f"{s['device_tps_mean']:.1f} / {s['device_tps_min']:.1f} | {s['latency_p50_ms']:.0f} | "
-                     f"{s['latency_p99_ms']:.0f} | {s['edge_batches']} | {s['windows_per_batch']:.2f} | {cpu} | "
-                     f"{busy} | {rss} | {equal} |")
+        lines.append(f"| {s['mode']} | {s['devices']} | {'' if s.get('rate') is None else f'{s[chr(114) + chr(97) + chr(116) + chr(101)]:g}'} | "
+                     f"{s['requests']} | {s['answers_per_s']:.2f} | {s['aggregate_tps']:.1f} | "
+                     f"{s['device_tps_mean']:.1f} / {s['device_tps_min']:.1f} | "
+                     f"{_f(s['ttft_ms_p50'])} / {_f(s['ttft_ms_p99'])} | {s['latency_p50_ms']:.0f} / "
+                     f"{_f(s['latency_ms_p90'])} / {s['latency_p99_ms']:.0f} | {_f(s['per_token_ms_p50'], 1)} / "
+                     f"{_f(s['per_token_ms_p99'], 1)} | {_f(s['response_ms_p50'])} / {_f(s['response_ms_p90'])} / "
+                     f"{_f(s['response_ms_p99'])} | {s['edge_batches']} | {s['windows_per_batch']:.2f} | "
+                     f"{_f(s.get('edge_busy'), 2)} | {_f(s.get('edge_busy_ms_per_request'), 1)} | "
+                     f"{_f(s.get('edge_cpu_ms_per_request'), 1)} | {_f(s['edge_peak_rss_mb'])} | {equal} |")
+    lines += ["", "Rows: load.jsonl (one per request); load-summary.jsonl / load-summary.csv (this table). Plots: "
+              "aggregate_tps.png, latency_cdf.png (request latency per mode, a line per devices and rate)" +
+              (", response_cdf.png (from arrival, open loop)" if any(s.get("rate") for s in summary) else "") + "."]
     (out / "load.md").write_text("\n".join(lines) + "\n")
-    plot_load(out, summary)
+    plot_load(out, summary, rows or [])
 
 
-def plot_load(out: Path, summary: list[dict]) -> None:
-    """aggregate_tps.png: aggregate tokens/s by number of devices, a line per mode."""
+def plot_load(out: Path, summary: list[dict], rows: list[dict]) -> None:
+    """aggregate_tps.png: aggregate tokens/s by number of devices, a line per mode (closed loop, or the
+    first rate); latency_cdf.png (and response_cdf.png, open loop): a panel per mode, a line per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from covspec.tools.figures import plot_cdfs
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in dict.fromkeys(s["mode"] for s in summary):
-        points = sorted((s["devices"], s["aggregate_tps"]) for s in summary if s["mode"] == mode)
+        first_rate = next(s.get("rate") for s in summary if s["mode"] == mode)
+        points = sorted((s["devices"], s["aggregate_tps"]) for s in summary
+                        if s["mode"] == mode and s.get("rate") == first_rate)
         ax.plot([n for n, _ in points], [t for _, t in points], marker="o", label=mode)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("devices")
@@ -177,6 +237,17 @@ def plot_load(out: Path, summary: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(out / "aggregate_tps.png", dpi=120)
     plt.close(fig)
+    if not rows:
+        return
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    labels = list(dict.fromkeys(r["link"] for r in rows))
+    for field, name, title in (("latency_s", "latency_cdf.png", "Request latency under load (CDF)"),
+                               ("response_s", "response_cdf.png", "Response time from arrival, open loop (CDF)")):
+        if field == "response_s" and not any("@" in label for label in labels):
+            continue
+        plot_cdfs(out / name, {mode: {label: [1000 * r.get(field, r["latency_s"]) for r in rows
+                                              if r["mode"] == mode and r["link"] == label] for label in labels}
+                               for mode in modes}, f"{field.removesuffix('_s').replace('_', ' ')}, ms", title)
 
 
 def record(args: argparse.Namespace, out: Path, endpoint: str, devices: int) -> None:
@@ -196,6 +267,9 @@ def record(args: argparse.Namespace, out: Path, endpoint: str, devices: int) -> 
 
 
 def run_load(args: argparse.Namespace) -> Path:
+    """Per mode, device count and rate: N devices against the edge (the bench's own, or a running one
+    at --edge), the edge's counters read before and after."""
+    from covspec.tools.edge_probe import EdgeCounters, client_keys, edge_side
     from covspec.tools.procs import (
         edge_draft_options,
         free_port,
@@ -208,39 +282,70 @@ def run_load(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     counts = [int(n) for n in str(args.devices).split(",")]
-    edge_port = free_port()
-    endpoint = f"tcp://127.0.0.1:{edge_port}"
-    edge = start_edge(args.target, endpoint, out / "edge.log", "--max-sessions-per-device", "64",
-                      "--batch-wait-ms", str(args.batch_wait_ms), "--device", getattr(args, "edge_device", "cpu"),
-                      "--dtype", getattr(args, "edge_dtype", "float32"), *edge_draft_options(args),
-                      threads=args.edge_threads)
+    rates = getattr(args, "rates", None) or [None]
+    edge = None
+    if getattr(args, "edge", None):  # a running edge: the bench starts none
+        endpoint = upstream = args.edge
+    else:
+        edge_port = free_port()
+        endpoint, upstream = f"tcp://127.0.0.1:{edge_port}", edge_port
+        edge = start_edge(args.target, endpoint, out / "edge.log", "--max-sessions-per-device", "64",
+                          "--batch-wait-ms", str(args.batch_wait_ms), "--device", getattr(args, "edge_device", "cpu"),
+                          "--dtype", getattr(args, "edge_dtype", "float32"), *edge_draft_options(args),
+                          threads=args.edge_threads)
+    counters = EdgeCounters(endpoint, getattr(args, "edge_metrics", None), getattr(args, "key", None),
+                            getattr(args, "edge_key", None))
     summary, all_rows = [], []
     link = None
     try:
         devices_endpoint = endpoint  # loopback: the devices talk to the edge straight
         if args.load_link != "loopback":  # each device's connection through the emulated link
-            link, devices_endpoint = start_link(args.load_link, edge_port)
+            link, devices_endpoint = start_link(args.load_link, upstream,
+                                                keys=client_keys(getattr(args, "key", None), getattr(args, "edge_key", None)))
         if args.replay:  # one recording for devices the edge drafts for, one for devices on a loaded edge
             for group in ([n for n in counts if offered(n)], [n for n in counts if not offered(n)]):
                 if group:
                     record(args, out, devices_endpoint, max(group))
         for mode in args.modes:
             for n in counts:
-                before, cpu_before = edge_stats(endpoint), process_cpu_s(edge.pid)
-                rows = run_devices(args, out, devices_endpoint, mode, n)
-                cpu_after, after = process_cpu_s(edge.pid), edge_stats(endpoint)
-                delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("batches", "batched_windows")}
-                cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
-                summary.append(summarise_load(rows, mode, n, delta, edge_peak_rss_mb(edge.pid), cpu))
-                all_rows += rows
-                s = summary[-1]
-                print(f"{mode:14s} {n:3d} devices: {s['aggregate_tps']:7.1f} tok/s in all, p99 "
-                      f"{s['latency_p99_ms']:.0f} ms, {s['edge_batches']} batches", flush=True)
+                for rate in rates:
+                    before, cpu_before = counters.read(), None if edge is None else process_cpu_s(edge.pid)
+                    rows = run_devices(args, out, devices_endpoint, mode, n, rate)
+                    cpu_after, after = None if edge is None else process_cpu_s(edge.pid), counters.read()
+                    delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("batches", "batched_windows")}
+                    cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+                    span = max(r["t_end"] for r in rows) - min(r["t_start"] for r in rows)
+                    summary.append(summarise_load(rows, mode, n, delta, None if edge is None else edge_peak_rss_mb(edge.pid),
+                                                  cpu, rate, edge_side(before, after, len(rows), span)))
+                    all_rows += rows
+                    s = summary[-1]
+                    print(f"{mode:14s} {n:3d} devices{'' if rate is None else f' at {rate:g}/s'}: "
+                          f"{s['aggregate_tps']:7.1f} tok/s in all, latency p50 {s['latency_p50_ms']:.0f} ms, p99 "
+                          f"{s['latency_p99_ms']:.0f} ms, {s['edge_batches']} batches", flush=True)
     finally:
         if link is not None:
             stop_link(link)
-        stop_edge(edge)
+        if edge is not None:
+            stop_edge(edge)
     (out / "load.jsonl").write_text("".join(json.dumps(r) + "\n" for r in all_rows))
-    write_load(out, summary, args)
+    write_load(out, summary, args, all_rows)
     print((out / "load.md").read_text())
     return out
+
+
+def merge_load(out: Path, rows: list[dict], command: str) -> None:
+    """`covspec bench merge`'s load part: rows of several machines' load runs (device ids made unique by
+    the caller) summarised per (mode, label); the edge's counters were each machine's own, so not here."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["mode"], row["link"]), []).append(row)
+    summary = []
+    for (mode, label), group in groups.items():
+        rate = float(label.split("@")[1].removesuffix("/s")) if "@" in label else None
+        devices = len({r["device"] for r in group})
+        summary.append(summarise_load(group, mode, devices, {}, None, None, None if rate is None else rate * (
+            devices / int(label.split("dev")[0]) if label.split("dev")[0].isdigit() else 1)))
+    args = argparse.Namespace(command_line=command, edge="merged rows", edge_info="several machines' runs merged",
+                              replay="replay_matches" in rows[0], load_link="loopback")
+    (out / "load.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_load(out, summary, args, rows)

@@ -42,16 +42,19 @@ def stop_edge(edge: subprocess.Popen) -> None:
         edge.kill()
 
 
-def wait_for_edge(endpoint: str, timeout_s: float = 120.0) -> None:
+def wait_for_edge(endpoint: str, timeout_s: float = 120.0, keys=None) -> None:
+    """Returns once the edge at `endpoint` answers a PING (`keys`: the device's CURVE keys, ClientKeys)."""
     from covspec.transport import protocol as wire
-    from covspec.transport.channel import Client, PeerUnavailable
+    from covspec.transport.channel import Client, HandshakeRefused, PeerUnavailable
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            with Client(endpoint, timeout_s=1.0, retries=0) as client:
+            with Client(endpoint, timeout_s=1.0, retries=0, keys=keys) as client:
                 if isinstance(client.request(wire.Ping(t=0.0)), wire.Pong):
                     return
+        except HandshakeRefused:
+            raise
         except PeerUnavailable:
             continue
     raise RuntimeError(f"the edge at {endpoint} did not answer within {timeout_s:.0f} s")
@@ -84,15 +87,23 @@ def start_edge(model: str | Path, endpoint: str, log: Path, *options: str, threa
     return edge
 
 
-def start_link(profile: str, edge_port: int, stats_file: Path | None = None) -> tuple[subprocess.Popen, str]:
-    """A link emulator process in front of the edge on `edge_port`: (process, its endpoint)."""
+def start_link(profile: str, upstream: int | str, stats_file: Path | None = None,
+               keys=None) -> tuple[subprocess.Popen, str]:
+    """A link emulator process on this machine in front of the edge at `upstream` (a port on this
+    machine, or tcp://HOST:PORT, a remote edge): (process, its endpoint). `keys`: a CURVE edge's, for
+    the PING that says the emulator is up (it forwards TCP bytes, CURVE and all)."""
     port = free_port()
     stats = ["--stats-json", str(stats_file), "--stats-interval", "0"] if stats_file else []
+    address = f"127.0.0.1:{upstream}" if isinstance(upstream, int) else upstream.removeprefix("tcp://")
     link = subprocess.Popen([sys.executable, "-m", "covspec.cli", "link", "--listen", f"127.0.0.1:{port}",
-                             "--upstream", f"127.0.0.1:{edge_port}", "--profile", profile, *stats],
+                             "--upstream", address, "--profile", profile, *stats],
                             env=one_thread_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"tcp://127.0.0.1:{port}"
-    wait_for_edge(endpoint)
+    try:
+        wait_for_edge(endpoint, keys=keys)
+    except BaseException:
+        stop_link(link)
+        raise
     return link, endpoint
 
 

@@ -10,13 +10,24 @@ import time
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import msgpack
 import numpy as np
 
-if TYPE_CHECKING:
-    from covspec.tools.worker import WorkerSettings
+
+class ReplaySettings(Protocol):
+    """What a replaying worker reads of its settings (covspec.tools.worker.WorkerSettings)."""
+
+    modes: tuple[str, ...]
+    replay_file: str | None
+    start: int
+    prompts: int
+    edge: str
+    go: str | None
+    device: int
+    rows: str
+    link: str
 
 
 def wait_for_go(go: Path, device: int, timeout_s: float = 600.0) -> None:
@@ -37,6 +48,29 @@ def release(go: Path, n: int, procs: list[subprocess.Popen], timeout_s: float = 
             raise RuntimeError("a device worker failed before starting (see its log)")
         time.sleep(0.05)
     go.touch()
+
+
+class Arrivals:
+    """When a device's next request arrives. Closed loop (`rate` None): now, once the previous answer is
+    in. Open loop: at `rate` requests/s, Poisson (exponential gaps, seeded), however long the answers
+    take; `wait` sleeps until the next arrival and returns it (time.time()), so that a request that
+    starts late (its device still busy) counts its queueing in `response_s`."""
+
+    def __init__(self, rate: float | None, seed: int = 0) -> None:
+        if rate is not None and rate <= 0:
+            raise ValueError(f"arrival rate must be above 0, got {rate}")
+        self.rate = rate
+        self.rng = np.random.default_rng(seed)
+        self.next: float | None = None
+
+    def wait(self) -> float:
+        now = time.time()
+        if self.rate is None:
+            return now
+        self.next = (now if self.next is None else self.next) + float(self.rng.exponential(1.0 / self.rate))
+        if self.next > now:
+            time.sleep(self.next - now)
+        return self.next
 
 
 class Recorder:
@@ -172,19 +206,25 @@ def replay(client, record: dict) -> dict:
             "replay_matches": replies == record["replies"]}
 
 
-def run_replay_worker(s: WorkerSettings) -> int:
+def run_replay_worker(s: ReplaySettings) -> int:
     """A load-generating device: replays its share of the recorded requests in its one mode."""
     from covspec.transport.channel import Client
 
     (mode,) = s.modes
     mine = [r for r in load_records(Path(s.replay_file))
             if r["mode"] == mode and s.start <= r["index"] < s.start + s.prompts]
-    client = Client(s.edge, timeout_s=120.0, retries=0)
+    from covspec.tools.edge_probe import client_keys
+
+    client = Client(s.edge, timeout_s=120.0, retries=0, keys=client_keys(s.key, s.edge_key))
     wait_for_go(Path(s.go), s.device)
+    arrivals = Arrivals(s.rate, seed=s.device)
     with open(s.rows, "a") as out:
         for record in mine:
+            arrival = arrivals.wait()
             row = {"link": s.link, "mode": mode, "index": record["index"], "device": s.device,
                    **replay(client, record)}
+            row.update(queue_s=row["t_start"] - arrival, response_s=row["t_end"] - arrival,
+                       per_token_s=row["latency_s"] / max(row["tokens"], 1))
             out.write(json.dumps(row) + "\n")
             out.flush()
     client.close()

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -45,12 +46,18 @@ class WorkerSettings:
     show_answers: bool = False  # print each answer's text under its row line
     edge_pid: int | None = None  # the edge process on this machine: its CPU time per answer goes in the rows
     hand_over: bool = True  # False: covspec never hands drafting to the edge (a recording of devices on a loaded edge)
+    prompts_file: str | None = None  # the user's prompts, checked (covspec/tools/prompts.py), as a JSON list
+    key: str | None = None  # this device's CURVE secret key file, for an edge with --auth curve
+    edge_key: str | None = None  # the edge's CURVE public key file
+    rate: float | None = None  # open loop: this device's requests arrive at this rate (Poisson, per second)
+    edge_side: bool = False  # read the edge's counters before and after each answer (its busy and CPU time)
+    edge_metrics: str | None = None  # ... from its Prometheus endpoint instead of STATS
 
     @classmethod
     def from_bench(cls, args: argparse.Namespace, **settings) -> WorkerSettings:
         """The sampling, prompt and mode options of a `covspec bench` run, with `settings` on top."""
-        shared = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        merged = {**shared, **settings}
+        shared = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name) and f.name not in ("prompts_file", "rate")}
+        merged = {"prompts_file": getattr(args, "checked_prompts", None), **shared, **settings}
         return cls(**{**merged, "modes": tuple(merged["modes"]), "draft": str(merged["draft"])})
 
     def save(self, path: Path) -> list[str]:
@@ -76,22 +83,70 @@ def mode_options(mode: str, s: WorkerSettings):
     return options
 
 
-def run_worker(s: WorkerSettings) -> int:
-    import torch
+@dataclass(frozen=True)
+class Item:
+    """One prompt a worker asks: a demo held-out item or one of the user's."""
 
-    from covspec.bundles.backend import load_draft
+    index: int
+    image: bytes  # encoded (PNG, JPEG, ...), as sent to the edge
+    question: str
+    qtype: str  # the demo's question kind, or "user"
+    score: Callable[[str], float | None]  # the answer's task score (None: no reference)
+
+
+def worker_items(s: WorkerSettings) -> list[Item]:
+    """The settings' prompts: `prompts` of them from `start`, the user's (cycling through the file) or
+    the demo's held-out ones."""
+    if s.prompts_file:
+        from covspec.tools.prompts import task_score
+
+        users = json.loads(Path(s.prompts_file).read_text())
+        items = []
+        for index in range(s.start, s.start + s.prompts):
+            p = users[index % len(users)]
+            reference = p.get("reference")
+            items.append(Item(index, Path(p["image"]).read_bytes(), p["prompt"], "user",
+                              (lambda text, r=reference: task_score(text, r)) if reference is not None
+                              else (lambda text: None)))
+        return items
     from covspec.demo.evaluate import score_answer
     from covspec.demo.task import make_item, sample_split
-    from covspec.device_runtime.client import DeviceRuntime
     from covspec.images import png_bytes
+
+    demo = sample_split("heldout", s.prompts, seed=0, start=s.start)
+    if s.question_type and s.question_type != "mixed":  # the same scenes, all asked this kind of question
+        demo = (make_item("heldout", i, 0, qtype=s.question_type) for i in range(s.start, s.start + s.prompts))
+    return [Item(s.start + i, png_bytes(item.image), item.question, item.qtype,
+                 lambda text, item=item: score_answer(item, text)) for i, item in enumerate(demo)]
+
+
+def edge_reader(s: WorkerSettings):
+    """Reads the edge's counters (busy and CPU seconds) when the settings ask for the edge's side."""
+    if not s.edge_side:
+        return None
+    from covspec.tools.edge_probe import EdgeCounters
+
+    return EdgeCounters(s.edge, s.edge_metrics, s.key, s.edge_key)
+
+
+def run_worker(s: WorkerSettings) -> int:
+    from covspec.bundles.backend import load_draft
+    from covspec.device_runtime.client import DeviceRuntime
     from covspec.modes import split_label
     from covspec.sampling import SamplingParams
+    from covspec.tools.edge_probe import client_keys
     from covspec.tools.procs import process_cpu_s
+    from covspec.tools.replay import Arrivals
 
-    torch.set_num_threads(1)
+    if not s.bundle:  # a checkpoint draft runs on torch; a bundle's runtime takes its threads at load, torch-free
+        import torch
+
+        torch.set_num_threads(1)
     params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
+    items = worker_items(s)
     draft = load_draft(None if s.bundle else s.draft, s.bundle, s.backend, threads=1)
-    device = DeviceRuntime(draft, s.edge, timeout_s=120.0)
+    device = DeviceRuntime(draft, s.edge, timeout_s=120.0, keys=client_keys(s.key, s.edge_key))
+    counters = edge_reader(s)
     if s.go:  # a load run: start with the other devices
         from covspec.tools.replay import wait_for_go
 
@@ -101,30 +156,36 @@ def run_worker(s: WorkerSettings) -> int:
         from covspec.tools.replay import Recorder
 
         recorder = Recorder(device.client)
+    arrivals = Arrivals(s.rate, seed=s.device)
     out = open(s.rows, "a")
-    items = sample_split("heldout", s.prompts, seed=0, start=s.start)
-    if s.question_type and s.question_type != "mixed":  # the same scenes, all asked this kind of question
-        items = (make_item("heldout", i, 0, qtype=s.question_type) for i in range(s.start, s.start + s.prompts))
-    for index, item in enumerate(items):
-        image = png_bytes(item.image)
+    for item in items:
         reference: list[int] | None = None
         for label in s.modes:
             mode, k = split_label(label)  # "vanilla_sd@8": a fixed window of 8
             window = k or s.window
+            arrival = arrivals.wait()
+            before = None if counters is None else counters.read()
             t_start = time.time()
             if recorder is not None:
                 recorder.start()
             cpu0 = None if s.edge_pid is None else process_cpu_s(s.edge_pid)
-            answer = device.answer(image, item.question, mode, params, s.max_new_tokens, window=window,
+            answer = device.answer(item.image, item.question, mode, params, s.max_new_tokens, window=window,
                                    options=mode_options(mode, s))
             cpu1 = None if cpu0 is None else process_cpu_s(s.edge_pid)
+            t_end = time.time()
+            after = None if counters is None else counters.read()
             if recorder is not None:
-                recorder.save(Path(s.record), index + s.start, label, len(answer.ids))
+                recorder.save(Path(s.record), item.index, label, len(answer.ids))
             if mode == "target_only":
                 reference = answer.ids
             n = max(len(answer.ids), 1)
-            row = {"link": s.link, "mode": label, "index": index + s.start, "qtype": item.qtype,
+            edge_ms = {} if before is None else {name: 1000 * (after[k] - before[k]) for name, k in
+                                                 (("edge_busy_ms", "busy_s"), ("edge_cpu_ms", "cpu_s"))
+                                                 if k in before and k in after}
+            row = {"link": s.link, "mode": label, "index": item.index, "qtype": item.qtype,
                    "tokens": len(answer.ids), "ttft_s": answer.ttft_s, "latency_s": answer.latency_s,
+                   "per_token_s": answer.latency_s / n, "queue_s": t_start - arrival,
+                   "response_s": t_end - arrival,
                    "decode_tps": answer.decode_tokens_per_s, "bytes_up": answer.bytes_up,
                    "bytes_down": answer.bytes_down, "up_per_token": answer.bytes_up / n,
                    "down_per_token": answer.bytes_down / n, "decode_up_per_token": answer.decode_bytes_up / n,
@@ -133,16 +194,19 @@ def run_worker(s: WorkerSettings) -> int:
                    "edge_cpu_ms": None if cpu1 is None else 1000 * (cpu1 - cpu0),
                    "branch_hits": _rate([r.branch_hit for r in answer.rounds if r.branch_hit is not None]),
                    "mean_accepted": answer.mean_accepted, "acceptance": answer.acceptance_rate,
-                   "score": score_answer(item, answer.text),
+                   "score": item.score(answer.text),
                    "matches_target": None if reference is None or mode == "draft_only" else answer.ids == reference,
                    "accepted_per_round": [r.accepted for r in answer.rounds],
                    "ahead_rounds": sum(r.ahead for r in answer.rounds),
                    "rejected_rounds": sum(r.accepted < r.drafted for r in answer.rounds), "ids": answer.ids,
-                   "device": s.device, "t_start": t_start, "t_end": time.time()}
+                   "device": s.device, "t_start": t_start, "t_end": t_end,
+                   **edge_ms}  # the edge's own busy and CPU counts (STATS or --metrics), when read
+            if s.show_answers:
+                row["text"] = answer.text
             out.write(json.dumps(row) + "\n")
             out.flush()
             same = {None: "", True: "  same as target", False: "  DIFFERS from target"}[row["matches_target"]]
-            print(f"[{s.link}] #{index + s.start} {label:20s} {len(answer.ids):3d} tokens "
+            print(f"[{s.link}] #{item.index} {label:20s} {len(answer.ids):3d} tokens "
                   f"{answer.latency_s * 1000:7.0f} ms  up {row['up_per_token']:8.0f} B/token{same}", flush=True)
             if s.show_answers:
                 print(f"    {answer.text}", flush=True)

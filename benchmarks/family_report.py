@@ -1,6 +1,6 @@
 """Every model family's device bundles against its eager model, side by side: fp32 and int8, .pte and ONNX.
 
-    python -m covspec.tools.family_report --out results/export-families [--pairs 24]
+    python -m benchmarks.family_report --out results/export-families [--pairs 24]
 
 For each family (llava, idefics3, qwen2_5_vl) a tiny randomly initialised checkpoint of the real
 architecture is built from configs (tests/tiny_models.py) into --work, then exported to device
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from covspec.tools.export_agreement import common_prefix, program_bytes
+from benchmarks.export_agreement import common_prefix, program_bytes
 
 FAMILIES = {"llava": "build_llava", "idefics3": "build_idefics3", "qwen2_5_vl": "build_qwen2_5_vl"}  # tiny_models
 SCHEMES = {"fp32": "none", "int8": "int8"}  # label -> build_device_bundle quant
@@ -46,7 +46,7 @@ PROMPTS = ["what is the color ?", "how many circle are there ?", "describe the i
            "what shape is in the image ?", "is there a blue triangle ?", "how many are there ?", "where is it ?"]
 SIZES = [(40, 36), (112, 112), (200, 90)]  # (width, height): smaller, equal, wider than the towers' sides
 END = -1  # the end token in an answer's sequence (generate drops the stop token)
-TINY_MODELS = Path(__file__).resolve().parents[2] / "tests" / "tiny_models.py"
+TINY_MODELS = Path(__file__).resolve().parents[1] / "tests" / "tiny_models.py"
 
 
 @dataclass
@@ -284,7 +284,7 @@ def checks(report: dict[str, Any]) -> list[tuple[str, bool]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m covspec.tools.family_report", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.family_report", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("results/export-families"))
     parser.add_argument("--work", type=Path, default=Path("/tmp/covspec-family-report"),
                         help="where the tiny checkpoints and bundles go (rebuilt)")
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    command = "python -m covspec.tools.family_report " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.family_report " + shlex.join(sys.argv[1:] if argv is None else argv)
     families, failed = [], {}
     for family in args.families.split(","):
         try:

@@ -1,6 +1,6 @@
 """The draft's per-token decode step on every export, side by side in one run, one thread each.
 
-    python -m covspec.tools.export_bench --draft covspec/demo/weights/draft --out results/export-layout
+    python -m benchmarks.export_bench --draft covspec/demo/weights/draft --out results/export-layout
 
 Exports the draft (fp32 and int8) as today's device bundle (model.pte in ExecuTorch's multimodal
 layout, vision.onnx + decoder.onnx) and as the previous layout's ExecuTorch programs (vision.pte +
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         sizes[f"pte {label} previous vision.pte+decoder.pte"] = folder_size([old / "vision.pte", old / "decoder.pte"])
         sizes[f"onnx {label} vision.onnx+decoder.onnx"] = folder_size([bundle / "vision.onnx", bundle / "decoder.onnx"])
     medians = time_steps(steps, args.repeats, args.per_round)
-    command = "python -m covspec.tools.export_bench " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.export_bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "steps.json").write_text(json.dumps({"command": command, "step_ms": medians, "bytes": sizes}, indent=1))
     lines = [f"# Draft decode step per token, one thread ({args.draft})", "", f"Command: `{command}`", "",

@@ -1,7 +1,7 @@
 """Draft accuracy (and agreement with the target) when the draft prefills only the kept visual tokens:
 per pruning method and keep ratio, on a split of the demo task, every figure with its 95% interval.
 
-    python -m covspec.tools.prune_eval --draft DRAFT --target TARGET --split report --limit 2000 \\
+    python -m benchmarks.prune_eval --draft DRAFT --target TARGET --split report --limit 2000 \\
         --ratios 0.1 0.25 0.5 1.0 --json results/prune-report/default/sweep.json
 
 Accuracy: the draft's greedy answer (covspec.generation.generate with `kept`), scored as
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        command = "python -m covspec.tools.prune_eval " + shlex.join(argv if argv is not None else sys.argv[1:])
+        command = "python -m benchmarks.prune_eval " + shlex.join(argv if argv is not None else sys.argv[1:])
         rows = summarise(items)
         path.write_text(json.dumps({"command": command, "rows": [asdict(r) for r in rows],
                                     "items": asdict(items)}))

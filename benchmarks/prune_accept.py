@@ -1,7 +1,7 @@
 """End-to-end acceptance with pruning: greedy speculative decoding in one process, the draft prefilled
 on the kept visual tokens against the unpruned draft, on the same items, with intervals.
 
-    python -m covspec.tools.prune_accept --draft DRAFT --target TARGET --split report --limit 2000 \\
+    python -m benchmarks.prune_accept --draft DRAFT --target TARGET --split report --limit 2000 \\
         --keeps 0.9 1.0 --window 8 --json results/prune-report/accept/default.json
 
 Per item, as the device and edge run it (device_runtime/client.py) but without sockets: the target's
@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.prune_eval import target_answer
 from covspec.demo.evaluate import MAX_NEW_TOKENS
 from covspec.demo.task import Item, sample_split, split_seed
 from covspec.drafter import Drafter
@@ -40,7 +41,6 @@ from covspec.models.draft import DraftModel, as_draft
 from covspec.pruning import keep_count, merged_visual, score_and_select
 from covspec.sampling import SamplingParams
 from covspec.stats import bootstrap_mean, bootstrap_ratio, paired_ratio_difference
-from covspec.tools.prune_eval import target_answer
 
 WINDOW = 8
 
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        command = "python -m covspec.tools.prune_accept " + shlex.join(argv if argv is not None else sys.argv[1:])
+        command = "python -m benchmarks.prune_accept " + shlex.join(argv if argv is not None else sys.argv[1:])
         path.write_text(json.dumps({"command": command, "meta": meta, "runs": [asdict(r) for r in runs]}))
         path.with_suffix(".txt").write_text(f"Command: {command}\n\n{text}\n")
     return 0

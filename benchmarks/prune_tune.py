@@ -3,7 +3,7 @@ the draft's task score per (theta, rel_weight) of the CoVSpec score and keep rat
 the prompt is grounded (names something in the image: pruning.query_grounding at least a threshold)
 and by question type.
 
-    python -m covspec.tools.prune_tune --draft DRAFT --limit 1000 --keeps 0.25 --json results/prune-report/val/default.json
+    python -m benchmarks.prune_tune --draft DRAFT --limit 1000 --keeps 0.25 --json results/prune-report/val/default.json
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        command = "python -m covspec.tools.prune_tune " + shlex.join(argv if argv is not None else sys.argv[1:])
+        command = "python -m benchmarks.prune_tune " + shlex.join(argv if argv is not None else sys.argv[1:])
         path.write_text(json.dumps({"command": command, **data}))
         path.with_suffix(".txt").write_text(f"Command: {command}\n\n{text}\n")
     return 0

@@ -3,7 +3,7 @@ mean decode tokens/s and of mean request latency of mode A over mode B (and A ov
 with 95% bootstrap intervals resampling the same prompts (covspec.stats.bootstrap_ratio); also
 without each link's first prompt, where a fresh device still learns its estimates.
 
-    python -m covspec.tools.paired results/bench-edge-sd --a covspec --b edge_sd
+    python -m benchmarks.paired results/bench-edge-sd --a covspec --b edge_sd
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [json.loads(line) for line in (args.folder / "results.jsonl").read_text().splitlines() if line.strip()]
     text = "\n".join(table(rows, args.a, args.b))
     (args.folder / f"paired-{args.a}-{args.b}.md").write_text(
-        f"Command: `python -m covspec.tools.paired {args.folder} --a {args.a} --b {args.b}`\n\n{text}\n")
+        f"Command: `python -m benchmarks.paired {args.folder} --a {args.a} --b {args.b}`\n\n{text}\n")
     print(text)
     return 0
 

@@ -1,6 +1,6 @@
 """Does the exported device bundle answer like the eager draft? Greedy tokens, accuracy and size.
 
-    python -m covspec.tools.export_agreement --out results/export-agreement [--prompts 50]
+    python -m benchmarks.export_agreement --out results/export-agreement [--prompts 50]
 
 Exports the draft (default: the demo draft) to device bundles fp32 and int8 as `covspec export`
 does (covspec.export.device_bundle, ExecuTorch `.pte` + ONNX; cached in --work and reused while
@@ -248,7 +248,7 @@ def render(rows: list[dict[str, Any]], n: int, command: str, draft: str, e2e: di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m covspec.tools.export_agreement",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.export_agreement",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--draft", type=Path, default=None, help="draft checkpoint (default: the demo draft)")
     parser.add_argument("--out", type=Path, default=Path("results/export-agreement"))
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     draft = args.draft or demo.default_draft_path()
     shown = str(args.draft) if args.draft else "the demo draft (covspec/demo/weights/draft)"
-    command = "python -m covspec.tools.export_agreement " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m benchmarks.export_agreement " + shlex.join(sys.argv[1:] if argv is None else argv)
     rows, runs, items = run(draft, args.work, args.prompts, args.max_new_tokens)
     e2e: dict[str, Any] = {}
     for folder in args.e2e:

@@ -1,7 +1,7 @@
 """The device export at real size: a random-weight draft of a published shape
-(covspec/tools/realsize_models.py), exported by the device exporter and timed, one thread each.
+(benchmarks/realsize_models.py), exported by the device exporter and timed, one thread each.
 
-    python -m covspec.tools.realsize_bench --shape smolvlm-256m --out results/export-realsize
+    python -m benchmarks.realsize_bench --shape smolvlm-256m --out results/export-realsize
 
 Builds the checkpoint into WORK/<shape tag>/checkpoint, then exports, each in its own process (so one
 export's peak memory is measured alone), model.pte (fp32 and int8: 8da8w, the default quantized
@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from covspec.tools.realsize_models import QWEN, SHAPES, Shape, build_checkpoint, published_shape
+from benchmarks.realsize_models import QWEN, SHAPES, Shape, build_checkpoint, published_shape
 
 PROMPT = "what is the color of the shape in this image ?"
 KEEP = 0.25
@@ -83,7 +83,7 @@ def export_all(checkpoint: Path, work: Path, max_len: int,
             if only_exported:
                 continue
             print(f"exporting {fmt} {scheme} -> {folder}", flush=True)
-            subprocess.run([sys.executable, "-m", "covspec.tools.realsize_bench", "--export-one", f"{scheme}:{fmt}",
+            subprocess.run([sys.executable, "-m", "benchmarks.realsize_bench", "--export-one", f"{scheme}:{fmt}",
                             "--checkpoint", str(checkpoint), "--work", str(folder), "--max-len", str(max_len)],
                            check=True)
         made[scheme, fmt] = json.loads((folder / "export.json").read_text())
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         export_all(build_checkpoint(shape, work / "checkpoint"), work, args.max_len)
         return
     result = run_bench(shape, work, args.max_len, args.repeats, args.steps_per_round, args.only_exported)
-    command = "python -m covspec.tools.realsize_bench " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.realsize_bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     result["command"] = command
     args.out.mkdir(parents=True, exist_ok=True)
     stem = shape.name if shape == published or shape.name == QWEN else shape.tag

@@ -1,8 +1,8 @@
 """What pruning saves the draft's prefill, selection included, side by side in one run.
 
-    python -m covspec.tools.prefill_cost --draft covspec/demo/weights/draft          # a checkpoint
-    python -m covspec.tools.prefill_cost --bundle runs/export/device --backend onnx  # the exported programs
-    python -m covspec.tools.prefill_cost --shape qwen2-0.5b --tokens 576             # a realistic shape
+    python -m benchmarks.prefill_cost --draft covspec/demo/weights/draft          # a checkpoint
+    python -m benchmarks.prefill_cost --bundle runs/export/device --backend onnx  # the exported programs
+    python -m benchmarks.prefill_cost --shape qwen2-0.5b --tokens 576             # a realistic shape
 
 For each keep ratio the same image is encoded, pruned (`score_and_select`, plus `merge_pruned` with
 --merge) and prefilled through the LLaVA adapter the device runs; the ratios take turns within each
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps([asdict(r) for r in rows], indent=1))
-        command = "python -m covspec.tools.prefill_cost " + shlex.join(argv if argv is not None else sys.argv[1:])
+        command = "python -m benchmarks.prefill_cost " + shlex.join(argv if argv is not None else sys.argv[1:])
         out.with_suffix(".txt").write_text(f"Command: {command}\n\n{table}\n")
         name = args.draft or (f"{args.bundle} ({args.backend})" if args.bundle else f"{args.shape}, {args.tokens} tokens")
         plot_rows({name: rows}, out.with_suffix(".png"))

@@ -3,7 +3,7 @@ and head (an early-exit copy), so its step costs about N / L of the target's (th
 layers: 3 or 4 give the "draft step about a quarter of the target's" point of the load bench). It shares
 the target's tokenizer, so an edge can run it beside the target (`covspec edge serve --draft`).
 
-    python -m covspec.tools.layer_draft --layers 3 --out runs/draft-3layers
+    python -m benchmarks.layer_draft --layers 3 --out runs/draft-3layers
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _deeper(name: str, layers: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     from covspec import demo
 
-    p = argparse.ArgumentParser(prog="python -m covspec.tools.layer_draft", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.layer_draft", description=__doc__.split("\n\n")[0])
     p.add_argument("--target", default=None, help="target checkpoint folder (default: the demo target)")
     p.add_argument("--layers", type=int, default=3, help="decoder layers kept (default: 3)")
     p.add_argument("--out", required=True, help="folder for the draft checkpoint")

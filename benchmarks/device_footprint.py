@@ -1,7 +1,7 @@
 """What a device costs, per runtime, side by side (issue 20): install size, peak memory, start-up,
 draft step and covspec's decode speed, in one run:
 
-    python -m covspec.tools.device_footprint --out results/device-footprint [--prompts 16]
+    python -m benchmarks.device_footprint --out results/device-footprint [--prompts 16]
 
 Four device variants, each a process of its own (one thread), against one edge serving the demo target
 (1 thread) through link emulators (loopback, wifi), all started with covspec/tools/procs.py:
@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 THIS_FILE = Path(__file__).resolve()
 MARK = "@@footprint "  # the child's replies on stdout (the native runtimes log there too)
 WATCHED_MODULES = ("torch", "transformers", "executorch")
@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default="runs/device-footprint", help="the device-only venv and its wheels")
     p.add_argument("--rebuild-venv", action="store_true", help="rebuild the device venv from this tree")
     args = p.parse_args(argv)
-    args.command_line = "python -m covspec.tools.device_footprint " + " ".join(argv)
+    args.command_line = "python -m benchmarks.device_footprint " + " ".join(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = measure(args, out)
