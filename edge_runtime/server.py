@@ -64,7 +64,7 @@ log = logging.getLogger("covspec.edge")
 
 CLOSE_GRACE_S = 0.5  # a drained edge waits this long after its last session's activity, for the CLOSE
 # a draining edge stays up at least this long, refusing OPENs, so that a balancer's readiness check
-# takes it out of rotation before it goes (deploy/haproxy.cfg: 2 failed checks 0.5 s apart); one that
+# takes it out of rotation before it goes (deploy/haproxy.cfg: 2 failed checks 0.25 s apart); one that
 # exits sooner is still in rotation, and a device sent back to it loses its OPEN with the connection
 DRAIN_LINGER_S = 2.0
 STALL_S = 60.0  # /healthz fails when the loop has not come round for this long (a pass that hangs)
