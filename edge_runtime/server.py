@@ -23,8 +23,9 @@ without batching, each VERIFY using its precomputed window and each OPEN its pre
 
 Draining (`drain()`, called on SIGTERM by `covspec edge serve`): the open sessions are served to the
 end, every OPEN that would start a session is refused with ERROR DRAINING (the device opens it on
-another edge), and `serve_forever` returns once no session is unfinished (and the last one finished
-was given a moment for its CLOSE) or `settings.drain_timeout_s` has passed. `health()` is what the
+another edge), and `serve_forever` returns once no session is unfinished (the last one finished
+given a moment for its CLOSE, and DRAIN_LINGER_S passed for a balancer to see /readyz fail) or
+`settings.drain_timeout_s` has passed. `health()` is what the
 HTTP /healthz and /readyz answer (edge_runtime.metrics): live while the loop turns, ready until drained.
 
 Where each part lives: this module, the socket loop, the gathering of a round's requests and the
@@ -63,7 +64,7 @@ log = logging.getLogger("covspec.edge")
 
 CLOSE_GRACE_S = 0.5  # a drained edge waits this long after its last session's activity, for the CLOSE
 # a draining edge stays up at least this long, refusing OPENs, so that a balancer's readiness check
-# takes it out of rotation before it goes (deploy/haproxy.cfg: 2 failed checks 0.5 s apart); one that
+# takes it out of rotation before it goes (deploy/haproxy.cfg: 2 failed checks 0.25 s apart); one that
 # exits sooner is still in rotation, and a device sent back to it loses its OPEN with the connection
 DRAIN_LINGER_S = 2.0
 STALL_S = 60.0  # /healthz fails when the loop has not come round for this long (a pass that hangs)

@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,16 +33,13 @@ from covspec.device_runtime.client import DeviceRuntime
 from covspec.generation import generate
 from covspec.models import load_adapter
 from covspec.sampling import SamplingParams
+from covspec.tools.balancer import haproxy_admin, haproxy_config
+from covspec.tools.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COVSPEC = [sys.executable, "-c", "import sys; from covspec.cli import main; sys.exit(main(sys.argv[1:]))"]
 PROMPT = "describe the image ."
 DEVICES = 4
-
-
-def free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        return s.getsockname()[1]
 
 
 def sessions(metrics: str) -> int:
@@ -55,16 +50,6 @@ def sessions(metrics: str) -> int:
         return int(json.loads(err.read()).get("sessions_open", 0))
     except OSError:
         return 0
-
-
-def haproxy_admin(sock: Path, command: str) -> str:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(str(sock))
-        s.sendall(command.encode() + b"\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    return data.decode()
 
 
 def start_replica(name: str) -> dict:
@@ -81,11 +66,9 @@ def scenario(how: str, items: list, expected: dict, timeout_s: float, tmp: Path)
     """Replica 1 stopped by `how` ("drain": SIGTERM, "kill": SIGKILL) with 4 sessions open on it."""
     replicas = [start_replica("edge1"), start_replica("edge2")]
     front, admin = free_port(), tmp / f"haproxy-{how}.sock"
-    text = (ROOT / "deploy" / "haproxy.cfg").read_text().replace("/tmp/covspec-haproxy.sock", str(admin))
-    text = text.replace("bind 127.0.0.1:5555", f"bind 127.0.0.1:{front}")
-    servers = [f"    server {r['name']} 127.0.0.1:{r['port']} port {r['metrics'].rsplit(':', 1)[1]}" for r in replicas]
-    text = re.sub(r"(    server edge\d .*\n)+", "\n".join(servers) + "\n", text)
-    (tmp / f"haproxy-{how}.cfg").write_text(text)
+    servers = [(r["name"], r["port"], int(r["metrics"].rsplit(":", 1)[1])) for r in replicas]
+    (tmp / f"haproxy-{how}.cfg").write_text(haproxy_config((ROOT / "deploy" / "haproxy.cfg").read_text(), front,
+                                                           servers, admin))
     balancer = subprocess.Popen(["haproxy", "-db", "-f", str(tmp / f"haproxy-{how}.cfg")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     draft = load_adapter(default_draft_path())

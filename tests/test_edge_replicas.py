@@ -1,5 +1,5 @@
 """Three `covspec edge serve` replicas behind HAProxy (Debian's package, run with deploy/haproxy.cfg and
-ports of the test's own): 6 devices x 5 answers spread over the replicas; one replica is killed
+ports of the test's own), CURVE end to end through it: 6 devices x 5 answers spread over the replicas; one replica is killed
 mid-answer (its devices' connections land on another replica, which reopens their sessions with the
 tokens they have), another drains on SIGTERM (its open sessions finish, the next OPEN on one of its
 connections is refused with DRAINING and the device connects again, to the third). Every answer equals
@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +30,9 @@ from covspec.device_runtime.client import DeviceRuntime
 from covspec.generation import generate
 from covspec.models import load_adapter
 from covspec.sampling import SamplingParams
+from covspec.tools.balancer import haproxy_config, server_states
+from covspec.tools.procs import free_port
+from covspec.transport.channel import generate_keys, load_client_keys
 
 pytestmark = pytest.mark.slow
 
@@ -62,11 +64,6 @@ def haproxy() -> str:
     return found
 
 
-def free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        return s.getsockname()[1]
-
-
 def health(address: str) -> dict:
     try:
         with urllib.request.urlopen(f"http://{address}/readyz", timeout=2) as reply:
@@ -78,9 +75,11 @@ def health(address: str) -> dict:
 
 
 class Replica:
-    def __init__(self, target: Path, name: str) -> None:
+    def __init__(self, target: Path, name: str, keys: Path) -> None:
+        """A `covspec edge serve` process with CURVE: the edge key pair and the devices' keys in `keys`."""
         self.name, self.port, self.metrics = name, free_port(), f"127.0.0.1:{free_port()}"
-        self.proc = subprocess.Popen([*COVSPEC, "edge", "serve", "--model", str(target), "--auth", "none",
+        auth = ["--auth", "curve", "--key", str(keys / "edge" / "edge.key_secret"), "--allow", str(keys / "devices")]
+        self.proc = subprocess.Popen([*COVSPEC, "edge", "serve", "--model", str(target), *auth,
                                       "--bind", f"tcp://127.0.0.1:{self.port}", "--metrics", self.metrics,
                                       "--threads", "1", "--drain-timeout", "60"],
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -95,29 +94,6 @@ class Replica:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-
-
-def haproxy_config(replicas: list[Replica], front: int, stats: Path) -> str:
-    """deploy/haproxy.cfg as shipped, with this test's ports and stats socket."""
-    text = (ROOT / "deploy" / "haproxy.cfg").read_text()
-    text = text.replace("/tmp/covspec-haproxy.sock", str(stats))
-    text = re.sub(r"bind 127\.0\.0\.1:5555", f"bind 127.0.0.1:{front}", text)
-    servers = [f"    server {r.name} 127.0.0.1:{r.port} port {r.metrics.rsplit(':', 1)[1]}" for r in replicas]
-    text = re.sub(r"(    server edge\d .*\n)+", "\n".join(servers) + "\n", text)
-    assert text.count("    server ") == len(replicas)
-    return text
-
-
-def server_states(stats: Path) -> dict[str, str]:
-    """HAProxy's `show stat` over its stats socket: each server's status (UP, DOWN, ...)."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(str(stats))
-        s.sendall(b"show stat\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    rows = [line.split(",") for line in data.decode().splitlines() if line and not line.startswith("#")]
-    return {row[1]: row[17] for row in rows if row[0] == "covspec_replicas" and row[1] not in ("BACKEND",)}
 
 
 def wait_for(condition, timeout_s: float, what: str) -> None:
@@ -140,9 +116,15 @@ def test_three_replicas_behind_haproxy_survive_a_kill_and_a_drain(models, tmp_pa
     adapter = load_adapter(target)
     expected = [[generate(adapter, Image.open(io.BytesIO(im)).convert("RGB"), PROMPT, max_new_tokens=N).ids
                  for im in row] for row in images]
-    replicas = [Replica(target, f"edge{i + 1}") for i in range(3)]
+    keys = tmp_path / "keys"  # CURVE end to end, device to replica: HAProxy passes the handshake through
+    generate_keys(keys / "edge", "edge")
+    for d in range(DEVICES):
+        generate_keys(keys / "devices", f"device{d}")
+    replicas = [Replica(target, f"edge{i + 1}", keys) for i in range(3)]
     front, stats = free_port(), tmp_path / "haproxy.sock"
-    (tmp_path / "haproxy.cfg").write_text(haproxy_config(replicas, front, stats))
+    servers = [(r.name, r.port, int(r.metrics.rsplit(":", 1)[1])) for r in replicas]
+    (tmp_path / "haproxy.cfg").write_text(haproxy_config((ROOT / "deploy" / "haproxy.cfg").read_text(), front,
+                                                         servers, stats))
     assert subprocess.run([binary, "-c", "-f", str(tmp_path / "haproxy.cfg")], capture_output=True).returncode == 0
     balancer = subprocess.Popen([binary, "-db", "-f", str(tmp_path / "haproxy.cfg")],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -151,8 +133,10 @@ def test_three_replicas_behind_haproxy_survive_a_kill_and_a_drain(models, tmp_pa
         wait_for(lambda: stats.exists() and set(server_states(stats).values()) == {"UP"}, 30, "three replicas UP")
         answers: list[list] = [[] for _ in range(DEVICES)]
         failures: list[BaseException] = []
-        devices = [DeviceRuntime(load_adapter(draft), f"tcp://127.0.0.1:{front}", timeout_s=2.0, retries=6)
-                   for _ in range(DEVICES)]
+        devices = [DeviceRuntime(load_adapter(draft), f"tcp://127.0.0.1:{front}", timeout_s=2.0, retries=6,
+                                 keys=load_client_keys(keys / "devices" / f"device{d}.key_secret",
+                                                       keys / "edge" / "edge.key"))
+                   for d in range(DEVICES)]
 
         def run(d: int) -> None:
             try:

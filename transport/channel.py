@@ -15,6 +15,9 @@ The Client watches its connection with a ZeroMQ socket monitor (`LinkWatch`), so
 CURVE handshake (`HandshakeRefused`, at once), nothing listening at the endpoint, and a peer that
 accepts TCP but never completes a ZeroMQ handshake apart, within `connect_timeout_s` (10 s) instead
 of after every retry's timeout; it logs progress to the `covspec.transport` logger while it waits.
+The same monitor tells when an established connection drops (the edge, or behind a balancer its
+replica, went away): the requests sent on it are known lost at once, and the caller's retry goes out on
+ZeroMQ's reconnection without waiting out its timeout.
 """
 
 from __future__ import annotations
