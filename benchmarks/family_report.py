@@ -120,7 +120,7 @@ def export_family(family: str, work: Path, max_len: int) -> tuple[Path, dict[str
 
 # --- answering -----------------------------------------------------------------------------------
 def picture(size: tuple[int, int], seed: int) -> Any:
-    """A noisy image with a coloured square (as tests/test_bundle_families.py), so the resize and the
+    """A noisy image with a coloured square (as tests/export/test_bundle_families.py), so the resize and the
     visual tokens matter."""
     from PIL import Image
 

@@ -1,6 +1,6 @@
 """Errors that name what was wrong. Every user-facing failure is a CovspecError: these, and the
 ones of their own modules (BundleError, ExportUnsupported, SessionError, EdgeRefused, the
-conformance suite's CheckFailed; tests/test_layout.py keeps it so)."""
+conformance suite's CheckFailed; tests/project/test_layout.py keeps it so)."""
 
 
 class CovspecError(Exception):

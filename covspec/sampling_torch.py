@@ -1,6 +1,6 @@
 """The samplers of covspec/sampling.py on torch tensors, for the edge: the target's next token and the
 verifier's distributions stay on the target's device (no copy of [k, V] logits to the host). Same
-definitions as the numpy ones (tests/test_speculative.py holds them equal).
+definitions as the numpy ones (tests/core/test_speculative.py holds them equal).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ awaited window again as round 0 and passes `reopened=True` with its RESULT.
 
 The caller stamps each Flight it sends (`msg`: the sent copy, with its seq; `t0`: when). The clock
 (`time.perf_counter`) times the rounds for the drafting policy; `ready()` says whether a reply is
-waiting (branch drafting stops then). `tests/test_device_answer.py` drives it against an in-process
+waiting (branch drafting stops then). `tests/device/test_device_answer.py` drives it against an in-process
 edge session.
 """
 

@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # the default-run tests that exercise the device's draft, verification and sampling, fastest-failing first
-TESTS = ["tests/test_headline_paths.py", "tests/test_wire_sampling.py", "tests/test_lossless_sampling.py",
-         "tests/test_device_answer.py", "tests/test_speculative.py", "tests/test_placement.py"]
+TESTS = ["tests/scenarios/test_headline_paths.py", "tests/scenarios/test_wire_sampling.py", "tests/core/test_lossless_sampling.py",
+         "tests/device/test_device_answer.py", "tests/core/test_speculative.py", "tests/device/test_placement.py"]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ The "report" split is for figures only: layouts of a hash bucket of its own, whi
 draws (`scene_split`: 1 in REPORT_SHARE of the layouts the first hash gives to training, by a second
 hash, so that the held-out and validation layouts stay exactly what they were; the shipped demo
 weights were trained on 12,000 scenes drawn before the report had a bucket, and the report skips
-those layouts: `legacy_training_layouts`; tests/test_demo.py checks all 2,000 report items), drawn from a generator seed
+those layouts: `legacy_training_layouts`; tests/core/test_demo.py checks all 2,000 report items), drawn from a generator seed
 of its own (`REPORT_SEED`, which no training run or settings search reads; settings are chosen on "val"), with
 every question type and the unseen slice in exact proportion (each block of `REPORT_BLOCK` items
 holds `TYPE_WEIGHTS[t]` items of each type t and `UNSEEN_FRACTION` of unseen scenes, shuffled).

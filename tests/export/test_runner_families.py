@@ -1,6 +1,6 @@
 """ExecuTorch's own MultimodalRunner (the executorch wheel's Python bindings of the C++ runner Android
 uses) on the Idefics3 (SmolVLM) and Qwen2.5-VL device bundles, against our runtime (`BundleAdapter`,
-numpy in/out). tests/test_export_multimodal.py does the same for the LLaVA bundles.
+numpy in/out). tests/export/test_export_multimodal.py does the same for the LLaVA bundles.
 
 Slow (one .pte export per family, ~1-2 min each):
 - both families: the runner loads model.pte (metadata methods, token_embedding, text_decoder,
@@ -37,7 +37,7 @@ MAX_NEW = 12
 
 
 def picture(size: tuple[int, int], seed: int) -> Image.Image:
-    """A noisy image with a coloured square (as tests/test_bundle_families.py)."""
+    """A noisy image with a coloured square (as tests/export/test_bundle_families.py)."""
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     pixels[size[1] // 4: size[1] // 2, size[0] // 4: size[0] // 2] = rng.integers(0, 256, 3, dtype=np.uint8)

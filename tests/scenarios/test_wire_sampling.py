@@ -5,7 +5,7 @@ loaded, so it gives drafting back after its first round and the device drafts th
 first 8 positions of many sampled answers, each position's tokens follow the target's own marginal
 there (exact, by enumerating the target's top-3 tree: chi-square per position).
 
-tests/test_lossless_sampling.py and tests/test_placement.py check positions 1-2 in one process, with
+tests/core/test_lossless_sampling.py and tests/device/test_placement.py check positions 1-2 in one process, with
 2,000 draws; this is the same property end to end.
 """
 

@@ -37,7 +37,7 @@ from covspec.device_runtime.platforms import (
 from covspec.device_runtime.runtime_payload import RUNTIME_MANIFEST, write_runtime_manifest, write_scripts
 from covspec.export.manifest import write_manifest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 AARCH64 = Platform("aarch64", "3.11", UNKNOWN)
 pytestmark = pytest.mark.skipif(local_platform().machine != "x86_64", reason="cross-platform flashing from x86_64")
 

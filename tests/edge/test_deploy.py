@@ -1,6 +1,6 @@
 """The shipped deployment files: deploy/k8s/edge.yaml checked field by field (it is not applied to a
 cluster here), deploy/haproxy.cfg checked by HAProxy itself where it is installed (the slow
-tests/test_edge_replicas.py runs it for real)."""
+tests/edge/test_edge_replicas.py runs it for real)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from covspec.cli import build_parser
 from covspec.edge_runtime.metrics import PROBES
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
 @pytest.fixture(scope="module")

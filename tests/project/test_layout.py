@@ -8,7 +8,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"covspec": "covspec", "export": "covspec.export", "device_runtime": "covspec.device_runtime",
             "edge_runtime": "covspec.edge_runtime", "transport": "covspec.transport",
             "calibration": "covspec.calibration", "benchmarks": "benchmarks"}

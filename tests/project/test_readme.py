@@ -17,7 +17,7 @@ import pytest
 
 from covspec.cli import build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 BUILTINS = {"kill", "source", "sleep"}
 

@@ -36,7 +36,7 @@ from covspec.transport.channel import generate_keys, load_client_keys
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "describe this image ."
 N = 24  # tokens per answer
 DEVICES, ANSWERS = 6, 5

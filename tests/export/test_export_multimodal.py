@@ -25,7 +25,7 @@ from covspec.bundles.bundle import BundleError
 from covspec.export.manifest import MANIFEST, write_manifest
 from covspec.models.draft import as_draft
 
-DEMO_DRAFT = Path(__file__).resolve().parents[1] / "covspec" / "demo" / "weights" / "draft"
+DEMO_DRAFT = Path(__file__).resolve().parents[2] / "covspec" / "demo" / "weights" / "draft"
 PROMPTS = ["what is the color ?", "how many circle are there ?", "describe the image .", "is there a red square ?",
            "where is the circle ?", "what shape is in the image ?", "is there a blue triangle ?", "how many are there ?"]
 COLORS = [(200, 30, 30), (10, 200, 30), (30, 30, 220)]

@@ -18,7 +18,7 @@ from covspec.tools import bench, fuzz, load
 from covspec.tools.worker import WorkerSettings
 from covspec.transport import link
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 DEVICE_RUN = ["device", "run", "--model", "m", "--edge", "tcp://127.0.0.1:1", "--image", "i.png", "--prompt", "p"]
 
 

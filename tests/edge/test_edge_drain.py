@@ -1,7 +1,7 @@
 """An edge told to stop (SIGTERM) drains: its open sessions finish, a new OPEN is refused with
 DRAINING (the device connects again and lands on another edge), /readyz turns 503 while /healthz
 stays 200, and the process exits once the sessions are done. The slow test with HAProxy and three
-replicas is tests/test_edge_replicas.py."""
+replicas is tests/edge/test_edge_replicas.py."""
 
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def test_drain_timeout_ends_the_loop_with_a_session_left(models):
 
 class RoundRobin:
     """Each new TCP connection to `address` piped to the next backend in turn: a stand-in for a balancer
-    in the default run (tests/test_edge_replicas.py runs HAProxy)."""
+    in the default run (tests/edge/test_edge_replicas.py runs HAProxy)."""
 
     def __init__(self, backends: list[str]) -> None:
         self.backends = [tuple(b.removeprefix("tcp://").rsplit(":", 1)) for b in backends]

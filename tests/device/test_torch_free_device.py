@@ -18,7 +18,7 @@ import pytest
 from test_runtimes import RunningEdge, png
 from tiny_models import build_llava
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["what is the color of the circle ?", "describe this image .", "how many shape are there ?",
            "where is the square ?"]
 N_ANSWERS = 20

@@ -103,7 +103,7 @@ def tiny_models_image():
 
 
 class RunningEdge:
-    """An EdgeServer serving from a thread (tests/test_runtimes.py's, with placement settings)."""
+    """An EdgeServer serving from a thread (tests/scenarios/test_runtimes.py's, with placement settings)."""
 
     def __init__(self, **settings):
         target, _ = load_target(default_target_path(), dtype=settings.get("dtype", "float32"))

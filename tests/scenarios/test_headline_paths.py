@@ -264,7 +264,7 @@ def test_the_native_shim_gives_the_bindings_logits_on_the_demo_pte(demo_bundle, 
 def test_a_folder_flash_of_the_demo_bundle_answers_through_a_real_edge(demo_bundle, native_library, edge, reference,
                                                                        tmp_path) -> None:
     """`covspec device flash` of the exported demo bundle to a folder (the bundle alone: the runtime payload's
-    wheelhouse and venv are tests/test_flash.py's slow test), then the device on the flashed copy, torch-free,
+    wheelhouse and venv are tests/device/test_flash.py's slow test), then the device on the flashed copy, torch-free,
     through a real edge: target_only's answers and the eager draft's acceptance per round."""
     from covspec.device_runtime.flash import flash
 
@@ -281,7 +281,7 @@ def test_a_folder_flash_of_the_demo_bundle_answers_through_a_real_edge(demo_bund
 def test_executorchs_multimodal_runner_gives_the_target_answers_on_the_demo_pte(demo_bundle, reference) -> None:
     """ExecuTorch's own C++ MultimodalRunner (the wheel's bindings of the runner Android uses) on the demo
     draft's model.pte (LLaVA layout): its greedy text on the held-out image prompts equals our runtime's
-    greedy text on the same bundle (Idefics3 and Qwen2.5-VL: tests/test_runner_families.py, slow: one
+    greedy text on the same bundle (Idefics3 and Qwen2.5-VL: tests/export/test_runner_families.py, slow: one
     tiny export each)."""
     from executorch.extension.llm.runner import MultimodalRunner
     from test_export_multimodal import runner_text, visible_words
