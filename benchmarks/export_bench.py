@@ -46,7 +46,7 @@ def export_all(draft: Path, out: Path, schemes: tuple[str, ...]) -> dict[str, di
     """Device bundles (new layout) and previous-layout .pte pairs, per scheme."""
     from covspec.export.device_bundle import build_device_bundle
     from covspec.export.graphs import decoder_dynamic_shapes, decoder_example, decoder_shape
-    from covspec.export.programs import _graphs, describe_model, lower_pte
+    from covspec.export.write_programs import _graphs, describe_model, lower_pte
     from covspec.models import load_adapter
 
     made: dict[str, dict[str, Any]] = {}

@@ -34,7 +34,7 @@ import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from covspec.demo.task import DESCRIBE_PROMPT, make_item
-from covspec.demo.tokenizer import IMAGE, build_tokenizer
+from covspec.demo.word_tokenizer import IMAGE, build_tokenizer
 from covspec.models import load_adapter
 from covspec.models.base import VLMAdapter
 from covspec.models.draft import DraftModel, as_draft
@@ -148,7 +148,7 @@ def plot_rows(runs: dict[str, list[CostRow]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from covspec.cli.common import HelpFormatter
+    from covspec.cli.options import HelpFormatter
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)

@@ -6,7 +6,7 @@
 Builds the checkpoint into WORK/<shape tag>/checkpoint, then exports, each in its own process (so one
 export's peak memory is measured alone), model.pte (fp32 and int8: 8da8w, the default quantized
 scheme) and vision.onnx + decoder.onnx (fp32 and int8) with the exporter's program writer
-(covspec.export.programs.write_programs: the device bundle's programs, without the rest of the
+(covspec.export.write_programs.write_programs: the device bundle's programs, without the rest of the
 bundle). Then, in ONE process, with one thread for torch, ExecuTorch's threadpool and ONNX Runtime,
 the variants take turns within each repetition:
 
@@ -57,7 +57,7 @@ def export_folder(work: Path, scheme: str, fmt: str) -> Path:
 
 def export_variant(checkpoint: Path, out: Path, scheme: str, fmt: str, max_len: int) -> dict[str, Any]:
     """One format at one scheme through the exporter's program writer; writes out/export.json."""
-    from covspec.export.programs import check_exportable, describe_model, write_programs
+    from covspec.export.write_programs import check_exportable, describe_model, write_programs
     from covspec.models import load_adapter
 
     out.mkdir(parents=True, exist_ok=True)

@@ -67,7 +67,7 @@ def export(draft: str | Path, target: str | Path, out: str | Path, *, quant: str
     if reuse and exported(draft, target, out):
         return out / "device", out / "edge"
     from covspec.export import build_bundles
-    from covspec.export.programs import ExportUnsupported
+    from covspec.export.write_programs import ExportUnsupported
 
     try:
         return build_bundles(draft, target, out, quant=quant, formats=formats, edge_backend=edge_backend,
@@ -167,7 +167,7 @@ def check_edge(edge: str, keys: ClientKeys | None = None, timeout_s: float = 10.
 # --- the device --------------------------------------------------------------------------------
 def bundle_draft(model: str | Path) -> Path | None:
     """The draft an edge bundle carries (covspec export puts the draft beside the target), else None."""
-    from covspec.export.manifest import MANIFEST
+    from covspec.bundles.manifest import MANIFEST
 
     manifest = Path(model) / MANIFEST
     if not manifest.is_file():

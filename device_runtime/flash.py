@@ -35,6 +35,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from covspec.bundles.bundle import Bundle, load_bundle
+from covspec.bundles.manifest import MANIFEST, sha256_file
 from covspec.device_runtime.platforms import (
     PROBE,
     Platform,
@@ -54,7 +55,6 @@ from covspec.device_runtime.runtime_payload import (
     load_payload,
 )
 from covspec.errors import CovspecError
-from covspec.export.manifest import MANIFEST, sha256_file
 
 BUNDLE_DIR = "bundle"
 

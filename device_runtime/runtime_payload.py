@@ -41,9 +41,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from covspec.bundles.manifest import sha256_file
 from covspec.device_runtime.platforms import Platform, local_platform
 from covspec.errors import CovspecError
-from covspec.export.manifest import sha256_file
 
 RUNTIME_MANIFEST = "runtime/runtime.json"
 LAUNCHER = "bin/covspec-device"

@@ -21,7 +21,7 @@ of 17 tokens against 26 ms now). Each window still reads its session's past thro
 concatenation with its new keys per layer, as a single-session forward does.
 
 The pass leaves every session's cache untouched: it returns each window's logits and new
-keys/values (`Window`, as the attention function saw them), and `commit` appends the first n of
+keys/values (`WindowPass`, as the attention function saw them), and `commit` appends the first n of
 them to the session's cache (after verification, the root and the accepted drafts).
 `forward_batch` commits all of them: the same effect as `adapter.forward` on each session.
 
@@ -46,7 +46,7 @@ from covspec.models.base import CachedDecoderAdapter, DecodeState, PrefillInputs
 
 
 @dataclass
-class Window:
+class WindowPass:
     """One session's share of a batched pass: not yet in its cache."""
 
     ids: torch.Tensor  # [n] the window fed (root first)
@@ -191,7 +191,7 @@ def new_keys_values(layout: PackedLayout) -> list[tuple[list[torch.Tensor], list
 
 
 def run_batch(adapter: CachedDecoderAdapter, states: list[DecodeState],
-              ids_list: list[torch.Tensor]) -> list[Window]:
+              ids_list: list[torch.Tensor]) -> list[WindowPass]:
     """One pass over the windows ids_list[i] ([n_i] token ids, n_i >= 1) of states[i]: each window's
     logits [n_i, V] and new keys/values. The states are not changed."""
     ids_list = [torch.as_tensor(ids, dtype=torch.long).flatten().cpu() for ids in ids_list]
@@ -205,7 +205,7 @@ def run_batch(adapter: CachedDecoderAdapter, states: list[DecodeState],
         positions = torch.cat([adapter._positions(state, n) for state, n in zip(states, sizes, strict=True)], dim=-1)
         hidden = packed_pass(adapter, layout, adapter.embed(torch.cat(ids_list)), positions)
         logits = adapter.model.lm_head(hidden).float().cpu().split(sizes)  # [n_i, V] each, float32 on the CPU
-        windows = [Window(ids, rows, keys, values, length=state.length)
+        windows = [WindowPass(ids, rows, keys, values, length=state.length)
                    for ids, rows, (keys, values), state in zip(ids_list, logits, new_keys_values(layout), states,
                                                                strict=True)]
     for window in windows:
@@ -213,7 +213,7 @@ def run_batch(adapter: CachedDecoderAdapter, states: list[DecodeState],
     return windows
 
 
-def commit(state: DecodeState, window: Window, n: int) -> None:
+def commit(state: DecodeState, window: WindowPass, n: int) -> None:
     """Appends the window's first n positions to the state's cache (n <= window.size)."""
     if window.length != state.length:
         raise ValueError(f"a window computed after {window.length} positions, the state holds {state.length}")

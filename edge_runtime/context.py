@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from covspec.edge_runtime.batching import Window
+from covspec.edge_runtime.batching import WindowPass
 from covspec.models.base import DecodeState, VisualTokens
 from covspec.transport import protocol as wire
 from covspec.transport.channel import Request
@@ -36,7 +36,7 @@ class Prefilled:
 class Prepared:
     """A round's batched passes, each taken (popped) by the handler of the request it was made for."""
 
-    windows: dict[int, Window] = field(default_factory=dict)  # sid -> its VERIFY's window
+    windows: dict[int, WindowPass] = field(default_factory=dict)  # sid -> its VERIFY's window
     prefills: dict[int, Prefilled] = field(default_factory=dict)  # sid -> its OPEN's prefill
 
 

@@ -30,8 +30,7 @@ import numpy as np
 import torch
 
 from covspec.drafter import Drafter, Window
-from covspec.edge_runtime.batching import Window as BatchWindow
-from covspec.edge_runtime.batching import can_batch, run_batch
+from covspec.edge_runtime.batching import WindowPass, can_batch, run_batch
 from covspec.edge_runtime.session import SessionError, TargetSession
 from covspec.edge_runtime.static_target import StaticTarget
 from covspec.edge_runtime.visual import encode
@@ -149,7 +148,7 @@ def draft_window(session: TargetSession, drafter: Drafter, drafting: EdgeDraftin
     return drafter.draft(choose_window(stats, drafting.k_max, room), stop=lambda w: gate.stop(float(w.margins[-1]), len(w)))
 
 
-def target_passes(adapter: VLMAdapter, sessions: list[TargetSession], windows: list[Window]) -> list[BatchWindow | None]:
+def target_passes(adapter: VLMAdapter, sessions: list[TargetSession], windows: list[Window]) -> list[WindowPass | None]:
     """The target's passes over several sessions' windows in one batch (as VERIFYs are batched), or
     None for each where they cannot share one (a single session, caches that do not pack, a failure)."""
     if len(sessions) < 2:
@@ -167,7 +166,7 @@ def target_passes(adapter: VLMAdapter, sessions: list[TargetSession], windows: l
 
 
 def finish_round(session: TargetSession, drafter: Drafter, drafting: EdgeDrafting, window: Window,
-                 batched: BatchWindow | None = None) -> list[int]:
+                 batched: WindowPass | None = None) -> list[int]:
     """Verifies an edge-drafted window as the session's next round (with the batched pass, when there
     is one) and commits it on both sides: the new committed tokens."""
     greedy = session.params.greedy

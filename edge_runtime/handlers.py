@@ -15,14 +15,14 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from covspec.edge_runtime.batching import Window
+from covspec.edge_runtime.batching import WindowPass
 from covspec.edge_runtime.context import RequestContext
 from covspec.edge_runtime.costs import EdgeCosts
+from covspec.edge_runtime.counters import EdgeCounters, SessionUsage
 from covspec.edge_runtime.drafting import DraftedStream, DraftOffer, EdgeDraft, EdgeDrafting, start_drafting
 from covspec.edge_runtime.planning import Outcome, VerifyPlan, plan_verify
 from covspec.edge_runtime.session import RoundAnswer, SessionError, TargetSession
 from covspec.edge_runtime.settings import EdgeSettings
-from covspec.edge_runtime.stats import EdgeCounters, SessionUsage
 from covspec.edge_runtime.table import SessionTable
 from covspec.edge_runtime.visual import encode, kept_indices
 from covspec.models.base import VLMAdapter
@@ -139,7 +139,7 @@ def _attach_draft(server: EdgeState, session: TargetSession, msg: wire.Open) -> 
 
 
 def _verified(server: EdgeState, session: TargetSession, msg: wire.Verify, plan: VerifyPlan,
-              window: Window | None) -> RoundAnswer:
+              window: WindowPass | None) -> RoundAnswer:
     """Runs the planned round (or finds the answered one again) and counts a new round's tokens."""
     q_full = None if msg.dists is None else torch.from_numpy(msg.dists.copy())  # [k, V]
     q_of_draft = None if msg.q is None else torch.from_numpy(msg.q)  # [k]

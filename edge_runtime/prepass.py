@@ -16,11 +16,11 @@ from typing import cast
 
 import torch
 
-from covspec.edge_runtime.batching import Window, can_batch, can_prefill_batch, prefill_batch, run_batch
+from covspec.edge_runtime.batching import WindowPass, can_batch, can_prefill_batch, prefill_batch, run_batch
 from covspec.edge_runtime.context import Incoming, Prefilled, Prepared
+from covspec.edge_runtime.counters import EdgeCounters
 from covspec.edge_runtime.planning import Outcome, plan_verify
 from covspec.edge_runtime.static_target import StaticTarget
-from covspec.edge_runtime.stats import EdgeCounters
 from covspec.edge_runtime.table import SessionTable
 from covspec.edge_runtime.visual import encode, kept_indices
 from covspec.models.base import CachedDecoderAdapter, PrefillInputs, VisualTokens, VLMAdapter
@@ -79,7 +79,7 @@ class Prepass:
         windows = self.windows(gathered, table)
         return Prepared(windows=windows, prefills=self.prefills(gathered, table))
 
-    def windows(self, gathered: list[Incoming], table: SessionTable) -> dict[int, Window]:
+    def windows(self, gathered: list[Incoming], table: SessionTable) -> dict[int, WindowPass]:
         """One target pass over the planned windows of the gathered VERIFYs: sid -> window. Empty when
         fewer than two windows can share a pass, or when the pass fails."""
         try:

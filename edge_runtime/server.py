@@ -44,12 +44,12 @@ import zmq
 
 from covspec.edge_runtime.context import Incoming, Prepared, RequestContext
 from covspec.edge_runtime.costs import EdgeCosts
+from covspec.edge_runtime.counters import EdgeCounters
 from covspec.edge_runtime.drafting import DraftedStream, DraftOffer, EdgeDrafting, advance
 from covspec.edge_runtime.handlers import HANDLERS
 from covspec.edge_runtime.prepass import Prepass
 from covspec.edge_runtime.session import SessionError, TargetSession
 from covspec.edge_runtime.settings import EdgeSettings
-from covspec.edge_runtime.stats import EdgeCounters
 from covspec.edge_runtime.table import SessionTable
 from covspec.edge_runtime.target import place_target, static_target
 from covspec.errors import CovspecError, ImageError, PromptError

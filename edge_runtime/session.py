@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from covspec.edge_runtime.batching import Window, commit
-from covspec.edge_runtime.stats import SessionUsage
+from covspec.edge_runtime.batching import WindowPass, commit
+from covspec.edge_runtime.counters import SessionUsage
 from covspec.errors import CovspecError
 from covspec.models.base import DecodeState, VLMAdapter
 from covspec.modes import VerifyScheme
@@ -134,14 +134,14 @@ class TargetSession:
         tokens [k] that could still be emitted. Changes nothing."""
         return torch.cat([torch.tensor([root]), self._room(draft_ids).long()])
 
-    def _matches(self, window: Window | None, ids: torch.Tensor) -> bool:
+    def _matches(self, window: WindowPass | None, ids: torch.Tensor) -> bool:
         """Whether a batched `window` was computed for exactly these ids [k+1] on exactly this state."""
         return window is not None and window.length == self.state.length and torch.equal(window.ids, ids)
 
     @torch.inference_mode()
     def verify(self, round_no: int, root: int, draft_ids: torch.Tensor, scheme: VerifyScheme,
                q_of_draft: torch.Tensor | None = None, q_full: torch.Tensor | None = None,
-               window: Window | None = None, pos: int | None = None) -> RoundAnswer:
+               window: WindowPass | None = None, pos: int | None = None) -> RoundAnswer:
         """Verifies a window drafted after `root`. scheme: greedy | full | decoupled. `window`: the
         target's pass over this very window, computed beforehand in a batch with other sessions
         (edge_runtime.batching); without it (or when it does not match) the session runs its own.

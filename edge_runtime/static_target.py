@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from covspec.edge_runtime.batching import Window, prefill_batch
+from covspec.edge_runtime.batching import WindowPass, prefill_batch
 from covspec.edge_runtime.static_verify import StaticVerifier
 from covspec.models.base import CachedDecoderAdapter, DecodeState, PrefillInputs, VisualTokens, VLMAdapter
 
@@ -84,16 +84,16 @@ class StaticTarget(VLMAdapter):
     def fork_state(self, state: DecodeState) -> DecodeState:
         raise NotImplementedError("a static state owns its slot: it cannot be copied")
 
-    def run_batch(self, states: list[DecodeState], ids_list: list[torch.Tensor]) -> list[Window]:
+    def run_batch(self, states: list[DecodeState], ids_list: list[torch.Tensor]) -> list[WindowPass]:
         """`batching.run_batch` on static states: one bucketed pass (in groups of the largest batch
-        bucket); each Window's keys and values are already past its state's length."""
+        bucket); each WindowPass's keys and values are already past its state's length."""
         rows = self.verifier.batch_buckets[-1]
         start = time.perf_counter()
         windows = []
         for at in range(0, len(states), rows):
             group, ids = states[at:at + rows], ids_list[at:at + rows]
             logits = self.verifier.verify(group, ids)
-            windows += [Window(torch.as_tensor(i, dtype=torch.long).flatten().cpu(), rows_, [], [], length=s.length)
+            windows += [WindowPass(torch.as_tensor(i, dtype=torch.long).flatten().cpu(), rows_, [], [], length=s.length)
                         for i, rows_, s in zip(ids, logits, group, strict=True)]
         for window in windows:
             window.pass_s = time.perf_counter() - start

@@ -13,9 +13,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from covspec.edge_runtime.counters import log_completion
 from covspec.edge_runtime.session import TargetSession
 from covspec.edge_runtime.settings import EdgeSettings
-from covspec.edge_runtime.stats import log_completion
 from covspec.modes import STREAMING_MODES
 from covspec.transport import protocol as wire
 

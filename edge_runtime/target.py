@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from covspec.bundles.bundle import BundleError, load_bundle
+from covspec.bundles.manifest import MANIFEST
 from covspec.errors import CovspecError
-from covspec.export.manifest import MANIFEST
 from covspec.models import load_adapter
 from covspec.models.base import CachedDecoderAdapter, VLMAdapter
 from covspec.models.placement import dtype_name, resolve_device, resolve_dtype

@@ -19,10 +19,16 @@ from typing import Any
 
 import numpy as np
 
+from covspec.bundles.manifest import write_manifest
 from covspec.export import quant as q
-from covspec.export.manifest import write_manifest
-from covspec.export.programs import Step, check_exportable, copy_tokenizer, describe_model, write_programs
 from covspec.export.runner_tokenizer import write_runner_tokenizer
+from covspec.export.write_programs import (
+    Step,
+    check_exportable,
+    copy_tokenizer,
+    describe_model,
+    write_programs,
+)
 from covspec.models import load_adapter
 from covspec.models.base import CachedDecoderAdapter
 

@@ -14,9 +14,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from covspec.export.manifest import write_manifest
-from covspec.export.programs import ExportUnsupported, Step, check_exportable, describe_model, write_programs
+from covspec.bundles.manifest import write_manifest
 from covspec.export.tensorrt_engine import build_engine, tensorrt_unavailable
+from covspec.export.write_programs import (
+    ExportUnsupported,
+    Step,
+    check_exportable,
+    describe_model,
+    write_programs,
+)
 from covspec.models import load_adapter
 
 BACKENDS = ("auto", "tensorrt", "onnx", "pytorch")

@@ -9,7 +9,7 @@ covspec demo build
 D=covspec/demo/weights/draft
 T=covspec/demo/weights/target
 # the pair itself: held-out accuracy per type, draft agreement, both decode steps
-python -m covspec.demo.measure --limit 1000 --agreement 60 --json results/demo/measure.json
+python -m covspec.demo.report --limit 1000 --agreement 60 --json results/demo/measure.json
 # lossless greedy on 50 held-out prompts (mixed question types), loopback
 covspec bench --links loopback --modes target_only,vanilla_sd,covspec --prompts 50 --question-type mixed --out results/lossless
 # throughput per link profile and mode, long answers ("describe the image"), ablations side by side

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from covspec.bundles.manifest import FORMAT_VERSION, MANIFEST, sha256_file
 from covspec.errors import CovspecError
-from covspec.export.manifest import FORMAT_VERSION, MANIFEST, sha256_file
 
 PROGRAM_PARTS = ("model", "vision", "decoder")  # the keys of a manifest's programs[fmt] that name files
 REEXPORT = ("re-export it with this version of covspec: covspec export --draft DRAFT --target TARGET "

@@ -24,7 +24,7 @@ import logging
 import shlex
 import sys
 
-from covspec.cli.common import HelpFormatter, add_command, add_logging_args, every_parser
+from covspec.cli.options import HelpFormatter, add_command, add_logging_args, every_parser
 from covspec.errors import CovspecError
 
 # (name, summary, module): tools with their own add_arguments(parser) and run(args) handler

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from covspec.cli.common import add_client_key_args, add_command, add_threads_arg, client_keys
+from covspec.cli.options import add_client_key_args, add_command, add_threads_arg, client_keys
 from covspec.errors import CovspecError
 
 

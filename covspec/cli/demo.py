@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from covspec.cli.common import add_command, add_threads_arg
+from covspec.cli.options import add_command, add_threads_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from covspec.cli.common import (
+from covspec.cli.options import (
     add_client_key_args,
     add_command,
     add_sampling_args,

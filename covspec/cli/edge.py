@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from covspec.cli.common import add_client_key_args, add_command, add_threads_arg, client_keys, warn_threads
+from covspec.cli.options import add_client_key_args, add_command, add_threads_arg, client_keys, warn_threads
 from covspec.errors import CovspecError
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from covspec.cli.common import add_command
+from covspec.cli.options import add_command
 from covspec.errors import CovspecError
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from covspec.cli.common import TokenPrinter, add_command, add_sampling_args, add_threads_arg, sampling_params
+from covspec.cli.options import TokenPrinter, add_command, add_sampling_args, add_threads_arg, sampling_params
 from covspec.errors import CovspecError
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from covspec.demo.manifest import MANIFEST_NAME, check_manifest, write_manifest
+from covspec.demo.checksums import MANIFEST_NAME, check_manifest, write_manifest
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 

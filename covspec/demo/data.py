@@ -24,7 +24,7 @@ from covspec.demo.task import (
     make_question,
     scene_for,
 )
-from covspec.demo.tokenizer import IMAGE
+from covspec.demo.word_tokenizer import IMAGE
 from covspec.models.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize
 from covspec.models.llava import llava_prompt_ids
 

@@ -11,7 +11,7 @@ import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
 from covspec.demo.task import CANVAS, PATCH
-from covspec.demo.tokenizer import IMAGE, save_tokenizer
+from covspec.demo.word_tokenizer import IMAGE, save_tokenizer
 from covspec.models.base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 

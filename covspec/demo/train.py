@@ -62,7 +62,7 @@ from covspec.demo.modeling import (
     size_meta,
 )
 from covspec.demo.task import COLOURS, DESCRIBE_PROMPT, GRID, N_VISUAL_TOKENS, SHAPES
-from covspec.demo.tokenizer import IMAGE, build_tokenizer
+from covspec.demo.word_tokenizer import IMAGE, build_tokenizer
 from covspec.pruning import merge_groups
 
 console = Console(stderr=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from covspec.demo import WEIGHTS, default_draft_path, default_target_path
-from covspec.demo.manifest import check_manifest
+from covspec.demo.checksums import check_manifest
 from covspec.demo.task import (
     ALL_COMBOS,
     N_VISUAL_TOKENS,
@@ -25,7 +25,7 @@ from covspec.demo.task import (
     scene_for,
     scene_split,
 )
-from covspec.demo.tokenizer import IMAGE, build_tokenizer
+from covspec.demo.word_tokenizer import IMAGE, build_tokenizer
 
 HAND_SCENE = Scene(objects=(Shape("red", "circle", 0), Shape("blue", "square", 1), Shape("green", "triangle", 4),
                             Shape("red", "diamond", 8)),
@@ -128,7 +128,7 @@ def test_shipped_pair_matches_its_manifest_and_loads():
     target, draft = load_adapter(default_target_path()), load_adapter(default_draft_path())
     assert target.family == draft.family == "llava"
     assert tokenizer_fingerprint(target.tokenizer) == tokenizer_fingerprint(draft.tokenizer)
-    # the draft is much cheaper (its measured step ratio is a benchmark: covspec.demo.measure)
+    # the draft is much cheaper (its measured step ratio is a benchmark: covspec.demo.report)
     t_params = sum(p.numel() for p in target.model.model.language_model.layers.parameters())
     d_params = sum(p.numel() for p in draft.model.model.language_model.layers.parameters())
     assert t_params >= 8 * d_params

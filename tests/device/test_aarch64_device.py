@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from covspec.bundles.manifest import write_manifest
 from covspec.device_runtime.flash import FlashError, flash, parse_target
 from covspec.device_runtime.platforms import (
     UNKNOWN,
@@ -35,7 +36,6 @@ from covspec.device_runtime.platforms import (
     unbuildable,
 )
 from covspec.device_runtime.runtime_payload import RUNTIME_MANIFEST, write_runtime_manifest, write_scripts
-from covspec.export.manifest import write_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 AARCH64 = Platform("aarch64", "3.11", UNKNOWN)

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 from covspec.bundles.bundle import BundleError, load_bundle
+from covspec.bundles.manifest import MANIFEST, write_manifest
 from covspec.device_runtime.flash import FlashError, FolderTarget, ShellTarget, flash, parse_target
 from covspec.device_runtime.platforms import PROBE, Platform, local_platform, mismatch, parse_probe
 from covspec.device_runtime.runtime_payload import RUNTIME_MANIFEST, glibc_needed, write_runtime_manifest
-from covspec.export.manifest import MANIFEST, write_manifest
 from covspec.tools.procs import free_port
 
 

@@ -14,11 +14,11 @@ import tiny_models
 from PIL import Image
 
 from covspec.edge_runtime.context import Incoming
+from covspec.edge_runtime.counters import SessionUsage
 from covspec.edge_runtime.planning import Outcome, plan_verify
 from covspec.edge_runtime.prepass import planned_windows
 from covspec.edge_runtime.session import TargetSession
 from covspec.edge_runtime.settings import EdgeSettings
-from covspec.edge_runtime.stats import SessionUsage
 from covspec.edge_runtime.table import SessionTable
 from covspec.models import load_adapter
 from covspec.sampling import SamplingParams

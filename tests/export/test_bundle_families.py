@@ -63,7 +63,7 @@ def eager_image(family: str, image: Image.Image, manifest: dict) -> Image.Image:
 def described(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """(family, eager adapter, rules) from a tiny checkpoint's manifest description, no export."""
     from covspec.bundles.families import rules_for
-    from covspec.export.programs import describe_model
+    from covspec.export.write_programs import describe_model
     from covspec.models import load_adapter
     from covspec.models.base import read_json_file
 

@@ -17,7 +17,7 @@ from PIL import Image
 from tiny_models import build_llava, build_qwen2_5_vl
 
 from covspec.bundles.bundle import BundleError, load_bundle
-from covspec.export.manifest import FORMAT_VERSION, MANIFEST, sha256_file, write_manifest
+from covspec.bundles.manifest import FORMAT_VERSION, MANIFEST, sha256_file, write_manifest
 from covspec.models.draft import as_draft
 
 PROMPTS = ["what is the color ?", "how many circle are there ?", "describe the image .", "is there a red square ?"]
@@ -144,7 +144,7 @@ def test_tensorrt_engine_gives_onnx_runtimes_logits(tmp_path: Path) -> None:
 
 
 def test_unsupported_family_names_the_cause_and_fallback(tmp_path: Path) -> None:
-    from covspec.export.programs import ExportUnsupported, check_exportable
+    from covspec.export.write_programs import ExportUnsupported, check_exportable
     from covspec.models import load_adapter
 
     adapter = load_adapter(build_qwen2_5_vl(tmp_path / "qwen"))

@@ -22,7 +22,7 @@ from PIL import Image
 from tiny_models import build_llava
 
 from covspec.bundles.bundle import BundleError
-from covspec.export.manifest import MANIFEST, write_manifest
+from covspec.bundles.manifest import MANIFEST, write_manifest
 from covspec.models.draft import as_draft
 
 DEMO_DRAFT = Path(__file__).resolve().parents[2] / "covspec" / "demo" / "weights" / "draft"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from covspec.cli import build_parser, main
-from covspec.cli.common import HelpFormatter
+from covspec.cli.options import HelpFormatter
 from covspec.modes import MODE_OPTIONS, MODES, Mode, SpecOptions, mode_labels, split_label
 from covspec.tools import bench, fuzz, load
 from covspec.tools.worker import WorkerSettings
@@ -163,7 +163,7 @@ def test_load_bench_device_settings(tmp_path):
 
 def test_device_and_edge_flags_derive_from_their_configuration():
     """`device run`'s defaults are AnswerConfig's and DeviceConfig's, `edge serve`'s EdgeSettings'."""
-    from covspec.cli.common import sampling_params
+    from covspec.cli.options import sampling_params
     from covspec.device_runtime.config import AnswerConfig, DeviceConfig
     from covspec.edge_runtime.settings import EdgeSettings
 

@@ -19,7 +19,7 @@ from test_runtimes import RunningEdge, png
 
 import covspec
 from covspec import api
-from covspec.cli import common, main
+from covspec.cli import main, options
 from covspec.edge_runtime.metrics import MetricsServer, parse_address, render
 from covspec.edge_runtime.server import EdgeServer, EdgeSettings
 from covspec.errors import CovspecError
@@ -212,22 +212,22 @@ def test_the_edge_metrics_endpoint_is_scraped(edge):
 
 
 def test_thread_defaults_fit_an_edge_and_a_device_on_one_machine(monkeypatch, caplog):
-    monkeypatch.setattr(common, "cores", lambda: 2)
-    assert common.auto_threads() == 1
+    monkeypatch.setattr(options, "cores", lambda: 2)
+    assert options.auto_threads() == 1
     log = logging.getLogger("covspec.cli")
     log.addHandler(caplog.handler)
     try:
-        common.warn_threads(1, "the edge at tcp://127.0.0.1:5555")
+        options.warn_threads(1, "the edge at tcp://127.0.0.1:5555")
         assert not caplog.records
-        common.warn_threads(2, "the edge at tcp://127.0.0.1:5555")
+        options.warn_threads(2, "the edge at tcp://127.0.0.1:5555")
         assert "give each --threads 1" in caplog.records[-1].getMessage()
-        common.warn_threads(4)
+        options.warn_threads(4)
         assert "more than this machine's 2 cores" in caplog.records[-1].getMessage()
     finally:
         log.removeHandler(caplog.handler)
     from covspec.cli import build_parser
 
-    monkeypatch.setattr(common, "cores", lambda: 16)
+    monkeypatch.setattr(options, "cores", lambda: 16)
     assert build_parser().parse_args(["edge", "serve", "--model", "m"]).threads == 8
 
 
@@ -307,7 +307,7 @@ def test_bench_workers_native_log_lines_go_to_their_log_only(tmp_path, capsys):
 
 def test_native_stderr_is_quiet_while_a_program_loads_unless_verbose(capfd):
     for verbose in (False, True):
-        with common.native_stderr_quiet(verbose):
+        with options.native_stderr_quiet(verbose):
             os.write(2, b"[cpuinfo_utils.cpp:71] Reading file\n")
         os.write(2, b"after\n")
         err = capfd.readouterr().err
@@ -315,7 +315,7 @@ def test_native_stderr_is_quiet_while_a_program_loads_unless_verbose(capfd):
 
 
 def test_flash_without_adb_names_the_tool_and_the_fix(tmp_path, capsys):
-    from covspec.export.manifest import write_manifest
+    from covspec.bundles.manifest import write_manifest
 
     folder = tmp_path / "bundle"
     folder.mkdir()

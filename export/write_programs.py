@@ -20,7 +20,7 @@ from covspec.bundles.families import rules_for
 from covspec.errors import CovspecError
 from covspec.export import quant as q
 from covspec.export.cached_decoder import CachedDecoder
-from covspec.export.families import (
+from covspec.export.family_graphs import (
     EXPORTABLE_FAMILIES,
     prompt_entry,
     vision_example,

@@ -1,6 +1,6 @@
 """The demo pair's closing figures in one command:
 
-    python -m covspec.demo.measure [--limit 400] [--agreement 100] [--json out.json]
+    python -m covspec.demo.report [--limit 400] [--agreement 100] [--json out.json]
 
 target and draft accuracy on the held-out split (per type, relations and the unseen-combination
 slice apart), the draft's teacher-forced greedy agreement with the target, and both decode steps."""
