@@ -50,6 +50,7 @@ LAUNCHER = "bin/covspec-device"
 INSTALLER = "runtime/install.sh"
 EXECUTABLES = (LAUNCHER, INSTALLER)
 FORMAT = 1
+DEMO_WEIGHTS = Path("covspec/demo/weights")  # not in the device's covspec wheel (16.6 MB it never reads)
 SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01: the covspec wheel's zip timestamps, so a rebuild is byte-identical
 REPO = Path(__file__).resolve().parent.parent
 
@@ -138,7 +139,8 @@ def stamp(folder: Path, step: str, key: str) -> None:
 
 
 def source_tree() -> tuple[Path, list[Path]]:
-    """The tree this covspec runs from and the files its wheel is built from (pyproject's package dirs)."""
+    """The tree this covspec runs from and the files its wheel is built from (pyproject's package dirs, less
+    the demo pair's weights: a device runs its bundle, and `covspec demo` runs from a checkout)."""
     pyproject = REPO / "pyproject.toml"
     if not pyproject.is_file():
         raise PayloadError(f"covspec runs from {REPO}, not a source tree (no pyproject.toml): build the runtime in "
@@ -147,7 +149,8 @@ def source_tree() -> tuple[Path, list[Path]]:
     roots = sorted(set(config["tool"]["setuptools"]["package-dir"].values()))
     files = [pyproject, REPO / "README.md"]
     for root in roots:
-        files += sorted(p for p in (REPO / root).rglob("*") if p.is_file() and not ignored(p.relative_to(REPO)))
+        files += sorted(p for p in (REPO / root).rglob("*") if p.is_file() and not ignored(p.relative_to(REPO))
+                        and not p.relative_to(REPO).is_relative_to(DEMO_WEIGHTS))
     return REPO, files
 
 

@@ -422,3 +422,13 @@ def test_flashed_launcher_answers_through_an_edge_over_ssh(exported, runtime: Pa
     torch_free([*remote, str(dest / "runtime" / "venv" / "bin" / "python")])
     check_answers([*remote, str(dest / "bin" / "covspec-device")], edge, image)
     assert flash(bundle, target, runtime).copied == []
+
+
+def test_the_device_wheel_carries_no_demo_weights():
+    """The covspec wheel a flash ships is built from the package dirs less covspec/demo/weights."""
+    from covspec.device_runtime.runtime_payload import DEMO_WEIGHTS, REPO, source_tree
+
+    _, files = source_tree()
+    rel = [p.relative_to(REPO) for p in files]
+    assert Path("covspec/demo/task.py") in rel and Path("device_runtime/client.py") in rel
+    assert (REPO / DEMO_WEIGHTS).is_dir() and not [p for p in rel if p.is_relative_to(DEMO_WEIGHTS)]
