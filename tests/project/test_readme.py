@@ -119,6 +119,41 @@ def test_the_session_spells_out_auth_and_threads():
     assert option(words["serve"], "--threads") == option(words["run"], "--threads") == "1"
 
 
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def code_commands(text: str) -> list[list[str]]:
+    """Every `covspec ...` command of a text's code: fenced bash blocks and 4-space indented blocks
+    (continuations joined, comments and a trailing & dropped)."""
+    blocks = bash_blocks(text)
+    indented = re.findall(r"(?:\n\n)((?: {4}\S.*\n?)+)", text)
+    blocks += ["\n".join(line[4:] for line in b.splitlines()) + "\n" for b in indented]
+    out = []
+    for block in blocks:
+        for name, value in re.findall(r'(?m)^\s*(\w+)="([^"$]*)"\s*$', block):  # NAME="..." used as $NAME below
+            block = re.sub(rf"\${name}\b", value, block)
+        out += [words for words in commands(block) if words[0] == "covspec"]
+    return out
+
+
+def test_every_documented_command_parses(capsys):
+    """README.md and docs/*.md: each `covspec` command in their code blocks parses with the real parser."""
+    parser = build_parser()
+    seen = 0
+    for path in DOCS:
+        for words in code_commands(path.read_text()):
+            try:
+                parser.parse_args(words[1:])
+            except SystemExit as exit_:
+                err = capsys.readouterr().err.strip().splitlines()[-1:]
+                raise AssertionError(f"{path.relative_to(ROOT)}: `{shlex.join(words)}` does not parse: {err}") from exit_
+            seen += 1
+    assert seen >= 10, f"only {seen} documented commands found: the block finder broke"
+    with pytest.raises(SystemExit):  # the check can fail: a flag that does not exist
+        parser.parse_args(code_commands("```bash\ncovspec edge serve --no-such-flag\n```\n")[0][1:])
+    capsys.readouterr()
+
+
 def free(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
