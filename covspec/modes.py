@@ -41,7 +41,7 @@ class SpecOptions:
     placement: bool = False  # hand drafting to the edge (STREAM with draft) when its drafting wins (policy.place_drafting)
 
 
-# The demo pair's settings, chosen by side-by-side bench runs (README, "Measured"): on its flat verify
+# The demo pair's settings, chosen by side-by-side bench runs (docs/measurements.md): on its flat verify
 # cost (results/calibration) long windows with a low gate pay, and long windows multiply every lost
 # point of acceptance, so it keeps 90% of the visual tokens (describe, 16 prompts, loopback / wifi
 # tok/s: 90% kept 479 / 351, 75% 396 / 309, 50% 399 / 288, unpruned 452 / 343; vanilla_sd@8 342 / 251)

@@ -269,7 +269,7 @@ ADB_NOTE = ("installed on the Android device: bundle/ (the .pte programs and tok
             "LlmModule loads, manifest.json with their sha256) and nothing else; NOT installed: the Python device "
             "runtime and its launcher (they need glibc Linux and python3; Android has bionic), so nothing on the "
             "device answers yet: the app speaks the wire protocol (transport/protocol.py) itself, or calls the "
-            "native shim's C API (device_runtime/native/et_shim.cpp); see the README's Android section")
+            "native shim's C API (device_runtime/native/et_shim.cpp); see docs/deployment.md, section Android")
 
 
 def resolve_runtime(runtime: str | Path, log, target: Platform | None = None) -> Payload:

@@ -108,7 +108,7 @@ def unbuildable(target: Platform) -> str | None:
     if target.android:
         return (f"it is Android {target.android} (bionic libc, no python3): the covspec device runtime is made for "
                 f"{SUPPORTED}. On Android the app runs the bundle itself: copy the bundle alone (--runtime none) "
-                "and see the README's Android section (the .pte LlmModule loads, the wire protocol, the shim's C API)")
+                "and see docs/deployment.md, section Android (the .pte LlmModule loads, the wire protocol, the shim's C API)")
     if target.machine not in MACHINES:
         fix = ("install a 64-bit OS (e.g. Raspberry Pi OS 64-bit, uname -m says aarch64)"
                if target.machine.startswith("arm") else "use a device of a supported machine")
