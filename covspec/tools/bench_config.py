@@ -93,6 +93,12 @@ class BenchConfig:
                                "the edge may take 2)", type=int)
     load_link: str = option("loopback", "with --devices: the link profile every device connection goes through "
                             "(loopback: straight to the edge)")
+    slo: str = option("ttft=500,tpot=25", "with --devices: the latency SLO the goodput counts answers against, in ms: "
+                      "time to first token (from arrival) and time per output token after the first; an answer meets "
+                      "it when both are within, a run when its p99s are (default: ttft=500,tpot=25)",
+                      metavar="ttft=MS,tpot=MS")
+    answers: int | None = option(None, "with --devices: answers per device count in all, each of the N devices asking "
+                                 "ceil(answers/N) prompts (default: none, --prompts per device)", type=int)
     replay: bool = option(False, "with --devices: one real device first answers every device's prompts (recording "
                           "its messages), then the N devices replay those messages (load generators: no draft runs "
                           "on them, so they leave the cores to the edge)")
