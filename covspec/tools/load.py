@@ -73,22 +73,22 @@ def worker_settings(args: argparse.Namespace, endpoint: str, mode: str, n: int, 
     return WorkerSettings.from_bench(
         args, edge=endpoint, link=load_label(n, rate), modes=(mode,), start=args.start + device * prompts, prompts=prompts,
         rows=str(rows), device=device, go=str(go), rate=None if rate is None else rate / n,
-        replay_file=str(recording(Path(args.out), n)) if args.replay else None)
+        replay_file=str(recording(Path(args.out), n, getattr(args, "edge_draft_sessions", None))) if args.replay else None)
 
 
-def offered(n: int) -> bool:
-    """Whether the edge offers to draft for N devices: at most `EdgeSettings.draft_sessions` unfinished
-    sessions (edge_runtime.drafting)."""
+def offered(n: int, sessions: int | None = None) -> bool:
+    """Whether the edge offers to draft for N devices: at most `sessions` unfinished sessions (the bench's
+    --edge-draft-sessions; default `EdgeSettings.draft_sessions`, edge_runtime.drafting)."""
     from covspec.edge_runtime.settings import EdgeSettings
 
-    return n <= EdgeSettings().draft_sessions
+    return n <= (EdgeSettings().draft_sessions if sessions is None else sessions)
 
 
-def recording(out: Path, n: int) -> Path:
+def recording(out: Path, n: int, sessions: int | None = None) -> Path:
     """The recorded run N devices replay: while the edge offers to draft for them (`offered`) covspec may
     hand drafting over; past that the edge declines, so those replay a recording whose device drafted
     every window itself."""
-    return out / ("recorded.msgpack" if offered(n) else "recorded-loaded.msgpack")
+    return out / ("recorded.msgpack" if offered(n, sessions) else "recorded-loaded.msgpack")
 
 
 def run_devices(args: argparse.Namespace, out: Path, endpoint: str, mode: str, n: int,
@@ -342,12 +342,13 @@ def record(args: argparse.Namespace, out: Path, endpoint: str, devices: int, pro
     what the edge offers to draft for, as on a loaded edge: no hand-over of drafting)."""
     from covspec.tools.procs import one_thread_env
 
-    recorded = recording(out, devices)
+    sessions = getattr(args, "edge_draft_sessions", None)
+    recorded = recording(out, devices, sessions)
     recorded.unlink(missing_ok=True)
     rows = out / f"{recorded.stem}.jsonl"
     rows.unlink(missing_ok=True)
     settings = WorkerSettings.from_bench(args, edge=endpoint, link="recording", prompts=prompts or devices * args.prompts,
-                                         rows=str(rows), record=str(recorded), hand_over=offered(devices))
+                                         rows=str(rows), record=str(recorded), hand_over=offered(devices, sessions))
     command = settings.save(out / f"worker-{recorded.stem}.json")
     with open(out / f"{recorded.stem}.log", "w") as log:
         subprocess.run(command, env=one_thread_env(), stdout=log, stderr=subprocess.STDOUT, check=True)
@@ -380,6 +381,8 @@ def run_load(args: argparse.Namespace) -> Path:
         edge = start_edge(args.target, endpoint, out / "edge.log", "--max-sessions-per-device", "64",
                           "--batch-wait-ms", str(args.batch_wait_ms), "--device", getattr(args, "edge_device", "cpu"),
                           "--dtype", getattr(args, "edge_dtype", "float32"), *edge_draft_options(args),
+                          *(() if getattr(args, "edge_draft_sessions", None) is None else
+                            ("--draft-sessions", str(args.edge_draft_sessions))),
                           threads=args.edge_threads)
     counters = EdgeCounters(endpoint, getattr(args, "edge_metrics", None), getattr(args, "key", None),
                             getattr(args, "edge_key", None))
@@ -391,7 +394,8 @@ def run_load(args: argparse.Namespace) -> Path:
             link, devices_endpoint = start_link(args.load_link, upstream,
                                                 keys=client_keys(getattr(args, "key", None), getattr(args, "edge_key", None)))
         if args.replay:  # one recording for devices the edge drafts for, one for devices on a loaded edge
-            for group in ([n for n in counts if offered(n)], [n for n in counts if not offered(n)]):
+            sessions = getattr(args, "edge_draft_sessions", None)
+            for group in ([n for n in counts if offered(n, sessions)], [n for n in counts if not offered(n, sessions)]):
                 if group:
                     record(args, out, devices_endpoint, max(group), max(n * prompts_for(args, n) for n in group))
         for mode in args.modes:
