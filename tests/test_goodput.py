@@ -56,6 +56,8 @@ def test_goodput_counts_only_answers_within_the_slo():
     assert g["slo_met"] == 2 and g["goodput"] == pytest.approx(2.0) and g["slo_share"] == 0.5
     assert not g["at_slo"]  # p99 TTFT 0.6 s is over
     assert goodput([row(0.1, 0.01), row(0.5, 0.025)], SLO)["at_slo"]
+    untimed = goodput([{**row(0.1, 0.01), "ttft_s": None}], SLO)  # no first-token time: not judged
+    assert math.isnan(untimed["goodput"]) and not untimed["at_slo"]
 
 
 def test_devices_served_needs_every_repeat_at_slo():

@@ -68,6 +68,10 @@ def span_s(rows: list[dict]) -> float:
 def goodput(rows: list[dict], slo: Slo) -> dict:
     """One run's goodput figures: answers/s meeting the SLO, the share that does, p99 TTFT and TPOT (ms)
     and whether the run meets the SLO (both p99s within it)."""
+    if any(r.get("ttft_s") is None for r in rows):  # rows that did not time their first token: not judged
+        nan = float("nan")
+        return {"goodput": nan, "slo_met": 0, "slo_share": nan, "slo_ttft_ms_p99": nan, "slo_tpot_ms_p99": nan,
+                "at_slo": False}
     ttft = np.array([ttft_s(r) for r in rows]) * 1000
     tpot = np.array([tpot_s(r) for r in rows]) * 1000
     met = sum(meets(r, slo) for r in rows)
