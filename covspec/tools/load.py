@@ -173,6 +173,7 @@ def summarise_load(rows: list[dict], mode: str, n: int, batches: dict[str, float
 
 LOAD_FIELDS = ("mode", "devices", "rate", "requests", "tokens", "goodput", "slo_share", "slo_ttft_ms_p99",
                "slo_tpot_ms_p99", "at_slo", "goodput_vs_edge_sd", "goodput_vs_edge_sd_low", "goodput_vs_edge_sd_high",
+               "goodput_vs_covspec_no_placement", "goodput_vs_covspec_no_placement_low", "goodput_vs_covspec_no_placement_high",
                "answers_per_s", "aggregate_tps", "device_tps_mean",
                "device_tps_min", "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p99", "latency_ms_p50", "latency_ms_p90",
                "latency_ms_p99", "latency_ms_mean", "per_token_ms_p50", "per_token_ms_p90", "per_token_ms_p99",
@@ -188,13 +189,13 @@ def run_rows(rows: list[dict], s: dict) -> list[dict]:
 
 def compare_goodput(summary: list[dict], rows: list[dict], slo: Slo, against: str = "edge_sd") -> None:
     """Each run's goodput over `against`'s run of the same devices, rate and repeat, with its 95% paired
-    interval (goodput.paired_ratio), as goodput_vs_edge_sd[_low/_high]."""
+    interval (goodput.paired_ratio), as goodput_vs_AGAINST[_low/_high]."""
     base = {(s["devices"], s.get("rate"), s.get("repeat", 0)): s for s in summary if s["mode"] == against}
     for s in summary:
         other = base.get((s["devices"], s.get("rate"), s.get("repeat", 0)))
         ratio = (float("nan"),) * 3 if other is None or s is other else paired_ratio(
             run_rows(rows, s), run_rows(rows, other), slo)
-        s["goodput_vs_edge_sd"], s["goodput_vs_edge_sd_low"], s["goodput_vs_edge_sd_high"] = ratio
+        s[f"goodput_vs_{against}"], s[f"goodput_vs_{against}_low"], s[f"goodput_vs_{against}_high"] = ratio
 
 
 def goodput_lines(summary: list[dict], slo: Slo) -> list[str]:
@@ -208,15 +209,21 @@ def goodput_lines(summary: list[dict], slo: Slo) -> list[str]:
              "devices and repeat, 95% paired bootstrap interval over the prompts (covspec/tools/goodput.py).", ""]
     for mode, n in devices_served(summary).items():
         lines.append(f"- devices served at SLO by one edge, {mode}: {n}")
+    against = ["edge_sd"] + (["covspec_no_placement"] if any("goodput_vs_covspec_no_placement" in s for s in summary) else [])
+
+    def versus(s: dict, other: str) -> str:
+        ratio = s.get(f"goodput_vs_{other}", float("nan"))
+        return "" if ratio != ratio else (f"{ratio:.2f} [{_f(s[f'goodput_vs_{other}_low'], 2)}, "
+                                          f"{_f(s[f'goodput_vs_{other}_high'], 2)}]")
+
     lines += ["", "| mode | devices | rate /s | repeat | goodput answers/s | answers/s | met SLO | p99 TTFT ms | "
-              "p99 TPOT ms | at SLO | vs edge_sd [95%] |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "p99 TPOT ms | at SLO | " + " | ".join(f"vs {other} [95%]" for other in against) + " |",
+              "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(against)]
     for s in summary:
-        ratio = s.get("goodput_vs_edge_sd", float("nan"))
-        versus = "" if ratio != ratio else (f"{ratio:.2f} [{_f(s['goodput_vs_edge_sd_low'], 2)}, "
-                                            f"{_f(s['goodput_vs_edge_sd_high'], 2)}]")
         lines.append(f"| {s['mode']} | {s['devices']} | {'' if s.get('rate') is None else format(s['rate'], 'g')} | "
                      f"{s.get('repeat', 0)} | {s['goodput']:.2f} | {s['answers_per_s']:.2f} | {s['slo_met']}/{s['requests']} | "
-                     f"{s['slo_ttft_ms_p99']:.0f} | {s['slo_tpot_ms_p99']:.1f} | {'yes' if s['at_slo'] else 'no'} | {versus} |")
+                     f"{s['slo_ttft_ms_p99']:.0f} | {s['slo_tpot_ms_p99']:.1f} | {'yes' if s['at_slo'] else 'no'} | "
+                     + " | ".join(versus(s, other) for other in against) + " |")
     return lines + [""]
 
 
@@ -226,6 +233,8 @@ def write_load(out: Path, summary: list[dict], args: argparse.Namespace, rows: l
     slo = getattr(args, "slo_parsed", None) or parse_slo(getattr(args, "slo", None) or "")
     if rows:
         compare_goodput(summary, rows, slo)
+        if any(s["mode"] == "covspec_no_placement" for s in summary):  # the other side covspec must not lose to
+            compare_goodput(summary, rows, slo, "covspec_no_placement")
 
     (out / "load.json").write_text(json.dumps({"summary": summary, "command": args.command_line, "slo": str(slo),
                                                "devices_served_at_slo": devices_served(summary),
