@@ -13,7 +13,10 @@ replays its requests' messages (OPEN, the drafted VERIFY windows, STREAM, CLOSE)
 session id, waiting for every reply as the device did and, before each message, for the time the
 recording device spent on its own work before sending it (drafting, pruning, prefill), with no draft
 running; the edge does all of its real work, and each replayed request checks that the edge's
-replies equal the recorded ones (`replay_matches`). Reported per (mode, N): aggregate decode tokens/s (all tokens over the span from
+replies equal the recorded ones (`replay_matches`). The runs go count by count, every mode of a count
+back to back (compared modes share the machine's same minutes). Reported per (mode, N): goodput at
+the SLO first (answers/s within `--slo`, covspec/tools/goodput.py; against edge_sd with a paired
+interval; devices served at SLO per mode), aggregate decode tokens/s (all tokens over the span from
 the first request's start to the last one's end), per-device tokens/s (a device's tokens over its
 own span; mean and min), request latency p50/p99 (one request = one answer), the edge's batched
 passes in that run (STATS) and its peak RSS. Files: load.jsonl (one row per request), load.json
@@ -407,9 +410,11 @@ def run_load(args: argparse.Namespace) -> Path:
             for group in ([n for n in counts if offered(n, sessions)], [n for n in counts if not offered(n, sessions)]):
                 if group:
                     record(args, out, devices_endpoint, max(group), max(n * prompts_for(args, n) for n in group))
-        for mode in args.modes:
-            for n in counts:
-                for rate in rates:
+        # count-major, the modes of one count back to back: runs compared in pairs (goodput vs edge_sd) share
+        # the same minutes of a machine whose other load drifts
+        for n in counts:
+            for rate in rates:
+                for mode in args.modes:
                     before, cpu_before = counters.read(), None if edge is None else process_cpu_s(edge.pid)
                     rows = run_devices(args, out, devices_endpoint, mode, n, rate)
                     repeat = sum(s["mode"] == mode and s["devices"] == n and s["rate"] == rate for s in summary)
@@ -433,6 +438,9 @@ def run_load(args: argparse.Namespace) -> Path:
             stop_link(link)
         if edge is not None:
             stop_edge(edge)
+    order = {mode: i for i, mode in enumerate(args.modes)}  # the tables by mode, as before
+    summary.sort(key=lambda s: order[s["mode"]])
+    all_rows.sort(key=lambda r: order[r["mode"]])
     (out / "load.jsonl").write_text("".join(json.dumps(r) + "\n" for r in all_rows))
     write_load(out, summary, args, all_rows)
     print((out / "load.md").read_text())
