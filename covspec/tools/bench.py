@@ -81,6 +81,18 @@ def prepare(args: argparse.Namespace) -> None:
     args.rates = parse_rates(args.rate)
     if args.rate and not args.devices:
         raise CovspecError("--rate goes with --devices N (an open-loop load run)")
+    from covspec.tools.goodput import parse_slo
+
+    try:
+        args.slo_parsed = parse_slo(getattr(args, "slo", None) or "")
+    except ValueError as e:
+        raise CovspecError(str(e)) from None
+    sessions = getattr(args, "edge_draft_sessions", None)
+    if sessions is not None and (args.edge or sessions < 0):
+        raise CovspecError("--edge-draft-sessions N (N at least 0) sets the bench's own edge; a running edge (--edge) "
+                           "has its own `covspec edge serve --draft-sessions`")
+    if getattr(args, "answers", None) is not None and (not args.devices or args.answers < 1):
+        raise CovspecError("--answers N goes with --devices, N at least 1 (answers per device count in all)")
     args.checked_prompts = None
     if args.prompts_file:
         prompts = load_prompts(args.prompts_file, args.question)

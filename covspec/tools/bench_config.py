@@ -87,12 +87,22 @@ class BenchConfig:
     edge_draft: str | None = option(None, "the draft the bench's own edge runs beside its target for edge_sd and "
                                     "covspec's placement ('none': no draft on the edge) (default: --draft, when a "
                                     "mode drafts there)")
+    edge_draft_sessions: int | None = option(None, "the bench's own edge's --draft-sessions: it offers to draft for "
+                                             "devices that can draft themselves while it holds at most this many "
+                                             "unfinished sessions; a replayed load run records the hand-over for the "
+                                             "device counts within it (default: the edge's own, 4)", type=int)
     batch_wait_ms: float = option(2.0, "the bench's own edge's batch_wait_ms (0: no batching)", type=float)
     edge_threads: int = option(1, "with --devices: the bench's own edge's torch threads (1: devices running the draft "
                                "on this machine need the other core; with --replay the devices hardly use one, so "
                                "the edge may take 2)", type=int)
     load_link: str = option("loopback", "with --devices: the link profile every device connection goes through "
                             "(loopback: straight to the edge)")
+    slo: str = option("ttft=500,tpot=25", "with --devices: the latency SLO the goodput counts answers against, in ms: "
+                      "time to first token (from arrival) and time per output token after the first; an answer meets "
+                      "it when both are within, a run when its p99s are (default: ttft=500,tpot=25)",
+                      metavar="ttft=MS,tpot=MS")
+    answers: int | None = option(None, "with --devices: answers per device count in all, each of the N devices asking "
+                                 "ceil(answers/N) prompts (default: none, --prompts per device)", type=int)
     replay: bool = option(False, "with --devices: one real device first answers every device's prompts (recording "
                           "its messages), then the N devices replay those messages (load generators: no draft runs "
                           "on them, so they leave the cores to the edge)")

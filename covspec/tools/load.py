@@ -13,7 +13,10 @@ replays its requests' messages (OPEN, the drafted VERIFY windows, STREAM, CLOSE)
 session id, waiting for every reply as the device did and, before each message, for the time the
 recording device spent on its own work before sending it (drafting, pruning, prefill), with no draft
 running; the edge does all of its real work, and each replayed request checks that the edge's
-replies equal the recorded ones (`replay_matches`). Reported per (mode, N): aggregate decode tokens/s (all tokens over the span from
+replies equal the recorded ones (`replay_matches`). The runs go count by count, every mode of a count
+back to back (compared modes share the machine's same minutes). Reported per (mode, N): goodput at
+the SLO first (answers/s within `--slo`, covspec/tools/goodput.py; against edge_sd with a paired
+interval; devices served at SLO per mode), aggregate decode tokens/s (all tokens over the span from
 the first request's start to the last one's end), per-device tokens/s (a device's tokens over its
 own span; mean and min), request latency p50/p99 (one request = one answer), the edge's batched
 passes in that run (STATS) and its peak RSS. Files: load.jsonl (one row per request), load.json
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from covspec.tools.goodput import Slo, devices_served, goodput, paired_ratio, parse_slo, tpot_s
 from covspec.tools.procs import process_cpu_s
 from covspec.tools.replay import release
 from covspec.tools.worker import WorkerSettings
@@ -58,29 +62,36 @@ def load_label(n: int, rate: float | None) -> str:
     return f"{n}dev" if rate is None else f"{n}dev@{rate:g}/s"
 
 
+def prompts_for(args: argparse.Namespace, n: int) -> int:
+    """Prompts each of N devices asks: --prompts, or ceil(--answers / N) where answers per count are given."""
+    answers = getattr(args, "answers", None)
+    return args.prompts if answers is None else -(-answers // n)
+
+
 def worker_settings(args: argparse.Namespace, endpoint: str, mode: str, n: int, device: int,
                     rows: Path, go: Path, rate: float | None = None) -> WorkerSettings:
-    """Device `device` of `n` in `mode`: its own --prompts prompts, after those of the devices before it;
-    open loop, a 1/n share of the arrivals (n Poisson streams at rate/n make one at `rate`)."""
+    """Device `device` of `n` in `mode`: its own prompts (`prompts_for`), after those of the devices before
+    it; open loop, a 1/n share of the arrivals (n Poisson streams at rate/n make one at `rate`)."""
+    prompts = prompts_for(args, n)
     return WorkerSettings.from_bench(
-        args, edge=endpoint, link=load_label(n, rate), modes=(mode,), start=args.start + device * args.prompts,
+        args, edge=endpoint, link=load_label(n, rate), modes=(mode,), start=args.start + device * prompts, prompts=prompts,
         rows=str(rows), device=device, go=str(go), rate=None if rate is None else rate / n,
-        replay_file=str(recording(Path(args.out), n)) if args.replay else None)
+        replay_file=str(recording(Path(args.out), n, getattr(args, "edge_draft_sessions", None))) if args.replay else None)
 
 
-def offered(n: int) -> bool:
-    """Whether the edge offers to draft for N devices: at most `EdgeSettings.draft_sessions` unfinished
-    sessions (edge_runtime.drafting)."""
+def offered(n: int, sessions: int | None = None) -> bool:
+    """Whether the edge offers to draft for N devices: at most `sessions` unfinished sessions (the bench's
+    --edge-draft-sessions; default `EdgeSettings.draft_sessions`, edge_runtime.drafting)."""
     from covspec.edge_runtime.settings import EdgeSettings
 
-    return n <= EdgeSettings().draft_sessions
+    return n <= (EdgeSettings().draft_sessions if sessions is None else sessions)
 
 
-def recording(out: Path, n: int) -> Path:
+def recording(out: Path, n: int, sessions: int | None = None) -> Path:
     """The recorded run N devices replay: while the edge offers to draft for them (`offered`) covspec may
     hand drafting over; past that the edge declines, so those replay a recording whose device drafted
     every window itself."""
-    return out / ("recorded.msgpack" if offered(n) else "recorded-loaded.msgpack")
+    return out / ("recorded.msgpack" if offered(n, sessions) else "recorded-loaded.msgpack")
 
 
 def run_devices(args: argparse.Namespace, out: Path, endpoint: str, mode: str, n: int,
@@ -110,11 +121,15 @@ def run_devices(args: argparse.Namespace, out: Path, endpoint: str, mode: str, n
         log.close()
         for path in [go, *(Path(f"{go}.ready.{i}") for i in range(n))]:  # the start signal, spent
             path.unlink(missing_ok=True)
-    return [json.loads(line) for path in files for line in path.read_text().splitlines()]
+    rows = [json.loads(line) for path in files for line in path.read_text().splitlines()]
+    for row in rows:  # the SLO's per-answer figures, beside the row's own
+        row.setdefault("tpot_s", tpot_s(row))
+    return rows
 
 
 def summarise_load(rows: list[dict], mode: str, n: int, batches: dict[str, float], rss_mb: float | None,
-                   edge_cpu_s: float | None = None, rate: float | None = None, edge: dict | None = None) -> dict:
+                   edge_cpu_s: float | None = None, rate: float | None = None, edge: dict | None = None,
+                   slo: Slo | None = None) -> dict:
     """`edge_cpu_s`: the CPU time the edge process used while these requests ran. Per request, it is
     what one answer costs the edge; over the span, how busy the edge was (1.0: a one-thread edge
     saturated, and the aggregate cannot grow with more devices). `edge`: the edge's side from its own
@@ -133,6 +148,7 @@ def summarise_load(rows: list[dict], mode: str, n: int, batches: dict[str, float
     latency = np.array([r["latency_s"] for r in rows]) * 1000
     windows = batches.get("batched_windows", 0)
     summary = {"mode": mode, "devices": n, "rate": rate, "requests": len(rows), "tokens": tokens,
+               **goodput(rows, slo or parse_slo("")),
                "answers_per_s": len(rows) / max(span, 1e-9),
                "aggregate_tps": tokens / max(span, 1e-9), "device_tps_mean": float(np.mean(per_device)),
                "device_tps_min": float(np.min(per_device)), "latency_p50_ms": float(np.percentile(latency, 50)),
@@ -158,17 +174,73 @@ def summarise_load(rows: list[dict], mode: str, n: int, batches: dict[str, float
     return summary
 
 
-LOAD_FIELDS = ("mode", "devices", "rate", "requests", "tokens", "answers_per_s", "aggregate_tps", "device_tps_mean",
+LOAD_FIELDS = ("mode", "devices", "rate", "requests", "tokens", "goodput", "slo_share", "slo_ttft_ms_p99",
+               "slo_tpot_ms_p99", "at_slo", "goodput_vs_edge_sd", "goodput_vs_edge_sd_low", "goodput_vs_edge_sd_high",
+               "goodput_vs_covspec_no_placement", "goodput_vs_covspec_no_placement_low", "goodput_vs_covspec_no_placement_high",
+               "answers_per_s", "aggregate_tps", "device_tps_mean",
                "device_tps_min", "ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p99", "latency_ms_p50", "latency_ms_p90",
                "latency_ms_p99", "latency_ms_mean", "per_token_ms_p50", "per_token_ms_p90", "per_token_ms_p99",
                "response_ms_p50", "response_ms_p90", "response_ms_p99", "edge_batches", "windows_per_batch",
                "edge_busy", "edge_busy_ms_per_request", "edge_cpu_ms_per_request", "edge_peak_rss_mb", "replay_matches")
 
 
+def run_rows(rows: list[dict], s: dict) -> list[dict]:
+    """The rows of summary entry `s`: its mode, device count, rate and repeat."""
+    label = load_label(s["devices"], s.get("rate"))
+    return [r for r in rows if r["mode"] == s["mode"] and r["link"] == label and r.get("repeat", 0) == s.get("repeat", 0)]
+
+
+def compare_goodput(summary: list[dict], rows: list[dict], slo: Slo, against: str = "edge_sd") -> None:
+    """Each run's goodput over `against`'s run of the same devices, rate and repeat, with its 95% paired
+    interval (goodput.paired_ratio), as goodput_vs_AGAINST[_low/_high]."""
+    base = {(s["devices"], s.get("rate"), s.get("repeat", 0)): s for s in summary if s["mode"] == against}
+    for s in summary:
+        other = base.get((s["devices"], s.get("rate"), s.get("repeat", 0)))
+        ratio = (float("nan"),) * 3 if other is None or s is other else paired_ratio(
+            run_rows(rows, s), run_rows(rows, other), slo)
+        s[f"goodput_vs_{against}"], s[f"goodput_vs_{against}_low"], s[f"goodput_vs_{against}_high"] = ratio
+
+
+def goodput_lines(summary: list[dict], slo: Slo) -> list[str]:
+    """load.md's headline: devices served at the SLO per mode (one line each), and goodput per run."""
+    from covspec.tools.figures import _f
+
+    lines = [f"## Goodput at SLO (ttft={slo.ttft_ms:g} ms, tpot={slo.tpot_ms:g} ms: `--slo {slo}`)", "",
+             "An answer meets the SLO when its time to first token (from arrival) and its time per output token "
+             "after the first are both within it; goodput is the answers per second that do (over the run's span); "
+             "a run is at SLO when its p99 TTFT and p99 TPOT are. `vs edge_sd`: goodput over edge_sd's at the same "
+             "devices and repeat, 95% paired bootstrap interval over the prompts (covspec/tools/goodput.py).", ""]
+    for mode, n in devices_served(summary).items():
+        lines.append(f"- devices served at SLO by one edge, {mode}: {n}")
+    against = ["edge_sd"] + (["covspec_no_placement"] if any("goodput_vs_covspec_no_placement" in s for s in summary) else [])
+
+    def versus(s: dict, other: str) -> str:
+        ratio = s.get(f"goodput_vs_{other}", float("nan"))
+        return "" if ratio != ratio else (f"{ratio:.2f} [{_f(s[f'goodput_vs_{other}_low'], 2)}, "
+                                          f"{_f(s[f'goodput_vs_{other}_high'], 2)}]")
+
+    lines += ["", "| mode | devices | rate /s | repeat | goodput answers/s | answers/s | met SLO | p99 TTFT ms | "
+              "p99 TPOT ms | at SLO | " + " | ".join(f"vs {other} [95%]" for other in against) + " |",
+              "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(against)]
+    for s in summary:
+        lines.append(f"| {s['mode']} | {s['devices']} | {'' if s.get('rate') is None else format(s['rate'], 'g')} | "
+                     f"{s.get('repeat', 0)} | {s['goodput']:.2f} | {s['answers_per_s']:.2f} | {s['slo_met']}/{s['requests']} | "
+                     f"{s['slo_ttft_ms_p99']:.0f} | {s['slo_tpot_ms_p99']:.1f} | {'yes' if s['at_slo'] else 'no'} | "
+                     + " | ".join(versus(s, other) for other in against) + " |")
+    return lines + [""]
+
+
 def write_load(out: Path, summary: list[dict], args: argparse.Namespace, rows: list[dict] | None = None) -> None:
     from covspec.tools.figures import _f, write_table
 
-    (out / "load.json").write_text(json.dumps({"summary": summary, "command": args.command_line,
+    slo = getattr(args, "slo_parsed", None) or parse_slo(getattr(args, "slo", None) or "")
+    if rows:
+        compare_goodput(summary, rows, slo)
+        if any(s["mode"] == "covspec_no_placement" for s in summary):  # the other side covspec must not lose to
+            compare_goodput(summary, rows, slo, "covspec_no_placement")
+
+    (out / "load.json").write_text(json.dumps({"summary": summary, "command": args.command_line, "slo": str(slo),
+                                               "devices_served_at_slo": devices_served(summary),
                                                "edge": getattr(args, "edge_info", None)}, indent=1))
     write_table(out, "load-summary", summary, LOAD_FIELDS)
     remote = getattr(args, "edge", None)
@@ -188,7 +260,7 @@ def write_load(out: Path, summary: list[dict], args: argparse.Namespace, rows: l
              "requests; per device: over its own). Closed loop (no rate): each device asks its next prompt once "
              "it has its answer. Open loop (rate R/s): requests arrive at R per second in all (Poisson), however "
              "long the answers take; `response` counts from the arrival, the wait for a busy device included. "
-             "Latencies in ms, p50 / p90 / p99.", "",
+             "Latencies in ms, p50 / p90 / p99.", "", *goodput_lines(summary, slo), "## Latency and throughput", "",
              "| mode | devices | rate /s | requests | answers/s | aggregate tok/s | per-device tok/s (mean / min) | "
              "TTFT p50 / p99 | latency p50 / p90 / p99 | per-token p50 / p99 | response p50 / p90 / p99 | "
              "edge batches | windows per batch | edge busy | edge busy ms/answer | edge CPU ms/answer | "
@@ -206,7 +278,7 @@ def write_load(out: Path, summary: list[dict], args: argparse.Namespace, rows: l
                      f"{_f(s.get('edge_busy'), 2)} | {_f(s.get('edge_busy_ms_per_request'), 1)} | "
                      f"{_f(s.get('edge_cpu_ms_per_request'), 1)} | {_f(s['edge_peak_rss_mb'])} | {equal} |")
     lines += ["", "Rows: load.jsonl (one per request); load-summary.jsonl / load-summary.csv (this table). Plots: "
-              "aggregate_tps.png, latency_cdf.png (request latency per mode, a line per devices and rate)" +
+              "goodput.png (goodput at the SLO against devices), aggregate_tps.png, latency_cdf.png (request latency per mode, a line per devices and rate)" +
               (", response_cdf.png (from arrival, open loop)" if any(s.get("rate") for s in summary) else "") + "."]
     (out / "load.md").write_text("\n".join(lines) + "\n")
     plot_load(out, summary, rows or [])
@@ -222,6 +294,7 @@ def plot_load(out: Path, summary: list[dict], rows: list[dict]) -> None:
 
     from covspec.tools.figures import plot_cdfs
 
+    plot_goodput(out, summary)
     fig, ax = plt.subplots(figsize=(6, 4))
     for mode in dict.fromkeys(s["mode"] for s in summary):
         first_rate = next(s.get("rate") for s in summary if s["mode"] == mode)
@@ -249,17 +322,45 @@ def plot_load(out: Path, summary: list[dict], rows: list[dict]) -> None:
                                for mode in modes}, f"{field.removesuffix('_s').replace('_', ' ')}, ms", title)
 
 
-def record(args: argparse.Namespace, out: Path, endpoint: str, devices: int) -> None:
+def plot_goodput(out: Path, summary: list[dict]) -> None:
+    """goodput.png: goodput at the SLO against offered load (devices, closed loop; or rate, open loop),
+    a line per mode through the mean of its repeats, each repeat a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    open_loop = all(s.get("rate") is not None for s in summary)
+    load = (lambda s: s["rate"]) if open_loop else (lambda s: s["devices"])  # noqa: E731
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in dict.fromkeys(s["mode"] for s in summary):
+        runs = [s for s in summary if s["mode"] == mode and (open_loop or s.get("rate") is None)]
+        points = sorted({load(s) for s in runs})
+        means = [float(np.mean([s["goodput"] for s in runs if load(s) == x])) for x in points]
+        line, = ax.plot(points, means, marker="o", label=mode)
+        ax.scatter([load(s) for s in runs], [s["goodput"] for s in runs], s=10, color=line.get_color(), alpha=0.5)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("offered load: " + ("answers/s (open loop)" if open_loop else "devices (closed loop)"))
+    ax.set_ylabel("goodput: answers/s meeting the SLO")
+    ax.set_title("Goodput at the SLO against offered load")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "goodput.png", dpi=120)
+    plt.close(fig)
+
+
+def record(args: argparse.Namespace, out: Path, endpoint: str, devices: int, prompts: int | None = None) -> None:
     """The recording pass: one real device answers the prompts of `devices` devices in every mode (past
     what the edge offers to draft for, as on a loaded edge: no hand-over of drafting)."""
     from covspec.tools.procs import one_thread_env
 
-    recorded = recording(out, devices)
+    sessions = getattr(args, "edge_draft_sessions", None)
+    recorded = recording(out, devices, sessions)
     recorded.unlink(missing_ok=True)
     rows = out / f"{recorded.stem}.jsonl"
     rows.unlink(missing_ok=True)
-    settings = WorkerSettings.from_bench(args, edge=endpoint, link="recording", prompts=devices * args.prompts,
-                                         rows=str(rows), record=str(recorded), hand_over=offered(devices))
+    settings = WorkerSettings.from_bench(args, edge=endpoint, link="recording", prompts=prompts or devices * args.prompts,
+                                         rows=str(rows), record=str(recorded), hand_over=offered(devices, sessions))
     command = settings.save(out / f"worker-{recorded.stem}.json")
     with open(out / f"{recorded.stem}.log", "w") as log:
         subprocess.run(command, env=one_thread_env(), stdout=log, stderr=subprocess.STDOUT, check=True)
@@ -280,6 +381,7 @@ def run_load(args: argparse.Namespace) -> Path:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    slo = getattr(args, "slo_parsed", None) or parse_slo(getattr(args, "slo", None) or "")
     counts = [int(n) for n in str(args.devices).split(",")]
     rates = getattr(args, "rates", None) or [None]
     edge = None
@@ -291,6 +393,8 @@ def run_load(args: argparse.Namespace) -> Path:
         edge = start_edge(args.target, endpoint, out / "edge.log", "--max-sessions-per-device", "64",
                           "--batch-wait-ms", str(args.batch_wait_ms), "--device", getattr(args, "edge_device", "cpu"),
                           "--dtype", getattr(args, "edge_dtype", "float32"), *edge_draft_options(args),
+                          *(() if getattr(args, "edge_draft_sessions", None) is None else
+                            ("--draft-sessions", str(args.edge_draft_sessions))),
                           threads=args.edge_threads)
     counters = EdgeCounters(endpoint, getattr(args, "edge_metrics", None), getattr(args, "key", None),
                             getattr(args, "edge_key", None))
@@ -302,30 +406,41 @@ def run_load(args: argparse.Namespace) -> Path:
             link, devices_endpoint = start_link(args.load_link, upstream,
                                                 keys=client_keys(getattr(args, "key", None), getattr(args, "edge_key", None)))
         if args.replay:  # one recording for devices the edge drafts for, one for devices on a loaded edge
-            for group in ([n for n in counts if offered(n)], [n for n in counts if not offered(n)]):
+            sessions = getattr(args, "edge_draft_sessions", None)
+            for group in ([n for n in counts if offered(n, sessions)], [n for n in counts if not offered(n, sessions)]):
                 if group:
-                    record(args, out, devices_endpoint, max(group))
-        for mode in args.modes:
-            for n in counts:
-                for rate in rates:
+                    record(args, out, devices_endpoint, max(group), max(n * prompts_for(args, n) for n in group))
+        # count-major, the modes of one count back to back: runs compared in pairs (goodput vs edge_sd) share
+        # the same minutes of a machine whose other load drifts
+        for n in counts:
+            for rate in rates:
+                for mode in args.modes:
                     before, cpu_before = counters.read(), None if edge is None else process_cpu_s(edge.pid)
                     rows = run_devices(args, out, devices_endpoint, mode, n, rate)
+                    repeat = sum(s["mode"] == mode and s["devices"] == n and s["rate"] == rate for s in summary)
+                    for row in rows:
+                        row["repeat"] = repeat
                     cpu_after, after = None if edge is None else process_cpu_s(edge.pid), counters.read()
                     delta = {k: after.get(k, 0) - before.get(k, 0) for k in ("batches", "batched_windows")}
                     cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
                     span = max(r["t_end"] for r in rows) - min(r["t_start"] for r in rows)
                     summary.append(summarise_load(rows, mode, n, delta, None if edge is None else edge_peak_rss_mb(edge.pid),
-                                                  cpu, rate, edge_side(before, after, len(rows), span)))
+                                                  cpu, rate, edge_side(before, after, len(rows), span), slo))
+                    summary[-1]["repeat"] = repeat
                     all_rows += rows
                     s = summary[-1]
                     print(f"{mode:14s} {n:3d} devices{'' if rate is None else f' at {rate:g}/s'}: "
                           f"{s['aggregate_tps']:7.1f} tok/s in all, latency p50 {s['latency_p50_ms']:.0f} ms, p99 "
-                          f"{s['latency_p99_ms']:.0f} ms, {s['edge_batches']} batches", flush=True)
+                          f"{s['latency_p99_ms']:.0f} ms, {s['edge_batches']} batches, goodput {s['goodput']:.2f} "
+                          f"answers/s at SLO ({s['slo_met']}/{s['requests']})", flush=True)
     finally:
         if link is not None:
             stop_link(link)
         if edge is not None:
             stop_edge(edge)
+    order = {mode: i for i, mode in enumerate(args.modes)}  # the tables by mode, as before
+    summary.sort(key=lambda s: order[s["mode"]])
+    all_rows.sort(key=lambda r: order[r["mode"]])
     (out / "load.jsonl").write_text("".join(json.dumps(r) + "\n" for r in all_rows))
     write_load(out, summary, args, all_rows)
     print((out / "load.md").read_text())
