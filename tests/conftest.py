@@ -41,9 +41,13 @@ def cached(kind: str, parts: Iterable[object], files: Iterable[Path], make: Call
            scratch: Path) -> Path:
     """make(folder) -> what it wrote, made once per key: from the cache folder when it holds it, else
     made in `scratch` and copied there (atomically: a rename) for the next run."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    key = _digest([kind, torch.__version__, version("executorch"), *parts], files)
+    try:
+        executorch = version("executorch")
+    except PackageNotFoundError:
+        executorch = None
+    key = _digest([kind, torch.__version__, executorch, *parts], files)
     if os.environ.get("COVSPEC_TEST_CACHE") == "off":
         return make(scratch / kind)
     entry = CACHE / f"{kind}-{key}"
