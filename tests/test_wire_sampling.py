@@ -33,15 +33,40 @@ from covspec.transport.channel import Client
 
 POSITIONS = 8
 DRAWS = 500
+CLOSE_DRAWS = 300
 PROMPT = "what is the color of the circle ?"
 PARAMS = SamplingParams(temperature=1.0, top_k=3)
+SIGMA = 0.3  # the draft: the target's weights + noise (acceptance about 0.5 per token)
 P_MIN = 1e-4  # per position: 8 positions at 1e-4, a correct runtime fails about once in 1,250 runs
+
+
+def near_copy(target, folder, sigma: float, seed: int = 0):
+    """A draft that is the target with Gaussian noise (sigma x each tensor's std) on its weights: close
+    enough that windows are often accepted in part (rejections after accepted tokens, where the
+    device's correction reads q at the rejected position), different enough that they are rejected."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(target, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    noisy = {k: (v + sigma * v.float().std() * torch.randn(v.shape, generator=g)).to(v.dtype)
+             if v.is_floating_point() and v.numel() > 1 else v for k, v in weights.items()}
+    save_file(noisy, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("wire-sampling")
-    return tiny_models.build_llava(root / "target", seed=0), tiny_models.build_llava(root / "draft", seed=1)
+    target = tiny_models.build_llava(root / "target", seed=0)
+    return target, tiny_models.build_llava(root / "draft", seed=1), near_copy(target, root / "near", SIGMA)
+
+
+@pytest.fixture(scope="module")
+def marginals(pair) -> np.ndarray:
+    return exact_marginals(pair[0], png(0), PROMPT, PARAMS, POSITIONS)
 
 
 @torch.inference_mode()
@@ -91,10 +116,9 @@ def follows(samples: np.ndarray, p: np.ndarray) -> float:
     return float(chisquare(obs, np.array(exp) * (sum(obs) / sum(exp))).pvalue)
 
 
-def test_sampled_answers_follow_the_target_per_position_while_drafting_switches_sides(pair) -> None:
-    target, draft = pair
+def test_sampled_answers_follow_the_target_per_position_while_drafting_switches_sides(pair, marginals) -> None:
+    target, draft, _ = pair
     image = png(0)
-    marginals = exact_marginals(target, image, PROMPT, PARAMS, POSITIONS)
     vocab = marginals.shape[1] - 1
     edge = DraftingEdge(target, draft, draft_sessions=1)
     device = DeviceRuntime(load_adapter(draft), edge.endpoint, timeout_s=20)
@@ -112,7 +136,7 @@ def test_sampled_answers_follow_the_target_per_position_while_drafting_switches_
         alone = device.answer(image, PROMPT, "covspec", replace(PARAMS, seed=10_000), max_new_tokens=POSITIONS)
         assert alone.edge_drafted and device.edge_offer is not None and device.edge_offer.offers
         offer = device.edge_offer  # what the edge says when this device is its only session
-        rows, switched = [], 0
+        rows, switched, drafted, accepted = [], 0, 0, 0
         with Client(edge.endpoint, timeout_s=10, retries=0) as other:  # keeps the edge loaded
             other.request(wire.Open(sid=99, image=png(1), prompt=PROMPT, mode="covspec", max_new_tokens=40))
             for n in range(DRAWS):
@@ -120,15 +144,45 @@ def test_sampled_answers_follow_the_target_per_position_while_drafting_switches_
                 device.edge_offer = offer
                 answer = device.answer(image, PROMPT, "covspec", replace(PARAMS, seed=n), max_new_tokens=POSITIONS)
                 switched += bool(answer.edge_drafted and answer.rounds)  # the edge drafted, then the device
+                drafted += sum(r.drafted for r in answer.rounds)
+                accepted += sum(r.accepted for r in answer.rounds)
                 rows.append(as_positions(answer.ids, vocab, POSITIONS))
             other.request(wire.Close(sid=99))
     finally:
         device.close()
         edge.close()
-    assert switched >= DRAWS // 3, f"drafting switched sides in only {switched} of {DRAWS} answers"
-    samples = np.asarray(rows)
+    assert switched >= DRAWS // 10, f"drafting switched sides in only {switched} of {DRAWS} answers"
+    assert_positions_follow(np.asarray(rows), marginals, f"drafting switched sides in {switched} of {DRAWS} "
+                            f"answers; device rounds: {drafted} tokens drafted, {accepted} accepted")
+
+
+def test_sampled_answers_of_a_close_draft_follow_the_target_per_position(pair, marginals) -> None:
+    """A draft close to the target (its weights + noise): windows often accepted in part, so the device's
+    decoupled correction (the residual at the rejected position, drawn on the device) decides many tokens;
+    the device drafts every window (covspec with fixed windows of 4, the edge not drafting) through a real
+    edge."""
+    from test_runtimes import RunningEdge
+
+    target, _, near = pair
+    image = png(0)
+    edge = RunningEdge(target)
+    device = DeviceRuntime(load_adapter(near), edge.endpoint, timeout_s=20)
+    rows, partial = [], 0
+    try:
+        for n in range(CLOSE_DRAWS):
+            answer = device.answer(image, PROMPT, "covspec_no_adaptive", replace(PARAMS, seed=n),
+                                   max_new_tokens=POSITIONS, window=4)
+            partial += sum(0 < r.accepted < r.drafted for r in answer.rounds)
+            rows.append(as_positions(answer.ids, marginals.shape[1] - 1, POSITIONS))
+    finally:
+        device.close()
+        edge.close()
+    assert partial >= CLOSE_DRAWS // 4, f"only {partial} rounds were rejected after an accepted token"
+    assert_positions_follow(np.asarray(rows), marginals, f"{partial} rounds rejected after an accepted token")
+
+
+def assert_positions_follow(samples: np.ndarray, marginals: np.ndarray, what: str) -> None:
     pvalues = [follows(samples[:, j], marginals[j]) for j in range(POSITIONS)]
-    print(f"drafting switched sides in {switched} of {DRAWS} answers; chi-square p per position: "
-          + ", ".join(f"{p:.3f}" for p in pvalues))
+    print(f"{what}; chi-square p per position: " + ", ".join(f"{p:.3f}" for p in pvalues))
     worst = int(np.argmin(pvalues))
     assert min(pvalues) > P_MIN, f"position {worst}: sampled tokens do not follow the target's (p = {pvalues[worst]:.2e})"
