@@ -33,35 +33,15 @@ from covspec.transport.channel import Client
 
 POSITIONS = 8
 DRAWS = 500
-CLOSE_DRAWS = 300
 PROMPT = "what is the color of the circle ?"
 PARAMS = SamplingParams(temperature=1.0, top_k=3)
-SIGMA = 1.0  # the draft: the target's weights + noise of their own scale (windows often accepted in part)
 P_MIN = 1e-4  # per position: 8 positions at 1e-4, a correct runtime fails about once in 1,250 runs
-
-
-def near_copy(target, folder, sigma: float, seed: int = 0):
-    """A draft that is the target with Gaussian noise (sigma x each tensor's std) on its weights: close
-    enough that windows are often accepted in part (rejections after accepted tokens, where the
-    device's correction reads q at the rejected position), different enough that they are rejected."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(target, folder)
-    weights = load_file(str(folder / "model.safetensors"))
-    g = torch.Generator().manual_seed(seed)
-    noisy = {k: (v + sigma * v.float().std() * torch.randn(v.shape, generator=g)).to(v.dtype)
-             if v.is_floating_point() and v.numel() > 1 else v for k, v in weights.items()}
-    save_file(noisy, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return folder
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("wire-sampling")
-    target = tiny_models.build_llava(root / "target", seed=0)
-    return target, tiny_models.build_llava(root / "draft", seed=1), near_copy(target, root / "near", SIGMA)
+    return tiny_models.build_llava(root / "target", seed=0), tiny_models.build_llava(root / "draft", seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +97,7 @@ def follows(samples: np.ndarray, p: np.ndarray) -> float:
 
 
 def test_sampled_answers_follow_the_target_per_position_while_drafting_switches_sides(pair, marginals) -> None:
-    target, draft, _ = pair
+    target, draft = pair
     image = png(0)
     vocab = marginals.shape[1] - 1
     edge = DraftingEdge(target, draft, draft_sessions=1)
@@ -154,31 +134,6 @@ def test_sampled_answers_follow_the_target_per_position_while_drafting_switches_
     assert switched >= DRAWS // 10, f"drafting switched sides in only {switched} of {DRAWS} answers"
     assert_positions_follow(np.asarray(rows), marginals, f"drafting switched sides in {switched} of {DRAWS} "
                             f"answers; device rounds: {drafted} tokens drafted, {accepted} accepted")
-
-
-def test_sampled_answers_of_a_close_draft_follow_the_target_per_position(pair, marginals) -> None:
-    """A draft close to the target (its weights + noise): windows often accepted in part, so the device's
-    decoupled correction (the residual at the rejected position, drawn on the device) decides many tokens;
-    the device drafts every window (covspec with fixed windows of 4, the edge not drafting) through a real
-    edge."""
-    from test_runtimes import RunningEdge
-
-    target, _, near = pair
-    image = png(0)
-    edge = RunningEdge(target)
-    device = DeviceRuntime(load_adapter(near), edge.endpoint, timeout_s=20)
-    rows, partial = [], 0
-    try:
-        for n in range(CLOSE_DRAWS):
-            answer = device.answer(image, PROMPT, "covspec_no_adaptive", replace(PARAMS, seed=n),
-                                   max_new_tokens=POSITIONS, window=4)
-            partial += sum(0 < r.accepted < r.drafted for r in answer.rounds)
-            rows.append(as_positions(answer.ids, marginals.shape[1] - 1, POSITIONS))
-    finally:
-        device.close()
-        edge.close()
-    assert partial >= CLOSE_DRAWS // 4, f"only {partial} rounds were rejected after an accepted token"
-    assert_positions_follow(np.asarray(rows), marginals, f"{partial} rounds rejected after an accepted token")
 
 
 def assert_positions_follow(samples: np.ndarray, marginals: np.ndarray, what: str) -> None:
