@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # the default-run tests that exercise the device's draft, verification and sampling, fastest-failing first
-TESTS = ["tests/test_headline_paths.py", "tests/test_wire_sampling.py", "tests/test_lossless_sampling.py",
+TESTS = ["tests/test_headline_paths.py", "tests/test_device_correction.py", "tests/test_wire_sampling.py", "tests/test_lossless_sampling.py",
          "tests/test_device_answer.py", "tests/test_speculative.py", "tests/test_placement.py"]
 
 
