@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # the default-run tests that exercise the device's draft, verification and sampling, fastest-failing first
-TESTS = ["tests/scenarios/test_headline_paths.py", "tests/scenarios/test_wire_sampling.py", "tests/core/test_lossless_sampling.py",
+TESTS = ["tests/scenarios/test_headline_paths.py", "tests/device/test_device_correction.py",
+         "tests/scenarios/test_wire_sampling.py", "tests/core/test_lossless_sampling.py",
          "tests/device/test_device_answer.py", "tests/core/test_speculative.py", "tests/device/test_placement.py"]
 
 

@@ -41,9 +41,13 @@ def cached(kind: str, parts: Iterable[object], files: Iterable[Path], make: Call
            scratch: Path) -> Path:
     """make(folder) -> what it wrote, made once per key: from the cache folder when it holds it, else
     made in `scratch` and copied there (atomically: a rename) for the next run."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    key = _digest([kind, torch.__version__, version("executorch"), *parts], files)
+    try:
+        executorch = version("executorch")
+    except PackageNotFoundError:
+        executorch = None
+    key = _digest([kind, torch.__version__, executorch, *parts], files)
     if os.environ.get("COVSPEC_TEST_CACHE") == "off":
         return make(scratch / kind)
     entry = CACHE / f"{kind}-{key}"
@@ -92,3 +96,27 @@ def native_library(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = cached("native-shim", [str(et_native.executorch_root())], et_native.SOURCES, lambda out: et_native.build(out).parent,
                     tmp_path_factory.mktemp("native"))
     return folder / et_native.LIBRARY_NAME
+
+
+_FAMILY_EXPORTS: dict[str, tuple[Path, Path]] = {}
+
+
+def tiny_family_export(family: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(tiny checkpoint, its fp32 device bundle: .pte and ONNX, 96 positions) of a family, exported once per
+    session (and cached between runs) for every test file that needs it (tests/export/test_bundle_families.py,
+    tests/export/test_runner_families.py)."""
+    if family not in _FAMILY_EXPORTS:
+        import tiny_models
+
+        from covspec.export.device_bundle import build_device_bundle
+
+        builders = {"llava": tiny_models.build_llava, "idefics3": tiny_models.build_idefics3,
+                    "qwen2_5_vl": tiny_models.build_qwen2_5_vl}
+        root = tmp_path_factory.mktemp(f"tiny-{family}")
+        tiny = builders[family](root / family)
+        bundle = cached(f"tiny-{family}-fp32", ["pte,onnx", 96], [*_sources("export", "covspec/models"),
+                                                                  *tiny.iterdir()],
+                        lambda out: build_device_bundle(tiny, out, quant="none", formats=("pte", "onnx"), max_len=96),
+                        root)
+        _FAMILY_EXPORTS[family] = (tiny, bundle)
+    return _FAMILY_EXPORTS[family]

@@ -68,12 +68,14 @@ def round_pairs(rounds) -> tuple[list[int], list[int]]:
 
 def assert_rounds_match(draft_logits: dict[str, np.ndarray], answers: dict[str, list[int]],
                         rounds: dict[str, object], eos: set[int], max_new_tokens: int, tolerance: float = 0.05,
-                        label: str = "") -> dict[str, float]:
+                        label: str = "", min_rounds: int = 10) -> dict[str, float]:
     """For every answer (key: a request), the device's accepted count per round equals the reference
     (teacher-forced eager draft) in all but `tolerance` of the rounds (at least one allowed), and the
     draft is neither perfect nor useless (some rounds rejected, some tokens accepted), so rejection,
     rollback and correction were exercised. An answer shorter than `max_new_tokens` ended with one of
-    the `eos` ids. Returns the device's and the reference's acceptance."""
+    the `eos` ids. `min_rounds` 0: a mode whose policy may hand the rest to the edge (adaptive: how many
+    rounds it drafts depends on timing) is checked on the rounds it drafted, however few. Returns the
+    device's and the reference's acceptance."""
     n_rounds = differ = device_acc = ref_acc = drafted_total = 0
     for key, answer in answers.items():
         drafted, accepted = round_pairs(rounds[key])
@@ -84,14 +86,15 @@ def assert_rounds_match(draft_logits: dict[str, np.ndarray], answers: dict[str, 
         device_acc += sum(accepted)
         ref_acc += sum(reference)
         drafted_total += sum(drafted)
-    assert n_rounds >= 10, f"{label}: only {n_rounds} rounds drafted: too few to check the draft"
     rejected = sum(1 for key, answer in answers.items()
                    for d, a in zip(*round_pairs(rounds[key]), strict=True) if a < d)
-    assert rejected >= 2, f"{label}: the draft was rejected in {rejected} rounds: the pair is too alike to test"
-    assert device_acc > 0, f"{label}: the device's draft never had a token accepted"
+    if min_rounds:
+        assert n_rounds >= min_rounds, f"{label}: only {n_rounds} rounds drafted: too few to check the draft"
+        assert rejected >= 2, f"{label}: the draft was rejected in {rejected} rounds: the pair is too alike to test"
+        assert device_acc > 0, f"{label}: the device's draft never had a token accepted"
     allowed = max(1, int(tolerance * n_rounds))
-    summary = {"rounds": n_rounds, "rounds_differing": differ, "device_acceptance": device_acc / drafted_total,
-               "reference_acceptance": ref_acc / drafted_total}
+    summary = {"rounds": n_rounds, "rounds_differing": differ, "device_acceptance": device_acc / max(drafted_total, 1),
+               "reference_acceptance": ref_acc / max(drafted_total, 1)}
     assert differ <= allowed, (f"{label}: the device's draft accepted other counts than the eager draft in "
                                f"{differ} of {n_rounds} rounds (allowed {allowed}): {summary}")
     return summary

@@ -88,18 +88,25 @@ def speculative_draws(pair, params: SamplingParams, scheme: str, first: int, win
     return out
 
 
-def assert_follows(samples: np.ndarray, p: torch.Tensor) -> float:
-    """Chi-square of sample counts against p, rare tokens pooled so every bin expects >= 5."""
+def chi_square_pvalue(samples: np.ndarray, p: np.ndarray) -> float:
+    """Chi-square p-value of sample counts against p [V], rare tokens pooled so every bin expects >= 5
+    (1.0 when a single bin is left); a sample the target gives probability 0 fails at once."""
     counts = np.bincount(samples, minlength=p.shape[0]).astype(float)
-    expected = p.double().numpy() * len(samples)
+    expected = np.asarray(p, dtype=np.float64) * len(samples)
     assert counts[expected == 0].sum() == 0, "a token the target gives probability 0 was emitted"
     order = np.argsort(-expected)
     keep = [i for i in order if expected[i] >= 5]
     rest = [i for i in order if 0 < expected[i] < 5]
     obs = [counts[i] for i in keep] + ([counts[rest].sum()] if rest else [])
     exp = [expected[i] for i in keep] + ([expected[rest].sum()] if rest else [])
-    exp = np.array(exp) * (sum(obs) / sum(exp))
-    pvalue = chisquare(obs, exp).pvalue
+    if len(obs) < 2:
+        return 1.0
+    return float(chisquare(obs, np.array(exp) * (sum(obs) / sum(exp))).pvalue)
+
+
+def assert_follows(samples: np.ndarray, p: torch.Tensor) -> float:
+    """Chi-square of sample counts against p (chi_square_pvalue) above 0.01."""
+    pvalue = chi_square_pvalue(samples, p.double().numpy())
     assert pvalue > 0.01, f"emitted tokens do not follow the target's distribution (p = {pvalue:.2e})"
     return pvalue
 

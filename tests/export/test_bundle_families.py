@@ -123,12 +123,9 @@ def test_the_manifest_records_what_the_family_cannot_do(described) -> None:
 # --- slow: exported bundles ---------------------------------------------------------------------------
 @pytest.fixture(scope="module", params=list(BUILDERS))
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
-    from covspec.export.device_bundle import build_device_bundle
+    from conftest import tiny_family_export
 
-    root = tmp_path_factory.mktemp(request.param)
-    tiny = BUILDERS[request.param](root / request.param)
-    return tiny, build_device_bundle(tiny, root / "device", quant="none", formats=("pte", "onnx"),
-                                     max_len=96), request.param
+    return (*tiny_family_export(request.param, tmp_path_factory), request.param)
 
 
 @pytest.mark.slow

@@ -50,11 +50,9 @@ def images() -> list[Image.Image]:
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
 def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    from covspec.export.device_bundle import build_device_bundle
+    from conftest import tiny_family_export
 
-    root = tmp_path_factory.mktemp(request.param)
-    tiny = BUILDERS[request.param](root / request.param)
-    return build_device_bundle(tiny, root / "device", quant="none", formats=("pte",), max_len=96), request.param
+    return tiny_family_export(request.param, tmp_path_factory)[1], request.param
 
 
 def open_both(folder: Path):
