@@ -94,7 +94,7 @@ def _start(server: EdgeState, ctx: RequestContext, msg: wire.Open, prefix: list[
     prefill_s = time.perf_counter() - start + (prefilled.pass_s if done is not None else 0.0)
     session.usage = SessionUsage(device=ctx.device, mode=msg.mode, prefix=len(prefix), prefill_s=prefill_s)
     session.opened = wire.Opened(sid=msg.sid, seq=msg.seq, token=session.committed[-1], done=session.done,
-                                 timings={"prefill_s": prefill_s, **server.costs.timings()})
+                                 timings={"prefill_s": prefill_s, "stream_limit": 1.0, **server.costs.timings()})
     return session, visual.count
 
 
@@ -201,10 +201,14 @@ def on_stream(server: EdgeState, ctx: RequestContext, msg: wire.Stream):
     index = 0
     tokens = session.stream()
     next(tokens)  # the first token went out in OPENED
+    streamed = 0
     for token in tokens:
         chunk.append(token)
+        streamed += 1
         session.usage.streamed += 1
         server.counters.tokens_streamed += 1
+        if msg.limit is not None and streamed >= msg.limit and not session._finished():
+            break  # the device joins: the rest is its windows' (the session stays open)
         if len(chunk) >= msg.chunk:
             yield _streamed(msg, index, chunk, False, start)
             index, chunk = index + 1, []
@@ -212,7 +216,10 @@ def on_stream(server: EdgeState, ctx: RequestContext, msg: wire.Stream):
     session.usage.stream_s += elapsed
     server.costs.observe_stream(elapsed, session.usage.streamed)
     session.last_active = time.monotonic()
-    yield _streamed(msg, index, chunk, True, start)
+    last = _streamed(msg, index, chunk, True, start)
+    if not session.done:  # stopped at the limit: the round the device's next window is
+        last.timings["yielded_round"] = float(0 if session.last is None else session.last.round + 1)
+    yield last
 
 
 def on_close(server: EdgeState, ctx: RequestContext, msg: wire.Close):

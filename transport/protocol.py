@@ -188,6 +188,8 @@ class Stream(Message):
     TYPE: ClassVar[str] = "STREAM"
     chunk: int = 1  # at most this many tokens per STREAMED
     draft: bool | None = None  # True: the edge drafts with its own draft and verifies (edge-side speculation)
+    limit: int | None = None  # at most this many tokens, then the stream ends (done) with yielded_round in its
+    # timings, the session open for the device's windows (a device whose draft is still prefilling: joining)
 
 
 @dataclass(kw_only=True, eq=False)
@@ -352,7 +354,7 @@ _FIELDS: dict[type[Message], dict[str, Check]] = {
     Opened: {"token": _ID, "done": _bool, "timings": _timings},
     Verify: {"round": _ID, "pos": _opt(_ID), "root": _opt(_ID)},
     Result: {"round": _ID, "accepted": _ID, "token": _opt(_ID), "done": _bool, "timings": _timings},
-    Stream: {"chunk": _int(1, U31), "draft": _opt(_bool)},
+    Stream: {"chunk": _int(1, U31), "draft": _opt(_bool), "limit": _opt(_int(1, U31))},
     Streamed: {"index": _ID, "done": _bool, "timings": _timings},
     Close: {},
     Closed: {},

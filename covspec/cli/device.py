@@ -44,6 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_threads_arg(q)
     add_client_key_args(q, "this device's secret key file (NAME.key_secret), for an edge with --auth curve")
     q.add_argument("--profile", help="calibration profile (covspec calibrate): the drafting policy's starting estimates")
+    q.add_argument("--device-profile", metavar="NAME",
+                   help="run the draft at a named device's pace (device_runtime/profiles.json: smolvlm-256m, "
+                        "phone-xnnpack, jetson-orin-cpu...): each call padded to the profile's time, a labelled "
+                        "emulation, not a measurement of that device (default: this machine's own pace)")
     add_sampling_args(q)
     q.add_argument("--json", action="store_true",
                    help="print the answer and its figures as one JSON object on stdout (nothing else there)")
@@ -96,10 +100,16 @@ def run(args: argparse.Namespace) -> int:
         profile = load_profile(args.profile)
     with native_stderr_quiet(args.verbose):
         draft = api.load_draft(args.model, args.bundle, args.backend, args.threads)
+    if args.device_profile:
+        from covspec.device_runtime.profiles import Paced
+        from covspec.device_runtime.profiles import load_profile as load_device_profile
+
+        draft = Paced(draft, load_device_profile(args.device_profile))
     answer = api.answer(args.edge, image, args.prompt, draft=draft, mode=args.mode, params=params,
                         max_new_tokens=args.max_new_tokens, window=args.window, options=options, keys=keys,
                         timeout_s=args.timeout, retries=args.retries, profile=profile)
     record = api.answer_record(answer, draft=api.draft_name(draft), edge=args.edge)
+    record["device_profile"] = args.device_profile  # an emulated device's pace, when named (never a measurement)
     if args.json:
         print(json.dumps(record))
         return 0

@@ -147,6 +147,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             "link": link, "mode": mode, "requests": len(group),
             "decode_tps": _mean([r["decode_tps"] for r in group]),
             "ttft_ms": 1000 * _mean([r["ttft_s"] for r in group]),
+            "ttft_p90_ms": 1000 * float(np.percentile([r["ttft_s"] for r in group], 90)),
             "latency_ms": 1000 * _mean([r["latency_s"] for r in group]),
             "up_per_token": sum(r["bytes_up"] for r in group) / max(tokens, 1),
             "down_per_token": sum(r["bytes_down"] for r in group) / max(tokens, 1),
@@ -301,6 +302,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "processes against one edge (no link emulator), every device asking --prompts prompts in "
                         "each mode; per-device and aggregate tokens/s, p50/p99 request latency, the edge's batches "
                         "and peak RSS (see covspec/tools/load.py) (default: none, the link bench)")
+    p.add_argument("--device-profile", default=None, metavar="NAME",
+                   help="the devices run the draft at a named device's pace (device_runtime/profiles.json), a "
+                        "labelled emulation named in every row (default: this machine's own pace)")
     p.add_argument("--edge-device", default="cpu", help="the edge's --device (cpu, cuda, cuda:N)")
     p.add_argument("--edge-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="the edge's --dtype")

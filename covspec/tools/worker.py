@@ -45,6 +45,7 @@ class WorkerSettings:
     show_answers: bool = False  # print each answer's text under its row line
     edge_pid: int | None = None  # the edge process on this machine: its CPU time per answer goes in the rows
     hand_over: bool = True  # False: covspec never hands drafting to the edge (a recording of devices on a loaded edge)
+    device_profile: str | None = None  # the draft run at this named device's pace (device_runtime/profiles.json)
 
     @classmethod
     def from_bench(cls, args: argparse.Namespace, **settings) -> WorkerSettings:
@@ -91,6 +92,10 @@ def run_worker(s: WorkerSettings) -> int:
     torch.set_num_threads(1)
     params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
     draft = load_draft(None if s.bundle else s.draft, s.bundle, s.backend, threads=1)
+    if s.device_profile:  # a labelled emulation of that device's pace, named in every row
+        from covspec.device_runtime.profiles import Paced, load_profile
+
+        draft = Paced(draft, load_profile(s.device_profile))
     device = DeviceRuntime(draft, s.edge, timeout_s=120.0)
     if s.go:  # a load run: start with the other devices
         from covspec.tools.replay import wait_for_go
@@ -130,6 +135,9 @@ def run_worker(s: WorkerSettings) -> int:
                    "down_per_token": answer.bytes_down / n, "decode_up_per_token": answer.decode_bytes_up / n,
                    "rounds": len(answer.rounds), "kept": answer.kept, "streamed_rest": answer.streamed_rest,
                    "edge_drafted": answer.edge_drafted or mode == "edge_sd",
+                   "device_profile": s.device_profile,
+                   "joined_at": None if answer.joined is None else answer.joined.at_token,
+                   "device_prefill_s": None if answer.joined is None else answer.joined.prefill_s,
                    "edge_cpu_ms": None if cpu1 is None else 1000 * (cpu1 - cpu0),
                    "branch_hits": _rate([r.branch_hit for r in answer.rounds if r.branch_hit is not None]),
                    "mean_accepted": answer.mean_accepted, "acceptance": answer.acceptance_rate,
