@@ -53,6 +53,7 @@ __all__ = ["MAX_REOPENS", "Answer", "DeviceRuntime", "EdgeRefused", "RoundRecord
 
 PROBE_EVERY = 4  # answers drafted on the edge in a row before the device drafts one to measure itself again
 MAX_REOPENS = 3  # edge restarts survived within one answer
+JOIN_MIN_S = 0.05  # a draft's prefill expected to end within this (or a round trip) after OPENED is waited for
 
 
 class EdgeRefused(Exception):
@@ -342,7 +343,6 @@ class DeviceRuntime:
         step = spec.on_opened(opened, self.edge_step_s)
         # 5. rounds: send the window (unless sent ahead), draft branches (sending the window ahead) while
         # the edge verifies it, then its RESULT (re-OPENing the session if the edge restarted)
-        joined_s: float | None = None  # when this device took drafting over (joining)
         while step is not None:
             while isinstance(step, Flight):
                 if not step.sent:
@@ -358,20 +358,25 @@ class DeviceRuntime:
                 tokens = self._stream_rest(open_msg, spec.committed, stats, stream=stream, limit=limit,
                                            draft=draft or spec.phase is AnswerPhase.EDGE_DRAFTING)
                 step, stream = spec.streamed(tokens, self.yielded_round), None
-                joined_s = time.perf_counter() - start if spec.joined_at is not None and joined_s is None else joined_s
         self.edge_offer = spec.edge_offer
         self.edge_streak = self.edge_streak + 1 if spec.edge_drafted else 0
+        answer = self._answer(open_msg.mode, spec, max_new_tokens, joining, kept, start, ttft)
+        answer.decode_bytes_up = self.client.counters.bytes_sent - sent_before
+        return answer
+
+    def _answer(self, mode: str, spec: Speculation, max_new_tokens: int, joining: Prefilling | None,
+                kept: np.ndarray | None, start: float, ttft: float) -> Answer:
+        """A speculative answer's record (with how the device joined it, when its draft prefilled meanwhile)."""
         ids = final_answer(spec.committed, self.draft.eos_token_ids, max_new_tokens)
         joined = None
         if joining is not None:
             if joining.took_s is not None:
                 self.prefill_s = joining.took_s
                 kept = joining.result()[0]
-            joined = Joined(prefill_s=joining.took_s, at_token=spec.joined_at, at_s=joined_s,
-                            segments=spec.join_segments)
-        return Answer(open_msg.mode, ids, self.draft.decode(ids), ttft_s=ttft, latency_s=time.perf_counter() - start,
-                      rounds=spec.rounds, kept=None if kept is None else len(kept),
-                      decode_bytes_up=self.client.counters.bytes_sent - sent_before, streamed_rest=spec.streamed_rest,
+            joined = Joined(prefill_s=joining.took_s, at_token=spec.joined_at, segments=spec.join_segments,
+                            at_s=None if spec.joined_t is None else spec.joined_t - start)
+        return Answer(mode, ids, self.draft.decode(ids), ttft_s=ttft, latency_s=time.perf_counter() - start,
+                      rounds=spec.rounds, kept=None if kept is None else len(kept), streamed_rest=spec.streamed_rest,
                       edge_drafted=spec.edge_drafted, joined=joined)
 
     def _open_and_prefill(self, open_msg: wire.Open, image_bytes: bytes, prompt: str, options: SpecOptions,
@@ -421,7 +426,9 @@ class DeviceRuntime:
         prefilling = Prefilling(work, expected)
         while not prefilling.wait(0.001) and not self.client.poll(0.001):
             pass
-        if prefilling.wait(0.0):  # the draft is ready before OPENED: nothing waits for it
+        # OPENED came first: a prefill about to end is waited for (joining costs a STREAM and a round trip)
+        soon = max(JOIN_MIN_S, self.rtt_s)
+        if prefilling.wait(0.0) or (prefilling.left_s() <= soon and prefilling.wait(soon)):
             self.prefill_s = prefilling.took_s
             kept, first_logits, state = prefilling.result()
             return Opening(sent_open, kept, None, first_logits=first_logits, state=state)

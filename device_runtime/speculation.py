@@ -173,6 +173,7 @@ class Speculation:
         self.gave_back = 0  # times the edge gave drafting back to this device mid-answer
         self.prefill_left = prefill_left
         self.joined_at: int | None = None  # the answer's length when this device joined (took drafting over)
+        self.joined_t: float | None = None  # and when (time.perf_counter)
         self.join_segments = 0  # STREAMs with a limit the edge generated while the draft prefilled
 
     def _to(self, phase: AnswerPhase) -> None:
@@ -247,7 +248,7 @@ class Speculation:
         self.drafter.committed = list(self.pending)  # fed with the first window
         self.round_base = len(self.rounds) - next_round
         self.joined_at = len(self.committed)
-        self.paced_at = time.perf_counter()
+        self.paced_at = self.joined_t = time.perf_counter()
         if self._edge_drafting_wins(self.edge_step_s):
             return self._hand(AnswerPhase.EDGE_DRAFTING)  # the edge's drafting is faster: it keeps the answer
         if self._streaming_wins(self.edge_step_s):

@@ -72,7 +72,7 @@ def test_first_token_at_the_edges_pace_and_the_device_joins_mid_answer(pair, dra
         assert joined.segments >= 1
         # the hand-over happened mid-answer: the edge generated the start, the device drafted from there
         assert joined.at_token is not None and 1 < joined.at_token < len(joins.ids), joined
-        assert joins.rounds and joins.acceptance_rate > 0.9, joins.rounds  # the device's draft really drafted
+        assert joins.rounds and joins.acceptance_rate > 0.5, joins.rounds  # the device's (pruned) draft drafted
         assert (edge.server.stats()["tokens_edge_drafted"] > 0) == bool(draft_sessions)
         sampled = device.answer(image, prompt, "covspec", SamplingParams(temperature=1.0, top_k=20, seed=3),
                                 max_new_tokens=TOKENS)
