@@ -27,6 +27,7 @@ is the one it would have been without the restart.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -142,6 +143,7 @@ class DeviceRuntime:
         self.edge_streak = 0  # answers in a row drafted on the edge (see _probes_device)
         self.prefill_s: float | None = None  # the draft's last encode + prefill on its thread (joining)
         self.edge_limits = False  # the edge takes STREAM's limit (OPENED says stream_limit: joining possible)
+        self.opened_s: float | None = None  # the edge's last prefill plus a round trip: when OPENED is expected
         self.welcome = self._hello()
         # the drafting policy's estimates per set of mechanisms and greedy-or-sampled, carried from one
         # request to the next: acceptance, step, round-trip and verify times belong to this draft, edge
@@ -326,7 +328,8 @@ class DeviceRuntime:
                            prefill_left=None if joining is None else joining.left_s)
         # 2. while the edge prefills: the first window on the draft's guess of its first token
         informed = stats.rounds > 0 or self.profile is not None  # estimates from measurements, not priors
-        first = spec.start(opening.first_logits, informed, self.edge_step_s, hand_over)
+        first = spec.start(opening.first_logits, informed, self.edge_step_s, hand_over,
+                           joining=joining is not None and stream is not None)
         if first is not None:
             self._send(first)
         # 3. a STREAM right behind OPEN (and the first window) when the edge's streaming wins on this link
@@ -336,6 +339,7 @@ class DeviceRuntime:
         opened = self._expect(self._await(opening.sent), wire.Opened)
         ttft = time.perf_counter() - start
         self.edge_limits = bool(opened.timings.get("stream_limit"))
+        self.opened_s = opened.timings.get("prefill_s", 0.0) + self.rtt_s
         if joining is not None and not self.edge_limits:  # an older edge: the answer waits for the draft
             joining.wait(None)
         self.edge_step_s = opened.timings.get("step_s") or (
@@ -415,15 +419,19 @@ class DeviceRuntime:
         ready first goes on as before (its first window sent before OPENED); else the answer starts on
         the edge and this device joins when its draft is ready (`Opening.joining`)."""
         sent_open = self.client.send(open_msg)
+        expected = self.prefill_s if self.prefill_s is not None else getattr(
+            getattr(self.draft, "profile", None), "answer_start_s", None)
+        early = self._early_join(options, expected)
+        stream = None if early is None else self._send_stream(open_msg, early.draft, early.limit)
 
         def work() -> tuple[np.ndarray | None, np.ndarray, DecodeState]:
             visual, kept = self._encode_and_prune(self.draft.preprocess(load_image(image_bytes)), prompt, options)
             first_logits, state = self.draft.prefill(visual, prompt, kept=kept)
             return kept, first_logits, state
 
-        expected = self.prefill_s if self.prefill_s is not None else getattr(
-            getattr(self.draft, "profile", None), "answer_start_s", None)
         prefilling = Prefilling(work, expected)
+        if stream is not None:  # the edge starts the answer: its STREAM is behind the OPEN already
+            return Opening(sent_open, None, stream, prefill=lambda: prefilling.result()[2], joining=prefilling)
         while not prefilling.wait(0.001) and not self.client.poll(0.001):
             pass
         # OPENED came first: a prefill about to end is waited for (joining costs a STREAM and a round trip)
@@ -433,6 +441,20 @@ class DeviceRuntime:
             kept, first_logits, state = prefilling.result()
             return Opening(sent_open, kept, None, first_logits=first_logits, state=state)
         return Opening(sent_open, None, None, prefill=lambda: prefilling.result()[2], joining=prefilling)
+
+    def _early_join(self, options: SpecOptions, expected: float | None) -> JoinStream | None:
+        """The first segment of a join decided at OPEN (its STREAM sent right behind the OPEN, no round trip
+        between the two), where the draft's prefill is expected to end well after OPENED (what the last
+        answer measured of both); None: decided when OPENED comes."""
+        if not self.edge_limits or expected is None or self.opened_s is None:
+            return None
+        late = expected - self.opened_s
+        if late <= max(JOIN_MIN_S, self.rtt_s):
+            return None
+        offer = self.edge_offer
+        draft = bool(options.placement and offer is not None and offer.offers)
+        pace = (offer.s_per_token if draft and offer is not None else None) or self.edge_step_s or 0.02
+        return JoinStream(limit=max(2, math.ceil(late / pace)), draft=draft)
 
     def _encode_and_prune(self, pixels: dict[str, Any], prompt: str,
                           options: SpecOptions) -> tuple[VisualTokens, np.ndarray | None]:

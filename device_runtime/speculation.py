@@ -159,7 +159,7 @@ class Speculation:
         self.phase = AnswerPhase.PREFILLING
         self.history: list[AnswerPhase] = [self.phase]  # every phase entered, in order
         # decided before OPENED: the phase OPENED leads to when a STREAM goes right behind the OPEN
-        # (STREAMING, EDGE_DRAFTING), else None (the rules are applied at OPENED)
+        # (STREAMING, EDGE_DRAFTING, JOINING), else None (the rules are applied at OPENED)
         self.hand_to: AnswerPhase | None = None
         self.edge_step_s: float | None = None
         self.rounds: list[RoundRecord] = []
@@ -258,14 +258,18 @@ class Speculation:
 
     # --- events --------------------------------------------------------------------------------
     def start(self, first_logits: np.ndarray | None, informed: bool, edge_step_s: float | None,
-              hand_over: bool = False) -> Flight | None:
+              hand_over: bool = False, joining: bool = False) -> Flight | None:
         """Before OPENED, on the draft's first logits [V]: decides whether the edge streams the
         answer from the start (the rule applied after OPENED, on what earlier answers showed and
         the edge's streaming time, `edge_step_s`, from the last OPENED); returns the first window,
         drafted on the draft's guess of the target's first token, when it is sent before OPENED.
-        `hand_over`: the caller asked the edge to draft this answer (STREAM with draft, sent already)."""
+        `hand_over`: the caller asked the edge to draft this answer (STREAM with draft, sent already);
+        `joining`: to start it while the draft prefills (STREAM with a limit, sent already)."""
         stats, options = self.stats, self.options
         self.informed = informed
+        if joining:  # the rules are applied when this device joins (`_joining`)
+            self.hand_to, self.join_segments = AnswerPhase.JOINING, 1
+            return None
         edge_drafts = hand_over or self._edge_drafting_wins(edge_step_s)
         streams = edge_drafts or self._streaming_wins(edge_step_s)
         edge_drafts = edge_drafts or (streams and self._edge_beats_streaming(edge_step_s))

@@ -214,7 +214,7 @@ def on_stream(server: EdgeState, ctx: RequestContext, msg: wire.Stream):
             index, chunk = index + 1, []
     elapsed = time.perf_counter() - start
     session.usage.stream_s += elapsed
-    server.costs.observe_stream(elapsed, session.usage.streamed)
+    server.costs.observe_stream(elapsed, streamed)  # this STREAM's tokens (a joining device's may be one of several)
     session.last_active = time.monotonic()
     last = _streamed(msg, index, chunk, True, start)
     if not session.done:  # stopped at the limit: the round the device's next window is
