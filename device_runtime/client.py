@@ -418,10 +418,11 @@ class DeviceRuntime:
         """Sends the OPEN and prefills the draft on a thread (`Prefilling`) until OPENED arrives: a draft
         ready first goes on as before (its first window sent before OPENED); else the answer starts on
         the edge and this device joins when its draft is ready (`Opening.joining`)."""
-        sent_open = self.client.send(open_msg)
         expected = self.prefill_s if self.prefill_s is not None else getattr(
             getattr(self.draft, "profile", None), "answer_start_s", None)
         early = self._early_join(options, expected)
+        open_msg.edge_draft = True if early is not None and early.draft else None  # its draft prefilled with the target
+        sent_open = self.client.send(open_msg)
         stream = None if early is None else self._send_stream(open_msg, early.draft, early.limit)
 
         def work() -> tuple[np.ndarray | None, np.ndarray, DecodeState]:

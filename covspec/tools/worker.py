@@ -138,6 +138,7 @@ def run_worker(s: WorkerSettings) -> int:
                    "device_profile": s.device_profile,
                    "joined_at": None if answer.joined is None else answer.joined.at_token,
                    "device_prefill_s": None if answer.joined is None else answer.joined.prefill_s,
+                   "join_segments": None if answer.joined is None else answer.joined.segments,
                    "edge_cpu_ms": None if cpu1 is None else 1000 * (cpu1 - cpu0),
                    "branch_hits": _rate([r.branch_hit for r in answer.rounds if r.branch_hit is not None]),
                    "mean_accepted": answer.mean_accepted, "acceptance": answer.acceptance_rate,
