@@ -421,8 +421,7 @@ class DeviceRuntime:
         expected = self.prefill_s if self.prefill_s is not None else getattr(
             getattr(self.draft, "profile", None), "answer_start_s", None)
         early = self._early_join(options, expected)
-        open_msg.edge_draft = True if early is not None and early.draft else None  # its draft prefilled with the target
-        sent_open = self.client.send(open_msg)
+        sent_open = self.client.send(open_msg)  # the edge's draft prefilled at the STREAM (OPENED not delayed by it)
         stream = None if early is None else self._send_stream(open_msg, early.draft, early.limit)
 
         def work() -> tuple[np.ndarray | None, np.ndarray, DecodeState]:
@@ -433,7 +432,7 @@ class DeviceRuntime:
         prefilling = Prefilling(work, expected)
         if stream is not None:  # the edge starts the answer: its STREAM is behind the OPEN already
             return Opening(sent_open, None, stream, prefill=lambda: prefilling.result()[2], joining=prefilling)
-        while not prefilling.wait(0.001) and not self.client.poll(0.001):
+        while not prefilling.wait(0.0) and not self.client.poll(0.001):  # zmq's poll wakes as OPENED arrives
             pass
         # OPENED came first: a prefill about to end is waited for (joining costs a STREAM and a round trip)
         soon = max(JOIN_MIN_S, self.rtt_s)
