@@ -100,7 +100,7 @@ class Prefilling:
             self.ended = time.perf_counter()
             self._done.set()
 
-    def wait(self, timeout_s: float) -> bool:
+    def wait(self, timeout_s: float | None) -> bool:
         return self._done.wait(timeout_s)
 
     def result(self) -> tuple[np.ndarray | None, np.ndarray, DecodeState]:
