@@ -76,6 +76,7 @@ class Paced:
         self.profile = profile
         self.padded_s = 0.0  # sleep added so far (what the emulation put on top of this machine's time)
         self._vision_s = 0.0  # the last encode_image's time, when the profile's prefill includes vision
+        self._took: dict[str, float] = {}  # what the last encode / prefill took here (see _late)
 
     def __getattr__(self, name: str) -> Any:  # tokenizer, family, path, backend, decode, fingerprint...
         return getattr(self.inner, name)
@@ -96,19 +97,32 @@ class Paced:
 
     def encode_image(self, pixels: dict[str, Any]) -> VisualTokens:
         started = time.perf_counter()
-        visual = self.inner.encode_image(pixels)
         if self.profile.vision_ms is None:  # counted in the prefill's time
+            visual = self.inner.encode_image(pixels)
             self._vision_s = time.perf_counter() - started
-        else:
-            self._pad(self.profile.vision_ms / 1000, started)
-        return visual
+            return visual
+        return self._late(self.profile.vision_ms / 1000, "encode", lambda: self.inner.encode_image(pixels))
 
     def prefill(self, visual: VisualTokens, prompt: str,
                 kept: np.ndarray | None = None) -> tuple[np.ndarray, DecodeState]:
-        started = time.perf_counter() - self._vision_s  # the vision tower's time already spent, when included
+        target = self.profile.prefill_ms / 1000 - self._vision_s  # the vision tower's time already spent, when included
         self._vision_s = 0.0
-        out = self.inner.prefill(visual, prompt, kept=kept)
-        self._pad(self.profile.prefill_ms / 1000, started)
+        return self._late(target, "prefill", lambda: self.inner.prefill(visual, prompt, kept=kept))
+
+    def _late(self, target_s: float, name: str, call: Any) -> Any:
+        """A long call (vision, prefill) padded before it runs rather than after: the sleep stands for the
+        device's native work, which leaves this process's GIL free (a demo draft on torch holds it for its
+        Python parts, which would slow the socket's thread while the edge starts the answer); the call
+        runs at the end, as long as it last took here, and is never shortened."""
+        started = time.perf_counter()
+        ahead = target_s - self._took.get(name, 0.0)
+        if ahead > 0:
+            time.sleep(ahead)
+            self.padded_s += ahead
+        begun = time.perf_counter()
+        out = call()
+        self._took[name] = time.perf_counter() - begun
+        self._pad(target_s, started)
         return out
 
     def forward(self, state: DecodeState, ids: np.ndarray) -> np.ndarray:
