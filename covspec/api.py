@@ -250,6 +250,10 @@ def answer_record(answer: Answer, draft: str = "", edge: str = "") -> dict[str, 
         "acceptance": _figure(answer.acceptance_rate),
         "kept_visual_tokens": answer.kept, "edge_streamed_rest": answer.streamed_rest,
         "edge_drafted_rest": answer.edge_drafted, "reopens": answer.reopens,
+        "joined": None if answer.joined is None else {  # the edge started the answer while the draft prefilled
+            "prefill_ms": _figure(None if answer.joined.prefill_s is None else answer.joined.prefill_s * 1000, 1),
+            "at_token": answer.joined.at_token, "segments": answer.joined.segments,
+            "at_ms": _figure(None if answer.joined.at_s is None else answer.joined.at_s * 1000, 1)},
     }
 
 
@@ -278,6 +282,10 @@ def describe_answer(record: dict[str, Any]) -> str:
             how += ", then the edge drafted the rest itself (its drafting beat this device's over this link)"
         elif record["edge_streamed_rest"]:
             how += ", then the edge streamed the rest (speculation did not pay on this link)"
+        joined = record.get("joined")
+        if joined and joined["at_token"] is not None:
+            how += (f"; the edge started the answer while the draft prefilled ({joined['prefill_ms']:.0f} ms), "
+                    f"the device joining at token {joined['at_token']}")
     return "[" + ", ".join(figures) + "; " + how + "]"
 
 

@@ -10,6 +10,8 @@ all read it.
     covspec      pruning, adaptive windows, branches with windows in flight, decoupled verification
     covspec_no_prune / _no_adaptive / _no_branch / _no_ahead / _no_decoupled / _no_placement: one mechanism
                  off each (placement: the device hands drafting to an edge that drafts faster, policy.place_drafting)
+    covspec_no_join  the device's draft prefills before its first window, the answer waiting for it (covspec
+                 joins: the edge starts the answer, the device takes drafting over once its draft is ready)
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class SpecOptions:
     ahead: bool = False  # with branching: send the all-accepted branch's window before the RESULT arrives
     decoupled: bool = False  # sampling: upload q(x_i) only, correct on the device
     placement: bool = False  # hand drafting to the edge (STREAM with draft) when its drafting wins (policy.place_drafting)
+    join: bool = False  # the answer starts on the edge while the draft prefills (a thread); the device joins when ready
 
 
 # The demo pair's settings, chosen by side-by-side bench runs (docs/measurements.md): on its flat verify
@@ -46,7 +49,7 @@ class SpecOptions:
 # point of acceptance, so it keeps 90% of the visual tokens (describe, 16 prompts, loopback / wifi
 # tok/s: 90% kept 479 / 351, 75% 396 / 309, 50% 399 / 288, unpruned 452 / 343; vanilla_sd@8 342 / 251)
 COVSPEC = SpecOptions(keep=0.9, adaptive=True, branching=True, ahead=True, decoupled=True, margin_threshold=0.1,
-                      k_max=16, placement=True)
+                      k_max=16, placement=True, join=True)
 MODE_OPTIONS: dict[str, SpecOptions] = {
     "vanilla_sd": SpecOptions(),
     "covspec": COVSPEC,
@@ -56,6 +59,7 @@ MODE_OPTIONS: dict[str, SpecOptions] = {
     "covspec_no_ahead": replace(COVSPEC, ahead=False),
     "covspec_no_decoupled": replace(COVSPEC, decoupled=False),
     "covspec_no_placement": replace(COVSPEC, placement=False),
+    "covspec_no_join": replace(COVSPEC, join=False),
 }
 MODES = ("target_only", "draft_only", "edge_sd", *MODE_OPTIONS)
 
@@ -74,6 +78,7 @@ class Mode(StrEnum):
     COVSPEC_NO_AHEAD = "covspec_no_ahead"
     COVSPEC_NO_DECOUPLED = "covspec_no_decoupled"
     COVSPEC_NO_PLACEMENT = "covspec_no_placement"
+    COVSPEC_NO_JOIN = "covspec_no_join"
 
 
 STREAMING_MODES = (Mode.TARGET_ONLY, Mode.EDGE_SD)  # the device only opens and streams (no draft runs on it)

@@ -31,6 +31,8 @@ the OPEN there, with the answer so far when it was resuming (`_moving`).
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -40,8 +42,8 @@ import numpy as np
 
 from covspec.calibration.profile import CalibrationProfile
 from covspec.device_runtime.config import AnswerConfig
-from covspec.device_runtime.records import Answer, RoundRecord, final_answer
-from covspec.device_runtime.speculation import STREAM, AnswerPhase, Flight, Speculation
+from covspec.device_runtime.records import Answer, Joined, RoundRecord, final_answer
+from covspec.device_runtime.speculation import STREAM, AnswerPhase, Flight, JoinStream, Speculation, StreamRest
 from covspec.errors import CovspecError
 from covspec.generation import generate
 from covspec.images import load_image
@@ -61,6 +63,7 @@ MAX_REOPENS = 3  # edge restarts survived within one answer
 MAX_MOVES = 5  # DRAINING edges left in a row for one OPEN (connecting again each time)
 MOVE_PAUSE_S = 0.25  # the pause before the n-th connection after the first, times n (a balancer's health check catching up)
 T = TypeVar("T")
+JOIN_MIN_S = 0.05  # a draft's prefill expected to end within this (or a round trip) after OPENED is waited for
 
 
 class EdgeRefused(CovspecError):
@@ -79,6 +82,56 @@ class Opening:
     first_logits: np.ndarray | None = None
     state: DecodeState | None = None
     prefill: Callable[[], DecodeState] | None = None
+    joining: Prefilling | None = None  # the draft still prefilling on its thread (OPENED came first)
+
+
+class Prefilling:
+    """The draft's encode, pruning and prefill on a thread of its own, while the socket's thread reads the
+    edge's replies (the heavy calls, in torch, onnxruntime, ExecuTorch or a profile's sleep, release the
+    GIL). `expected_s`: how long it is expected to take (the last one measured, or a profile's figure)."""
+
+    def __init__(self, work: Callable[[], tuple[np.ndarray | None, np.ndarray, DecodeState]],
+                 expected_s: float | None) -> None:
+        self.started = time.perf_counter()
+        self.ended: float | None = None
+        self.expected_s = expected_s
+        self._result: tuple[np.ndarray | None, np.ndarray, DecodeState] | None = None
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        threading.Thread(target=self._run, args=(work,), name="covspec-prefill", daemon=True).start()
+
+    def _run(self, work: Callable[[], tuple[np.ndarray | None, np.ndarray, DecodeState]]) -> None:
+        try:
+            self._result = work()
+        except BaseException as err:  # raised again on the socket's thread, by result()
+            self._error = err
+        finally:
+            self.ended = time.perf_counter()
+            self._done.set()
+
+    def wait(self, timeout_s: float | None) -> bool:
+        return self._done.wait(timeout_s)
+
+    def result(self) -> tuple[np.ndarray | None, np.ndarray, DecodeState]:
+        """(kept indices or None, first logits [V], state), once done."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def left_s(self) -> float:
+        """Seconds the prefill is expected to take still: 0 once done; while running, the expected rest (as
+        long again as so far, with no expectation), at least 1 ms."""
+        if self._done.is_set():
+            return 0.0
+        elapsed = time.perf_counter() - self.started
+        expected = self.expected_s if self.expected_s is not None else 2 * elapsed
+        return max(expected - elapsed, 0.001)
+
+    @property
+    def took_s(self) -> float | None:
+        return None if self.ended is None else self.ended - self.started
 
 
 class DeviceRuntime:
@@ -98,6 +151,9 @@ class DeviceRuntime:
         self.edge_offer: EdgeOffer | None = None  # what the edge last said of drafting itself (placement)
         self.yielded_round: int | None = None  # the last stream ended early: the edge's next round (it gave drafting back)
         self.edge_streak = 0  # answers in a row drafted on the edge (see _probes_device)
+        self.prefill_s: float | None = None  # the draft's last encode + prefill on its thread (joining)
+        self.edge_limits = False  # the edge takes STREAM's limit (OPENED says stream_limit: joining possible)
+        self.opened_s: float | None = None  # the edge's last prefill plus a round trip: when OPENED is expected
         self.welcome = self._hello()
         # the drafting policy's estimates per set of mechanisms and greedy-or-sampled, carried from one
         # request to the next: acceptance, step, round-trip and verify times belong to this draft, edge
@@ -191,13 +247,15 @@ class DeviceRuntime:
         ids = final_answer(tokens, self.draft.eos_token_ids, max_new_tokens)
         return Answer(open_msg.mode, ids, self.draft.decode(ids), ttft_s=ttft, latency_s=time.perf_counter() - start)
 
-    def _send_stream(self, open_msg: wire.Open, draft: bool = False) -> tuple[wire.Message, float]:
+    def _send_stream(self, open_msg: wire.Open, draft: bool = False, limit: int | None = None) -> tuple[wire.Message, float]:
         """Asks the edge to generate the rest of the answer alone (`draft`: drafting with its own draft
-        and verifying): (the STREAM sent, when)."""
-        return self.client.send(wire.Stream(sid=open_msg.sid, chunk=1, draft=draft or None)), time.perf_counter()
+        and verifying; `limit`: at most that many tokens): (the STREAM sent, when)."""
+        stream = wire.Stream(sid=open_msg.sid, chunk=1, draft=draft or None, limit=limit)
+        return self.client.send(stream), time.perf_counter()
 
     def _stream_rest(self, open_msg: wire.Open, known: list[int], stats: OnlineStats | None = None,
-                     stream: tuple[wire.Message, float] | None = None, draft: bool = False) -> list[int]:
+                     stream: tuple[wire.Message, float] | None = None, draft: bool = False,
+                     limit: int | None = None) -> list[int]:
         """The rest of the answer, generated by the edge alone: returns the streamed tokens. `stream`: a
         STREAM already sent (with when), else one is sent now. An edge that stops streaming
         (restarted: no chunk within the timeout, or UNKNOWN_SESSION) is given the session again with
@@ -208,7 +266,8 @@ class DeviceRuntime:
         for attempt in range(MAX_REOPENS + 1):
             if attempt:
                 self._reopen(open_msg, known + tokens)
-            sent, t_sent = stream if stream is not None and not attempt else self._send_stream(open_msg, draft)
+            sent, t_sent = stream if stream is not None and not attempt else self._send_stream(
+                open_msg, draft, limit if not attempt else None)
             early: dict[int, wire.Streamed] = {}  # chunks that overtook an earlier one, by index
             index = 0
             while True:
@@ -289,11 +348,14 @@ class DeviceRuntime:
         sent_before = self.client.counters.bytes_sent
         state = opening.state if opening.state is not None else opening.prefill
         ask = AnswerConfig(open_msg.mode, params, max_new_tokens, window, options)
+        joining = opening.joining
         spec = Speculation(self.draft, state, ask, stats, open_msg.sid, self.welcome.vocab_size,
-                           ready=lambda: self.client.poll(0.0), edge_offer=self.edge_offer)
+                           ready=lambda: self.client.poll(0.0), edge_offer=self.edge_offer,
+                           prefill_left=None if joining is None else joining.left_s)
         # 2. while the edge prefills: the first window on the draft's guess of its first token
         informed = stats.rounds > 0 or self.profile is not None  # estimates from measurements, not priors
-        first = spec.start(opening.first_logits, informed, self.edge_step_s, hand_over)
+        first = spec.start(opening.first_logits, informed, self.edge_step_s, hand_over,
+                           joining=joining is not None and stream is not None)
         if first is not None:
             self._send(first)
         # 3. a STREAM right behind OPEN (and the first window) when the edge's streaming wins on this link
@@ -302,6 +364,10 @@ class DeviceRuntime:
         # 4. OPENED: the target's first token; the edge's streaming time for the policy
         opened = self._expect(self._await(opening.sent), wire.Opened)
         ttft = time.perf_counter() - start
+        self.edge_limits = bool(opened.timings.get("stream_limit"))
+        self.opened_s = opened.timings.get("prefill_s", 0.0) + self.rtt_s
+        if joining is not None and not self.edge_limits:  # an older edge: the answer waits for the draft
+            joining.wait(None)
         self.edge_step_s = opened.timings.get("step_s") or (
             self.profile.target_step_ms / 1000 if self.profile and self.profile.target_step_ms else None)
         step = spec.on_opened(opened, self.edge_step_s)
@@ -317,17 +383,31 @@ class DeviceRuntime:
                 step = spec.on_result(self._expect(reply, wire.Result), reopened)
             # 6. the edge generates the rest alone (drafting with its own draft or not), unless it gets
             # loaded and gives drafting back: then the rounds go on from where it stopped
-            if step is STREAM:
-                tokens = self._stream_rest(open_msg, spec.committed, stats, stream=stream,
-                                           draft=spec.phase is AnswerPhase.EDGE_DRAFTING)
+            if isinstance(step, StreamRest):
+                limit, draft = (step.limit, step.draft) if isinstance(step, JoinStream) else (None, False)
+                tokens = self._stream_rest(open_msg, spec.committed, stats, stream=stream, limit=limit,
+                                           draft=draft or spec.phase is AnswerPhase.EDGE_DRAFTING)
                 step, stream = spec.streamed(tokens, self.yielded_round), None
         self.edge_offer = spec.edge_offer
         self.edge_streak = self.edge_streak + 1 if spec.edge_drafted else 0
+        answer = self._answer(open_msg.mode, spec, max_new_tokens, joining, kept, start, ttft)
+        answer.decode_bytes_up = self.client.counters.bytes_sent - sent_before
+        return answer
+
+    def _answer(self, mode: str, spec: Speculation, max_new_tokens: int, joining: Prefilling | None,
+                kept: np.ndarray | None, start: float, ttft: float) -> Answer:
+        """A speculative answer's record (with how the device joined it, when its draft prefilled meanwhile)."""
         ids = final_answer(spec.committed, self.draft.eos_token_ids, max_new_tokens)
-        return Answer(open_msg.mode, ids, self.draft.decode(ids), ttft_s=ttft, latency_s=time.perf_counter() - start,
-                      rounds=spec.rounds, kept=None if kept is None else len(kept),
-                      decode_bytes_up=self.client.counters.bytes_sent - sent_before, streamed_rest=spec.streamed_rest,
-                      edge_drafted=spec.edge_drafted)
+        joined = None
+        if joining is not None:
+            if joining.took_s is not None:
+                self.prefill_s = joining.took_s
+                kept = joining.result()[0]
+            joined = Joined(prefill_s=joining.took_s, at_token=spec.joined_at, segments=spec.join_segments,
+                            at_s=None if spec.joined_t is None else spec.joined_t - start)
+        return Answer(mode, ids, self.draft.decode(ids), ttft_s=ttft, latency_s=time.perf_counter() - start,
+                      rounds=spec.rounds, kept=None if kept is None else len(kept), streamed_rest=spec.streamed_rest,
+                      edge_drafted=spec.edge_drafted, joined=joined)
 
     def _open_and_prefill(self, open_msg: wire.Open, image_bytes: bytes, prompt: str, options: SpecOptions,
                           hand_over: bool = False) -> Opening:
@@ -337,6 +417,8 @@ class DeviceRuntime:
         there are no first logits), so the device spends nothing on an answer the edge drafts."""
         stream = None
         open_msg.edge_draft = True if hand_over else None  # the edge prefills its draft with the target
+        if options.join and not hand_over and not options.prune_target:
+            return self._open_joining(open_msg, image_bytes, prompt, options)
         if not options.prune_target:
             sent_open = self.client.send(open_msg)  # the edge prefills while the device does
             stream = self._send_stream(open_msg, True) if hand_over else None
@@ -357,6 +439,48 @@ class DeviceRuntime:
         assert visual is not None  # encoded above: not handed over
         first_logits, state = self.draft.prefill(visual, prompt, kept=kept)  # [V] the first token's
         return Opening(sent_open, kept, stream, first_logits=first_logits, state=state)
+
+    def _open_joining(self, open_msg: wire.Open, image_bytes: bytes, prompt: str, options: SpecOptions) -> Opening:
+        """Sends the OPEN and prefills the draft on a thread (`Prefilling`) until OPENED arrives: a draft
+        ready first goes on as before (its first window sent before OPENED); else the answer starts on
+        the edge and this device joins when its draft is ready (`Opening.joining`)."""
+        expected = self.prefill_s if self.prefill_s is not None else getattr(
+            getattr(self.draft, "profile", None), "answer_start_s", None)
+        early = self._early_join(options, expected)
+        sent_open = self.client.send(open_msg)  # the edge's draft prefilled at the STREAM (OPENED not delayed by it)
+        stream = None if early is None else self._send_stream(open_msg, early.draft, early.limit)
+
+        def work() -> tuple[np.ndarray | None, np.ndarray, DecodeState]:
+            visual, kept = self._encode_and_prune(self.draft.preprocess(load_image(image_bytes)), prompt, options)
+            first_logits, state = self.draft.prefill(visual, prompt, kept=kept)
+            return kept, first_logits, state
+
+        prefilling = Prefilling(work, expected)
+        if stream is not None:  # the edge starts the answer: its STREAM is behind the OPEN already
+            return Opening(sent_open, None, stream, prefill=lambda: prefilling.result()[2], joining=prefilling)
+        while not prefilling.wait(0.0) and not self.client.poll(0.001):  # zmq's poll wakes as OPENED arrives
+            pass
+        # OPENED came first: a prefill about to end is waited for (joining costs a STREAM and a round trip)
+        soon = max(JOIN_MIN_S, self.rtt_s)
+        if prefilling.wait(0.0) or (prefilling.left_s() <= soon and prefilling.wait(soon)):
+            self.prefill_s = prefilling.took_s
+            kept, first_logits, state = prefilling.result()
+            return Opening(sent_open, kept, None, first_logits=first_logits, state=state)
+        return Opening(sent_open, None, None, prefill=lambda: prefilling.result()[2], joining=prefilling)
+
+    def _early_join(self, options: SpecOptions, expected: float | None) -> JoinStream | None:
+        """The first segment of a join decided at OPEN (its STREAM sent right behind the OPEN, no round trip
+        between the two), where the draft's prefill is expected to end well after OPENED (what the last
+        answer measured of both); None: decided when OPENED comes."""
+        if not self.edge_limits or expected is None or self.opened_s is None:
+            return None
+        late = expected - self.opened_s
+        if late <= max(JOIN_MIN_S, self.rtt_s):
+            return None
+        offer = self.edge_offer
+        draft = bool(options.placement and offer is not None and offer.offers)
+        pace = (offer.s_per_token if draft and offer is not None else None) or self.edge_step_s or 0.02
+        return JoinStream(limit=max(2, math.ceil(late / pace)), draft=draft)
 
     def _encode_and_prune(self, pixels: dict[str, Any], prompt: str,
                           options: SpecOptions) -> tuple[VisualTokens, np.ndarray | None]:

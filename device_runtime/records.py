@@ -21,6 +21,17 @@ class RoundRecord:
 
 
 @dataclass
+class Joined:
+    """How a device whose draft was still prefilling when OPENED came joined its answer (the edge
+    generated the start meanwhile)."""
+
+    prefill_s: float | None  # the draft's encode + prefill on its thread (None: still running at the end)
+    at_token: int | None  # the answer's length when the device took drafting over (None: it never did)
+    at_s: float | None  # when, from the request's start
+    segments: int  # STREAMs with a limit the edge answered meanwhile
+
+
+@dataclass
 class Answer:
     mode: str
     ids: list[int]
@@ -36,6 +47,7 @@ class Answer:
     edge_drafted: bool = False  # that STREAM asked the edge to draft the rest itself (draft placement)
     reopens: int = 0  # times the session was re-OPENed with the answer so far (the edge had lost it)
     moves: int = 0  # times an edge answered an OPEN with DRAINING and the device connected again (another edge)
+    joined: Joined | None = None  # the draft prefilled while the edge started the answer (covspec's joining)
 
     @property
     def decode_tokens_per_s(self) -> float:

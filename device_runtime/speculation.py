@@ -9,7 +9,9 @@ CoVSpec as an object that takes the edge's messages and says what to send next.
     on_result(result, reopened)  RESULT arrived -> the next step
 
 A step is a `Flight` (a VERIFY to send unless `sent`, then await), `STREAM` (the edge generates the
-rest alone: the caller streams it and hands the tokens to `streamed`) or None (the answer is complete).
+rest alone: the caller streams it and hands the tokens to `streamed`), a `JoinStream` (the edge generates
+the next `limit` tokens while the draft still prefills: streamed, then handed to `streamed` likewise) or
+None (the answer is complete).
 The answer's `phase` (`AnswerPhase`) changes in one place, `_to`, along `TRANSITIONS`; the windows
 between drafting and their RESULT are `windows` (`WindowsInFlight`).
 An ERROR is the caller's: on UNKNOWN_SESSION it re-OPENs the session with `committed`, sends the
@@ -23,6 +25,7 @@ edge session.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -67,6 +70,17 @@ class StreamRest:
 
 
 STREAM = StreamRest()
+
+
+@dataclass
+class JoinStream(StreamRest):
+    """The step that asks the edge for the next `limit` tokens while the draft prefills (STREAM with
+    `limit`; `draft`: the edge drafts them with its own draft)."""
+
+    limit: int
+    draft: bool
+
+
 Step = Flight | StreamRest | None
 
 
@@ -74,6 +88,7 @@ class AnswerPhase(Enum):
     """Where one answer stands, as the device sees it."""
 
     PREFILLING = "prefilling"  # before OPENED: the edge prefills (the first window may be in flight)
+    JOINING = "joining"  # the edge generates the answer's start while this device's draft prefills
     SPECULATING = "speculating"  # rounds: windows drafted here, verified there
     STREAMING = "streaming"  # the edge generates the rest alone (STREAM)
     EDGE_DRAFTING = "edge_drafting"  # the edge drafts and verifies the rest itself (STREAM with draft)
@@ -84,7 +99,8 @@ HANDED = (AnswerPhase.STREAMING, AnswerPhase.EDGE_DRAFTING)  # the edge generate
 # the phases each phase may change to: a stream cannot be undone, except that an edge that got loaded gives
 # drafting back (EDGE_DRAFTING -> SPECULATING)
 TRANSITIONS: dict[AnswerPhase, frozenset[AnswerPhase]] = {
-    AnswerPhase.PREFILLING: frozenset({AnswerPhase.SPECULATING, *HANDED, AnswerPhase.DONE}),
+    AnswerPhase.PREFILLING: frozenset({AnswerPhase.SPECULATING, AnswerPhase.JOINING, *HANDED, AnswerPhase.DONE}),
+    AnswerPhase.JOINING: frozenset({AnswerPhase.SPECULATING, *HANDED, AnswerPhase.DONE}),
     AnswerPhase.SPECULATING: frozenset({*HANDED, AnswerPhase.DONE}),
     AnswerPhase.STREAMING: frozenset({AnswerPhase.DONE}),
     AnswerPhase.EDGE_DRAFTING: frozenset({AnswerPhase.SPECULATING, AnswerPhase.DONE}),
@@ -119,12 +135,14 @@ class Speculation:
 
     def __init__(self, draft: DraftModel, state: DecodeState | Callable[[], DecodeState], ask: AnswerConfig,
                  stats: OnlineStats, sid: int, vocab: int, ready: Callable[[], bool],
-                 edge_offer: EdgeOffer | None = None) -> None:
+                 edge_offer: EdgeOffer | None = None, prefill_left: Callable[[], float] | None = None) -> None:
         """`state`: the draft's prefilled prompt; `ask`: the answer's sampling, length, fixed window
         (without the adaptive policy) and mechanisms (`ask.spec_options()`); `stats`: the drafting
         policy's estimates (updated here); `vocab`: the target's vocabulary width; `ready()`: whether a
         reply is waiting; `edge_offer`: what the edge last said of drafting itself (updated from OPENED
-        and each RESULT)."""
+        and each RESULT); `prefill_left()`: where the draft prefills on a thread while the edge starts the
+        answer (joining), the seconds it is expected to take still (0: done; `state` is then the function
+        that returns its state)."""
         # `state`: a function that prefills the draft when the edge drafts this answer from the start (the
         # draft is then prefilled only if the edge gives drafting back)
         self.prefill = state if callable(state) else None
@@ -142,7 +160,7 @@ class Speculation:
         self.phase = AnswerPhase.PREFILLING
         self.history: list[AnswerPhase] = [self.phase]  # every phase entered, in order
         # decided before OPENED: the phase OPENED leads to when a STREAM goes right behind the OPEN
-        # (STREAMING, EDGE_DRAFTING), else None (the rules are applied at OPENED)
+        # (STREAMING, EDGE_DRAFTING, JOINING), else None (the rules are applied at OPENED)
         self.hand_to: AnswerPhase | None = None
         self.edge_step_s: float | None = None
         self.rounds: list[RoundRecord] = []
@@ -154,6 +172,10 @@ class Speculation:
         self.edge_offer = edge_offer
         self.paced_at: float | None = None  # when the last RESULT (or OPENED) came: the pace is measured between
         self.gave_back = 0  # times the edge gave drafting back to this device mid-answer
+        self.prefill_left = prefill_left
+        self.joined_at: int | None = None  # the answer's length when this device joined (took drafting over)
+        self.joined_t: float | None = None  # and when (time.perf_counter)
+        self.join_segments = 0  # STREAMs with a limit the edge generated while the draft prefilled
 
     def _to(self, phase: AnswerPhase) -> None:
         """The one place the answer's phase changes (along TRANSITIONS)."""
@@ -200,28 +222,61 @@ class Speculation:
 
     def streamed(self, tokens: list[int], next_round: int | None) -> Step:
         """The STREAM ended, `tokens` streamed: the answer is complete, or (`next_round`: the edge's next
-        round) the edge got loaded and gave drafting back (`resume`)."""
+        round) the edge got loaded and gave drafting back (`resume`), or a joining segment ended (`_joining`)."""
         self.extend(tokens)
         if next_round is None:
             return self._done()
+        if self.phase is AnswerPhase.JOINING:
+            return self._joining(next_round)
         return self.resume(next_round)
+
+    def _joining(self, next_round: int) -> Step:
+        """While the draft prefills (JOINING), at a round boundary (`next_round`: the edge's next round):
+        another segment of the edge's tokens, sized to the prefill's expected rest, or (the draft ready)
+        drafting taken over here, unless the edge drafting or streaming the rest beats this device."""
+        if self.committed[-1] in self.eos or len(self.committed) >= self.max_new_tokens:
+            return self._done()
+        assert self.prefill_left is not None and self.prefill is not None, "joining needs a prefill under way"
+        left = self.prefill_left()
+        if left > 0:
+            self.join_segments += 1
+            draft = bool(self.options.placement and self.edge_offer is not None and self.edge_offer.offers)
+            pace = (self.edge_offer.s_per_token if draft and self.edge_offer is not None else None) or self.edge_step_s
+            room = self.max_new_tokens - len(self.committed)
+            return JoinStream(limit=min(room, max(2, math.ceil(left / (pace or 0.02)))), draft=draft)
+        self.state = self.prefill()
+        self.drafter = Drafter(self.draft, self.state, self.pending[0], self.params, self.rng)
+        self.drafter.committed = list(self.pending)  # fed with the first window
+        self.round_base = len(self.rounds) - next_round
+        self.joined_at = len(self.committed)
+        self.paced_at = self.joined_t = time.perf_counter()
+        if self._edge_drafting_wins(self.edge_step_s):
+            return self._hand(AnswerPhase.EDGE_DRAFTING)  # the edge's drafting is faster: it keeps the answer
+        if self._streaming_wins(self.edge_step_s):
+            return self._hand(self._streaming_phase(self.edge_step_s))
+        self._to(AnswerPhase.SPECULATING)
+        return self._next_window()
 
     # --- events --------------------------------------------------------------------------------
     def start(self, first_logits: np.ndarray | None, informed: bool, edge_step_s: float | None,
-              hand_over: bool = False) -> Flight | None:
+              hand_over: bool = False, joining: bool = False) -> Flight | None:
         """Before OPENED, on the draft's first logits [V]: decides whether the edge streams the
         answer from the start (the rule applied after OPENED, on what earlier answers showed and
         the edge's streaming time, `edge_step_s`, from the last OPENED); returns the first window,
         drafted on the draft's guess of the target's first token, when it is sent before OPENED.
-        `hand_over`: the caller asked the edge to draft this answer (STREAM with draft, sent already)."""
+        `hand_over`: the caller asked the edge to draft this answer (STREAM with draft, sent already);
+        `joining`: to start it while the draft prefills (STREAM with a limit, sent already)."""
         stats, options = self.stats, self.options
         self.informed = informed
+        if joining:  # the rules are applied when this device joins (`_joining`)
+            self.hand_to, self.join_segments = AnswerPhase.JOINING, 1
+            return None
         edge_drafts = hand_over or self._edge_drafting_wins(edge_step_s)
         streams = edge_drafts or self._streaming_wins(edge_step_s)
         edge_drafts = edge_drafts or (streams and self._edge_beats_streaming(edge_step_s))
         self.hand_to = AnswerPhase.EDGE_DRAFTING if edge_drafts else AnswerPhase.STREAMING if streams else None
-        if edge_drafts:  # the edge drafts from its first token: nothing to draft here first
-            return None
+        if edge_drafts or self.state is None:  # the edge drafts from its first token, or the draft still
+            return None  # prefills (joining): nothing to draft here first
         if not (options.ahead and self.max_new_tokens > 1 and (
                 not options.adaptive or (streams and self.params.greedy)
                 or (stats.rounds > 0 and not streams))):
@@ -270,6 +325,9 @@ class Speculation:
         if windows.in_flight is None and self._streaming_wins(edge_step_s):
             # the link is too slow for drafts to beat the edge's own streaming: do not start speculating
             return self._hand(self._streaming_phase(edge_step_s))
+        if self.drafter is None:  # the draft still prefills: the edge starts the answer meanwhile
+            self._to(AnswerPhase.JOINING)
+            return self._joining(0)
         self._to(AnswerPhase.SPECULATING)
         return self._next_window()
 

@@ -217,6 +217,10 @@ class DraftedStream:
             self.pending = []
         return out
 
+    def limit_reached(self) -> bool:
+        """Whether the STREAM's `limit` of tokens was drafted (a joining device takes over at this round's end)."""
+        return self.msg.limit is not None and self.streamed >= self.msg.limit
+
     def give_back(self) -> wire.Streamed:
         """The last STREAMED of a stream the edge stops drafting before the answer ends (it got loaded and
         the device can draft): the tokens not sent yet and, in its timings, the session's next round

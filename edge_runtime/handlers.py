@@ -95,7 +95,7 @@ def _start(server: EdgeState, ctx: RequestContext, msg: wire.Open, prefix: list[
     prefill_s = time.perf_counter() - start + (prefilled.pass_s if done is not None else 0.0)
     session.usage = SessionUsage(device=ctx.device, mode=msg.mode, prefix=len(prefix), prefill_s=prefill_s)
     session.opened = wire.Opened(sid=msg.sid, seq=msg.seq, token=session.committed[-1], done=session.done,
-                                 timings={"prefill_s": prefill_s, **server.costs.timings()})
+                                 stream_limit=True, timings={"prefill_s": prefill_s, **server.costs.timings()})
     return session, visual.count
 
 
@@ -207,18 +207,25 @@ def on_stream(server: EdgeState, ctx: RequestContext, msg: wire.Stream):
     index = 0
     tokens = session.stream()
     next(tokens)  # the first token went out in OPENED
+    streamed = 0
     for token in tokens:
         chunk.append(token)
+        streamed += 1
         session.usage.streamed += 1
         server.counters.tokens_streamed += 1
+        if msg.limit is not None and streamed >= msg.limit and not session._finished():
+            break  # the device joins: the rest is its windows' (the session stays open)
         if len(chunk) >= msg.chunk:
             yield _streamed(msg, index, chunk, False, start)
             index, chunk = index + 1, []
     elapsed = time.perf_counter() - start
     session.usage.stream_s += elapsed
-    server.costs.observe_stream(elapsed, session.usage.streamed)
+    server.costs.observe_stream(elapsed, streamed)  # this STREAM's tokens (a joining device's may be one of several)
     session.last_active = time.monotonic()
-    yield _streamed(msg, index, chunk, True, start)
+    last = _streamed(msg, index, chunk, True, start)
+    if not session.done:  # stopped at the limit: the round the device's next window is
+        last.yielded_round = 0 if session.last is None else session.last.round + 1
+    yield last
 
 
 def on_close(server: EdgeState, ctx: RequestContext, msg: wire.Close):

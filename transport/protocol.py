@@ -160,6 +160,7 @@ class Opened(Message):
     done: bool = False
     offers_draft: bool | None = None  # an edge with a draft: whether it offers to draft this answer (None: no draft)
     edge_sessions: int | None = None  # with offers_draft: the unfinished sessions the edge holds
+    stream_limit: bool | None = None  # True: the edge takes STREAM's `limit` (a device may join mid-answer)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -194,6 +195,8 @@ class Stream(Message):
     TYPE: ClassVar[str] = "STREAM"
     chunk: int = 1  # at most this many tokens per STREAMED
     draft: bool | None = None  # True: the edge drafts with its own draft and verifies (edge-side speculation)
+    limit: int | None = None  # at most this many tokens, then the stream ends (done) with yielded_round set,
+    # the session open for the device's windows (a device whose draft is still prefilling: joining)
 
 
 @dataclass(kw_only=True, eq=False)
@@ -373,11 +376,12 @@ _FIELDS: dict[type[Message], dict[str, Check]] = {
         "top_k": _int(0, U31), "top_p": _float(0.0, 1.0, lo_open=True), "seed": _opt(_int(0, U64)),
         "max_new_tokens": _int(1, U31), "edge_draft": _opt(_bool),
     },
-    Opened: {"token": _ID, "done": _bool, "offers_draft": _opt(_bool), "edge_sessions": _opt(_ID), "timings": _timings},
+    Opened: {"token": _ID, "done": _bool, "offers_draft": _opt(_bool), "edge_sessions": _opt(_ID),
+             "stream_limit": _opt(_bool), "timings": _timings},
     Verify: {"round": _ID, "pos": _opt(_ID), "root": _opt(_ID)},
     Result: {"round": _ID, "accepted": _ID, "token": _opt(_ID), "done": _bool, "offers_draft": _opt(_bool),
              "edge_sessions": _opt(_ID), "timings": _timings},
-    Stream: {"chunk": _int(1, U31), "draft": _opt(_bool)},
+    Stream: {"chunk": _int(1, U31), "draft": _opt(_bool), "limit": _opt(_int(1, U31))},
     Streamed: {"index": _ID, "done": _bool, "yielded_round": _opt(_ID), "timings": _timings},
     Close: {},
     Closed: {},

@@ -47,6 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_threads_arg(q)
     add_client_key_args(q, "this device's secret key file (NAME.key_secret), for an edge with --auth curve")
     q.add_argument("--profile", help="calibration profile (covspec calibrate): the drafting policy's starting estimates")
+    q.add_argument("--device-profile", metavar="NAME",
+                   help="run the draft at a named device's pace (device_runtime/profiles.json: smolvlm-256m, "
+                        "phone-xnnpack, jetson-orin-cpu...): each call padded to the profile's time, a labelled "
+                        "emulation, not a measurement of that device (default: this machine's own pace)")
     add_sampling_args(q, max_new_tokens=ANSWER.max_new_tokens)
     q.add_argument("--json", action="store_true",
                    help="print the answer and its figures as one JSON object on stdout (nothing else there)")
@@ -109,8 +113,14 @@ def run(args: argparse.Namespace) -> int:
     ask = AnswerConfig(args.mode, params, args.max_new_tokens, args.window, options)
     with native_stderr_quiet(args.verbose):
         draft = api.load_draft(device.model, device.bundle, device.backend, device.threads)
+    if args.device_profile:
+        from covspec.device_runtime.profiles import Paced
+        from covspec.device_runtime.profiles import load_profile as load_device_profile
+
+        draft = Paced(draft, load_device_profile(args.device_profile))
     answer = api.answer(device, image, args.prompt, ask, draft=draft)
     record = api.answer_record(answer, draft=api.draft_name(draft), edge=args.edge)
+    record["device_profile"] = args.device_profile  # an emulated device's pace, when named (never a measurement)
     if args.json:
         print(json.dumps(record))
         return 0

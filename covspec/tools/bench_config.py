@@ -66,6 +66,10 @@ class BenchConfig:
     keep: float | None = option(None, "share of visual tokens the pruning covspec modes keep (default: the mode's "
                                 "own)", type=float)
     merge: bool = option(False, "pruning modes merge the dropped tokens into the kept ones (a draft trained so)")
+    device_profile: str | None = option(None, "the devices run the draft at a named device's pace "
+                                        "(device_runtime/profiles.json: smolvlm-256m, phone-xnnpack, jetson-orin-cpu..."
+                                        "), a labelled emulation named in every row, never a measurement of that "
+                                        "device (default: this machine's own pace)", metavar="NAME")
     # sampling (temperature 0 = greedy)
     temperature: float = option(0.0, "sampling temperature (0: greedy)", type=float, group="sampling")
     top_k: int = option(0, "keep the k most likely tokens (0: off)", type=int, group="sampling")

@@ -52,6 +52,7 @@ class WorkerSettings:
     rate: float | None = None  # open loop: this device's requests arrive at this rate (Poisson, per second)
     edge_side: bool = False  # read the edge's counters before and after each answer (its busy and CPU time)
     edge_metrics: str | None = None  # ... from its Prometheus endpoint instead of STATS
+    device_profile: str | None = None  # the draft run at this named device's pace (device_runtime/profiles.json)
 
     @classmethod
     def from_bench(cls, args: argparse.Namespace, **settings) -> WorkerSettings:
@@ -145,6 +146,10 @@ def run_worker(s: WorkerSettings) -> int:
     params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed)
     items = worker_items(s)
     draft = load_draft(None if s.bundle else s.draft, s.bundle, s.backend, threads=1)
+    if s.device_profile:  # a labelled emulation of that device's pace, named in every row
+        from covspec.device_runtime.profiles import Paced, load_profile
+
+        draft = Paced(draft, load_profile(s.device_profile))
     device = DeviceRuntime(draft, s.edge, timeout_s=120.0, keys=client_keys(s.key, s.edge_key))
     counters = edge_reader(s)
     if s.go:  # a load run: start with the other devices
@@ -191,6 +196,10 @@ def run_worker(s: WorkerSettings) -> int:
                    "down_per_token": answer.bytes_down / n, "decode_up_per_token": answer.decode_bytes_up / n,
                    "rounds": len(answer.rounds), "kept": answer.kept, "streamed_rest": answer.streamed_rest,
                    "edge_drafted": answer.edge_drafted or mode == "edge_sd",
+                   "device_profile": s.device_profile,
+                   "joined_at": None if answer.joined is None else answer.joined.at_token,
+                   "device_prefill_s": None if answer.joined is None else answer.joined.prefill_s,
+                   "join_segments": None if answer.joined is None else answer.joined.segments,
                    "edge_cpu_ms": None if cpu1 is None else 1000 * (cpu1 - cpu0),
                    "branch_hits": _rate([r.branch_hit for r in answer.rounds if r.branch_hit is not None]),
                    "mean_accepted": answer.mean_accepted, "acceptance": answer.acceptance_rate,

@@ -17,7 +17,14 @@ from PIL import Image
 
 from covspec.device_runtime.config import AnswerConfig
 from covspec.device_runtime.records import final_answer
-from covspec.device_runtime.speculation import STREAM, TRANSITIONS, AnswerPhase, Flight, Speculation
+from covspec.device_runtime.speculation import (
+    STREAM,
+    TRANSITIONS,
+    AnswerPhase,
+    Flight,
+    JoinStream,
+    Speculation,
+)
 from covspec.drafter import Drafter
 from covspec.edge_runtime.planning import Outcome, plan_verify
 from covspec.edge_runtime.session import TargetSession
@@ -239,14 +246,27 @@ def test_every_phase_transition(models):
     visual = target.encode_image(target.preprocess(picture))
     taken: set[tuple[AnswerPhase, AnswerPhase]] = set()
 
-    def new(mode: str | SpecOptions, state=None, stats=None, offer=None) -> tuple[Speculation, InProcessEdge, np.ndarray]:
+    def new(mode: str | SpecOptions, state=None, stats=None, offer=None,
+            prefill_left=None) -> tuple[Speculation, InProcessEdge, np.ndarray]:
         session = TargetSession.open(target, visual, PROMPT, None, GREEDY, n)
         logits, prefilled = draft.prefill(draft.encode_image(draft.preprocess(picture)), PROMPT)
         stats = stats or OnlineStats(t_draft=0.001, rtt=0.001, prior_v0=0.005, prior_v1=0.001)
         options = replace(MODE_OPTIONS.get(mode, mode), keep=1.0)
         spec = Speculation(draft, prefilled if state is None else state, AnswerConfig(options=options, max_new_tokens=n),
-                           stats, sid=1, vocab=target.vocab_size, ready=lambda: False, edge_offer=offer)
+                           stats, sid=1, vocab=target.vocab_size, ready=lambda: False, edge_offer=offer,
+                           prefill_left=prefill_left)
+        if prefill_left is not None:  # joining: the draft "prefills" until prefill_left() says 0
+            spec.prefill, spec.state = lambda: prefilled, None
         return spec, InProcessEdge(session, target.vocab_size), logits
+
+    def segment(spec: Speculation, edge: InProcessEdge, step):
+        """A joining segment: the edge streams step.limit tokens (or to the end), the step that follows."""
+        assert isinstance(step, JoinStream) and spec.phase is AnswerPhase.JOINING
+        tokens = edge.session.stream()
+        next(tokens)
+        got = [t for _, t in zip(range(step.limit), tokens, strict=False)]
+        session = edge.session
+        return spec.streamed(got, None if session.done or session._finished() else 0)
 
     def opened(spec: Speculation, edge: InProcessEdge, edge_step_s=None, done=False):
         session = edge.session
@@ -307,6 +327,40 @@ def test_every_phase_transition(models):
     spec, edge, _ = new("covspec")
     spec.start(None, informed=False, edge_step_s=None, hand_over=True)
     finish(spec, edge, opened(spec, edge))
+    # PREFILLING -> JOINING -> SPECULATING -> DONE: OPENED before the draft's prefill; two segments streamed
+    # meanwhile, then the device drafts from a round boundary mid-answer
+    left = iter([0.05, 0.05, 0.0])
+    spec, edge, _ = new("covspec_no_placement", prefill_left=lambda: next(left))
+    assert spec.start(None, informed=False, edge_step_s=None) is None
+    step = segment(spec, edge, opened(spec, edge, edge_step_s=0.01))
+    assert isinstance(step, JoinStream) and step.limit == 5 and not step.draft  # 50 ms left / 10 ms a token
+    step = segment(spec, edge, step)
+    assert spec.phase is AnswerPhase.SPECULATING and spec.joined_at == 11 and spec.join_segments == 2
+    finish(spec, edge, drive(edge, spec, step))
+    # JOINING -> DONE: the edge finished the answer while the draft prefilled
+    spec, edge, _ = new("covspec", prefill_left=lambda: 10.0)
+    spec.start(None, informed=False, edge_step_s=None)
+    step = segment(spec, edge, opened(spec, edge, edge_step_s=0.01))
+    assert step is None and spec.joined_at is None
+    finish(spec, edge, step)
+    # JOINING -> EDGE_DRAFTING: ready, the device finds the edge's drafting far faster (it keeps the answer)
+    left = iter([0.02, 0.0])
+    spec, edge, _ = new(SpecOptions(placement=True), prefill_left=lambda: next(left))
+    spec.start(None, informed=False, edge_step_s=None)
+    step = opened(spec, edge)
+    spec.edge_offer, spec.stats.rounds = offer, 5  # what the edge's segments showed meanwhile
+    step = segment(spec, edge, step)
+    assert step is STREAM and spec.phase is AnswerPhase.EDGE_DRAFTING
+    finish(spec, edge, step)
+    # JOINING -> STREAMING: ready, the device finds the target's streaming far faster
+    left = iter([0.02, 0.0])
+    spec, edge, _ = new("covspec_no_placement", prefill_left=lambda: next(left))
+    spec.start(None, informed=False, edge_step_s=None)
+    step = opened(spec, edge, edge_step_s=0.01)
+    spec.edge_step_s = 1e-6
+    step = segment(spec, edge, step)
+    assert step is STREAM and spec.phase is AnswerPhase.STREAMING
+    finish(spec, edge, step)
     assert taken == {(a, b) for a, targets in TRANSITIONS.items() for b in targets}
     with pytest.raises(RuntimeError, match="no transition from DONE to SPECULATING"):
         spec.resume(0)

@@ -99,8 +99,10 @@ def test_vanilla_sd_greedy_equals_target_only(pair):
             for mode in SPECULATIVE_MODES:
                 speculative = device.answer(image, prompt, mode, SamplingParams(), max_new_tokens=12, window=3)
                 assert speculative.ids == reference, f"{family}: {mode} differs from target-only greedy"
-                # the adaptive policy may leave a tiny, fast target to stream on its own
-                assert speculative.rounds or (MODE_OPTIONS[mode].adaptive and speculative.streamed_rest), mode
+                # the adaptive policy may leave a tiny, fast target to stream on its own; on a busy machine the
+                # edge may finish a short answer while the draft still prefills (joining)
+                ended_first = speculative.joined is not None and speculative.joined.at_token is None
+                assert speculative.rounds or (MODE_OPTIONS[mode].adaptive and speculative.streamed_rest) or ended_first, mode
                 assert speculative.bytes_up > 0 and speculative.bytes_down > 0
                 if draft_path == target and MODE_OPTIONS[mode].keep == 1.0 and speculative.rounds:  # identical draft
                     assert speculative.acceptance_rate == 1.0, mode
