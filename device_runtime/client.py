@@ -43,7 +43,13 @@ import numpy as np
 from covspec.calibration.profile import CalibrationProfile
 from covspec.device_runtime.config import AnswerConfig
 from covspec.device_runtime.records import Answer, Joined, RoundRecord, final_answer
-from covspec.device_runtime.speculation import STREAM, AnswerPhase, Flight, JoinStream, Speculation, StreamRest
+from covspec.device_runtime.speculation import (
+    AnswerPhase,
+    Flight,
+    JoinStream,
+    Speculation,
+    StreamRest,
+)
 from covspec.errors import CovspecError
 from covspec.generation import generate
 from covspec.images import load_image
@@ -364,7 +370,7 @@ class DeviceRuntime:
         # 4. OPENED: the target's first token; the edge's streaming time for the policy
         opened = self._expect(self._await(opening.sent), wire.Opened)
         ttft = time.perf_counter() - start
-        self.edge_limits = bool(opened.timings.get("stream_limit"))
+        self.edge_limits = bool(opened.stream_limit)
         self.opened_s = opened.timings.get("prefill_s", 0.0) + self.rtt_s
         if joining is not None and not self.edge_limits:  # an older edge: the answer waits for the draft
             joining.wait(None)

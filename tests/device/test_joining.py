@@ -125,3 +125,5 @@ def test_stream_limit_is_on_the_wire():
     assert wire.decode(wire.encode(msg)).limit == 5
     with pytest.raises(wire.ProtocolError):
         wire.decode(wire.encode(wire.Stream(sid=1, seq=2, chunk=1, limit=0)))
+    opened = wire.Opened(sid=1, seq=2, token=3, stream_limit=True)
+    assert wire.decode(wire.encode(opened)).stream_limit is True  # a typed field, not a timing
