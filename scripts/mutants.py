@@ -67,8 +67,8 @@ MUTANTS = [
            "        pass"),
     Mutant("correction_dropped", "the edge's correction token dropped after a rejection",
            "device_runtime/speculation.py",
-           "            self.drafter.commit(drafted, result.accepted, next_token)",
-           "            self.drafter.commit(drafted, result.accepted,\n"
+           "            self.drafting.commit(drafted, result.accepted, next_token)",
+           "            self.drafting.commit(drafted, result.accepted,\n"
            "                                next_token if result.accepted == len(drafted) else None)"),
     Mutant("residual_edge_p", "the edge's residual drawn from p instead of norm(max(0, p - q))",
            "covspec/speculative.py", "    r = (p - q).clamp_min(0.0)", "    r = p.clone()"),
