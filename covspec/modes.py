@@ -9,7 +9,8 @@ all read it.
     vanilla_sd   fixed window k, stop-and-wait; sampling uploads the draft's full distribution
     covspec      pruning, adaptive windows, branches with windows in flight, decoupled verification
     covspec_no_prune / _no_adaptive / _no_branch / _no_ahead / _no_decoupled / _no_placement: one mechanism
-                 off each (placement: the device hands drafting to an edge that drafts faster, policy.place_drafting)
+                 off each (placement: the device hands drafting to an edge that drafts faster, policy.place_drafting;
+                 without it the device also never lets the edge start the answer while its draft prefills)
     covspec_no_join  the device's draft prefills before its first window, the answer waiting for it (covspec
                  joins: the edge starts the answer, the device takes drafting over once its draft is ready)
 """
@@ -58,7 +59,9 @@ MODE_OPTIONS: dict[str, SpecOptions] = {
     "covspec_no_branch": replace(COVSPEC, branching=False, ahead=False),
     "covspec_no_ahead": replace(COVSPEC, ahead=False),
     "covspec_no_decoupled": replace(COVSPEC, decoupled=False),
-    "covspec_no_placement": replace(COVSPEC, placement=False),
+    # no placement: the device drafts every token itself, so no edge-started answer either (joining hands the
+    # start of the answer to the edge)
+    "covspec_no_placement": replace(COVSPEC, placement=False, join=False),
     "covspec_no_join": replace(COVSPEC, join=False),
 }
 MODES = ("target_only", "draft_only", "edge_sd", *MODE_OPTIONS)

@@ -159,6 +159,7 @@ class DeviceRuntime:
         self.edge_streak = 0  # answers in a row drafted on the edge (see _probes_device)
         self.prefill_s: float | None = None  # the draft's last encode + prefill on its thread (joining)
         self.edge_limits = False  # the edge takes STREAM's limit (OPENED says stream_limit: joining possible)
+        self.prefilling: Prefilling | None = None  # the last answer's prefill thread (it may outlive its answer)
         self.opened_s: float | None = None  # the edge's last prefill plus a round trip: when OPENED is expected
         self.welcome = self._hello()
         # the drafting policy's estimates per set of mechanisms and greedy-or-sampled, carried from one
@@ -198,6 +199,9 @@ class DeviceRuntime:
         adaptive policy); `options` overrides the mode's mechanisms (for sweeps)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
+        if self.prefilling is not None:  # a prefill that outlived its answer still runs the draft's programs,
+            self.prefilling.wait(None)  # which take one call at a time (ExecuTorch: InvalidState): let it end
+            self.prefilling = None
         prompt = self.draft.check_prompt(prompt)
         up0, down0 = self.client.counters.bytes_sent, self.client.counters.bytes_recv
         reopens0, moves0 = self.reopens, self.moves
@@ -461,7 +465,7 @@ class DeviceRuntime:
             first_logits, state = self.draft.prefill(visual, prompt, kept=kept)
             return kept, first_logits, state
 
-        prefilling = Prefilling(work, expected)
+        prefilling = self.prefilling = Prefilling(work, expected)
         if stream is not None:  # the edge starts the answer: its STREAM is behind the OPEN already
             return Opening(sent_open, None, stream, prefill=lambda: prefilling.result()[2], joining=prefilling)
         while not prefilling.wait(0.0) and not self.client.poll(0.001):  # zmq's poll wakes as OPENED arrives

@@ -181,6 +181,7 @@ def test_aarch64_emulated_device_answers_like_the_x86_device(tmp_path: Path) -> 
     if done.returncode == 77:
         pytest.skip(f"no emulated aarch64 device here: {done.stderr.strip()[-300:]}")
     assert done.returncode in (0, 1), done.stderr[-3000:]
+    assert (tmp_path / "figures.json").is_file(), f"no figures written (exit {done.returncode}): {done.stderr[-3000:]}"
     figures = json.loads((tmp_path / "figures.json").read_text())
     arm = figures["aarch64"]
     assert arm["answers"]["machine"] == "aarch64" and arm["answers"]["modules"] == []
