@@ -136,10 +136,14 @@ class LinkWatch:
             self.up, self.tcp, self.down_since = False, False, now
             self.drops += 1
 
-    def why_down(self, endpoint: str) -> str:
+    def why_down(self, endpoint: str, keyless: bool = False) -> str:
         if self.tcp:
+            # a keyless device's CURVE mismatch reads, in a race inside libzmq, as a connection closed
+            # mid-handshake as often as a refusal: the likeliest cause is then named too
+            curve = (", or the edge requires CURVE keys: pass this device's --key and the edge's --edge-key"
+                     if keyless else "")
             return (f"{endpoint} accepts TCP connections but completes no ZeroMQ handshake (a link emulator "
-                    "whose edge is down, or not a covspec edge)")
+                    f"whose edge is down, or not a covspec edge{curve})")
         return f"nothing accepts connections at {endpoint} (is the edge running, and is the address right?)"
 
 
@@ -414,11 +418,11 @@ class Client:
         limit = self.reconnect_timeout_s if self.ever_up else self.connect_timeout_s
         if waited > limit:
             what = "lost the edge and it did not come back" if self.ever_up else "could not reach the edge"
-            raise PeerUnavailable.because(self.endpoint, f"{what} within {limit:g} s: {watch.why_down(self.endpoint)}")
+            raise PeerUnavailable.because(self.endpoint, f"{what} within {limit:g} s: {watch.why_down(self.endpoint, self.keys is None)}")
         if waited > 2.0 and now - self._said > 2.0:
             self._said = now
             log.warning("waiting for the edge at %s (%.0f s of %g): %s", self.endpoint, waited, limit,
-                        watch.why_down(self.endpoint))
+                        watch.why_down(self.endpoint, self.keys is None))
 
     def send(self, msg: Message) -> Message:
         """Send without waiting (pipelined windows, STREAM); returns the message with its assigned seq."""
@@ -476,7 +480,7 @@ class Client:
                 return reply
         if not self._watch.up:
             raise PeerUnavailable.because(self.endpoint, f"no reply from {self.endpoint} to {sent.TYPE} after {attempts} "
-                                          f"attempt(s) of {timeout_s:g} s each: {self._watch.why_down(self.endpoint)}")
+                                          f"attempt(s) of {timeout_s:g} s each: {self._watch.why_down(self.endpoint, self.keys is None)}")
         raise PeerUnavailable(self.endpoint, f"{sent.TYPE} (seq {sent.seq})", attempts, timeout_s)
 
     def reconnect(self) -> None:
