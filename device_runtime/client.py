@@ -161,7 +161,11 @@ class DeviceRuntime:
         self.edge_limits = False  # the edge takes STREAM's limit (OPENED says stream_limit: joining possible)
         self.prefilling: Prefilling | None = None  # the last answer's prefill thread (it may outlive its answer)
         self.opened_s: float | None = None  # the edge's last prefill plus a round trip: when OPENED is expected
-        self.welcome = self._hello()
+        try:
+            self.welcome = self._hello()
+        except BaseException:  # a device that never got in leaves no socket behind (its monitor unread)
+            self.client.close()
+            raise
         # the drafting policy's estimates per set of mechanisms and greedy-or-sampled, carried from one
         # request to the next: acceptance, step, round-trip and verify times belong to this draft, edge
         # and link, not to one answer (starting every request from priors kept its first windows short)

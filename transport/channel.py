@@ -355,6 +355,27 @@ class MeteredSocket:
         self.sock.close(linger=0)
 
 
+# the monitor events LinkWatch reads; a refused TCP connect (nothing listening) raises none of them
+WATCHED_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+def _watch_events(sock: zmq.Socket) -> zmq.Socket:
+    """The PAIR that receives `sock`'s monitor events, with no receive high-water mark: libzmq's I/O
+    thread sends monitor events blocking, so a monitor nobody reads for a while (an idle device whose
+    edge is down, reconnecting every 100 ms) would otherwise fill it and stall every socket of the
+    context (seen: after ~2 minutes, no new connection of the process completed)."""
+    # a name of its own: pyzmq's default (the socket's fd) can still be bound by a closed socket's monitor
+    # that ZeroMQ's reaper has not torn down yet, when a new socket gets the same fd ("Address already in use")
+    addr = f"inproc://covspec-monitor-{next(_MONITORS)}-{uuid.uuid4().hex}"
+    sock.monitor(addr, WATCHED_EVENTS)
+    monitor = sock.context.socket(zmq.PAIR)
+    monitor.setsockopt(zmq.RCVHWM, 0)
+    monitor.connect(addr)
+    return monitor
+
+
 class Client:
     """The device's DEALER: request/response with a timeout and bounded retries.
 
@@ -383,9 +404,7 @@ class Client:
 
     def _connect(self) -> MeteredSocket:
         sock = make_socket(self._ctx, zmq.DEALER, max_msg_bytes=self.limits.max_total_bytes, client_keys=self.keys)
-        # a name of its own: pyzmq's default (the socket's fd) can still be bound by a closed socket's monitor
-        # that ZeroMQ's reaper has not torn down yet, when a new socket gets the same fd ("Address already in use")
-        self._monitor = sock.get_monitor_socket(addr=f"inproc://covspec-monitor-{next(_MONITORS)}-{uuid.uuid4().hex}")
+        self._monitor = _watch_events(sock)
         old = getattr(self, "_watch", None)  # a retry's fresh socket: a link that was down stays down since then
         self._watch = LinkWatch(old.down_since if old is not None and not old.up else time.monotonic())
         self._said = 0.0

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from covspec.transport import channel
 from covspec.transport import protocol as P
 from covspec.transport.channel import (
     Client,
@@ -126,3 +127,32 @@ def test_binding_a_port_in_use_says_so() -> None:
         first.close(0)
         second.close(0)
         ctx.term()
+
+
+@pytest.mark.timeout(60)  # before the fix this test hung: the stalled I/O thread blocks the sockets' close
+def test_a_client_left_unread_does_not_stall_the_other_sockets(monkeypatch):
+    """libzmq's I/O thread sends socket-monitor events blocking: a Client nobody reads (an idle device
+    whose edge is down, or one whose constructor raised) once filled its monitor's queue and then no
+    connection of the whole process completed (seen in CI: every later test that talked to an edge failed).
+    Its monitor takes only the events the watch reads, and never blocks the sender."""
+    def eager(*args, **kw):  # a reconnection every millisecond: thousands of tries within the test
+        sock = make_socket(*args, **kw)
+        sock.setsockopt(zmq.RECONNECT_IVL, 1)
+        return sock
+
+    monkeypatch.setattr(channel, "make_socket", eager)
+    idle = Client(f"tcp://127.0.0.1:{free_port()}", timeout_s=0.2, retries=0)  # nothing listens there
+    monkeypatch.undo()
+    assert idle._monitor.getsockopt(zmq.RCVHWM) == 0
+    time.sleep(3.0)
+    server = make_socket(zmq.Context.instance(), zmq.ROUTER)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    fresh = zmq.Context.instance().socket(zmq.DEALER)
+    try:
+        fresh.connect(f"tcp://127.0.0.1:{port}")
+        fresh.send(b"hello")
+        assert server.poll(5000), "a new connection did not complete while another client's monitor was unread"
+    finally:
+        fresh.close(0)
+        server.close(0)
+        idle.close()
