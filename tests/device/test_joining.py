@@ -5,11 +5,14 @@ Also the profiles themselves: every one loads, names its source, and `Paced` nev
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tiny_models
+import torch
 from test_edge_sd import DraftingEdge, reference
 from test_runtimes import PROMPTS, png
 
@@ -27,7 +30,7 @@ TOKENS = 64
 EDGE_STEP_S = 0.01  # the tiny target's pass paced to 10 ms, so that the answer outlasts the device's prefill
 
 
-def paced_edge(target, draft, draft_sessions: int) -> DraftingEdge:
+def paced_edge(target, draft, draft_sessions: int, step_s: float = EDGE_STEP_S) -> DraftingEdge:
     """An edge with a draft whose target's every pass takes at least EDGE_STEP_S (a real target's pace;
     the tiny one streams 48 tokens faster than the emulated device prefills)."""
     edge = DraftingEdge(target, draft, draft_sessions=draft_sessions)
@@ -37,7 +40,7 @@ def paced_edge(target, draft, draft_sessions: int) -> DraftingEdge:
     def slowed(state, ids):
         start = time.perf_counter()
         out = forward(state, ids)
-        time.sleep(max(0.0, EDGE_STEP_S - (time.perf_counter() - start)))
+        time.sleep(max(0.0, step_s - (time.perf_counter() - start)))
         return out
 
     adapter.forward = slowed
@@ -127,3 +130,61 @@ def test_stream_limit_is_on_the_wire():
         wire.decode(wire.encode(wire.Stream(sid=1, seq=2, chunk=1, limit=0)))
     opened = wire.Opened(sid=1, seq=2, token=3, stream_limit=True)
     assert wire.decode(wire.encode(opened)).stream_limit is True  # a typed field, not a timing
+
+
+JOIN_DRAWS = 400
+JOIN_POSITIONS = 8
+FAST = DeviceProfile(name="test-quick-prefill", draft="tiny llava", prefill_ms=90.0, prefill_tokens=40,
+                     step_ms=1.0, source="a test's")  # ready a few of the edge's 25 ms tokens after OPENED
+
+
+def noisy_copy(target: Path, out: Path, scale: float) -> Path:
+    """The target with noise of `scale` times its spread on the output head: a draft that agrees often
+    but not always (windows rejected and corrected after the join)."""
+    from transformers import LlavaForConditionalGeneration
+
+    shutil.copytree(target, out)
+    model = LlavaForConditionalGeneration.from_pretrained(target)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head.add_(torch.randn_like(head) * scale * head.std())
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.mark.slow
+def test_sampled_answers_follow_the_target_per_position_across_the_join(pair, tmp_path):
+    """Sampling stays the target's distribution when the device joins mid-answer: the edge streams the
+    start (sampled there), the device's draft (the target with a noisy head, so windows are rejected and
+    corrected) takes over within the first positions. Each of the first 8 positions of many sampled answers
+    follows the target's own marginal there (exact, by enumerating its top-3 tree: chi-square)."""
+    from test_wire_sampling import as_positions, assert_positions_follow, exact_marginals
+
+    target = pair[0]
+    draft = noisy_copy(target, tmp_path / "noisy-draft", scale=1.0)
+    image, prompt = png(0), "what is the color of the circle ?"
+    params = SamplingParams(temperature=1.0, top_k=3)
+    marginals = exact_marginals(target, image, prompt, params, JOIN_POSITIONS)
+    vocab = marginals.shape[1] - 1
+    edge = paced_edge(target, draft, draft_sessions=0, step_s=0.025)  # the edge streams while the draft prefills
+    device = DeviceRuntime(Paced(load_adapter(draft), FAST), edge.endpoint, timeout_s=20)
+    rows, joined_at, drafted, accepted = [], [], 0, 0
+    try:
+        for n in range(JOIN_DRAWS):
+            answer = device.answer(image, prompt, "covspec", SamplingParams(temperature=1.0, top_k=3, seed=n),
+                                   max_new_tokens=16)
+            rows.append(as_positions(answer.ids, vocab, JOIN_POSITIONS))
+            drafted += sum(r.drafted for r in answer.rounds)
+            accepted += sum(r.accepted for r in answer.rounds)
+            if answer.joined is not None and answer.joined.at_token is not None:
+                joined_at.append(answer.joined.at_token)
+    finally:
+        device.close()
+        edge.close()
+    within = sum(1 < j < JOIN_POSITIONS for j in joined_at)
+    assert within >= JOIN_DRAWS // 4, f"the device joined within the first {JOIN_POSITIONS} positions in {within} answers"
+    assert 0 < accepted < drafted, (accepted, drafted)  # the device drafted after joining, and was corrected
+    assert_positions_follow(np.asarray(rows), marginals, f"joined mid-answer in {len(joined_at)} of {JOIN_DRAWS} "
+                            f"answers ({within} within the first {JOIN_POSITIONS} positions); device rounds: "
+                            f"{drafted} tokens drafted, {accepted} accepted")
