@@ -14,12 +14,17 @@ fi
 stamp="$venv/.covspec-stamp"
 want="$(cat "$root/requirements.txt" "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "[env] installing the pinned stack (first time: about 2 minutes)"
-  "$venv/bin/python" -m pip install -q --upgrade pip
+  log="$venv/install.log"
+  echo "[env] installing the pinned stack (first time: about 2 minutes; pip's output goes to $log)"
+  pip_install() {  # pip and setuptools talk a lot (index locations, package-data notes): shown only on failure
+    "$venv/bin/python" -m pip install -q "$@" >>"$log" 2>&1 || { tail -n 40 "$log"; echo "[env] pip install $* failed (whole log: $log)"; exit 1; }
+  }
+  : > "$log"
+  pip_install --upgrade pip
   # torch first and pinned: pip takes the CPU build from local disk.
-  "$venv/bin/python" -m pip install -q "torch==2.13.0"
-  "$venv/bin/python" -m pip install -q -r "$root/requirements.txt"
-  "$venv/bin/python" -m pip install -q --no-deps -e "$root"
+  pip_install "torch==2.13.0"
+  pip_install -r "$root/requirements.txt"
+  pip_install --no-deps -e "$root"
   # the torch-free ExecuTorch runtime's C shim (device_runtime/native), built with g++ against the wheel
   "$venv/bin/python" -m covspec.device_runtime.et_native build >/dev/null ||
     echo "[env] the native ExecuTorch shim did not build (g++ missing?): its tests will skip, saying why"
