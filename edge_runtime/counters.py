@@ -65,6 +65,7 @@ class EdgeCounters:
     tokens_streamed: int = 0
     tokens_edge_drafted: int = 0  # streamed tokens the edge drafted and verified itself (edge-side speculation)
     drafting_given_back: int = 0  # edge-drafted streams ended early: the edge got loaded, the device drafts again
+    plain_streams_drafted: int = 0  # STREAMs asked plain that the edge served by drafting (handlers.drafts_plain_stream)
     batches: int = 0  # target passes shared by several sessions' VERIFY windows
     batched_windows: int = 0  # windows verified in those passes
     batch_max: int = 0  # the most windows in one pass
@@ -84,6 +85,7 @@ class EdgeCounters:
             "sessions_idle_freed": self.sessions_idle_freed, "tokens_verified": self.tokens_verified,
             "tokens_accepted": self.tokens_accepted, "tokens_streamed": self.tokens_streamed,
             "tokens_edge_drafted": self.tokens_edge_drafted, "drafting_given_back": self.drafting_given_back,
+            "plain_streams_drafted": self.plain_streams_drafted,
             "batches": self.batches, "batched_windows": self.batched_windows, "batch_max": self.batch_max,
             "prefill_batches": self.prefill_batches, "batched_prefills": self.batched_prefills,
             "windows_ahead": self.windows_ahead, "windows_dropped": self.windows_dropped,

@@ -200,6 +200,7 @@ class DraftedStream:
     drafter: Drafter
     msg: wire.Stream
     start: float = field(default_factory=time.perf_counter)
+    asked: bool = True  # the device asked the edge to draft (edge_sd, placement); False: it asked a plain STREAM
     peer: bytes | None = None  # the device's connection, set by the server
     index: int = 0  # next chunk number
     pending: list[int] = field(default_factory=list)  # tokens not sent yet

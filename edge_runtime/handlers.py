@@ -26,7 +26,7 @@ from covspec.edge_runtime.settings import EdgeSettings
 from covspec.edge_runtime.table import SessionTable
 from covspec.edge_runtime.visual import encode, kept_indices
 from covspec.models.base import VLMAdapter
-from covspec.modes import MODES, NO_EDGE_DRAFT, Mode
+from covspec.modes import MODE_OPTIONS, MODES, NO_EDGE_DRAFT, Mode
 from covspec.sampling import SamplingParams
 from covspec.transport import protocol as wire
 
@@ -196,10 +196,12 @@ def on_stream(server: EdgeState, ctx: RequestContext, msg: wire.Stream):
                                  f"STREAM seq {msg.seq} of session {msg.sid} was served already (a duplicate)")
     if any(stream.session is session for stream in server.streams):
         raise wire.ProtocolError(wire.ErrorCode.BAD_STATE, f"session {msg.sid} is being streamed already")
-    if session.edge_draft is not None and (session.usage.mode == Mode.EDGE_SD or msg.draft):
+    asked = session.usage.mode == Mode.EDGE_SD or bool(msg.draft)
+    if session.edge_draft is not None and (asked or drafts_plain_stream(server.settings, session)):
         drafter = start_drafting(session, session.edge_draft, server.drafting, server.settings.max_image_pixels)
         session.stream_seqs.add(msg.seq)
-        yield DraftedStream(msg.sid, session, drafter, msg)
+        server.counters.plain_streams_drafted += not asked
+        yield DraftedStream(msg.sid, session, drafter, msg, asked=asked)
         return
     session.stream_seqs.add(msg.seq)
     start = time.perf_counter()
@@ -226,6 +228,17 @@ def on_stream(server: EdgeState, ctx: RequestContext, msg: wire.Stream):
     if not session.done:  # stopped at the limit: the round the device's next window is
         last.yielded_round = 0 if session.last is None else session.last.round + 1
     yield last
+
+
+def drafts_plain_stream(settings: EdgeSettings, session: TargetSession) -> bool:
+    """Whether the edge serves a plain STREAM (the device is not drafting: its draft still prefills, or
+    drafting does not pay on its link) by drafting with its own draft: a window verified per target pass
+    instead of one token, the same answer (verified as the device's windows are). Only for modes that
+    place drafting where it pays (covspec's placement), and where the edge can draft from the session's
+    last token (not after a decoupled rejection whose correction the device drew)."""
+    options = MODE_OPTIONS.get(session.usage.mode)
+    return (settings.draft_streams and session.edge_draft is not None and session.root_known
+            and options is not None and options.placement)
 
 
 def on_close(server: EdgeState, ctx: RequestContext, msg: wire.Close):

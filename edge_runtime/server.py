@@ -236,8 +236,8 @@ class EdgeServer:
                 self._reply(reply, stream.peer)
             if not stream.session.done and stream.limit_reached():  # the device joins from the next round
                 self._reply(stream.give_back(), stream.peer)
-            elif (not stream.session.done and stream.session.usage.mode != Mode.EDGE_SD and self.drafting is not None
-                    and not self.drafting.offers(unfinished)):
+            elif (not stream.session.done and stream.asked and stream.session.usage.mode != Mode.EDGE_SD
+                    and self.drafting is not None and not self.drafting.offers(unfinished)):
                 self._reply(stream.give_back(), stream.peer)  # loaded: a device that can draft drafts again
                 self.counters.drafting_given_back += 1
             elif not stream.session.done:

@@ -45,6 +45,9 @@ class EdgeSettings:
     # edge drafting beat device drafting in aggregate up to 4 devices and lost from 8 on
     # (results/load-edge-sd: covspec with 1 was 0.89-0.96x edge_sd at 1-4 devices, 1.5x / 1.7x at 8 / 16)
     draft_sessions: int = 4
+    # a covspec device's plain STREAM (its draft still prefilling, or drafting not paying on its link) served by
+    # drafting on the edge, whatever its load: a window per target pass instead of a token, the same answer
+    draft_streams: bool = True
     # SIGTERM drains the edge: open sessions finish, new OPENs get DRAINING; it exits when none is
     # unfinished or after this many seconds (keep it under the orchestrator's grace period)
     drain_timeout_s: float = 60.0

@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--draft-sessions", type=int, default=defaults.draft_sessions,
                    help="offer to draft for devices that can draft themselves while at most this many sessions "
                         "are unfinished (0: never; edge_sd is always served)")
+    q.add_argument("--no-draft-streams", dest="draft_streams", action="store_false",
+                   help="serve a covspec device's plain STREAM (its draft still prefilling, or not paying on its link) "
+                        "token by token instead of drafting it with the edge's draft (default: drafted, the same answer)")
     q.add_argument("--metrics", default=None, metavar="HOST:PORT",
                    help="serve the edge's counters for Prometheus at http://HOST:PORT/metrics (default: off)")
     add_threads_arg(q)
@@ -146,7 +149,8 @@ def run_serve(args: argparse.Namespace) -> int:
                             limits=limits, keys=keys, batch_wait_ms=args.batch_wait_ms, max_batch=args.max_batch,
                             device=args.device, dtype=args.dtype, static_cache=args.static_cache,
                             cuda_graphs=args.cuda_graphs, static_len=args.static_len,
-                            draft_sessions=args.draft_sessions, drain_timeout_s=args.drain_timeout)
+                            draft_sessions=args.draft_sessions, draft_streams=args.draft_streams,
+                            drain_timeout_s=args.drain_timeout)
     serving = []
 
     def ready(server, metrics: str | None) -> None:

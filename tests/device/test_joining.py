@@ -30,10 +30,10 @@ TOKENS = 64
 EDGE_STEP_S = 0.01  # the tiny target's pass paced to 10 ms, so that the answer outlasts the device's prefill
 
 
-def paced_edge(target, draft, draft_sessions: int, step_s: float = EDGE_STEP_S) -> DraftingEdge:
+def paced_edge(target, draft, draft_sessions: int, step_s: float = EDGE_STEP_S, draft_streams: bool = True) -> DraftingEdge:
     """An edge with a draft whose target's every pass takes at least EDGE_STEP_S (a real target's pace;
     the tiny one streams 48 tokens faster than the emulated device prefills)."""
-    edge = DraftingEdge(target, draft, draft_sessions=draft_sessions)
+    edge = DraftingEdge(target, draft, draft_sessions=draft_sessions, draft_streams=draft_streams)
     adapter = edge.server.adapter
     forward = adapter.forward
 
@@ -53,10 +53,11 @@ def pair(tmp_path_factory):
     return tiny_models.build_llava(root / "target", seed=0), tiny_models.build_llava(root / "draft", seed=1)
 
 
-@pytest.mark.parametrize("draft_sessions", [4, 0], ids=["edge-drafts-meanwhile", "edge-streams-meanwhile"])
-def test_first_token_at_the_edges_pace_and_the_device_joins_mid_answer(pair, draft_sessions):
+@pytest.mark.parametrize(("draft_sessions", "draft_streams"), [(4, True), (0, True), (0, False)],
+                         ids=["edge-drafts-meanwhile", "loaded-edge-drafts-the-plain-stream", "edge-streams-meanwhile"])
+def test_first_token_at_the_edges_pace_and_the_device_joins_mid_answer(pair, draft_sessions, draft_streams):
     target, draft = pair
-    edge = paced_edge(target, draft, draft_sessions)
+    edge = paced_edge(target, draft, draft_sessions, draft_streams=draft_streams)
     # the device's draft is the target itself (every window accepted: its drafting is seen to run and to win
     # over the edge's own, poor draft), at the emulated device's pace
     device = DeviceRuntime(Paced(load_adapter(target), SLOW), edge.endpoint, timeout_s=20)
@@ -83,7 +84,10 @@ def test_first_token_at_the_edges_pace_and_the_device_joins_mid_answer(pair, dra
         # the hand-over happened mid-answer: the edge generated the start, the device drafted from there
         assert joined.at_token is not None and 1 < joined.at_token < len(joins.ids), joined
         assert joins.rounds and joins.acceptance_rate > 0.5, joins.rounds  # the device's (pruned) draft drafted
-        assert (edge.server.stats()["tokens_edge_drafted"] > 0) == bool(draft_sessions)
+        stats = edge.server.stats()
+        assert (stats["tokens_edge_drafted"] > 0) == bool(draft_sessions or draft_streams)
+        if not draft_sessions:  # no offer (as loaded): the joining STREAMs were asked plain
+            assert (stats["plain_streams_drafted"] > 0) == draft_streams, stats
         sampled = device.answer(image, prompt, "covspec", SamplingParams(temperature=1.0, top_k=20, seed=3),
                                 max_new_tokens=TOKENS)
         assert 0 < len(sampled.ids) <= TOKENS and sampled.joined is not None
