@@ -22,8 +22,8 @@ the text model, which eager shows per token):
 - "qwen2.5-vl-0.5b": Qwen2.5-VL's vision tower (the one every Qwen2.5-VL size shares: 32 blocks x
   1280, 16 heads, window attention with full attention in blocks 7/15/23/31, 2x2 patch merger) at
   448x448 px (1024 patches -> 256 tokens), in front of Qwen2.5-0.5B's text model (24 x 896, 14 / 2
-  heads, intermediate 4864, vocab 151936, tied; Qwen2.5-VL itself has no 0.5B: a draft of this
-  layout). The tower is built 8 blocks deep (blocks 0-7: seven windowed, one full, the published
+  heads, intermediate 4864, vocab 151936, tied; M-RoPE sections [8, 12, 12], the 3B's [16, 24, 24]
+  halved for the 64-wide heads; Qwen2.5-VL itself has no 0.5B: a draft of this layout). The tower is built 8 blocks deep (blocks 0-7: seven windowed, one full, the published
   tower's mix) and its time scaled to 32 blocks: the 8 blocks' own time (timed by hooks on the first
   and last block) times 4, plus the patch embedding and merger once. Lower resolution: 224 px (256
   patches, 64 tokens).
@@ -214,8 +214,8 @@ def build_qwen(tiny: bool, folder: Path) -> Built:
     text = TINY_TEXT if tiny else QWEN2_05B_TEXT
     config = Qwen2_5_VLConfig(
         text_config={"max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
-                     "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24] if not tiny
-                                         else [2, 3, 3], "rope_theta": 1000000.0},
+                     "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3] if tiny
+                                         else [8, 12, 12], "rope_theta": 1000000.0},
                      "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], "bos_token_id": None,
                      **text},
         vision_config={"depth": built_depth, "out_hidden_size": text["hidden_size"], "patch_size": 14,
