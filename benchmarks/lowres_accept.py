@@ -30,7 +30,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,14 @@ class Counts:
         return [a + r for a, r in zip(self.accepted, self.rejections, strict=True)]
 
 
+def shown(path: str | Path) -> str:
+    """The path relative to the working directory when under it (a checkout's root), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def accept_lowres(draft_path: str | Path, target_path: str | Path, split: str = "heldout", limit: int = 32,
                   seed: int = 0, window: int = WINDOW) -> tuple[list[Counts], dict[str, Any]]:
     draft, target = as_draft(load_adapter(draft_path)), load_adapter(target_path)
@@ -127,7 +135,7 @@ def accept_lowres(draft_path: str | Path, target_path: str | Path, split: str = 
             run.accepted.append(r.accepted)
             run.rejections.append(r.rejections)
             run.rounds.append(r.rounds)
-    meta = {"draft": str(draft_path), "target": str(target_path), "split": split, "seed": split_seed(split, seed),
+    meta = {"draft": shown(draft_path), "target": shown(target_path), "split": split, "seed": split_seed(split, seed),
             "items": limit, "window": window, "seconds": round(time.perf_counter() - start, 1)}
     return list(runs.values()), meta
 
