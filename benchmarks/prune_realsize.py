@@ -2,7 +2,7 @@
 the share of visual tokens kept, for three draft layouts with published shapes (random weights: the
 time does not depend on them), side by side in one run.
 
-    python -m benchmarks.prune_realsize --reps 3 --steps 4 --threads 1 --out results/prune-realsize
+    python -m benchmarks.prune_realsize --reps 8 --steps 4 --threads 1 --out results/prune-realsize
 
 Drafts (eager PyTorch on the CPU, fp32; what matters here is how the cost splits between the tower and
 the text model, which eager shows per token):
