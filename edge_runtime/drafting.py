@@ -140,12 +140,16 @@ def start_drafting(session: TargetSession, draft: EdgeDraft, drafting: EdgeDraft
     return draft.synced(drafting.adapter, session.committed, max_pixels)
 
 
-def draft_window(session: TargetSession, drafter: Drafter, drafting: EdgeDrafting) -> Window:
-    """The next window, as long as the window policy says (margin gate, cost model with no round trip)."""
+def draft_window(session: TargetSession, drafter: Drafter, drafting: EdgeDrafting, cap: int | None = None) -> Window:
+    """The next window, as long as the window policy says (margin gate, cost model with no round trip).
+    `cap`: a STREAM's limit ahead: at most that many tokens, and k_max rather than the cost model's
+    (timed) choice, so that where a limited stream stops depends on the tokens alone (a replayed load
+    run's messages then fit the edge's replies)."""
     stats = drafting.policy(session.params.greedy)
     gate = MarginGate(drafting.margin_threshold)
     room = session.max_new_tokens - len(session.committed)
-    return drafter.draft(choose_window(stats, drafting.k_max, room), stop=lambda w: gate.stop(float(w.margins[-1]), len(w)))
+    k = choose_window(stats, drafting.k_max, room) if cap is None else max(1, min(drafting.k_max, room, cap))
+    return drafter.draft(k, stop=lambda w: gate.stop(float(w.margins[-1]), len(w)))
 
 
 def target_passes(adapter: VLMAdapter, sessions: list[TargetSession], windows: list[Window]) -> list[WindowPass | None]:
@@ -218,9 +222,16 @@ class DraftedStream:
             self.pending = []
         return out
 
+    def room(self) -> int | None:
+        """The longest window that cannot take the stream past its STREAM's `limit` (a round commits up to
+        the window plus one token); None: no limit."""
+        return None if self.msg.limit is None else self.msg.limit - self.streamed - 1
+
     def limit_reached(self) -> bool:
-        """Whether the STREAM's `limit` of tokens was drafted (a joining device takes over at this round's end)."""
-        return self.msg.limit is not None and self.streamed >= self.msg.limit
+        """Whether the stream is within a token of its STREAM's `limit` (a joining device takes over at this
+        round's end): no window fits before it."""
+        room = self.room()
+        return room is not None and room < 1
 
     def give_back(self) -> wire.Streamed:
         """The last STREAMED of a stream the edge stops drafting before the answer ends (it got loaded and
@@ -243,8 +254,8 @@ def advance(streams: list[DraftedStream], drafting: EdgeDrafting, adapter: VLMAd
     """One round of every unfinished stream: each session's draft drafts its window, the target verifies
     them all in one batched pass where it can, each stream's new tokens wait in `pending`. Returns how
     many windows shared a pass (0: none)."""
-    live = [s for s in streams if not s.session.done]
-    windows = [draft_window(s.session, s.drafter, drafting) for s in live]
+    live = [s for s in streams if not s.session.done and not s.limit_reached()]
+    windows = [draft_window(s.session, s.drafter, drafting, s.room()) for s in live]
     passes = target_passes(adapter, [s.session for s in live], windows)
     for stream, window, batched in zip(live, windows, passes, strict=True):
         new = finish_round(stream.session, stream.drafter, drafting, window, batched)
