@@ -26,9 +26,6 @@ the paired difference from "full" on the same items.
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +34,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from benchmarks.prune_accept import WINDOW, speculate
+from benchmarks.prune_accept import WINDOW, speculate, write_study
 from benchmarks.prune_eval import target_answer
 from benchmarks.prune_realsize import interpolated_positions
 from covspec.demo import WEIGHTS
@@ -178,11 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     text = format_runs(runs, meta)
     print(text)
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        command = "python -m benchmarks.lowres_accept " + shlex.join(argv if argv is not None else sys.argv[1:])
-        path.write_text(json.dumps({"command": command, "meta": meta, "runs": [asdict(r) for r in runs]}))
-        path.with_suffix(".md").write_text(f"Command: `{command}`\n\n{text}\n")
+        write_study(Path(args.json), "benchmarks.lowres_accept", argv, meta, [asdict(r) for r in runs], text, ".md")
     return 0
 
 

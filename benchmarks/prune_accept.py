@@ -191,12 +191,18 @@ def main(argv: list[str] | None = None) -> int:
     text = format_runs(runs, meta)
     print(text)
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        command = "python -m benchmarks.prune_accept " + shlex.join(argv if argv is not None else sys.argv[1:])
-        path.write_text(json.dumps({"command": command, "meta": meta, "runs": [asdict(r) for r in runs]}))
-        path.with_suffix(".txt").write_text(f"Command: {command}\n\n{text}\n")
+        write_study(Path(args.json), "benchmarks.prune_accept", argv, meta, [asdict(r) for r in runs], text, ".txt")
     return 0
+
+
+def write_study(path: Path, module: str, argv: list[str] | None, meta: dict, runs: list[dict], text: str,
+                suffix: str) -> None:
+    """A study's rows as JSON (with the command that made them) and its table beside them (`suffix`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    command = f"python -m {module} " + shlex.join(argv if argv is not None else sys.argv[1:])
+    path.write_text(json.dumps({"command": command, "meta": meta, "runs": runs}))
+    table = f"Command: `{command}`" if suffix == ".md" else f"Command: {command}"
+    path.with_suffix(suffix).write_text(f"{table}\n\n{text}\n")
 
 
 if __name__ == "__main__":
