@@ -65,6 +65,7 @@ from covspec.transport.channel import Client, ClientKeys, RemoteError
 __all__ = ["MAX_REOPENS", "Answer", "DeviceRuntime", "EdgeRefused", "RoundRecord", "final_answer"]
 
 PROBE_EVERY = 4  # answers drafted on the edge in a row before the device drafts one to measure itself again
+PROBE_MAX = 64  # ... at most, once probes keep finding the edge faster (each doubles the wait)
 MAX_REOPENS = 3  # edge restarts survived within one answer
 MAX_MOVES = 5  # DRAINING edges left in a row for one OPEN (connecting again each time)
 MOVE_PAUSE_S = 0.25  # the pause before the n-th connection after the first, times n (a balancer's health check catching up)
@@ -157,6 +158,8 @@ class DeviceRuntime:
         self.edge_offer: EdgeOffer | None = None  # what the edge last said of drafting itself (placement)
         self.yielded_round: int | None = None  # the last stream ended early: the edge's next round (it gave drafting back)
         self.edge_streak = 0  # answers in a row drafted on the edge (see _probes_device)
+        self.probe_after = PROBE_EVERY  # that many before the next probe: doubles while probes find the edge faster
+        self.probed = False  # the last answer was a probe (the next one's placement tells who won)
         self.prefill_s: float | None = None  # the draft's last encode + prefill on its thread (joining)
         self.edge_limits = False  # the edge takes STREAM's limit (OPENED says stream_limit: joining possible)
         self.prefilling: Prefilling | None = None  # the last answer's prefill thread (it may outlive its answer)
@@ -239,11 +242,20 @@ class DeviceRuntime:
                       latency_s=end - start)
 
     def _probes_device(self, options: SpecOptions, stats: OnlineStats) -> bool:
-        """After PROBE_EVERY answers in a row drafted on the edge over a link that is not long, the device
+        """After `probe_after` answers in a row drafted on the edge over a link that is not long, the device
         drafts one itself: placement compares the edge's measured pace with this device's, which is
         measured only while it drafts; a pace read off a few early rounds (short windows on priors, a
-        busy moment) would otherwise keep drafting on the edge for good where the device is faster."""
-        return options.placement and self.edge_streak >= PROBE_EVERY and not long_link(stats, self.edge_step_s)
+        busy moment) would otherwise keep drafting on the edge for good where the device is faster. Each
+        probe after which the edge still drafts doubles the wait (PROBE_EVERY up to PROBE_MAX): a probe
+        is an answer drafted at the slower pace (every 5th answer cost a lone device 3-4% of its goodput)."""
+        return options.placement and self.edge_streak >= self.probe_after and not long_link(stats, self.edge_step_s)
+
+    def _after_answer(self, edge_drafted: bool, probe: bool) -> None:
+        """The probing schedule: the answer after a probe tells whether the edge's drafting still won."""
+        if self.probed:
+            self.probe_after = min(2 * self.probe_after, PROBE_MAX) if edge_drafted else PROBE_EVERY
+        self.probed = probe
+        self.edge_streak = self.edge_streak + 1 if edge_drafted else 0
 
     def _hands_over(self, options: SpecOptions | None, stats: OnlineStats | None) -> bool:
         """Whether a speculative answer is drafted on the edge from its start (policy.place_drafting on
@@ -354,7 +366,8 @@ class DeviceRuntime:
         # 1. OPEN (before the draft's prefill, or after it with the pruned indices), STREAM(draft) right behind it
         # when the edge drafts this answer (policy.place_drafting), and the draft's prefill
         stats = self.learned.setdefault((options, params.greedy), self._new_stats())
-        if self._probes_device(options, stats):  # this answer drafted here: the device's pace measured again
+        probe = self._probes_device(options, stats)
+        if probe:  # this answer drafted here: the device's pace measured again
             options = replace(options, placement=False)
         hand_over = self._hands_over(options, stats)
         opening = self._open_and_prefill(open_msg, image_bytes, prompt, options, hand_over)
@@ -403,7 +416,7 @@ class DeviceRuntime:
                                            draft=draft or spec.phase is AnswerPhase.EDGE_DRAFTING)
                 step, stream = spec.streamed(tokens, self.yielded_round), None
         self.edge_offer = spec.edge_offer
-        self.edge_streak = self.edge_streak + 1 if spec.edge_drafted else 0
+        self._after_answer(spec.edge_drafted, probe)
         answer = self._answer(open_msg.mode, spec, max_new_tokens, joining, kept, start, ttft)
         answer.decode_bytes_up = self.client.counters.bytes_sent - sent_before
         return answer

@@ -41,10 +41,11 @@ class EdgeSettings:
     static_len: int = 2048
     # edge-side speculation (edge_runtime.drafting, with a draft given to `covspec edge serve --draft`): the
     # edge offers to draft for devices that could draft themselves while it holds at most this many
-    # unfinished sessions (0: never; edge_sd sessions are always served). 4: on the demo pair over wifi,
-    # edge drafting beat device drafting in aggregate up to 4 devices and lost from 8 on
-    # (results/load-edge-sd: covspec with 1 was 0.89-0.96x edge_sd at 1-4 devices, 1.5x / 1.7x at 8 / 16)
-    draft_sessions: int = 4
+    # unfinished sessions (0: never; edge_sd sessions are always served). 1, a lone device: on the demo pair
+    # over wifi (results/capacity-draft-streams, offer 4, and results/capacity-offer1, the same run at 1), edge
+    # drafting beat the devices' own at 1 device (1.13x) and lost at 2 and 4 (0.93x, 0.75x), where offer 1 is
+    # their equal; an earlier tree on a busier machine had it win up to 4 (results/load-edge-sd)
+    draft_sessions: int = 1
     # a covspec device's plain STREAM (its draft still prefilling, or drafting not paying on its link) served by
     # drafting on the edge, whatever its load: a window per target pass instead of a token, the same answer
     draft_streams: bool = True

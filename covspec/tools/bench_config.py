@@ -94,7 +94,7 @@ class BenchConfig:
     edge_draft_sessions: int | None = option(None, "the bench's own edge's --draft-sessions: it offers to draft for "
                                              "devices that can draft themselves while it holds at most this many "
                                              "unfinished sessions; a replayed load run records the hand-over for the "
-                                             "device counts within it (default: the edge's own, 4)", type=int)
+                                             "device counts within it (default: the edge's own, 1)", type=int)
     batch_wait_ms: float = option(2.0, "the bench's own edge's batch_wait_ms (0: no batching)", type=float)
     edge_threads: int = option(1, "with --devices: the bench's own edge's torch threads (1: devices running the draft "
                                "on this machine need the other core; with --replay the devices hardly use one, so "

@@ -5,10 +5,10 @@
 # must not lose to (devices always drafting). The edge offers to draft for covspec devices only while it holds at
 # most OFFER unfinished sessions (--edge-draft-sessions; the edge's default is 4, results/capacity-offer4 ran it).
 # Usage: bash results/capacity/run.sh [OUT] [DEVICES] [ANSWERS] [OFFER]
-#        (defaults: results/capacity, 1,2,4,4,8,8,16,32, 32, 1)
+#        (defaults: results/capacity, 1,1,2,2,4,4,8,8,16,32, 32, 1)
 set -euo pipefail
 OUT=${1:-results/capacity}
-DEVICES=${2:-1,2,4,4,8,8,16,32}
+DEVICES=${2:-1,1,2,2,4,4,8,8,16,32}
 ANSWERS=${3:-32}
 OFFER=${4:-1}
 covspec bench --devices "$DEVICES" --answers "$ANSWERS" --replay --edge-draft-sessions "$OFFER" \

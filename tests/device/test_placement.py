@@ -253,3 +253,24 @@ def test_a_device_that_would_stream_asks_the_edge_to_draft_when_that_is_faster()
     assert not beats(EdgeOffer(offers=False, s_per_token=0.002))  # a loaded edge declines
     assert not beats(None)  # no draft on the edge
     assert not beats(EdgeOffer(offers=True, s_per_token=0.002), MODE_OPTIONS["covspec_no_placement"])
+
+
+def test_probes_back_off_while_the_edge_keeps_winning_and_reset_when_the_device_wins():
+    """The device drafts an answer itself after PROBE_EVERY answers on the edge; each probe after which the edge
+    still drafts doubles that wait (up to PROBE_MAX); a probe the device wins starts the schedule over."""
+    from covspec.device_runtime.client import PROBE_EVERY, PROBE_MAX, DeviceRuntime
+
+    device = object.__new__(DeviceRuntime)  # the schedule alone: no edge
+    device.edge_streak, device.probe_after, device.probed = 0, PROBE_EVERY, False
+    probes = []
+    for n in range(200):
+        probe = device.edge_streak >= device.probe_after
+        if probe:
+            probes.append(n)
+        device._after_answer(edge_drafted=not probe, probe=probe)  # the edge drafts every answer but the probes
+    gaps = np.diff(probes).tolist()
+    assert probes[0] == PROBE_EVERY and gaps[:3] == [2 * PROBE_EVERY + 1, 4 * PROBE_EVERY + 1, 8 * PROBE_EVERY + 1]
+    assert max(gaps) == PROBE_MAX + 1
+    device._after_answer(edge_drafted=False, probe=True)  # a probe ...
+    device._after_answer(edge_drafted=False, probe=False)  # ... and the device drafts on: it won
+    assert device.probe_after == PROBE_EVERY

@@ -156,7 +156,10 @@ def test_load_bench_device_settings(tmp_path):
     assert s.modes == ("covspec",) and s.link == "2dev" and s.device == 1
     assert s.start == 14  # after device 0's four prompts
     offered = EdgeSettings().draft_sessions  # up to that many devices the edge may draft for them
-    assert s.go == str(tmp_path / "go") and s.replay_file == str(tmp_path / "recorded.msgpack")
+    assert s.go == str(tmp_path / "go")
+    assert s.replay_file == str(tmp_path / ("recorded.msgpack" if 2 <= offered else "recorded-loaded.msgpack"))
+    alone = load.worker_settings(args, "tcp://127.0.0.1:1", "covspec", offered, 0, tmp_path / "r", tmp_path / "go")
+    assert alone.replay_file == str(tmp_path / "recorded.msgpack")  # within it, the hand-over recorded
     loaded = load.worker_settings(args, "tcp://127.0.0.1:1", "covspec", offered + 1, 0, tmp_path / "r", tmp_path / "go")
     assert loaded.replay_file == str(tmp_path / "recorded-loaded.msgpack")  # past that, devices draft themselves
 
