@@ -42,7 +42,7 @@ class EdgeSettings:
     # edge-side speculation (edge_runtime.drafting, with a draft given to `covspec edge serve --draft`): the
     # edge offers to draft for devices that could draft themselves while it holds at most this many
     # unfinished sessions (0: never; edge_sd sessions are always served). 1, a lone device: on the demo pair
-    # over wifi (results/capacity-draft-streams, offer 4, and results/capacity-offer1, the same run at 1), edge
+    # over wifi (results/capacity-draft-streams, offer 4, and results/capacity, offer 1), edge
     # drafting beat the devices' own at 1 device (1.13x) and lost at 2 and 4 (0.93x, 0.75x), where offer 1 is
     # their equal; an earlier tree on a busier machine had it win up to 4 (results/load-edge-sd)
     draft_sessions: int = 1

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The capacity run (issue 33): goodput at the SLO and p99 latencies over wifi, replayed devices, at 1, 2, 4, 8, 16
-# and 32 devices, 32 answers at each count (each of N devices asks ceil(32/N) prompts), two repeats at 4 and 8
+# and 32 devices, 32 answers at each count (each of N devices asks ceil(32/N) prompts), two repeats at 1, 2, 4 and 8
 # (around the hand-over), every mode of a count back to back. covspec_no_placement is the other side covspec
 # must not lose to (devices always drafting). The edge offers to draft for covspec devices only while it holds at
-# most OFFER unfinished sessions (--edge-draft-sessions; the edge's default is 4, results/capacity-offer4 ran it).
+# most OFFER unfinished sessions (--edge-draft-sessions; 1, the edge's default; results/capacity-draft-streams ran 4).
 # Usage: bash results/capacity/run.sh [OUT] [DEVICES] [ANSWERS] [OFFER]
 #        (defaults: results/capacity, 1,1,2,2,4,4,8,8,16,32, 32, 1)
 set -euo pipefail
