@@ -366,9 +366,8 @@ class DeviceRuntime:
         # 1. OPEN (before the draft's prefill, or after it with the pruned indices), STREAM(draft) right behind it
         # when the edge drafts this answer (policy.place_drafting), and the draft's prefill
         stats = self.learned.setdefault((options, params.greedy), self._new_stats())
-        probe = self._probes_device(options, stats)
-        if probe:  # this answer drafted here: the device's pace measured again
-            options = replace(options, placement=False)
+        probe = self._probes_device(options, stats)  # this answer drafted here: the device's pace measured again
+        options = replace(options, placement=False) if probe else options
         hand_over = self._hands_over(options, stats)
         opening = self._open_and_prefill(open_msg, image_bytes, prompt, options, hand_over)
         stream, kept = opening.stream, opening.kept
