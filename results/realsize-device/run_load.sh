@@ -5,10 +5,10 @@
 # Usage: bash results/realsize-device/run_load.sh [PROFILE ...]   (default: smolvlm-256m jetson-orin-nano-gpu)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-for profile in "${@:-smolvlm-256m jetson-orin-nano-gpu}"; do
-  for p in $profile; do
-    covspec bench --devices 8,16 --answers 32 --replay --device-profile "$p" \
-      --modes target_only,edge_sd,covspec --load-link wifi --question-type describe \
-      --slo ttft=500,tpot=25 --out "results/realsize-device/load-$p"
-  done
+profiles=("$@")
+[ "${#profiles[@]}" -gt 0 ] || profiles=(smolvlm-256m jetson-orin-nano-gpu)
+for p in "${profiles[@]}"; do
+  covspec bench --devices 8,16 --answers 32 --replay --device-profile "$p" \
+    --modes target_only,edge_sd,covspec --load-link wifi --question-type describe \
+    --slo ttft=500,tpot=25 --out "results/realsize-device/load-$p"
 done
