@@ -3,6 +3,7 @@ work it may take up. Light: no model code runs here."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,7 @@ class Incoming:
 
     request: Request
     msg: wire.Message | None
+    at: float = field(default_factory=time.monotonic)  # when the edge received it
 
 
 @dataclass

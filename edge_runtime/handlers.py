@@ -93,6 +93,8 @@ def _start(server: EdgeState, ctx: RequestContext, msg: wire.Open, prefix: list[
                                      prefix, prefilled=done)
     session.open_seq = msg.seq
     prefill_s = time.perf_counter() - start + (prefilled.pass_s if done is not None else 0.0)
+    if done is None and not prefix:  # a prefill of its own (a batched one is observed whole, by the prepass)
+        server.costs.observe_prefill(1, prefill_s)
     session.usage = SessionUsage(device=ctx.device, mode=msg.mode, prefix=len(prefix), prefill_s=prefill_s)
     session.opened = wire.Opened(sid=msg.sid, seq=msg.seq, token=session.committed[-1], done=session.done,
                                  stream_limit=True, timings={"prefill_s": prefill_s, **server.costs.timings()})
@@ -150,6 +152,8 @@ def _verified(server: EdgeState, session: TargetSession, msg: wire.Verify, plan:
         usage.rounds, usage.drafted, usage.accepted = usage.rounds + 1, usage.drafted + k, usage.accepted + accepted
         usage.verify_s += answer.verify_s
         server.costs.observe_verify(k, answer.verify_s)
+        if window is None:  # a pass of its own (a batched pass is observed whole, by the prepass)
+            server.costs.observe_pass(k + 1, answer.verify_s)
         server.counters.tokens_verified += k
         server.counters.tokens_accepted += accepted
     return answer

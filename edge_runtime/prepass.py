@@ -18,6 +18,7 @@ import torch
 
 from covspec.edge_runtime.batching import WindowPass, can_batch, can_prefill_batch, prefill_batch, run_batch
 from covspec.edge_runtime.context import Incoming, Prefilled, Prepared
+from covspec.edge_runtime.costs import EdgeCosts
 from covspec.edge_runtime.counters import EdgeCounters
 from covspec.edge_runtime.planning import Outcome, plan_verify
 from covspec.edge_runtime.static_target import StaticTarget
@@ -67,6 +68,7 @@ class Prepass:
 
     adapter: VLMAdapter
     counters: EdgeCounters
+    costs: EdgeCosts  # observes each pass (what the scheduler predicts the next ones with)
     max_image_pixels: int
     batching_refused: bool = False  # batching was found impossible (logged once)
     prefills_batch: bool = field(init=False)  # whether OPEN prefills can share a pass
@@ -101,6 +103,7 @@ class Prepass:
             return {}
         log.debug("batched %d windows (%d tokens) in %.1f ms", len(windows), sum(w.size for w in windows),
                   windows[0].pass_s * 1000)
+        self.costs.observe_pass(sum(w.size for w in windows), windows[0].pass_s)
         self.counters.batches += 1
         self.counters.batched_windows += len(windows)
         self.counters.batch_max = max(self.counters.batch_max, len(windows))
@@ -142,6 +145,7 @@ class Prepass:
             return {}
         pass_s = time.perf_counter() - start
         log.debug("prefilled %d prompts in one pass of %.1f ms", len(results), pass_s * 1000)
+        self.costs.observe_prefill(len(results), pass_s)
         self.counters.prefill_batches += 1
         self.counters.batched_prefills += len(results)
         return {sid: Prefilled(seq, visual, logits, state, pass_s)

@@ -13,13 +13,14 @@ device (keyed by the device's public key, or by its connection without authentic
 are bounded. Counters are served by STATS; one JSON line per finished request goes to the
 "covspec.edge.requests" logger (edge_runtime.stats).
 
-Batching: a VERIFY or OPEN takes along the requests already queued behind it, and waits up to
-`batch_wait_ms` for the VERIFYs of the other sessions that are mid-answer (at most `max_batch`
-requests in all). The first VERIFY of each session among the gathered requests that would feed the
-target is scored in one packed pass, and the new sessions' OPENs are prefilled in another
-(edge_runtime.batching); the requests are then handled one by one in arrival order, exactly as
-without batching, each VERIFY using its precomputed window and each OPEN its precomputed prefill
-(the rules stay in the handlers and TargetSession).
+Rounds: each turn of the loop holds every request already queued (and, while the schedule lets the
+round wait, up to `batch_wait_ms` for the VERIFYs of the other sessions mid-answer), and handles a
+round of them (edge_runtime.scheduling: by default windows first and OPENs held while the SLO allows,
+or arrival order with `schedule="fifo"`; at most `max_batch`); the rest stay held for the next turn.
+The first VERIFY of each session in the round is scored in one packed pass, and the new sessions'
+OPENs are prefilled in another (edge_runtime.batching); the round's requests are then handled one by
+one in arrival order, exactly as without batching, each VERIFY using its precomputed window and each
+OPEN its precomputed prefill (the rules stay in the handlers and TargetSession).
 
 Draining (`drain()`, called on SIGTERM by `covspec edge serve`): the open sessions are served to the
 end, every OPEN that would start a session is refused with ERROR DRAINING (the device opens it on
@@ -29,7 +30,8 @@ given a moment for its CLOSE, and DRAIN_LINGER_S passed for a balancer to see /r
 HTTP /healthz and /readyz answer (edge_runtime.metrics): live while the loop turns, ready until drained.
 
 Where each part lives: this module, the socket loop, the gathering of a round's requests and the
-dispatch of each to its handler with its `RequestContext` (edge_runtime.context); the handlers,
+dispatch of each to its handler with its `RequestContext` (edge_runtime.context); which held requests a round
+takes, edge_runtime.scheduling; the handlers,
 edge_runtime.handlers; the session table with its quotas and idle expiry, edge_runtime.table; the
 checks that decide what a VERIFY comes to, shared by its handler and the batched pass,
 edge_runtime.planning; the round's batched passes, edge_runtime.prepass.
@@ -42,6 +44,7 @@ import time
 
 import zmq
 
+from covspec.edge_runtime import scheduling
 from covspec.edge_runtime.context import Incoming, Prepared, RequestContext
 from covspec.edge_runtime.costs import EdgeCosts
 from covspec.edge_runtime.counters import EdgeCounters
@@ -81,6 +84,7 @@ class EdgeServer:
         settings.check()
         self.adapter = static_target(place_target(adapter, settings.device, settings.dtype), settings)
         self.streams: list[DraftedStream] = []  # edge-drafted STREAMs in progress, advanced between requests
+        self.held: list[Incoming] = []  # received, not yet handled, in arrival order (edge_runtime.scheduling)
         self.drafting = None if draft is None else EdgeDrafting(place_target(draft, settings.device, settings.dtype),
                                                                 settings.draft_sessions)
         self.costs = EdgeCosts()  # step time, verify-time line, drafted pace: what OPENED and RESULT tell devices
@@ -92,7 +96,7 @@ class EdgeServer:
                                "the target's tokenizer")
         self.table = SessionTable(settings)
         self.counters = EdgeCounters()
-        self.prepass = Prepass(self.adapter, self.counters, settings.max_image_pixels)
+        self.prepass = Prepass(self.adapter, self.counters, self.costs, settings.max_image_pixels)
         keys = settings.keys
         # the ZAP handler is per context: an authenticating edge gets a context of its own
         self.ctx = zmq.Context.instance() if keys is None else zmq.Context()
@@ -154,7 +158,8 @@ class EdgeServer:
         """Draining for DRAIN_LINGER_S at least, and nothing left to serve: no unfinished session, no
         edge-drafted stream, and the last session active at least CLOSE_GRACE_S ago (its device's
         CLOSE is on its way)."""
-        if self.draining_since is None or self.streams or time.monotonic() - self.draining_since < DRAIN_LINGER_S:
+        if (self.draining_since is None or self.streams or self.held
+                or time.monotonic() - self.draining_since < DRAIN_LINGER_S):
             return False
         sessions = list(self.table.sessions.values())
         quiet = time.monotonic() - max((s.last_active for s in sessions), default=0.0) > CLOSE_GRACE_S
@@ -191,27 +196,43 @@ class EdgeServer:
                 return
 
     def serve_once(self, timeout_s: float) -> None:
-        """Handles the next request (with those gathered behind it), waiting at most timeout_s for one
-        (not at all while edge-drafted streams are in progress), then advances those streams a round."""
+        """Handles a round of the held requests (edge_runtime.scheduling), waiting at most timeout_s for
+        one when none is held (not at all while edge-drafted streams are in progress), then advances
+        those streams a round."""
         self.turned = time.monotonic()
-        got = self.sock.recv_request(0.0 if self.streams else timeout_s)
+        if not self.held:
+            got = self.sock.recv_request(0.0 if self.streams else timeout_s)
+            if got is not None:
+                self.held.append(Incoming(got, self._decode(got)))
         busy_from = time.perf_counter()  # the edge's busy time: handling requests and advancing streams
         self.free_idle_sessions()
-        if got is not None:
-            gathered = self._gather(Incoming(got, self._decode(got)))
-            prepared = self.prepass.run(self._not_refused(gathered), self.table)
-            for incoming in gathered:
-                request = incoming.request
-                for reply in self.handle(request.frames, request.device, decoded=incoming.msg, prepared=prepared):
-                    if isinstance(reply, DraftedStream):  # advanced between requests from now on
-                        reply.peer = request.peer
-                        self.streams.append(reply)
-                    else:
-                        self._reply(reply, request.peer)
+        held = bool(self.held)
+        if held:
+            self._gather()
+            chosen = scheduling.choose(self.held, self.table, self.settings, self.costs,
+                                       opens_refused=self.draining_since is not None,
+                                       between_s=self.costs.streams_round_s if self.streams else 0.0)
+            self.held = [i for i in self.held if not any(i is c for c in chosen)]
+            self._handle_round(chosen)
         if self.streams:
+            streams_from = time.perf_counter()
             self._advance_streams()
-        if got is not None or self.streams:
+            self.costs.observe_streams_round(time.perf_counter() - streams_from)
+        if held or self.streams:
             self.counters.busy_s += time.perf_counter() - busy_from
+
+    def _handle_round(self, chosen: list[Incoming]) -> None:
+        """The round's batched passes, then each request handled in turn, its replies sent."""
+        batching = scheduling.batch_cap(self.settings) > 1
+        prepared = self.prepass.run(self._not_refused(chosen), self.table) if batching else Prepared()
+        for incoming in chosen:
+            request = incoming.request
+            for reply in self.handle(request.frames, request.device, decoded=incoming.msg, prepared=prepared):
+                if isinstance(reply, DraftedStream):  # advanced between requests from now on
+                    reply.peer = request.peer
+                    self.streams.append(reply)
+                else:
+                    self._reply(reply, request.peer)
 
     def _advance_streams(self) -> None:
         """One round of every edge-drafted stream (edge_runtime.drafting.advance), its chunks sent; a
@@ -276,27 +297,27 @@ class EdgeServer:
         except Exception:  # answered by `handle`, which decodes it again and reports why
             return None
 
-    def _gather(self, first: Incoming) -> list[Incoming]:
-        """`first` and, when it is a VERIFY or an OPEN, the requests queued behind it and those that
-        arrive within batch_wait_ms while other sessions that may send a VERIFY have not: at most
-        max_batch requests."""
+    def _gather(self) -> None:
+        """Holds every request already queued on the socket, then waits for the windows of the other
+        sessions that may send one, as long as the schedule lets the next round wait
+        (scheduling.batch_wait_s), at most until max_batch sessions' windows are held."""
+        while (request := self.sock.recv_request(0.0)) is not None:
+            self.held.append(Incoming(request, self._decode(request)))
         s = self.settings
-        if not isinstance(first.msg, (wire.Verify, wire.Open)) or s.batch_wait_ms <= 0 or s.max_batch <= 1:
-            return [first]
+        wait_s = scheduling.batch_wait_s(self.held, self.table, s, self.costs)
+        if wait_s <= 0:
+            return
         wanted = min(s.max_batch, self.table.may_verify())
-        gathered = [first]
-        verifying = {first.msg.sid} if isinstance(first.msg, wire.Verify) else set()
-        deadline = time.monotonic() + s.batch_wait_ms / 1000
-        while len(gathered) < s.max_batch:
-            waiting = len(verifying) < wanted
-            request = self.sock.recv_request(max(0.0, deadline - time.monotonic()) if waiting else 0.0)
+        verifying = {i.msg.sid for i in self.held if isinstance(i.msg, wire.Verify)}
+        deadline = time.monotonic() + wait_s
+        while len(verifying) < wanted and (left := deadline - time.monotonic()) > 0:
+            request = self.sock.recv_request(left)
             if request is None:
                 break
             incoming = Incoming(request, self._decode(request))
-            gathered.append(incoming)
+            self.held.append(incoming)
             if isinstance(incoming.msg, wire.Verify):
                 verifying.add(incoming.msg.sid)
-        return gathered
 
     def _not_refused(self, gathered: list[Incoming]) -> list[Incoming]:
         """The round's requests less the OPENs a draining edge refuses (their prefill is not batched)."""

@@ -63,6 +63,7 @@ class TargetSession:
     last: RoundAnswer | None = None
     done: bool = False
     last_active: float = field(default_factory=time.monotonic)
+    first_at: float = field(default_factory=time.monotonic)  # when its first token was picked (the answer's pace starts)
     open_seq: int = -1  # the OPEN request that made this session (a retried OPEN gets `opened` again)
     opened: object = None
     usage: SessionUsage | None = None  # what the session cost, for the edge's request log

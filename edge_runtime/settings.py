@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from covspec.slo import Slo, parse_slo
 from covspec.transport import protocol as wire
 from covspec.transport.channel import ServerKeys
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # covspec.models.placement.DTYPES, named without torch
 DEVICE_NAME = re.compile(r"cpu|cuda(:\d+)?")
+SCHEDULES = ("slo", "fifo")  # how the edge picks a round's requests (edge_runtime.scheduling)
 
 
 @dataclass
@@ -29,6 +31,10 @@ class EdgeSettings:
     # its target pass (0: off); at most max_batch requests are gathered into one round
     batch_wait_ms: float = 2.0
     max_batch: int = 8
+    # which held requests a round takes (edge_runtime.scheduling): "slo", windows first and OPENs held while
+    # the SLO allows, by each answer's pace against `slo`; "fifo", arrival order
+    schedule: str = "slo"
+    slo: Slo = field(default_factory=lambda: parse_slo(""))
     # where the target runs: its weights, caches, masks and batched passes (logits come back to the CPU
     # in float32 for verification); CUDA asked for where none is present is refused when loading
     device: str = "cpu"
@@ -71,5 +77,7 @@ class EdgeSettings:
             raise ValueError(f"draft_sessions must be at least 0, got {self.draft_sessions}")
         if not self.drain_timeout_s >= 0:
             raise ValueError(f"drain_timeout_s must be at least 0, got {self.drain_timeout_s}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be slo or fifo, got {self.schedule!r}")
         if not 0 <= self.batch_wait_ms <= 1000:
             raise ValueError(f"batch_wait_ms must lie in [0, 1000], got {self.batch_wait_ms}")

@@ -9,7 +9,7 @@ from covspec.errors import CovspecError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from covspec.edge_runtime.settings import EdgeSettings
+    from covspec.edge_runtime.settings import SCHEDULES, EdgeSettings
     from covspec.transport.protocol import DEFAULT_LIMITS
 
     defaults = EdgeSettings()
@@ -66,6 +66,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "0: no batching")
     g.add_argument("--max-batch", type=int, default=defaults.max_batch,
                    help="requests gathered into one batched round at most")
+    g.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
+                   help="which held requests a round takes: slo (windows first, furthest behind their answer's "
+                        "pace first; OPENs held while --slo allows) or fifo (arrival order)")
+    g.add_argument("--slo", default=str(defaults.slo), metavar="ttft=MS,tpot=MS",
+                   help=f"the latency SLO the slo schedule keeps answers to (default: {defaults.slo})")
     q.set_defaults(handler=run_serve)
 
     q = add_command(edge_sub, "stats", "print a running edge's counters (a STATS request) as JSON")
@@ -106,6 +111,16 @@ def add_static_args(parser: argparse.ArgumentParser) -> None:
                         "CUDA only: with the target elsewhere, an error)")
     g.add_argument("--static-len", type=int, default=EdgeSettings().static_len,
                    help="positions per session in the static cache (capped at the model's)")
+
+
+def edge_slo(text: str):
+    """`--slo ttft=MS,tpot=MS` as a Slo; CovspecError naming what was wrong."""
+    from covspec.slo import parse_slo
+
+    try:
+        return parse_slo(text)
+    except ValueError as err:
+        raise CovspecError(str(err)) from None
 
 
 def server_keys(args: argparse.Namespace):
@@ -150,7 +165,7 @@ def run_serve(args: argparse.Namespace) -> int:
                             device=args.device, dtype=args.dtype, static_cache=args.static_cache,
                             cuda_graphs=args.cuda_graphs, static_len=args.static_len,
                             draft_sessions=args.draft_sessions, draft_streams=args.draft_streams,
-                            drain_timeout_s=args.drain_timeout)
+                            drain_timeout_s=args.drain_timeout, schedule=args.schedule, slo=edge_slo(args.slo))
     serving = []
 
     def ready(server, metrics: str | None) -> None:

@@ -96,6 +96,8 @@ class BenchConfig:
                                              "unfinished sessions; a replayed load run records the hand-over for the "
                                              "device counts within it (default: the edge's own, 1)", type=int)
     batch_wait_ms: float = option(2.0, "the bench's own edge's batch_wait_ms (0: no batching)", type=float)
+    edge_schedule: str = option("slo", "with --devices: the bench's own edge's --schedule (slo: windows first, OPENs "
+                                "held while --slo allows; fifo: arrival order)", choices=("slo", "fifo"))
     edge_threads: int = option(1, "with --devices: the bench's own edge's torch threads (1: devices running the draft "
                                "on this machine need the other core; with --replay the devices hardly use one, so "
                                "the edge may take 2)", type=int)

@@ -14,37 +14,11 @@ both modes' answers to them together).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-SLO_DEFAULT = "ttft=500,tpot=25"  # ms: an answer starts within half a second and streams at 40 tokens/s or faster
+from covspec.slo import SLO_DEFAULT, Slo, parse_slo
 
-
-@dataclass(frozen=True)
-class Slo:
-    ttft_ms: float
-    tpot_ms: float
-
-    def __str__(self) -> str:
-        return f"ttft={self.ttft_ms:g},tpot={self.tpot_ms:g}"
-
-
-def parse_slo(text: str) -> Slo:
-    """`ttft=MS,tpot=MS` (either may be left out: its default). ValueError naming what was wrong."""
-    values = {"ttft": None, "tpot": None}
-    for part in filter(None, (p.strip() for p in str(text).split(","))):
-        name, _, value = part.partition("=")
-        if name not in values or not value:
-            raise ValueError(f"--slo: {part!r} is not ttft=MS or tpot=MS (e.g. --slo {SLO_DEFAULT})")
-        try:
-            values[name] = float(value)
-        except ValueError:
-            raise ValueError(f"--slo: {name}={value!r} is not a number of milliseconds") from None
-        if not values[name] > 0:
-            raise ValueError(f"--slo: {name} must be positive, got {value}")
-    default = dict(p.split("=") for p in SLO_DEFAULT.split(","))
-    return Slo(values["ttft"] or float(default["ttft"]), values["tpot"] or float(default["tpot"]))
+__all__ = ["SLO_DEFAULT", "Slo", "parse_slo", "goodput", "paired_ratio", "devices_served", "ttft_s", "tpot_s"]
 
 
 def ttft_s(row: dict) -> float:

@@ -1,6 +1,7 @@
 """`covspec bench --devices 1,2,4,8`: N device processes against one edge, per mode.
 
-    edge   : `covspec edge serve --threads 1 --batch-wait-ms W` (its own process)
+    edge   : `covspec edge serve --threads 1 --batch-wait-ms W --schedule S --slo SLO` (its own process, scheduling
+             its rounds by the bench's own --slo)
     devices: N x `python -m covspec.tools.worker SETTINGS.json` (1 thread each), straight to the edge, or each
              through the `--load-link` emulator profile
 
@@ -393,6 +394,7 @@ def run_load(args: argparse.Namespace) -> Path:
         edge = start_edge(args.target, endpoint, out / "edge.log", "--max-sessions-per-device", "64",
                           "--batch-wait-ms", str(args.batch_wait_ms), "--device", getattr(args, "edge_device", "cpu"),
                           "--dtype", getattr(args, "edge_dtype", "float32"), *edge_draft_options(args),
+                          "--schedule", getattr(args, "edge_schedule", "slo"), "--slo", str(slo),
                           *(() if getattr(args, "edge_draft_sessions", None) is None else
                             ("--draft-sessions", str(args.edge_draft_sessions))),
                           threads=args.edge_threads)
