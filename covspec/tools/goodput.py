@@ -9,7 +9,7 @@ An answer meets the SLO when its time to first token and its time per output tok
 A run meets the SLO when its p99 TTFT and p99 TPOT are within it; `devices_served` is the largest device
 count whose run does, per mode (one edge). `paired_ratio` compares two modes on the same prompts: the
 measured ratio of goodputs, with a bootstrap interval over the prompts (each resample draws prompts,
-both modes' answers to them together).
+both modes' answers to them together); `pooled_ratio` does so over every repeat of a device count at once.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import numpy as np
 
 from covspec.slo import SLO_DEFAULT, Slo, parse_slo
 
-__all__ = ["SLO_DEFAULT", "Slo", "parse_slo", "goodput", "paired_ratio", "devices_served", "ttft_s", "tpot_s"]
+__all__ = ["SLO_DEFAULT", "Slo", "parse_slo", "goodput", "paired_ratio", "pooled_ratio", "devices_served", "ttft_s",
+           "tpot_s"]
 
 
 def ttft_s(row: dict) -> float:
@@ -68,6 +69,28 @@ def devices_served(summary: list[dict]) -> dict[str, int]:
     return served
 
 
+def _pairs(rows_a: list[dict], rows_b: list[dict], slo: Slo) -> np.ndarray:
+    """[prompts, 4]: (a met, a's answer time, b met, b's answer time) of the prompts both runs answered,
+    paired on (repeat, device, index)."""
+    key = lambda r: (r.get("repeat", 0), str(r["device"]), r["index"])  # noqa: E731
+    b_by = {key(r): r for r in rows_b}
+    return np.array([(meets(r, slo), r["latency_s"], meets(b_by[key(r)], slo), b_by[key(r)]["latency_s"])
+                     for r in rows_a if key(r) in b_by], dtype=float).reshape(-1, 4)
+
+
+def _per_time(m: np.ndarray) -> np.ndarray:
+    """m [..., prompts, 4] -> (met / answer time of a) over (the same, b): the closed loop's goodput per device."""
+    a = m[..., 0].sum(-1) / m[..., 1].sum(-1)
+    b = m[..., 2].sum(-1) / m[..., 3].sum(-1)
+    return np.where(b > 0, a / np.where(b > 0, b, 1), np.nan)
+
+
+def _bootstrap(pairs: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    picks = np.random.default_rng(seed).integers(0, len(pairs), size=(resamples, len(pairs)))
+    boot = _per_time(pairs[picks])
+    return boot[~np.isnan(boot)]
+
+
 def paired_ratio(rows_a: list[dict], rows_b: list[dict], slo: Slo, resamples: int = 2000,
                  seed: int = 0) -> tuple[float, float, float]:
     """Goodput of run a over run b with its 95% paired interval: (ratio, low, high); nan where no prompt
@@ -75,25 +98,29 @@ def paired_ratio(rows_a: list[dict], rows_b: list[dict], slo: Slo, resamples: in
     a bootstrap over the paired prompts of (answers met / answer time summed, a) over (the same, b), the
     closed loop's goodput per device, each resample scaled by the measured ratio over its full-sample value:
     both the share meeting the SLO and each answer's time vary with the prompts drawn."""
-    key = lambda r: (str(r["device"]), r["index"])  # noqa: E731
-    b_by = {key(r): r for r in rows_b}
-    pairs = np.array([(meets(r, slo), r["latency_s"], meets(b_by[key(r)], slo), b_by[key(r)]["latency_s"])
-                      for r in rows_a if key(r) in b_by], dtype=float)  # [prompts, 4]
+    pairs = _pairs(rows_a, rows_b, slo)
     good_a, good_b = goodput(rows_a, slo)["goodput"], goodput(rows_b, slo)["goodput"] if rows_b else 0.0
     if not len(pairs) or not good_b:
         return float("nan"), float("nan"), float("nan")
     measured = good_a / good_b
-
-    def per_time(m: np.ndarray) -> np.ndarray:  # m [..., prompts, 4]: (met/time of a) / (met/time of b)
-        a = m[..., 0].sum(-1) / m[..., 1].sum(-1)
-        b = m[..., 2].sum(-1) / m[..., 3].sum(-1)
-        return np.where(b > 0, a / np.where(b > 0, b, 1), np.nan)
-
-    full = float(per_time(pairs))
-    picks = np.random.default_rng(seed).integers(0, len(pairs), size=(resamples, len(pairs)))
-    boot = per_time(pairs[picks])
-    boot = boot[~np.isnan(boot)]
+    full = float(_per_time(pairs))
+    boot = _bootstrap(pairs, resamples, seed)
     if not full > 0 or not boot.size:
         return measured, float("nan"), float("nan")
     low, high = np.percentile(boot / full * measured, [2.5, 97.5])
     return measured, float(low), float(high)
+
+
+def pooled_ratio(rows_a: list[dict], rows_b: list[dict], slo: Slo, resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """Mode a over mode b over several repeats together, each prompt paired within its repeat: (met /
+    answer time of a) over (the same, b), with its 95% bootstrap interval over the pairs. Repeats run in
+    alternating order (the load bench's a-b, b-a) so that a drift of the machine's speed cancels out."""
+    pairs = _pairs(rows_a, rows_b, slo)
+    if not len(pairs):
+        return float("nan"), float("nan"), float("nan")
+    full, boot = float(_per_time(pairs)), _bootstrap(pairs, resamples, seed)
+    if full != full or not boot.size:
+        return full, float("nan"), float("nan")
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return full, float(low), float(high)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covspec.tools.goodput import Slo, devices_served, goodput, paired_ratio, parse_slo, tpot_s
+from covspec.tools.goodput import Slo, devices_served, goodput, paired_ratio, parse_slo, pooled_ratio, tpot_s
 from covspec.tools.procs import process_cpu_s
 from covspec.tools.replay import release
 from covspec.tools.worker import WorkerSettings
@@ -202,7 +202,7 @@ def compare_goodput(summary: list[dict], rows: list[dict], slo: Slo, against: st
         s[f"goodput_vs_{against}"], s[f"goodput_vs_{against}_low"], s[f"goodput_vs_{against}_high"] = ratio
 
 
-def goodput_lines(summary: list[dict], slo: Slo) -> list[str]:
+def goodput_lines(summary: list[dict], slo: Slo, rows: list[dict] | None = None) -> list[str]:
     """load.md's headline: devices served at the SLO per mode (one line each), and goodput per run."""
     from covspec.tools.figures import _f
 
@@ -228,6 +228,35 @@ def goodput_lines(summary: list[dict], slo: Slo) -> list[str]:
                      f"{s.get('repeat', 0)} | {s['goodput']:.2f} | {s['answers_per_s']:.2f} | {s['slo_met']}/{s['requests']} | "
                      f"{s['slo_ttft_ms_p99']:.0f} | {s['slo_tpot_ms_p99']:.1f} | {'yes' if s['at_slo'] else 'no'} | "
                      + " | ".join(versus(s, other) for other in against) + " |")
+    return lines + [""] + pooled_lines(summary, rows or [], slo, against)
+
+
+def pooled_lines(summary: list[dict], rows: list[dict], slo: Slo, against: list[str]) -> list[str]:
+    """load.md's table of the repeats pooled: each mode over each of `against` at a device count run more
+    than once (goodput.pooled_ratio: the repeats ran their modes in alternating order)."""
+    from covspec.tools.figures import _f
+
+    repeated = sorted({(s["devices"], s.get("rate")) for s in summary if s.get("repeat", 0) > 0},
+                      key=lambda k: (k[0], k[1] or 0))
+    if not repeated or not rows:
+        return []
+    lines = ["Repeats pooled (the modes of a count's repeats ran in alternating order, so that a drift of the "
+             "machine's speed cancels out): each mode's answers met per second of answer time over the other's, "
+             "prompts paired within their repeat, 95% bootstrap interval (goodput.pooled_ratio).", "",
+             "| mode | devices | rate /s | repeats | " + " | ".join(f"vs {o}, pooled [95%]" for o in against) + " |",
+             "|---|---|---|---|" + "---|" * len(against)]
+    for mode in dict.fromkeys(s["mode"] for s in summary):
+        for n, rate in repeated:
+            runs = [s for s in summary if s["mode"] == mode and s["devices"] == n and s.get("rate") == rate]
+            mine = [r for s in runs for r in run_rows(rows, s)]
+            cells = []
+            for other in against:
+                theirs = [r for s in summary if s["mode"] == other and s["devices"] == n and s.get("rate") == rate
+                          for r in run_rows(rows, s)]
+                ratio = (float("nan"),) * 3 if other == mode else pooled_ratio(mine, theirs, slo)
+                cells.append("" if ratio[0] != ratio[0] else f"{ratio[0]:.2f} [{_f(ratio[1], 2)}, {_f(ratio[2], 2)}]")
+            lines.append(f"| {mode} | {n} | {'' if rate is None else format(rate, 'g')} | {len(runs)} | "
+                         + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -245,9 +274,11 @@ def write_load(out: Path, summary: list[dict], args: argparse.Namespace, rows: l
                                                "edge": getattr(args, "edge_info", None)}, indent=1))
     write_table(out, "load-summary", summary, LOAD_FIELDS)
     remote = getattr(args, "edge", None)
+    schedule = getattr(args, "edge_schedule", "slo")
     edge = (f"Edge: {args.edge_info or remote}, already running (the bench started none). " if remote else
             f"Edge: the bench's own, {args.edge_threads} thread{'s' if args.edge_threads > 1 else ''}, batch_wait_ms "
-            f"{args.batch_wait_ms}. ")
+            f"{args.batch_wait_ms}, schedule {schedule} "
+            f"({'its rounds by the SLO below' if schedule == 'slo' else 'its rounds in arrival order'}). ")
     lines = ["# covspec bench --devices", "", f"Command: `{args.command_line}`", "",
              edge + "Devices: "
              + ("load generators replaying the messages of a recorded real run, each message after the time the "
@@ -261,7 +292,7 @@ def write_load(out: Path, summary: list[dict], args: argparse.Namespace, rows: l
              "requests; per device: over its own). Closed loop (no rate): each device asks its next prompt once "
              "it has its answer. Open loop (rate R/s): requests arrive at R per second in all (Poisson), however "
              "long the answers take; `response` counts from the arrival, the wait for a busy device included. "
-             "Latencies in ms, p50 / p90 / p99.", "", *goodput_lines(summary, slo), "## Latency and throughput", "",
+             "Latencies in ms, p50 / p90 / p99.", "", *goodput_lines(summary, slo, rows), "## Latency and throughput", "",
              "| mode | devices | rate /s | requests | answers/s | aggregate tok/s | per-device tok/s (mean / min) | "
              "TTFT p50 / p99 | latency p50 / p90 / p99 | per-token p50 / p99 | response p50 / p90 / p99 | "
              "edge batches | windows per batch | edge busy | edge busy ms/answer | edge CPU ms/answer | "
@@ -413,10 +444,11 @@ def run_load(args: argparse.Namespace) -> Path:
                 if group:
                     record(args, out, devices_endpoint, max(group), max(n * prompts_for(args, n) for n in group))
         # count-major, the modes of one count back to back: runs compared in pairs (goodput vs edge_sd) share
-        # the same minutes of a machine whose other load drifts
-        for n in counts:
+        # the same minutes of a machine whose other load drifts; a count's repeats alternate the order of the
+        # modes (a-b, then b-a), so that a drift cancels out of the repeats pooled (pooled_ratio)
+        for i, n in enumerate(counts):
             for rate in rates:
-                for mode in args.modes:
+                for mode in args.modes if counts[:i].count(n) % 2 == 0 else args.modes[::-1]:
                     before, cpu_before = counters.read(), None if edge is None else process_cpu_s(edge.pid)
                     rows = run_devices(args, out, devices_endpoint, mode, n, rate)
                     repeat = sum(s["mode"] == mode and s["devices"] == n and s["rate"] == rate for s in summary)

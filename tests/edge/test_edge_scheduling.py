@@ -1,21 +1,27 @@
 """The edge's round scheduling (edge_runtime.scheduling), one rule per test, on held requests and session
-stand-ins (the rules read a session's first-token time, its committed tokens and whether it is done)."""
+stand-ins (the rules read a session's first-token time, its committed tokens and whether it is done),
+and the edge's loop doing it on real sockets."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import tiny_models
+from test_runtimes import png
 
 from covspec.edge_runtime import scheduling
 from covspec.edge_runtime.context import Incoming
 from covspec.edge_runtime.costs import EdgeCosts
+from covspec.edge_runtime.server import EdgeServer
 from covspec.edge_runtime.settings import EdgeSettings
 from covspec.edge_runtime.table import SessionTable
+from covspec.models import load_adapter
 from covspec.slo import Slo
 from covspec.transport import protocol as wire
-from covspec.transport.channel import Request
+from covspec.transport.channel import Client, Request
 
 NOW = 1000.0
 SLO = Slo(ttft_ms=500, tpot_ms=25)
@@ -127,3 +133,30 @@ def test_a_round_waits_for_more_windows_only_while_its_windows_are_ahead_of_thei
     assert scheduling.batch_wait_s([verify(1, b"a")], table, settings, costs, now=NOW) == 0.0
     fifo_table, fifo, fifo_costs = edge(schedule="fifo", batch_wait_ms=5)
     assert scheduling.batch_wait_s([open_(3, b"c")], fifo_table, fifo, fifo_costs, now=NOW) == pytest.approx(0.005)
+
+
+@pytest.mark.parametrize("schedule", ["slo", "fifo"])
+def test_the_edge_verifies_a_waiting_window_before_it_prefills_a_new_answer(tmp_path, schedule):
+    """On real sockets: one device's VERIFY and another's OPEN wait at the edge together. The slo edge's
+    first round answers the VERIFY alone and holds the OPEN (due in 2.5 s) for the next round; the fifo
+    edge handles both in its first round."""
+    target = load_adapter(tiny_models.build_llava(tmp_path / "target", seed=0))
+    server = EdgeServer(target, EdgeSettings(bind="tcp://127.0.0.1:*", schedule=schedule, slo=Slo(5000, 25)))
+    try:
+        with Client(server.endpoint, timeout_s=20, retries=0) as a, Client(server.endpoint, timeout_s=20, retries=0) as b:
+            opening = a.send(wire.Open(sid=1, image=png(1), prompt="what is it", mode="vanilla_sd", max_new_tokens=8))
+            while not a.poll(0.0):
+                server.serve_once(timeout_s=0.05)
+            token = a.recv(opening.seq).token
+            new = b.send(wire.Open(sid=2, image=png(2), prompt="what is it", mode="vanilla_sd", max_new_tokens=8))
+            window = a.send(wire.Verify(sid=1, round=0, tokens=np.array([token, 3], np.int32)))
+            time.sleep(0.3)  # both queued at the edge
+            server.serve_once(timeout_s=0.05)
+            assert a.poll(1.0), "the VERIFY was not answered in the first round"
+            assert b.poll(0.2) == (schedule == "fifo")
+            if schedule == "slo":
+                assert len(server.held) == 1 and server.held[0].msg.sid == 2
+                server.serve_once(timeout_s=0.05)
+            assert isinstance(a.recv(window.seq), wire.Result) and isinstance(b.recv(new.seq), wire.Opened)
+    finally:
+        server.close()

@@ -178,6 +178,16 @@ def test_device_and_edge_flags_derive_from_their_configuration():
     assert (args.timeout, args.retries, args.backend) == (device.timeout_s, device.retries, device.backend)
     edge, settings = build_parser().parse_args(["edge", "serve", "--model", "m"]), EdgeSettings()
     assert (edge.bind, edge.max_sessions, edge.idle_timeout, edge.max_new_tokens, edge.batch_wait_ms, edge.max_batch,
-            edge.draft_sessions) == (settings.bind, settings.max_sessions, settings.idle_timeout_s,
-                                     settings.max_new_tokens, settings.batch_wait_ms, settings.max_batch,
-                                     settings.draft_sessions)
+            edge.draft_sessions, edge.schedule) == (settings.bind, settings.max_sessions, settings.idle_timeout_s,
+                                                    settings.max_new_tokens, settings.batch_wait_ms, settings.max_batch,
+                                                    settings.draft_sessions, settings.schedule)
+    from covspec.cli.edge import edge_slo
+
+    assert edge_slo(edge.slo) == settings.slo
+
+
+def test_edge_serve_refuses_a_bad_slo_before_loading_anything(capsys):
+    """`--slo` is read before the target loads: a bad one is one line naming the fix, exit 2."""
+    assert main(["edge", "serve", "--model", "/nonexistent", "--auth", "none", "--slo", "tpot=fast"]) == 2
+    err = capsys.readouterr().err
+    assert "tpot='fast' is not a number of milliseconds" in err and "Traceback" not in err
