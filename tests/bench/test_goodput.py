@@ -13,6 +13,7 @@ from covspec.tools.goodput import (
     meets,
     paired_ratio,
     parse_slo,
+    pooled_ratio,
     tpot_s,
 )
 
@@ -75,3 +76,19 @@ def test_paired_ratio_interval_covers_the_truth_and_fails_when_unpaired():
     assert ratio == pytest.approx(2.0) and low < 2.0 < high and low > 1.0  # a met every answer: above 1 in any resample
     assert paired_ratio(a, a, SLO) == (1.0, 1.0, 1.0)
     assert all(math.isnan(v) for v in paired_ratio(a, [row(0.1, 0.01, device=1)], SLO))
+
+
+def test_pooled_ratio_pairs_prompts_within_their_repeat_and_cancels_a_drift():
+    """Two repeats of the same prompts: in the first the machine is fast for mode b (b ran first), in the
+    second for mode a (order reversed). Each repeat alone says a or b wins by 25%; pooled, neither does."""
+    def run(tpot: float, repeat: int) -> list[dict]:
+        return [dict(row(0.02, tpot, index=i), repeat=repeat) for i in range(20)]
+
+    a = run(0.010, 0) + run(0.008, 1)
+    b = run(0.008, 0) + run(0.010, 1)
+    ratio, low, high = pooled_ratio(a, b, SLO)
+    assert ratio == pytest.approx(1.0) and low < 1.0 < high
+    assert pooled_ratio(run(0.010, 0), run(0.008, 0), SLO)[0] < 0.85  # one repeat alone: the drift reads as a loss
+    fast = run(0.005, 0) + run(0.005, 1)
+    assert pooled_ratio(fast, b, SLO)[1] > 1.5  # a real gain stays one
+    assert math.isnan(pooled_ratio(a, run(0.01, 7), SLO)[0])  # no prompt pairs within a repeat: no ratio
