@@ -21,6 +21,7 @@ class Incoming:
     request: Request
     msg: wire.Message | None
     at: float = field(default_factory=time.monotonic)  # when the edge received it
+    held_over: bool = False  # a round left it held for a later one
 
 
 @dataclass

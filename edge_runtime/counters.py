@@ -69,6 +69,7 @@ class EdgeCounters:
     batches: int = 0  # target passes shared by several sessions' VERIFY windows
     batched_windows: int = 0  # windows verified in those passes
     batch_max: int = 0  # the most windows in one pass
+    opens_held: int = 0  # OPENs a round left for a later one (their prefill waited for windows: edge_runtime.scheduling)
     prefill_batches: int = 0  # target passes shared by several sessions' OPEN prefills
     batched_prefills: int = 0  # prompts prefilled in those passes
     windows_ahead: int = 0  # windows sent before the previous RESULT (pipelined) and verified
@@ -88,6 +89,7 @@ class EdgeCounters:
             "plain_streams_drafted": self.plain_streams_drafted,
             "batches": self.batches, "batched_windows": self.batched_windows, "batch_max": self.batch_max,
             "prefill_batches": self.prefill_batches, "batched_prefills": self.batched_prefills,
+            "opens_held": self.opens_held,
             "windows_ahead": self.windows_ahead, "windows_dropped": self.windows_dropped,
             "refused_handshakes": self.refused_handshakes,
             "busy_s": round(self.busy_s, 6), "cpu_s": round(time.process_time(), 6),  # process CPU, all threads

@@ -26,7 +26,8 @@ log = logging.getLogger("covspec.edge.metrics")
 
 PREFIX = "covspec_edge_"
 GAUGES = {"uptime_s": "seconds since the edge started", "sessions_open": "sessions open now",
-          "batch_max": "the most windows verified in one batched pass"}
+          "batch_max": "the most windows verified in one batched pass",
+          "requests_held": "requests received and held for a later round (edge_runtime.scheduling)"}
 LABELLED = {"requests": ("requests_by_type_total", "type", "requests received, by message type"),
             "errors": ("errors_by_code_total", "code", "ERROR replies sent, by error code")}
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

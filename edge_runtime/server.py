@@ -126,7 +126,8 @@ class EdgeServer:
         return sum(self.counters.errors.values())
 
     def stats(self) -> dict[str, int | float]:
-        return self.counters.snapshot(len(self.table.sessions), self.sock.counters)
+        """The counters (STATS, /metrics), with the requests held for a later round now."""
+        return {**self.counters.snapshot(len(self.table.sessions), self.sock.counters), "requests_held": len(self.held)}
 
     def draft_offer(self) -> DraftOffer | None:
         """What a device's draft placement reads (edge_runtime.drafting): None without a draft here."""
@@ -213,6 +214,10 @@ class EdgeServer:
                                        opens_refused=self.draining_since is not None,
                                        between_s=self.costs.streams_round_s if self.streams else 0.0)
             self.held = [i for i in self.held if not any(i is c for c in chosen)]
+            for incoming in self.held:  # an OPEN whose prefill waits for windows, counted once
+                if isinstance(incoming.msg, wire.Open) and not incoming.held_over:
+                    incoming.held_over = True
+                    self.counters.opens_held += 1
             self._handle_round(chosen)
         if self.streams:
             streams_from = time.perf_counter()

@@ -154,9 +154,12 @@ def test_the_edge_verifies_a_waiting_window_before_it_prefills_a_new_answer(tmp_
             server.serve_once(timeout_s=0.05)
             assert a.poll(1.0), "the VERIFY was not answered in the first round"
             assert b.poll(0.2) == (schedule == "fifo")
+            held = server.stats()
+            assert (held["requests_held"], held["opens_held"]) == ((1, 1) if schedule == "slo" else (0, 0))
             if schedule == "slo":
-                assert len(server.held) == 1 and server.held[0].msg.sid == 2
+                assert server.held[0].msg.sid == 2
                 server.serve_once(timeout_s=0.05)
+            assert server.stats()["requests_held"] == 0
             assert isinstance(a.recv(window.seq), wire.Result) and isinstance(b.recv(new.seq), wire.Opened)
     finally:
         server.close()
