@@ -14,6 +14,14 @@ class Slo:
     ttft_ms: float
     tpot_ms: float
 
+    @property
+    def ttft_s(self) -> float:
+        return self.ttft_ms / 1000
+
+    @property
+    def tpot_s(self) -> float:
+        return self.tpot_ms / 1000
+
     def __str__(self) -> str:
         return f"ttft={self.ttft_ms:g},tpot={self.tpot_ms:g}"
 

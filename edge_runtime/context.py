@@ -14,9 +14,10 @@ from covspec.transport import protocol as wire
 from covspec.transport.channel import Request
 
 
-@dataclass
+@dataclass(eq=False)
 class Incoming:
-    """A received request and its decoded message (None when it does not decode: `handle` answers it)."""
+    """A received request and its decoded message (None when it does not decode: `handle` answers it).
+    Compared and hashed by identity: two copies of one message are two requests."""
 
     request: Request
     msg: wire.Message | None

@@ -52,7 +52,7 @@ def pace(session: TargetSession, tpot_s: float) -> float:
 
 def due(incoming: Incoming, settings: EdgeSettings) -> float:
     """When an OPEN's prefill must start at the latest (monotonic)."""
-    return incoming.at + settings.slo.ttft_ms / 1000 * EDGE_TTFT_SHARE
+    return incoming.at + settings.slo.ttft_s * EDGE_TTFT_SHARE
 
 
 def eligible(held: list[Incoming]) -> list[Incoming]:
@@ -90,7 +90,7 @@ def choose(held: list[Incoming], table: SessionTable, settings: EdgeSettings, co
     if settings.schedule == "fifo":
         return held[:batch_cap(settings)]
     now = time.monotonic() if now is None else now
-    tpot_s = settings.slo.tpot_ms / 1000
+    tpot_s = settings.slo.tpot_s
     first = eligible(held)
     windows = [i for i in first if isinstance(i.msg, wire.Verify)]
     opens = [] if opens_refused else [i for i in first if isinstance(i.msg, wire.Open)]
@@ -106,9 +106,10 @@ def choose(held: list[Incoming], table: SessionTable, settings: EdgeSettings, co
 def in_connection_order(held: list[Incoming], chosen: list[Incoming]) -> list[Incoming]:
     """`chosen` and every request held before one of them on the same connection, in arrival order: a
     connection's replies go out in the order its requests came (a device's client reads them so)."""
+    taken = set(chosen)
     last: dict[bytes, int] = {}
     for index, incoming in enumerate(held):
-        if any(incoming is c for c in chosen):
+        if incoming in taken:
             last[incoming.request.peer] = index
     return [i for index, i in enumerate(held) if index <= last.get(i.request.peer, -1)]
 
@@ -145,7 +146,7 @@ def prefill_round(opens: list[Incoming], table: SessionTable, settings: EdgeSett
     cap = batch_cap(settings)
     if opens_urgent(opens, settings, costs, now, between_s=between_s):
         return opens[:cap]
-    tpot_s = settings.slo.tpot_ms / 1000
+    tpot_s = settings.slo.tpot_s
     soonest = min((pace(s, tpot_s) for s in in_decode(table)), default=None)
     taken = opens[:1]
     for incoming in opens[1:cap]:
@@ -166,7 +167,7 @@ def batch_wait_s(held: list[Incoming], table: SessionTable, settings: EdgeSettin
     if settings.schedule == "fifo":
         return wait_s if isinstance(held[0].msg, wire.Verify | wire.Open) else 0.0
     now = time.monotonic() if now is None else now
-    tpot_s = settings.slo.tpot_ms / 1000
+    tpot_s = settings.slo.tpot_s
     windows = [i for i in eligible(held) if isinstance(i.msg, wire.Verify)]
     if not windows:
         return 0.0

@@ -210,21 +210,27 @@ class EdgeServer:
         held = bool(self.held)
         if held:
             self._gather()
-            chosen = scheduling.choose(self.held, self.table, self.settings, self.costs,
-                                       opens_refused=self.draining_since is not None,
-                                       between_s=self.costs.streams_round_s if self.streams else 0.0)
-            self.held = [i for i in self.held if not any(i is c for c in chosen)]
-            for incoming in self.held:  # an OPEN whose prefill waits for windows, counted once
-                if isinstance(incoming.msg, wire.Open) and not incoming.held_over:
-                    incoming.held_over = True
-                    self.counters.opens_held += 1
-            self._handle_round(chosen)
+            self._handle_round(self._take_round())
         if self.streams:
             streams_from = time.perf_counter()
             self._advance_streams()
             self.costs.observe_streams_round(time.perf_counter() - streams_from)
         if held or self.streams:
             self.counters.busy_s += time.perf_counter() - busy_from
+
+    def _take_round(self) -> list[Incoming]:
+        """The held requests the schedule picks for this round, no longer held; an OPEN left for a later
+        round (its prefill waits for windows) is counted once."""
+        chosen = scheduling.choose(self.held, self.table, self.settings, self.costs,
+                                   opens_refused=self.draining_since is not None,
+                                   between_s=self.costs.streams_round_s if self.streams else 0.0)
+        taken = set(chosen)
+        self.held = [i for i in self.held if i not in taken]
+        for incoming in self.held:
+            if isinstance(incoming.msg, wire.Open) and not incoming.held_over:
+                incoming.held_over = True
+                self.counters.opens_held += 1
+        return chosen
 
     def _handle_round(self, chosen: list[Incoming]) -> None:
         """The round's batched passes, then each request handled in turn, its replies sent."""
